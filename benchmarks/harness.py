@@ -1,0 +1,53 @@
+"""Benchmark harness: every `benchmarks/bench_*.py` exposes `run(quick: bool) -> list[Figure]`.
+
+`python -m benchmarks.run [--quick] [--only NAME]` runs them and rewrites `benchmarks/RESULTS.md`,
+each figure beside the baseline measured in the same run. Machines are noisy: benchmarks repeat
+their measurement and report the median (`median_of`).
+"""
+
+from __future__ import annotations
+
+import platform
+import statistics
+import time
+from dataclasses import dataclass, field
+from typing import Callable
+
+
+@dataclass
+class Figure:
+    benchmark: str          # e.g. "metadata"
+    metric: str             # e.g. "images/s at 600 req/min entity limit"
+    value: float
+    unit: str
+    baseline: float | None = None        # same metric for the baseline, same run
+    baseline_name: str | None = None     # what the baseline is
+    goal: str | None = None              # e.g. ">= 0.95 of limit"
+    met: bool | None = None              # whether the goal holds for this run
+    notes: str = ""
+    extra: dict = field(default_factory=dict)
+
+    @property
+    def ratio(self) -> float | None:
+        if self.baseline in (None, 0):
+            return None
+        return self.value / self.baseline
+
+
+def median_of(repeats: int, measure: Callable[[], float]) -> float:
+    return statistics.median(measure() for _ in range(repeats))
+
+
+class Stopwatch:
+    def __enter__(self) -> "Stopwatch":
+        self.start = time.perf_counter()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.seconds = time.perf_counter() - self.start
+
+
+def machine_description() -> str:
+    import os
+
+    return f"{platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}"

@@ -1,0 +1,87 @@
+"""Run the benchmarks and write benchmarks/RESULTS.md: `python -m benchmarks.run [--quick] [--only a,b]`."""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import importlib
+import json
+import pkgutil
+import sys
+import traceback
+from pathlib import Path
+
+from benchmarks.harness import Figure, machine_description
+
+HERE = Path(__file__).parent
+
+
+def _format(value: float | None) -> str:
+    if value is None:
+        return "-"
+    return f"{value:,.0f}" if abs(value) >= 100 else f"{value:,.3g}"
+
+
+def render(figures: list[Figure], failures: dict[str, str], quick: bool) -> str:
+    lines = [
+        "# Benchmark results",
+        "",
+        f"Run {dt.datetime.now(dt.timezone.utc):%Y-%m-%d %H:%M} UTC on {machine_description()}"
+        f"{' (quick mode)' if quick else ''}. Regenerate with `python -m benchmarks.run`.",
+        "Every figure stands beside its baseline measured in the same run; values are medians of repeats.",
+        "",
+        "| benchmark | metric | value | baseline | ratio | goal | met | notes |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for f in figures:
+        ratio = f"{f.ratio:.2f}x" if f.ratio is not None else "-"
+        baseline = f"{_format(f.baseline)} ({f.baseline_name})" if f.baseline is not None else "-"
+        met = {True: "yes", False: "**no**", None: "-"}[f.met]
+        lines.append(
+            f"| {f.benchmark} | {f.metric} | {_format(f.value)} {f.unit} | {baseline} | {ratio} | "
+            f"{f.goal or '-'} | {met} | {f.notes} |"
+        )
+    for name, error in failures.items():
+        lines.append(f"| {name} | (failed) | - | - | - | - | **no** | {error} |")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--quick", action="store_true", help="small sizes, for a smoke run")
+    parser.add_argument("--only", default="", help="comma-separated benchmark names (bench_<name>.py)")
+    parser.add_argument("--output", type=Path, default=HERE / "RESULTS.md")
+    args = parser.parse_args(argv)
+    wanted = {name for name in args.only.split(",") if name}
+    names = sorted(m.name[len("bench_"):] for m in pkgutil.iter_modules([str(HERE)]) if m.name.startswith("bench_"))
+    figures: list[Figure] = []
+    failures: dict[str, str] = {}
+    for name in names:
+        if wanted and name not in wanted:
+            continue
+        print(f"== benchmark {name}", flush=True)
+        try:
+            module = importlib.import_module(f"benchmarks.bench_{name}")
+            results = module.run(quick=args.quick)
+        except Exception as exc:  # a failed benchmark is reported, the others still run
+            traceback.print_exc()
+            failures[name] = f"{type(exc).__name__}: {exc}"
+            continue
+        for figure in results:
+            print(json.dumps({k: v for k, v in figure.__dict__.items() if k != "extra"}), flush=True)
+        figures.extend(results)
+    store = args.output.with_suffix(".json")
+    previous = json.loads(store.read_text()) if store.exists() else {}
+    ran = {f.benchmark for f in figures} | set(failures) | wanted
+    kept = [Figure(**row) for row in previous.get("figures", []) if row["benchmark"] not in ran]
+    kept_failures = {k: v for k, v in previous.get("failures", {}).items() if k not in ran}
+    figures = kept + figures
+    failures = {**kept_failures, **failures}
+    store.write_text(json.dumps({"figures": [f.__dict__ for f in figures], "failures": failures}, indent=1))
+    args.output.write_text(render(figures, failures, args.quick))
+    print(f"wrote {args.output}")
+    return 1 if failures else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

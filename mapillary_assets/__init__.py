@@ -1,0 +1,1 @@
+"""Dagster asset platform for Mapillary street-level imagery."""

@@ -1,0 +1,49 @@
+"""Dagster-free client for the Mapillary API v4 (real API or the emulator: only URLs and token differ)."""
+
+from mapillary_assets.api.client import ClientSettings, MapillaryClient, Secret
+from mapillary_assets.api.decoders import (
+    DEFAULT_IMAGE_FIELDS,
+    IMAGE_COLUMNS,
+    IMAGE_SCHEMA,
+    TileDecodeError,
+    TilePoint,
+    decode_image_entity,
+    decode_image_layer,
+    decode_sequence_lines,
+    entities_to_table,
+)
+from mapillary_assets.api.errors import (
+    AuthError,
+    MapillaryError,
+    PermanentError,
+    RequestTooLargeError,
+    ThrottledError,
+    TransientError,
+    UrlExpiredError,
+    classify_error,
+)
+from mapillary_assets.api.ratelimit import SharedRateLimiter
+
+__all__ = [
+    "DEFAULT_IMAGE_FIELDS",
+    "IMAGE_COLUMNS",
+    "IMAGE_SCHEMA",
+    "AuthError",
+    "ClientSettings",
+    "MapillaryClient",
+    "MapillaryError",
+    "PermanentError",
+    "RequestTooLargeError",
+    "Secret",
+    "SharedRateLimiter",
+    "ThrottledError",
+    "TileDecodeError",
+    "TilePoint",
+    "TransientError",
+    "UrlExpiredError",
+    "classify_error",
+    "decode_image_entity",
+    "decode_image_layer",
+    "decode_sequence_lines",
+    "entities_to_table",
+]

@@ -1,0 +1,426 @@
+"""Decoders for Mapillary vector tiles and Graph API image entities (pure: no HTTP, no I/O).
+
+Vector tiles are parsed with the protobuf message class shipped by `mapbox_vector_tile`, but the
+features are walked here rather than through `mapbox_vector_tile.decode`: a dense z14 tile holds
+~170,000 image points and the generic decoder (per-feature dicts, string-based command parsing)
+takes far longer than this direct walk. Coordinates follow the MVT convention (y grows downward,
+as `decode(..., default_options={"y_coord_down": True})` reports them) and are converted to
+lon/lat in one vectorised web-mercator inverse per layer.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import gzip
+import math
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+from mapbox_vector_tile.Mapbox import vector_tile_pb2
+
+__all__ = [
+    "DEFAULT_IMAGE_FIELDS",
+    "IMAGE_COLUMNS",
+    "IMAGE_SCHEMA",
+    "TileDecodeError",
+    "TilePoint",
+    "decode_image_entity",
+    "decode_image_layer",
+    "decode_sequence_lines",
+    "entities_to_table",
+    "tile_pixels_to_lonlat",
+]
+
+DEFAULT_EXTENT = 4096
+_GZIP_MAGIC = b"\x1f\x8b"
+_MOVE_TO, _LINE_TO, _CLOSE_PATH = 1, 2, 7
+_POINT, _LINESTRING = 1, 2
+_UINT32_WRAP = 2**32
+
+# Thumbnail URLs are deliberately absent: they are signed, expire, and must never be stored.
+DEFAULT_IMAGE_FIELDS: tuple[str, ...] = (
+    "id",
+    "captured_at",
+    "compass_angle",
+    "computed_compass_angle",
+    "geometry",
+    "computed_geometry",
+    "altitude",
+    "computed_altitude",
+    "sequence",
+    "creator",
+    "camera_type",
+    "make",
+    "model",
+    "height",
+    "width",
+    "is_pano",
+    "quality_score",
+    "exif_orientation",
+    "atomic_scale",
+    "merge_cc",
+    "mesh",
+    "sfm_cluster",
+)
+
+IMAGE_SCHEMA = pa.schema(
+    [
+        pa.field("image_id", pa.string()),
+        pa.field("captured_at", pa.timestamp("ms", tz="UTC")),
+        pa.field("lon", pa.float64()),
+        pa.field("lat", pa.float64()),
+        pa.field("computed_lon", pa.float64()),
+        pa.field("computed_lat", pa.float64()),
+        pa.field("altitude", pa.float64()),
+        pa.field("computed_altitude", pa.float64()),
+        pa.field("compass_angle", pa.float64()),
+        pa.field("computed_compass_angle", pa.float64()),
+        pa.field("sequence_id", pa.string()),
+        pa.field("creator_id", pa.string()),
+        pa.field("creator_username", pa.string()),
+        pa.field("camera_type", pa.string()),
+        pa.field("make", pa.string()),
+        pa.field("model", pa.string()),
+        pa.field("width", pa.int64()),
+        pa.field("height", pa.int64()),
+        pa.field("is_pano", pa.bool_()),
+        pa.field("quality_score", pa.float64()),
+        pa.field("exif_orientation", pa.int64()),
+        pa.field("atomic_scale", pa.float64()),
+        pa.field("merge_cc", pa.string()),
+        pa.field("has_mesh", pa.bool_()),
+        pa.field("has_sfm_cluster", pa.bool_()),
+    ]
+)
+IMAGE_COLUMNS: tuple[str, ...] = tuple(IMAGE_SCHEMA.names)
+
+
+class TileDecodeError(ValueError):
+    """The bytes are not a valid (optionally gzipped) Mapbox vector tile."""
+
+
+@dataclass(frozen=True, slots=True)
+class TilePoint:
+    image_id: str
+    lon: float
+    lat: float
+    captured_at_ms: int | None
+    sequence_id: str | None
+    compass_angle: float | None
+    is_pano: bool | None
+    organization_id: int | None
+    creator_id: int | None
+
+
+# --------------------------------------------------------------------------- vector tiles
+
+
+def tile_pixels_to_lonlat(
+    px: np.ndarray, py: np.ndarray, z: int, x: int, y: int, extent: int = DEFAULT_EXTENT
+) -> tuple[np.ndarray, np.ndarray]:
+    """Web-mercator inverse of tile pixel coordinates (origin top-left, y down) of tile z/x/y."""
+    n = float(2**z)
+    tx = (x + np.asarray(px, dtype=np.float64) / extent) / n
+    ty = (y + np.asarray(py, dtype=np.float64) / extent) / n
+    lon = tx * 360.0 - 180.0
+    lat = np.degrees(np.arctan(np.sinh(math.pi * (1.0 - 2.0 * ty))))
+    return lon, lat
+
+
+def _parse_tile(data: bytes) -> vector_tile_pb2.tile | None:
+    if not data:
+        return None
+    if data[:2] == _GZIP_MAGIC:
+        try:
+            data = gzip.decompress(data)
+        except (OSError, EOFError) as exc:
+            raise TileDecodeError(f"gzipped vector tile is corrupt: {exc}") from None
+        if not data:
+            return None
+    tile = vector_tile_pb2.tile()
+    try:
+        tile.ParseFromString(data)
+    except Exception as exc:  # protobuf raises DecodeError (message type differs per backend)
+        raise TileDecodeError(f"not a Mapbox vector tile ({len(data)} bytes): {exc}") from None
+    return tile
+
+
+def _layer(tile: vector_tile_pb2.tile | None, name: str):
+    if tile is None:
+        return None
+    for layer in tile.layers:
+        if layer.name == name:
+            return layer
+    return None
+
+
+def _layer_values(layer) -> list[Any]:
+    values = []
+    for value in layer.values:
+        fields = value.ListFields()
+        values.append(fields[0][1] if fields else None)
+    return values
+
+
+def _zigzag(n: int) -> int:
+    return (n >> 1) ^ -(n & 1)
+
+
+def _first_point(geometry) -> tuple[int, int] | None:
+    """First MoveTo of a point geometry (an image feature is one point)."""
+    if len(geometry) < 3 or geometry[0] & 7 != _MOVE_TO or geometry[0] >> 3 < 1:
+        return None
+    return _zigzag(geometry[1]), _zigzag(geometry[2])
+
+
+def _line_parts(geometry) -> list[list[tuple[int, int]]]:
+    """Pixel coordinates of each part (MoveTo starts a part) of a point or line geometry."""
+    parts: list[list[tuple[int, int]]] = []
+    current: list[tuple[int, int]] = []
+    cx = cy = 0
+    i, size = 0, len(geometry)
+    while i < size:
+        command, count = geometry[i] & 7, geometry[i] >> 3
+        i += 1
+        if command == _CLOSE_PATH:
+            continue
+        if command not in (_MOVE_TO, _LINE_TO) or i + 2 * count > size:
+            break
+        for _ in range(count):
+            cx += _zigzag(geometry[i])
+            cy += _zigzag(geometry[i + 1])
+            i += 2
+            if command == _MOVE_TO and current:
+                parts.append(current)
+                current = []
+            current.append((cx, cy))
+    if current:
+        parts.append(current)
+    return parts
+
+
+def _int_or_none(value: Any) -> int | None:
+    if value is None or isinstance(value, bool):
+        return None
+    if isinstance(value, int):
+        return value
+    if isinstance(value, float):
+        return int(value) if value.is_integer() else None
+    if isinstance(value, str):
+        try:
+            return int(value)
+        except ValueError:
+            return None
+    return None
+
+
+def _id_str(value: Any) -> str | None:
+    """An id as a decimal string; ints are formatted directly (never through float)."""
+    if value is None or isinstance(value, bool):
+        return None
+    if isinstance(value, int):
+        return str(value)
+    if isinstance(value, float):
+        # Precision was already lost upstream; at least do not render "1.2e+15".
+        return str(int(value)) if value.is_integer() else repr(value)
+    text = str(value).strip()
+    return text or None
+
+
+def _float_or_none(value: Any) -> float | None:
+    if value is None or isinstance(value, bool):
+        return None
+    if isinstance(value, (int, float)):
+        return float(value)
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        return None
+
+
+def _bool_or_none(value: Any) -> bool | None:
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, int):
+        return bool(value)
+    if isinstance(value, str) and value.lower() in ("true", "false"):
+        return value.lower() == "true"
+    return None
+
+
+def decode_image_layer(data: bytes, z: int, x: int, y: int) -> list[TilePoint]:
+    """Image points of a z14 tile (`image` layer), lon/lat from the tile pixel coordinates.
+
+    Accepts gzipped bodies; b"" (an empty tile) and tiles without an `image` layer give [].
+    """
+    layer = _layer(_parse_tile(data), "image")
+    if layer is None or not layer.features:
+        return []
+    extent = layer.extent or DEFAULT_EXTENT
+    keys = list(layer.keys)
+    values = _layer_values(layer)
+    key_index = {name: i for i, name in enumerate(keys)}
+    # One slot per property we keep; tag pairs are mapped to slots without building a dict per feature.
+    wanted = ("id", "captured_at", "sequence_id", "compass_angle", "is_pano", "organization_id", "creator_id")
+    slot_of_key = [-1] * len(keys)
+    for slot, name in enumerate(wanted):
+        if name in key_index:
+            slot_of_key[key_index[name]] = slot
+
+    pxs: list[int] = []
+    pys: list[int] = []
+    props: list[list[Any]] = []
+    for feature in layer.features:
+        point = _first_point(feature.geometry)
+        if point is None:
+            continue
+        row: list[Any] = [None] * len(wanted)
+        tags = feature.tags
+        for k in range(0, len(tags) - 1, 2):
+            slot = slot_of_key[tags[k]] if tags[k] < len(slot_of_key) else -1
+            if slot >= 0 and tags[k + 1] < len(values):
+                row[slot] = values[tags[k + 1]]
+        if row[0] is None:
+            continue
+        pxs.append(point[0])
+        pys.append(point[1])
+        props.append(row)
+
+    lons, lats = tile_pixels_to_lonlat(np.array(pxs), np.array(pys), z, x, y, extent)
+    points = []
+    for (image_id, captured, sequence, compass, pano, org, creator), lon, lat in zip(
+        props, lons.tolist(), lats.tolist()
+    ):
+        points.append(
+            TilePoint(
+                image_id=_id_str(image_id),
+                lon=lon,
+                lat=lat,
+                captured_at_ms=_int_or_none(captured),
+                sequence_id=_id_str(sequence),
+                compass_angle=_float_or_none(compass),
+                is_pano=_bool_or_none(pano),
+                organization_id=_int_or_none(org),
+                creator_id=_int_or_none(creator),
+            )
+        )
+    return points
+
+
+def decode_sequence_lines(data: bytes, z: int, x: int, y: int) -> list[list[tuple[float, float]]]:
+    """lon/lat coordinates of every `sequence` line part (z6-14) and `overview` point (z0-5).
+
+    A MultiLineString contributes one list per part; an overview point is a one-element list.
+    """
+    tile = _parse_tile(data)
+    lines: list[list[tuple[float, float]]] = []
+    for name in ("sequence", "overview"):
+        layer = _layer(tile, name)
+        if layer is None:
+            continue
+        extent = layer.extent or DEFAULT_EXTENT
+        parts: list[list[tuple[int, int]]] = []
+        for feature in layer.features:
+            if feature.type not in (_POINT, _LINESTRING):
+                continue
+            parts.extend(_line_parts(list(feature.geometry)))
+        if not parts:
+            continue
+        flat = np.array([p for part in parts for p in part], dtype=np.float64)
+        lons, lats = tile_pixels_to_lonlat(flat[:, 0], flat[:, 1], z, x, y, extent)
+        coords = list(zip(lons.tolist(), lats.tolist()))
+        start = 0
+        for part in parts:
+            lines.append(coords[start : start + len(part)])
+            start += len(part)
+    return lines
+
+
+# --------------------------------------------------------------------------- Graph API entities
+
+
+def _lonlat(geometry: Any) -> tuple[float | None, float | None]:
+    if not isinstance(geometry, Mapping):
+        return None, None
+    coordinates = geometry.get("coordinates")
+    if not isinstance(coordinates, (list, tuple)) or len(coordinates) < 2:
+        return None, None
+    lon, lat = _float_or_none(coordinates[0]), _float_or_none(coordinates[1])
+    if lon is None or lat is None:
+        return None, None
+    return lon, lat
+
+
+def _altitude(value: Any) -> float | None:
+    altitude = _float_or_none(value)
+    if altitude is not None and altitude > 2**31:
+        # Negative altitudes sometimes arrive as unsigned 32-bit wraps: 4294967281 means -15.
+        altitude -= _UINT32_WRAP
+    return altitude
+
+
+def _timestamp_ms(value: Any) -> dt.datetime | None:
+    ms = _int_or_none(value)
+    if ms is None:
+        return None
+    return dt.datetime(1970, 1, 1, tzinfo=dt.UTC) + dt.timedelta(milliseconds=ms)
+
+
+def _text(value: Any) -> str | None:
+    if value is None:
+        return None
+    return value if isinstance(value, str) else str(value)
+
+
+def _present(value: Any) -> bool | None:
+    """True when a `{id, url}` object (mesh, sfm_cluster) is present; the API omits it otherwise."""
+    if value is None:
+        return None
+    return bool(value)
+
+
+def decode_image_entity(obj: Mapping[str, Any]) -> dict[str, Any]:
+    """One Graph API image object -> a row keyed by IMAGE_SCHEMA names (absent fields -> None)."""
+    lon, lat = _lonlat(obj.get("geometry"))
+    computed_lon, computed_lat = _lonlat(obj.get("computed_geometry"))
+    creator = obj.get("creator")
+    if not isinstance(creator, Mapping):
+        creator = {}
+    return {
+        "image_id": _id_str(obj.get("id")),
+        "captured_at": _timestamp_ms(obj.get("captured_at")),
+        "lon": lon,
+        "lat": lat,
+        "computed_lon": computed_lon,
+        "computed_lat": computed_lat,
+        "altitude": _altitude(obj.get("altitude")),
+        "computed_altitude": _altitude(obj.get("computed_altitude")),
+        "compass_angle": _float_or_none(obj.get("compass_angle")),
+        "computed_compass_angle": _float_or_none(obj.get("computed_compass_angle")),
+        "sequence_id": _id_str(obj.get("sequence")),
+        "creator_id": _id_str(creator.get("id")),
+        "creator_username": _text(creator.get("username")),
+        "camera_type": _text(obj.get("camera_type")),
+        "make": _text(obj.get("make")),
+        "model": _text(obj.get("model")),
+        "width": _int_or_none(obj.get("width")),
+        "height": _int_or_none(obj.get("height")),
+        "is_pano": _bool_or_none(obj.get("is_pano")),
+        "quality_score": _float_or_none(obj.get("quality_score")),
+        "exif_orientation": _int_or_none(obj.get("exif_orientation")),
+        "atomic_scale": _float_or_none(obj.get("atomic_scale")),
+        "merge_cc": _id_str(obj.get("merge_cc")),
+        "has_mesh": _present(obj.get("mesh")),
+        "has_sfm_cluster": _present(obj.get("sfm_cluster")),
+    }
+
+
+def entities_to_table(rows: Iterable[Mapping[str, Any]]) -> pa.Table:
+    """Decoded entity rows -> a pyarrow Table with exactly IMAGE_SCHEMA (missing keys -> null)."""
+    rows = list(rows)
+    columns = {name: [row.get(name) for row in rows] for name in IMAGE_COLUMNS}
+    arrays = [pa.array(columns[name], type=IMAGE_SCHEMA.field(name).type) for name in IMAGE_COLUMNS]
+    return pa.Table.from_arrays(arrays, schema=IMAGE_SCHEMA)

@@ -1,0 +1,56 @@
+"""The Dagster code location: `dagster dev -m mapillary_assets.definitions` (see workspace.yaml)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import dagster as dg
+
+from mapillary_assets.defs.assets.chunks import blur_scores, image_metadata, thumbnail_downloads
+from mapillary_assets.defs.assets.discovery import discovered_images, image_chunks
+from mapillary_assets.defs.assets.publish import filter_areas, mapillary_geopackage, staging_tables
+from mapillary_assets.defs.automation import new_images_sensor, refresh_schedule
+from mapillary_assets.defs.checks import asset_checks
+from mapillary_assets.defs.jobs import chunk_job, chunking_job, discovery_job, publish_job
+from mapillary_assets.storage import DataLayout
+from mapillary_assets.defs.resources import DataStorageResource, MapillaryApiResource, PipelineSettings
+
+ASSETS = [
+    discovered_images, image_chunks, image_metadata, thumbnail_downloads, blur_scores,
+    filter_areas, staging_tables, mapillary_geopackage,
+]
+
+
+def resources_from_env() -> dict:
+    data_dir = os.environ.get("MAPILLARY_DATA_DIR", "data")
+    return {
+        "mapillary_api": MapillaryApiResource(
+            access_token=dg.EnvVar("MAPILLARY_ACCESS_TOKEN"),
+            graph_url=os.environ.get("MAPILLARY_GRAPH_URL", "https://graph.mapillary.com"),
+            tiles_url=os.environ.get("MAPILLARY_TILES_URL", "https://tiles.mapillary.com"),
+            entity_per_minute=int(os.environ.get("MAPILLARY_ENTITY_PER_MINUTE", 50_000)),
+            search_per_minute=int(os.environ.get("MAPILLARY_SEARCH_PER_MINUTE", 10_000)),
+            tiles_per_minute=int(os.environ.get("MAPILLARY_TILES_PER_MINUTE", 6_000)),
+            rate_limit_store=os.environ.get(
+                "MAPILLARY_RATE_LIMIT_STORE", str(DataLayout(Path(data_dir).resolve()).rate_limit_store_path)
+            ),
+        ),
+        "storage": DataStorageResource(data_dir=data_dir),
+        "settings": PipelineSettings.from_env(),
+    }
+
+
+def build_definitions(resources: dict | None = None) -> dg.Definitions:
+    """Everything in the code location; tests pass their own resources (emulator URLs, temp folders)."""
+    return dg.Definitions(
+        assets=ASSETS,
+        asset_checks=asset_checks,
+        jobs=[discovery_job, chunking_job, chunk_job, publish_job],
+        schedules=[refresh_schedule],
+        sensors=[new_images_sensor],
+        resources=resources if resources is not None else resources_from_env(),
+    )
+
+
+defs = build_definitions()

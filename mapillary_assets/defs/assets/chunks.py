@@ -1,0 +1,170 @@
+"""Per-chunk assets: metadata, thumbnail downloads and blur scores, one partition per id chunk.
+
+Each partition is resumable: it reads what an earlier attempt stored, does only what is missing,
+and rewrites its file atomically. Transient failures are stored too, then fail the partition so
+"backfill failed partitions" retries exactly those.
+"""
+
+
+import dagster as dg
+import pandas as pd
+
+from mapillary_assets.defs.assets.discovery import image_chunks
+from mapillary_assets.defs.partitions import chunk_partitions
+from mapillary_assets.defs.resources import DataStorageResource, MapillaryApiResource, PipelineSettings
+from mapillary_assets.defs.runtime import API_POOL, GPU_POOL, preview_markdown, progress_logger, run_async
+from mapillary_assets.pipeline.blur import score_images
+from mapillary_assets.pipeline.charts import histogram_markdown
+from mapillary_assets.pipeline.chunks import chunk_image_ids
+from mapillary_assets.pipeline.download import download_thumbnails
+from mapillary_assets.pipeline.metadata import fetch_metadata, ids_to_fetch, merge_with_existing
+from mapillary_assets.storage import DataLayout, read_parquet, write_parquet_atomic
+
+CHUNK_BACKFILL = dg.BackfillPolicy.multi_run(max_partitions_per_run=4)
+
+
+def _chunk_ids(layout: DataLayout, chunk_key: str) -> list[str]:
+    return chunk_image_ids(read_parquet(layout.chunk_assignment_path), chunk_key)
+
+
+def _read_if_exists(path) -> pd.DataFrame | None:
+    return read_parquet(path) if path.exists() else None
+
+
+def _fail_if_transient(kind: str, transient_by_chunk: dict[str, int]) -> None:
+    failing = {chunk: n for chunk, n in transient_by_chunk.items() if n}
+    if failing:
+        listed = ", ".join(f"{chunk} ({n})" for chunk, n in failing.items())
+        raise dg.Failure(
+            description=f"{sum(failing.values())} {kind} failed transiently in {listed}; the rest is stored. "
+            "Backfill the failed partitions to retry only what is missing.",
+            metadata={"transient_failures": sum(failing.values())},
+        )
+
+
+@dg.asset(
+    partitions_def=chunk_partitions,
+    deps=[image_chunks],
+    group_name="metadata",
+    kinds={"python", "parquet"},
+    pool=API_POOL,
+    backfill_policy=CHUNK_BACKFILL,
+    description="Graph API metadata of every image in the chunk (batch lookups of 50 ids), with failed ids "
+    "recorded as permanent or transient.",
+)
+def image_metadata(
+    context: dg.AssetExecutionContext, mapillary_api: MapillaryApiResource, storage: DataStorageResource
+) -> dg.MaterializeResult:
+    layout = storage.layout
+
+    async def fetch_all():
+        outcome = {}
+        async with mapillary_api.client() as client:
+            for key in context.partition_keys:
+                rows_path, failures_path = layout.metadata_path(key), layout.metadata_failures_path(key)
+                rows, failures = _read_if_exists(rows_path), _read_if_exists(failures_path)
+                todo = ids_to_fetch(_chunk_ids(layout, key), rows, failures)
+                result = await fetch_metadata(client, todo, progress=progress_logger(context.log, key))
+                rows, failures = merge_with_existing(rows, failures, result)
+                write_parquet_atomic(rows, rows_path)
+                write_parquet_atomic(failures, failures_path)
+                outcome[key] = (rows, failures, len(todo), result.requests)
+        return outcome
+
+    outcome = run_async(fetch_all())
+    rows = pd.concat([r for r, *_ in outcome.values()])
+    failures = pd.concat([f for _, f, *_ in outcome.values()])
+    fetched, requests = sum(o[2] for o in outcome.values()), sum(o[3] for o in outcome.values())
+    context.log.info(f"metadata: {len(rows):,} images stored, {fetched:,} fetched with {requests:,} requests, "
+                     f"{len(failures):,} failed ({int(failures['transient'].sum()) if len(failures) else 0} transient)")
+    _fail_if_transient("ids", {k: int(o[1]["transient"].sum()) for k, o in outcome.items()})
+    return dg.MaterializeResult(
+        metadata={
+            "images": len(rows),
+            "fetched_now": fetched,
+            "requests": requests,
+            "failed_permanent": int((~failures["transient"]).sum()) if len(failures) else 0,
+            "preview": dg.MetadataValue.md(preview_markdown(rows)),
+        }
+    )
+
+
+@dg.asset(
+    partitions_def=chunk_partitions,
+    deps=[image_metadata],
+    group_name="images",
+    kinds={"python", "jpeg"},
+    pool=API_POOL,
+    backfill_policy=CHUNK_BACKFILL,
+    description="Thumbnails of the chunk's images, fetched from freshly resolved URLs, verified as complete "
+    "JPEGs and written atomically into a sharded folder tree.",
+)
+def thumbnail_downloads(
+    context: dg.AssetExecutionContext,
+    mapillary_api: MapillaryApiResource,
+    storage: DataStorageResource,
+    settings: PipelineSettings,
+) -> dg.MaterializeResult:
+    layout = storage.layout
+
+    async def download_all():
+        outcome = {}
+        async with mapillary_api.client() as client:
+            for key in context.partition_keys:
+                failures = _read_if_exists(layout.metadata_failures_path(key))
+                unknown = set(failures.loc[~failures["transient"], "image_id"]) if failures is not None else set()
+                ids = [i for i in _chunk_ids(layout, key) if i not in unknown]
+                frame = await download_thumbnails(
+                    client, layout, ids, size=settings.thumbnail_size, concurrency=settings.download_concurrency,
+                    progress=progress_logger(context.log, key, unit="images"),
+                )
+                write_parquet_atomic(frame, layout.downloads_path(key))
+                outcome[key] = frame
+        return outcome
+
+    outcome = run_async(download_all())
+    frame = pd.concat(outcome.values())
+    ok = int((frame["status"] == "ok").sum())
+    context.log.info(f"downloads: {ok:,}/{len(frame):,} thumbnails on disk, {len(frame) - ok:,} failed")
+    _fail_if_transient("downloads", {k: int(f["transient"].sum()) for k, f in outcome.items()})
+    return dg.MaterializeResult(
+        metadata={"thumbnails": ok, "failed": len(frame) - ok, "bytes": int(frame["bytes"].sum()),
+                  "size_px": settings.thumbnail_size}
+    )
+
+
+@dg.asset(
+    partitions_def=chunk_partitions,
+    deps=[thumbnail_downloads],
+    group_name="images",
+    kinds={"python", "pytorch"},
+    pool=GPU_POOL,
+    backfill_policy=CHUNK_BACKFILL,
+    description="Blur scores per thumbnail: variance of the Laplacian and Tenengrad on grayscale at a fixed "
+    "analysis size (Kornia on CUDA when available, else the fastest CPU path), and `is_blurry`.",
+)
+def blur_scores(
+    context: dg.AssetExecutionContext, storage: DataStorageResource, settings: PipelineSettings
+) -> dg.MaterializeResult:
+    layout = storage.layout
+    frames = []
+    for key in context.partition_keys:
+        downloads = read_parquet(layout.downloads_path(key))
+        ok = downloads[downloads["status"] == "ok"]
+        scores = score_images(
+            [layout.root / path for path in ok["path"]], backend=settings.blur_backend,
+            threshold=settings.blur_threshold, progress=progress_logger(context.log, key, unit="images"),
+        )
+        write_parquet_atomic(scores, layout.blur_path(key))
+        frames.append(scores)
+    scores = pd.concat(frames)
+    blurry = int(scores["is_blurry"].sum())
+    context.log.info(f"blur: {len(scores):,} images scored, {blurry:,} blurry (threshold {settings.blur_threshold})")
+    return dg.MaterializeResult(
+        metadata={
+            "scored": len(scores),
+            "blurry": blurry,
+            "backend": str(scores["backend"].iloc[0]) if len(scores) else settings.blur_backend,
+            "histogram": dg.MetadataValue.md(histogram_markdown(scores["blur_value"], settings.blur_threshold)),
+        }
+    )

@@ -1,0 +1,110 @@
+"""Discovery: which images exist in each tile partition, and their stable assignment to id chunks."""
+
+
+import dagster as dg
+import pandas as pd
+
+from mapillary_assets.defs.partitions import CHUNK_PARTITIONS_NAME, tile_partitions
+from mapillary_assets.defs.resources import DataStorageResource, MapillaryApiResource, PipelineSettings
+from mapillary_assets.defs.runtime import API_POOL, preview_markdown, run_async
+from mapillary_assets.defs.settings import current_aoi
+from mapillary_assets.pipeline.aoi import parse_tile_key
+from mapillary_assets.pipeline.chunks import assign_chunks, chunk_keys
+from mapillary_assets.pipeline.discovery import discover_by_bbox_search, discover_partition
+from mapillary_assets.storage import DataLayout, read_parquet, write_parquet_atomic
+
+
+async def _discover(api: MapillaryApiResource, layout: DataLayout, settings: PipelineSettings, keys, log):
+    aoi = current_aoi()
+    results = {}
+    async with api.client() as client:
+        for key in keys:
+            tile = parse_tile_key(key)
+            if settings.discovery_route == "bbox_search":
+                frame, stats = await discover_by_bbox_search(client, aoi, bbox=_tile_bounds(tile))
+            else:
+                frame, stats = await discover_partition(
+                    client, aoi, tile, layout, tileset=settings.tileset,
+                    cache_max_age_s=settings.tile_cache_max_age_hours * 3600,
+                )
+            write_parquet_atomic(frame, layout.discovery_path(key))
+            log.info(f"{key}: {len(frame):,} images in the area, {stats}")
+            results[key] = (frame, stats)
+    return results
+
+
+def _tile_bounds(tile) -> tuple[float, float, float, float]:
+    import mercantile
+
+    bounds = mercantile.bounds(tile)
+    return (bounds.west, bounds.south, bounds.east, bounds.north)
+
+
+@dg.asset(
+    partitions_def=tile_partitions,
+    group_name="discovery",
+    kinds={"python", "parquet"},
+    pool=API_POOL,
+    backfill_policy=dg.BackfillPolicy.multi_run(max_partitions_per_run=16),
+    description="Images found in each tile partition (z14 `image` layer of non-empty z14 tiles, "
+    "clipped to the area of interest, deduplicated). One Parquet file per partition.",
+)
+def discovered_images(
+    context: dg.AssetExecutionContext,
+    mapillary_api: MapillaryApiResource,
+    storage: DataStorageResource,
+    settings: PipelineSettings,
+) -> dg.MaterializeResult:
+    results = run_async(_discover(mapillary_api, storage.layout, settings, context.partition_keys, context.log))
+    frames = [frame for frame, _ in results.values()]
+    total = sum(len(frame) for frame in frames)
+    requests = sum(getattr(stats, "image_tile_requests", 0) + getattr(stats, "coverage_requests", 0)
+                   for _, stats in results.values())
+    context.log.info(f"discovered {total:,} images in {len(results)} partition(s) with {requests:,} tile requests")
+    return dg.MaterializeResult(
+        metadata={
+            "images": total,
+            "tile_requests": requests,
+            "tileset": settings.tileset,
+            "route": settings.discovery_route,
+            "preview": dg.MetadataValue.md(preview_markdown(pd.concat(frames) if frames else pd.DataFrame())),
+        }
+    )
+
+
+def read_discovered_ids(layout: DataLayout, partition_keys: list[str]) -> list[str]:
+    ids: list[str] = []
+    for key in partition_keys:
+        path = layout.discovery_path(key)
+        if path.exists():
+            ids.extend(read_parquet(path, columns=["image_id"])["image_id"].astype(str))
+    return ids
+
+
+@dg.asset(
+    deps=[discovered_images],
+    group_name="discovery",
+    kinds={"python", "parquet"},
+    pool="chunk_registry",
+    description="Stable assignment of discovered image ids to chunks; new ids go to new chunks only, "
+    "and every new chunk becomes a partition of the per-image assets.",
+)
+def image_chunks(
+    context: dg.AssetExecutionContext, storage: DataStorageResource, settings: PipelineSettings
+) -> dg.MaterializeResult:
+    layout = storage.layout
+    discovered = read_discovered_ids(layout, tile_partitions.get_partition_keys())
+    if settings.sample_limit:
+        discovered = sorted(set(discovered), key=int)[: settings.sample_limit]
+    path = layout.chunk_assignment_path
+    existing = read_parquet(path) if path.exists() else None
+    assignment = assign_chunks(existing, discovered, settings.chunk_size)
+    write_parquet_atomic(assignment, path)
+    registered = set(context.instance.get_dynamic_partitions(CHUNK_PARTITIONS_NAME))
+    new_keys = [key for key in chunk_keys(assignment) if key not in registered]
+    if new_keys:
+        context.instance.add_dynamic_partitions(CHUNK_PARTITIONS_NAME, new_keys)
+    context.log.info(f"{len(assignment):,} ids in {len(chunk_keys(assignment))} chunks; {len(new_keys)} new chunk(s)")
+    return dg.MaterializeResult(
+        metadata={"ids": len(assignment), "chunks": len(chunk_keys(assignment)), "new_chunks": len(new_keys)}
+    )

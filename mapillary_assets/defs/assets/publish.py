@@ -1,0 +1,83 @@
+"""Filters, DuckDB-spatial staging and the final GeoPackage (single writer: the `duckdb_writer` pool)."""
+
+
+import json
+
+import dagster as dg
+import shapely
+
+from mapillary_assets.defs.assets.chunks import blur_scores, image_metadata, thumbnail_downloads
+from mapillary_assets.defs.assets.discovery import discovered_images
+from mapillary_assets.defs.resources import DataStorageResource, PipelineSettings
+from mapillary_assets.defs.runtime import DUCKDB_POOL, preview_markdown
+from mapillary_assets.pipeline.filters import load_filter_polygons
+from mapillary_assets.pipeline.geopackage import write_geopackage
+from mapillary_assets.pipeline.staging import connect_staging, load_staging
+from mapillary_assets.storage import atomic_write_bytes, sweep_temporary_files
+
+
+@dg.asset(
+    group_name="filters",
+    kinds={"python", "geojson"},
+    description="User-supplied polygons (e.g. urban areas) that tag images and set the spacing threshold "
+    "(MAPILLARY_FILTER_AREAS; none configured means every image counts as outside).",
+)
+def filter_areas(storage: DataStorageResource, settings: PipelineSettings) -> dg.MaterializeResult:
+    geometry = load_filter_polygons(settings.filter_areas_path) if settings.filter_areas_path else None
+    features = [] if geometry is None else [
+        {"type": "Feature", "properties": {}, "geometry": json.loads(shapely.to_geojson(geometry))}
+    ]
+    collection = {"type": "FeatureCollection", "features": features}
+    atomic_write_bytes(storage.layout.filter_areas_path, json.dumps(collection).encode())
+    return dg.MaterializeResult(
+        metadata={"source": settings.filter_areas_path or "(none)",
+                  "area_deg2": 0.0 if geometry is None else float(geometry.area)}
+    )
+
+
+@dg.asset(
+    deps=[discovered_images, image_metadata, thumbnail_downloads, blur_scores, filter_areas],
+    group_name="staging",
+    kinds={"duckdb"},
+    pool=DUCKDB_POOL,
+    description="DuckDB-spatial staging tables rebuilt from every partition's Parquet file: images (joined, "
+    "with GEOMETRY, filter flags), sequences, metadata failures, downloads, blur scores.",
+)
+def staging_tables(
+    context: dg.AssetExecutionContext, storage: DataStorageResource, settings: PipelineSettings
+) -> dg.MaterializeResult:
+    layout = storage.layout
+    sweep_temporary_files(layout.staging_db_path.parent)  # leftovers of a killed load; this pool has one slot
+    polygons = load_filter_polygons(layout.filter_areas_path) if layout.filter_areas_path.exists() else None
+    counts = load_staging(
+        layout, filter_polygons=polygons,
+        inside_spacing_m=settings.inside_spacing_m, outside_spacing_m=settings.outside_spacing_m,
+    )
+    context.log.info("staging: " + ", ".join(f"{table} {rows:,}" for table, rows in counts.items()))
+    with connect_staging(layout.staging_db_path, read_only=True) as con:
+        preview = con.execute("SELECT * EXCLUDE (geom) FROM images LIMIT 10").df()
+    return dg.MaterializeResult(
+        metadata={**{f"rows_{table}": rows for table, rows in counts.items()},
+                  "database": dg.MetadataValue.path(str(layout.staging_db_path)),
+                  "preview": dg.MetadataValue.md(preview_markdown(preview))}
+    )
+
+
+@dg.asset(
+    deps=[staging_tables],
+    group_name="publish",
+    kinds={"geopackage"},
+    pool=DUCKDB_POOL,
+    description="The GeoPackage for spatial analysis (EPSG:4326, spatial index): `images` points with "
+    "discovery, metadata, blur and filter columns, and `sequences` lines ordered by capture time.",
+)
+def mapillary_geopackage(context: dg.AssetExecutionContext, storage: DataStorageResource) -> dg.MaterializeResult:
+    layout = storage.layout
+    with connect_staging(layout.staging_db_path, read_only=True) as con:
+        counts = write_geopackage(con, layout.geopackage_path)
+    context.log.info(f"GeoPackage written to {layout.geopackage_path}: " +
+                     ", ".join(f"{layer} {rows:,}" for layer, rows in counts.items()))
+    return dg.MaterializeResult(
+        metadata={**{f"features_{layer}": rows for layer, rows in counts.items()},
+                  "path": dg.MetadataValue.path(str(layout.geopackage_path))}
+    )

@@ -1,0 +1,129 @@
+"""Resources, configured from the environment in `definitions.py` and swapped in tests."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import dagster as dg
+
+from mapillary_assets.api import ClientSettings, MapillaryClient, Secret
+from mapillary_assets.storage import DataLayout
+
+TILESETS = ("mly1_public", "mly1_computed_public")
+DISCOVERY_ROUTES = ("tiles", "bbox_search")
+BLUR_BACKENDS = ("auto", "opencv", "kornia-cpu", "kornia-cuda")
+THUMBNAIL_SIZES = (256, 1024, 2048)
+
+
+class ConfigError(ValueError):
+    """A setting has a value the pipeline cannot use; the message names the variable and the fix."""
+
+
+class MapillaryApiResource(dg.ConfigurableResource):
+    """The Mapillary API (or the emulator: only the URLs and token differ)."""
+
+    access_token: str
+    graph_url: str = "https://graph.mapillary.com"
+    tiles_url: str = "https://tiles.mapillary.com"
+    entity_per_minute: int = 50_000
+    search_per_minute: int = 10_000
+    tiles_per_minute: int = 6_000
+    max_connections: int = 64
+    max_retries: int = 6
+    # SQLite file holding the token buckets, shared by every run process on this machine.
+    rate_limit_store: str = ""
+
+    def client_settings(self) -> ClientSettings:
+        return ClientSettings(
+            token=Secret(self.access_token),
+            graph_url=self.graph_url,
+            tiles_url=self.tiles_url,
+            entity_per_minute=self.entity_per_minute,
+            search_per_minute=self.search_per_minute,
+            tiles_per_minute=self.tiles_per_minute,
+            max_connections=self.max_connections,
+            max_retries=self.max_retries,
+            rate_limit_store=Path(self.rate_limit_store) if self.rate_limit_store else None,
+        )
+
+    def client(self) -> MapillaryClient:
+        return MapillaryClient(self.client_settings())
+
+
+class DataStorageResource(dg.ConfigurableResource):
+    """Root folder of every stage's files (see storage.DataLayout)."""
+
+    data_dir: str
+
+    @property
+    def layout(self) -> DataLayout:
+        return DataLayout(Path(self.data_dir).resolve())
+
+
+class PipelineSettings(dg.ConfigurableResource):
+    """What the pipeline does; every field has a MAPILLARY_* environment variable (see README)."""
+
+    tileset: str = "mly1_public"
+    discovery_route: str = "tiles"
+    tile_cache_max_age_hours: float = 24 * 7
+    chunk_size: int = 5000
+    sample_limit: int = 0
+    thumbnail_size: int = 1024
+    download_concurrency: int = 64
+    blur_backend: str = "auto"
+    blur_threshold: float = 100.0
+    filter_areas_path: str = ""
+    inside_spacing_m: float = 100.0
+    outside_spacing_m: float = 1000.0
+    max_failed_ratio: float = 0.01
+
+    def validated(self) -> "PipelineSettings":
+        _choice("MAPILLARY_TILESET", self.tileset, TILESETS)
+        _choice("MAPILLARY_DISCOVERY_ROUTE", self.discovery_route, DISCOVERY_ROUTES)
+        _choice("MAPILLARY_BLUR_BACKEND", self.blur_backend, BLUR_BACKENDS)
+        _choice("MAPILLARY_THUMBNAIL_SIZE", self.thumbnail_size, THUMBNAIL_SIZES)
+        _at_least("MAPILLARY_CHUNK_SIZE", self.chunk_size, 50, upper=100_000)
+        _at_least("MAPILLARY_SAMPLE_LIMIT", self.sample_limit, 0)
+        _at_least("MAPILLARY_DOWNLOAD_CONCURRENCY", self.download_concurrency, 1, upper=1000)
+        _at_least("MAPILLARY_TILE_CACHE_MAX_AGE_HOURS", self.tile_cache_max_age_hours, 0)
+        _at_least("MAPILLARY_BLUR_THRESHOLD", self.blur_threshold, 0)
+        _at_least("MAPILLARY_INSIDE_SPACING_M", self.inside_spacing_m, 0)
+        _at_least("MAPILLARY_OUTSIDE_SPACING_M", self.outside_spacing_m, 0)
+        _at_least("MAPILLARY_MAX_FAILED_RATIO", self.max_failed_ratio, 0, upper=1)
+        if self.filter_areas_path and not Path(self.filter_areas_path).is_file():
+            raise ConfigError(
+                f"MAPILLARY_FILTER_AREAS={self.filter_areas_path!r} is not a file: "
+                "point it at a GeoJSON or GeoPackage of polygons, or unset it"
+            )
+        return self
+
+    @classmethod
+    def from_env(cls, environ: dict[str, str] | None = None) -> "PipelineSettings":
+        env = os.environ if environ is None else environ
+        values: dict[str, object] = {}
+        for name, field in cls.model_fields.items():
+            variable = _ENV_NAMES.get(name, f"MAPILLARY_{name.upper()}")
+            if variable not in env or env[variable] == "":
+                continue
+            raw = env[variable]
+            kind = field.annotation
+            try:
+                values[name] = kind(raw) if kind in (int, float) else raw
+            except ValueError:
+                raise ConfigError(f"{variable}={raw!r} is not a valid {kind.__name__}") from None
+        return cls(**values).validated()
+
+
+_ENV_NAMES = {"filter_areas_path": "MAPILLARY_FILTER_AREAS"}
+
+
+def _choice(variable: str, value: object, allowed: tuple) -> None:
+    if value not in allowed:
+        raise ConfigError(f"{variable}={value!r} is not supported: use one of {', '.join(map(str, allowed))}")
+
+
+def _at_least(variable: str, value: float, lower: float, upper: float | None = None) -> None:
+    if value < lower or (upper is not None and value > upper):
+        bound = f"from {lower} to {upper}" if upper is not None else f">= {lower}"
+        raise ConfigError(f"{variable}={value!r} is out of range: use a value {bound}")

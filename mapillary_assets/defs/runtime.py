@@ -1,0 +1,45 @@
+"""Glue every asset uses: run a coroutine, log progress a person can read, summarise a frame."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Callable, Coroutine
+from typing import Any, TypeVar
+
+import pandas as pd
+
+T = TypeVar("T")
+
+API_POOL = "mapillary_api"      # runs that call the API (the shared token bucket paces them)
+DUCKDB_POOL = "duckdb_writer"   # DuckDB allows one writer process per file
+GPU_POOL = "gpu"                # one blur run owns the GPU at a time
+
+
+def run_async(coroutine: Coroutine[Any, Any, T]) -> T:
+    return asyncio.run(coroutine)
+
+
+def progress_logger(
+    log: logging.Logger | Any, label: str, unit: str = "ids", every_s: float = 5.0
+) -> Callable[[int, int, int], None]:
+    """A `progress(done, total, failed)` callback that logs e.g.
+    "chunk-000003: 3,000/5,000 ids, 412 ids/s, 2 failed" at most every `every_s` seconds."""
+    started = time.monotonic()
+    last_logged = [0.0]
+
+    def report(done: int, total: int, failed: int) -> None:
+        now = time.monotonic()
+        if done < total and now - last_logged[0] < every_s:
+            return
+        last_logged[0] = now
+        rate = done / max(now - started, 1e-9)
+        log.info(f"{label}: {done:,}/{total:,} {unit}, {rate:,.0f} {unit}/s, {failed:,} failed")
+
+    return report
+
+
+def preview_markdown(frame: pd.DataFrame, rows: int = 10, columns: list[str] | None = None) -> str:
+    shown = frame[columns] if columns else frame
+    return shown.head(rows).to_markdown(index=False) if len(shown) else "(no rows)"

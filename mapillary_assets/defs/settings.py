@@ -1,0 +1,31 @@
+"""Load-time settings read from the environment (the AOI and the partition zoom shape the partitions,
+so they must be known before any run starts)."""
+
+from __future__ import annotations
+
+import os
+from functools import lru_cache
+
+from mapillary_assets.pipeline.aoi import AoiError, AreaOfInterest, load_aoi
+
+DEFAULT_PARTITION_ZOOM = 12
+
+
+def partition_zoom() -> int:
+    raw = os.environ.get("MAPILLARY_PARTITION_ZOOM", str(DEFAULT_PARTITION_ZOOM))
+    try:
+        zoom = int(raw)
+    except ValueError:
+        raise AoiError(f"MAPILLARY_PARTITION_ZOOM={raw!r} is not an integer: use a zoom from 0 to 13") from None
+    if not 0 <= zoom <= 13:
+        raise AoiError(f"MAPILLARY_PARTITION_ZOOM={zoom} is out of range: use a zoom from 0 to 13")
+    return zoom
+
+
+@lru_cache(maxsize=4)
+def _load(source: str | None) -> AreaOfInterest:
+    return load_aoi(source)
+
+
+def current_aoi() -> AreaOfInterest:
+    return _load(os.environ.get("MAPILLARY_AOI") or None)

@@ -1,0 +1,118 @@
+"""The final GeoPackage, written from the staging tables (Dagster-free).
+
+Layers (EPSG:4326, R-tree spatial index each):
+- `images`: one point per discovered image with typed attributes (UTC datetimes, string ids, floats,
+  bools, the `in_filter_area` / `keep_spacing` flags); never thumbnail URLs.
+- `images_filtered`: the same columns for the images the spacing filter keeps.
+- `sequences`: one LineString per sequence with >= 2 images, vertices in capture order.
+
+Arrow batches stream from DuckDB straight into GDAL (pyogrio.write_arrow) without a pandas detour.
+The file is written under a temporary name in the target folder and renamed onto `path`.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+
+import duckdb
+import pyarrow as pa
+import pyogrio
+
+from mapillary_assets.storage import TEMP_MARKER
+
+IMAGES_LAYER = "images"
+FILTERED_LAYER = "images_filtered"
+SEQUENCES_LAYER = "sequences"
+CRS = "EPSG:4326"
+_GEOMETRY = "geom"
+_BATCH_ROWS = 100_000
+_SQLITE_SIDECARS = ("-journal", "-wal", "-shm")
+
+
+def write_geopackage(con: duckdb.DuckDBPyConnection, path: str | Path) -> dict[str, int]:
+    """Write the `images`, `images_filtered` and `sequences` layers; returns layer -> feature count.
+
+    `con` is a staging connection (spatial loaded, e.g. `staging.connect_staging(path, read_only=True)`).
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    image_columns = _image_columns(con)
+    layers = (
+        (IMAGES_LAYER, f"SELECT {image_columns} FROM images ORDER BY sequence_id, captured_at, image_id", "Point"),
+        (
+            FILTERED_LAYER,
+            f"SELECT {image_columns} FROM images WHERE keep_spacing ORDER BY sequence_id, captured_at, image_id",
+            "Point",
+        ),
+        (
+            SEQUENCES_LAYER,
+            "SELECT CAST(sequence_id AS VARCHAR) AS sequence_id, image_count, kept_count, first_captured_at, "
+            f"last_captured_at, {_GEOMETRY} FROM sequences ORDER BY sequence_id",
+            "LineString",
+        ),
+    )
+    fd, name = tempfile.mkstemp(prefix=path.name + TEMP_MARKER, suffix=".gpkg", dir=path.parent)
+    os.close(fd)
+    temporary = Path(name)
+    temporary.unlink()  # GDAL creates the GeoPackage itself
+    try:
+        counts = {layer: _write_layer(con, sql, temporary, layer, kind) for layer, sql, kind in layers}
+        os.replace(temporary, path)
+    finally:
+        for leftover in (temporary, *(temporary.with_name(temporary.name + s) for s in _SQLITE_SIDECARS)):
+            leftover.unlink(missing_ok=True)
+    return counts
+
+
+def _image_columns(con: duckdb.DuckDBPyConnection) -> str:
+    """The select list of the image layers: ids as strings, no URL columns, geometry last."""
+    selected = []
+    for name, kind in con.execute("SELECT column_name, column_type FROM (DESCRIBE images)").fetchall():
+        if name == _GEOMETRY or "url" in name.lower():
+            continue
+        if name.endswith("_id") and kind != "VARCHAR":
+            selected.append(f'CAST("{name}" AS VARCHAR) AS "{name}"')
+        else:
+            selected.append(f'"{name}"')
+    return ", ".join(selected + [_GEOMETRY])
+
+
+def _utc_schema(schema: pa.Schema) -> pa.Schema:
+    """Timestamps labelled UTC whatever the connection's TimeZone (same instants, metadata only)."""
+    fields = [
+        field.with_type(pa.timestamp(field.type.unit, tz="UTC")) if pa.types.is_timestamp(field.type) else field
+        for field in schema
+    ]
+    return pa.schema(fields, metadata=schema.metadata)
+
+
+def _write_layer(con, sql: str, path: Path, layer: str, geometry_type: str) -> int:
+    reader = con.execute(sql).to_arrow_reader(_BATCH_ROWS)
+    schema = _utc_schema(reader.schema)
+    written = 0
+
+    def batches():
+        nonlocal written
+        for batch in reader:
+            written += batch.num_rows
+            yield pa.RecordBatch.from_arrays(
+                [
+                    column if column.type == field.type else column.cast(field.type)
+                    for column, field in zip(batch.columns, schema)
+                ],
+                schema=schema,
+            )
+
+    pyogrio.write_arrow(
+        pa.RecordBatchReader.from_batches(schema, batches()),
+        path,
+        layer=layer,
+        driver="GPKG",
+        geometry_name=_GEOMETRY,
+        geometry_type=geometry_type,
+        crs=CRS,
+        layer_options={"SPATIAL_INDEX": "YES"},
+    )
+    return written

@@ -1,0 +1,159 @@
+"""Where every stage keeps its files, and the one way files are written: atomically.
+
+Dagster-free. Each partition writes its own file under a temporary name and renames it into
+place, so a run killed at any point leaves either the previous complete file or the new complete
+file, never a partial one. Readers ignore `*.tmp-*` leftovers; `sweep_temporary_files` removes them.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+TEMP_MARKER = ".tmp-"
+_IMAGE_ID = re.compile(r"^[0-9]{1,20}$")
+_PARTITION_KEY = re.compile(r"^[A-Za-z0-9_.-]{1,100}$")
+
+
+class StorageError(RuntimeError):
+    """A stored file is missing or unreadable; the message names the file and the fix."""
+
+
+def validate_image_id(image_id: str) -> str:
+    """Image ids are decimal digit strings; anything else must never reach a file path or URL."""
+    text = str(image_id)
+    if not _IMAGE_ID.match(text):
+        raise ValueError(f"invalid Mapillary image id {text!r}: expected 1-20 decimal digits")
+    return text
+
+
+def _safe_key(key: str) -> str:
+    if not _PARTITION_KEY.match(key):
+        raise ValueError(f"invalid partition key {key!r}: letters, digits, '.', '_' and '-' only")
+    return key
+
+
+def _temporary_sibling(path: Path) -> tuple[int, Path]:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, name = tempfile.mkstemp(prefix=path.name + TEMP_MARKER, dir=path.parent)
+    return fd, Path(name)
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    fd, tmp = _temporary_sibling(path)
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            handle.write(data)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def write_parquet_atomic(frame: pd.DataFrame | pa.Table, path: Path) -> None:
+    table = frame if isinstance(frame, pa.Table) else pa.Table.from_pandas(frame, preserve_index=False)
+    fd, tmp = _temporary_sibling(path)
+    os.close(fd)
+    try:
+        pq.write_table(table, tmp, compression="zstd")
+        with open(tmp, "rb") as handle:
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def read_parquet(path: Path, columns: list[str] | None = None) -> pd.DataFrame:
+    """Read one stage file; a corrupt file raises StorageError naming it and the fix."""
+    try:
+        return pq.read_table(path, columns=columns).to_pandas()
+    except FileNotFoundError:
+        raise StorageError(f"{path} does not exist: materialise the upstream partition first") from None
+    except (pa.ArrowInvalid, pa.ArrowException, OSError) as exc:
+        raise StorageError(
+            f"{path} is not a readable Parquet file ({type(exc).__name__}); delete it and "
+            "re-materialise the partition that writes it"
+        ) from None
+
+
+def sweep_temporary_files(folder: Path) -> int:
+    """Remove leftovers of writes that were killed before their rename; returns how many."""
+    if not folder.exists():
+        return 0
+    removed = 0
+    for leftover in folder.rglob(f"*{TEMP_MARKER}*"):
+        if leftover.is_file():
+            leftover.unlink(missing_ok=True)
+            removed += 1
+    return removed
+
+
+@dataclass(frozen=True)
+class DataLayout:
+    """The folder layout under one data root (MAPILLARY_DATA_DIR)."""
+
+    root: Path
+
+    # discovery
+    def tile_cache_path(self, tileset: str, z: int, x: int, y: int) -> Path:
+        return self.root / "tile_cache" / tileset / str(int(z)) / str(int(x)) / f"{int(y)}.mvt"
+
+    def discovery_path(self, partition_key: str) -> Path:
+        return self.root / "discovery" / f"{_safe_key(partition_key)}.parquet"
+
+    @property
+    def discovery_dir(self) -> Path:
+        return self.root / "discovery"
+
+    # chunking
+    @property
+    def chunk_assignment_path(self) -> Path:
+        return self.root / "chunks" / "assignment.parquet"
+
+    # metadata
+    def metadata_path(self, chunk_key: str) -> Path:
+        return self.root / "metadata" / f"{_safe_key(chunk_key)}.parquet"
+
+    def metadata_failures_path(self, chunk_key: str) -> Path:
+        return self.root / "metadata" / f"{_safe_key(chunk_key)}.failures.parquet"
+
+    # images
+    def thumbnail_path(self, image_id: str, size: int) -> Path:
+        """Sharded as thumbnails/<size>/<last 3 digits>/<3 before those>/<id>.jpg (<= ~1000 entries a folder
+        level for uniformly spread ids)."""
+        image_id = validate_image_id(image_id)
+        padded = image_id.zfill(6)
+        return self.root / "thumbnails" / str(int(size)) / padded[-3:] / padded[-6:-3] / f"{image_id}.jpg"
+
+    def downloads_path(self, chunk_key: str) -> Path:
+        return self.root / "downloads" / f"{_safe_key(chunk_key)}.parquet"
+
+    def blur_path(self, chunk_key: str) -> Path:
+        return self.root / "blur" / f"{_safe_key(chunk_key)}.parquet"
+
+    # filters, staging and output
+    @property
+    def filter_areas_path(self) -> Path:
+        return self.root / "filters" / "areas.geojson"
+
+    @property
+    def staging_db_path(self) -> Path:
+        return self.root / "staging" / "mapillary.duckdb"
+
+    @property
+    def geopackage_path(self) -> Path:
+        return self.root / "output" / "mapillary_images.gpkg"
+
+    @property
+    def rate_limit_store_path(self) -> Path:
+        return self.root / "rate_limits.sqlite"

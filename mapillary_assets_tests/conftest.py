@@ -1,0 +1,13 @@
+"""Shared test set-up. The tile partitions are computed when `mapillary_assets.defs` is imported, from
+MAPILLARY_AOI and MAPILLARY_PARTITION_ZOOM, so the small test area is set here, before any import."""
+
+import os
+from pathlib import Path
+
+TEST_DATA = Path(__file__).parent / "data"
+TEST_AOI = TEST_DATA / "test_aoi.geojson"
+URBAN_AREA = TEST_DATA / "urban_area.geojson"
+
+os.environ["MAPILLARY_AOI"] = str(TEST_AOI)
+os.environ["MAPILLARY_PARTITION_ZOOM"] = "13"
+os.environ.pop("MAPILLARY_ACCESS_TOKEN", None)

@@ -1,0 +1,242 @@
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pandas as pd
+import pytest
+
+from mapillary_assets.pipeline import blur
+from mapillary_assets.pipeline.blur import laplacian_variance, score_images, tenengrad
+
+RELATIVE_TOLERANCE = 1e-3
+
+
+def street_like(height: int, width: int, seed: int, blur_sigma: float = 0.0) -> np.ndarray:
+    """A colour image with hard edges (facades, poles, lane marks) over a sky-to-road gradient."""
+    rng = np.random.default_rng(seed)
+    image = np.empty((height, width, 3), np.uint8)
+    image[:] = np.linspace(200, 70, height, dtype=np.float64)[:, None, None].astype(np.uint8)
+    for _ in range(40):
+        x, y = int(rng.integers(0, width)), int(rng.integers(height // 4, height))
+        w, h = int(rng.integers(5, width // 4 + 6)), int(rng.integers(5, height // 3 + 6))
+        color = tuple(int(c) for c in rng.integers(0, 256, 3))
+        cv2.rectangle(image, (x, y), (x + w, y + h), color, -1)
+    for _ in range(10):
+        x = int(rng.integers(0, width))
+        cv2.line(image, (x, height // 5), (x, height), (30, 30, 30), 2)
+    image = cv2.add(image, rng.integers(0, 12, image.shape, dtype=np.uint8))
+    if blur_sigma:
+        image = cv2.GaussianBlur(image, (0, 0), blur_sigma)
+    return image
+
+
+def write_jpeg(path: Path, image: np.ndarray, quality: int = 90) -> Path:
+    ok, encoded = cv2.imencode(".jpg", image, [cv2.IMWRITE_JPEG_QUALITY, quality])
+    assert ok
+    path.write_bytes(encoded.tobytes())
+    return path
+
+
+def reference_scores(path: Path, analysis_size=blur.DEFAULT_ANALYSIS_SIZE) -> tuple[float, float]:
+    """The OpenCV reference on the same pixels the pipeline scores."""
+    gray = cv2.imdecode(np.fromfile(str(path), np.uint8), cv2.IMREAD_GRAYSCALE)
+    gray = blur.resize_to_analysis(gray, analysis_size)
+    gx = cv2.Sobel(gray, cv2.CV_64F, 1, 0, ksize=3)
+    gy = cv2.Sobel(gray, cv2.CV_64F, 0, 1, ksize=3)
+    return float(cv2.Laplacian(gray, cv2.CV_64F).var()), float(np.mean(gx**2 + gy**2))
+
+
+@pytest.fixture(scope="module")
+def sample_images(tmp_path_factory) -> list[Path]:
+    folder = tmp_path_factory.mktemp("blur-samples")
+    cases = [
+        ((768, 1024), 0.0),   # analysis size, sharp
+        ((768, 1024), 3.0),   # analysis size, blurred
+        ((600, 800), 0.0),    # smaller: upscaled
+        ((1024, 768), 2.0),   # portrait
+        ((333, 517), 0.0),    # odd size
+        ((1536, 2048), 1.0),  # larger: INTER_AREA downscale
+    ]
+    return [
+        write_jpeg(folder / f"{1000 + i}.jpg", street_like(h, w, seed=i, blur_sigma=sigma))
+        for i, ((h, w), sigma) in enumerate(cases)
+    ]
+
+
+def test_pure_functions_equal_opencv_reference():
+    rng = np.random.default_rng(7)
+    for shape in [(768, 1024), (333, 517), (3, 3), (1, 9)]:
+        gray = rng.integers(0, 256, shape, dtype=np.uint8)
+        expected = cv2.Laplacian(gray, cv2.CV_64F).var()
+        assert laplacian_variance(gray) == pytest.approx(expected, rel=1e-12)
+        assert laplacian_variance(gray.astype(np.float64)) == pytest.approx(expected, rel=1e-12)
+        gx = cv2.Sobel(gray, cv2.CV_64F, 1, 0)
+        gy = cv2.Sobel(gray, cv2.CV_64F, 0, 1)
+        assert tenengrad(gray) == pytest.approx(float(np.mean(gx**2 + gy**2)), rel=1e-12)
+
+
+def test_constant_image_scores_zero():
+    gray = np.full((50, 60), 128, np.uint8)
+    assert laplacian_variance(gray) == 0.0
+    assert tenengrad(gray) == 0.0
+
+
+@pytest.mark.parametrize("backend", ["opencv", "kornia-cpu"])
+def test_backends_agree_with_reference(sample_images, backend):
+    frame = score_images(sample_images, backend=backend, workers=2, batch_size=4)
+    assert list(frame.columns) == blur.COLUMNS
+    assert (frame["backend"] == backend).all()
+    assert frame["reason"].isna().all()
+    for path, row in zip(sample_images, frame.itertuples()):
+        expected_blur, expected_sobel = reference_scores(path)
+        assert row.image_id == path.stem
+        assert math.isclose(row.blur_value, expected_blur, rel_tol=RELATIVE_TOLERANCE), (path, backend)
+        assert math.isclose(row.sobel_value, expected_sobel, rel_tol=RELATIVE_TOLERANCE), (path, backend)
+
+
+def test_kornia_cpu_agrees_with_opencv_on_native_sizes(sample_images):
+    opencv = score_images(sample_images, backend="opencv", analysis_size=None, workers=2)
+    kornia = score_images(sample_images, backend="kornia-cpu", analysis_size=None, workers=2, batch_size=3)
+    np.testing.assert_allclose(kornia["blur_value"], opencv["blur_value"], rtol=1e-9)
+    np.testing.assert_allclose(kornia["sobel_value"], opencv["sobel_value"], rtol=1e-9)
+
+
+@pytest.mark.gpu
+def test_kornia_cuda_agrees_with_reference(sample_images):
+    torch = pytest.importorskip("torch")
+    if not torch.cuda.is_available():
+        pytest.skip("no CUDA on this machine")
+    frame = score_images(sample_images, backend="kornia-cuda", batch_size=4)
+    auto = score_images(sample_images, backend="auto")
+    assert (auto["backend"] == "kornia-cuda").all()
+    for path, row in zip(sample_images, frame.itertuples()):
+        expected_blur, expected_sobel = reference_scores(path)
+        assert math.isclose(row.blur_value, expected_blur, rel_tol=RELATIVE_TOLERANCE)
+        assert math.isclose(row.sobel_value, expected_sobel, rel_tol=RELATIVE_TOLERANCE)
+
+
+def test_auto_picks_opencv_without_cuda(sample_images, monkeypatch):
+    monkeypatch.setattr(blur, "_cuda_available", lambda: False)
+    assert blur.resolve_backend("auto") == "opencv"
+    with pytest.raises(RuntimeError, match="needs CUDA"):
+        blur.resolve_backend("kornia-cuda")
+    with pytest.raises(ValueError, match="unknown blur backend"):
+        blur.resolve_backend("magic")
+
+
+def test_blurred_image_scores_below_sharp(sample_images):
+    frame = score_images(sample_images[:2], backend="opencv")
+    sharp, blurred = frame["blur_value"]
+    assert sharp > 100.0 > blurred
+    assert frame["is_blurry"].tolist() == [False, True]
+    assert frame["sobel_value"].iloc[0] > frame["sobel_value"].iloc[1]
+
+
+def test_portrait_uses_transposed_analysis_box():
+    gray = np.zeros((1024, 768), np.uint8)
+    assert blur.resize_to_analysis(gray, (1024, 768)).shape == (1024, 768)
+    assert blur.resize_to_analysis(np.zeros((300, 400), np.uint8), (1024, 768)).shape == (768, 1024)
+    assert blur.resize_to_analysis(gray, None) is gray
+
+
+@pytest.mark.parametrize("backend", ["opencv", "kornia-cpu"])
+def test_bad_files_give_nan_rows_with_reason(tmp_path, sample_images, backend):
+    good = sample_images[0]
+    garbage = tmp_path / "111.jpg"
+    garbage.write_bytes(b"this is not a jpeg at all")
+    truncated = tmp_path / "222.jpg"
+    truncated.write_bytes(good.read_bytes()[:5000])
+    corrupt = tmp_path / "333.jpg"
+    corrupt.write_bytes(b"\xff\xd8" + bytes(range(256)) * 4 + b"\xff\xd9")
+    missing = tmp_path / "444.jpg"
+    seen = []
+    frame = score_images(
+        [garbage, good, truncated, corrupt, missing], backend=backend, progress=lambda *a: seen.append(a)
+    )
+    assert frame["image_id"].tolist() == ["111", good.stem, "222", "333", "444"]
+    bad = frame.drop(index=1)
+    assert bad["blur_value"].isna().all() and bad["sobel_value"].isna().all()
+    assert not bad["is_blurry"].any()
+    assert bad["reason"].notna().all()
+    assert "not a JPEG" in frame.loc[0, "reason"]
+    assert "truncated" in frame.loc[2, "reason"]
+    assert "corrupt" in frame.loc[3, "reason"]
+    assert "unreadable" in frame.loc[4, "reason"]
+    assert frame.loc[1, "reason"] is None and not math.isnan(frame.loc[1, "blur_value"])
+    assert seen[-1] == (5, 5, 4)
+    assert frame["blur_value"].dtype == np.float64 and frame["is_blurry"].dtype == bool
+
+
+def test_empty_input():
+    frame = score_images([], backend="opencv")
+    assert list(frame.columns) == blur.COLUMNS and len(frame) == 0
+    assert isinstance(frame, pd.DataFrame)
+
+
+# is_blurry against the emulator's ground truth
+
+EMULATOR_TOKEN = "MLY|blur-tests"
+
+
+@pytest.fixture(scope="module")
+def emulator_thumbnails(tmp_path_factory):
+    """~300 emulator thumbnails (1024 px) downloaded through the pipeline, with the world's truth."""
+    import asyncio
+
+    from shapely.geometry import box
+
+    from mapillary_assets.api.client import ClientSettings, MapillaryClient
+    from mapillary_assets.emulator import EmulatorServer, World
+    from mapillary_assets.pipeline.download import download_thumbnails
+    from mapillary_assets.storage import DataLayout
+
+    world = World(seed=5, scale=0.005, blurred_fraction=0.25)
+    ids: list[str] = []
+    for x, y in world.nonempty_z14_tiles(box(8.45, 47.32, 8.62, 47.43)):
+        ids.extend(record.id for record in world.images_in_z14_tile(x, y))
+        if len(ids) >= 300:
+            break
+    ids = ids[:300]
+    layout = DataLayout(tmp_path_factory.mktemp("blur-emulator"))
+
+    async def fetch(server):
+        settings = ClientSettings(token=EMULATOR_TOKEN, graph_url=server.graph_url, tiles_url=server.tiles_url)
+        async with MapillaryClient(settings) as client:
+            return await download_thumbnails(client, layout, ids)
+
+    with EmulatorServer(world=world, token=EMULATOR_TOKEN) as server:
+        frame = asyncio.run(fetch(server))
+    assert (frame["status"] == "ok").all()
+    paths = [layout.root / p for p in frame["path"]]
+    truth = {image_id: world.is_blurred(image_id) for image_id in ids}
+    return paths, truth
+
+
+def test_is_blurry_matches_emulator_ground_truth(emulator_thumbnails):
+    paths, truth = emulator_thumbnails
+    frame = score_images(paths, backend="auto")
+    assert frame["reason"].isna().all()
+    predicted = frame.set_index("image_id")["is_blurry"]
+    actual = pd.Series(truth).reindex(predicted.index)
+    true_positives = int((predicted & actual).sum())
+    precision = true_positives / max(1, int(predicted.sum()))
+    recall = true_positives / max(1, int(actual.sum()))
+    print(f"\nblur detection on {len(frame)} emulator thumbnails ({int(actual.sum())} blurred): "
+          f"precision {precision:.3f}, recall {recall:.3f}")
+    assert actual.sum() >= 30
+    assert precision >= 0.9 and recall >= 0.9
+
+
+def test_backends_agree_on_emulator_thumbnails(emulator_thumbnails):
+    paths = emulator_thumbnails[0][:12]
+    opencv = score_images(paths, backend="opencv")
+    kornia = score_images(paths, backend="kornia-cpu")
+    for path, a, b in zip(paths, opencv.itertuples(), kornia.itertuples()):
+        expected_blur, expected_sobel = reference_scores(path)
+        for value in (a.blur_value, b.blur_value):
+            assert math.isclose(value, expected_blur, rel_tol=RELATIVE_TOLERANCE)
+        for value in (a.sobel_value, b.sobel_value):
+            assert math.isclose(value, expected_sobel, rel_tol=RELATIVE_TOLERANCE)

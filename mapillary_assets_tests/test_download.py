@@ -1,0 +1,393 @@
+from __future__ import annotations
+
+import asyncio
+from collections import Counter
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+
+from mapillary_assets.api.errors import AuthError, PermanentError, TransientError, UrlExpiredError
+from mapillary_assets.pipeline import download
+from mapillary_assets.pipeline.download import (
+    download_thumbnails,
+    is_complete_jpeg,
+    thumbnail_field,
+    thumbnail_path,
+    verify_jpeg,
+)
+from mapillary_assets.storage import TEMP_MARKER, DataLayout
+
+
+def make_jpeg(seed: int = 0, height: int = 96, width: int = 128, progressive: bool = False) -> bytes:
+    rng = np.random.default_rng(seed)
+    image = cv2.GaussianBlur(rng.integers(0, 256, (height, width, 3), dtype=np.uint8), (0, 0), 1.5)
+    params = [cv2.IMWRITE_JPEG_QUALITY, 85, cv2.IMWRITE_JPEG_PROGRESSIVE, int(progressive)]
+    ok, encoded = cv2.imencode(".jpg", image, params)
+    assert ok
+    return encoded.tobytes()
+
+
+JPEG = make_jpeg()
+
+
+# is_complete_jpeg / verify_jpeg (pure)
+
+def test_complete_jpeg_accepted():
+    assert is_complete_jpeg(JPEG)
+    assert is_complete_jpeg(make_jpeg(seed=3, progressive=True))
+    assert verify_jpeg(JPEG) is None
+
+
+@pytest.mark.parametrize(
+    "data",
+    [
+        b"",
+        b"\xff\xd8\xff\xd9",
+        JPEG[: len(JPEG) // 2],                 # truncated transfer
+        JPEG[:-2],                              # only the EOI missing
+        JPEG[:200] + b"\xff\xd9",               # cut inside the headers, EOI appended
+        b"GIF89a" + JPEG[6:],                   # not a JPEG
+        b"<html>403 URL signature expired</html>",
+        bytes(range(256)) * 10,                 # garbage
+        b"\xff\xd8" + bytes(range(256)) * 4 + b"\xff\xd9",  # SOI + garbage + EOI
+    ],
+)
+def test_incomplete_or_foreign_data_rejected(data):
+    assert not is_complete_jpeg(data)
+    assert verify_jpeg(data) is not None
+
+
+def test_decode_check_catches_damage_inside_the_scan():
+    damaged = bytearray(JPEG)
+    middle = len(damaged) // 2
+    damaged[middle : middle + 300] = np.random.default_rng(1).integers(0, 256, 300, dtype=np.uint8).tobytes()
+    assert is_complete_jpeg(bytes(damaged))  # headers and markers intact
+    assert "corrupt JPEG" in verify_jpeg(bytes(damaged))
+    cut_with_eoi = JPEG[: len(JPEG) * 2 // 3] + b"\xff\xd9"
+    assert "corrupt JPEG" in verify_jpeg(cut_with_eoi)
+
+
+def test_thumbnail_fields_and_paths(tmp_path):
+    assert thumbnail_field(1024) == "thumb_1024_url"
+    assert thumbnail_field("original") == "thumb_original_url"
+    with pytest.raises(ValueError):
+        thumbnail_field(512)
+    layout = DataLayout(tmp_path)
+    assert thumbnail_path(layout, "1234567", 256) == tmp_path / "thumbnails/256/567/234/1234567.jpg"
+    assert thumbnail_path(layout, "1234567", "original") == tmp_path / "thumbnails/original/567/234/1234567.jpg"
+
+
+# download_thumbnails against a scripted client (no network)
+
+class FakeClient:
+    """get_images/get_thumbnail with scripted misbehaviour; URLs carry a generation counter."""
+
+    def __init__(self, known: set[str], bodies: dict[str, bytes] | None = None) -> None:
+        self.known = known
+        self.bodies = bodies or {}
+        self.generation: Counter = Counter()
+        self.expire_first: Counter = Counter()     # id -> how many fresh URLs still answer "expired"
+        self.bad_bodies: Counter = Counter()       # id -> how many downloads still return a truncated body
+        self.no_url: set[str] = set()
+        self.thumbnail_errors: dict[str, Exception] = {}
+        self.lookups: list[list[str]] = []
+        self.downloads: Counter = Counter()
+
+    async def get_images(self, image_ids, fields):
+        self.lookups.append(list(image_ids))
+        (field,) = fields
+        if any(i not in self.known for i in image_ids):
+            raise PermanentError("unknown id or field (HTTP 400, code 100/33)", code=100, subcode=33, status=400)
+        out = {}
+        for image_id in image_ids:
+            self.generation[image_id] += 1
+            out[image_id] = {"id": image_id}
+            if image_id not in self.no_url:
+                out[image_id][field] = f"fake://{image_id}/{self.generation[image_id]}"
+        return out
+
+    async def get_thumbnail(self, url):
+        await asyncio.sleep(0)
+        image_id = url.split("/")[2]
+        self.downloads[image_id] += 1
+        if image_id in self.thumbnail_errors:
+            raise self.thumbnail_errors[image_id]
+        if self.expire_first[image_id] > 0:
+            self.expire_first[image_id] -= 1
+            raise UrlExpiredError("thumbnail URL expired", status=403)
+        body = self.bodies.get(image_id, JPEG)
+        if self.bad_bodies[image_id] > 0:
+            self.bad_bodies[image_id] -= 1
+            return body[: len(body) // 3]
+        return body
+
+
+def run(coro):
+    return asyncio.run(coro)
+
+
+def test_downloads_are_verified_sharded_and_atomic(tmp_path):
+    layout = DataLayout(tmp_path)
+    ids = [str(10_000 + i) for i in range(120)]
+    client = FakeClient(set(ids), {i: make_jpeg(int(i)) for i in ids})
+    seen = []
+    frame = run(download_thumbnails(client, layout, ids + ids[:5], concurrency=8,
+                                    progress=lambda *a: seen.append(a)))
+    assert frame["image_id"].tolist() == ids
+    assert list(frame.columns) == download.COLUMNS
+    assert (frame["status"] == "ok").all() and frame["reason"].isna().all() and not frame["transient"].any()
+    assert frame["bytes"].dtype == np.int64 and frame["transient"].dtype == bool
+    for row in frame.itertuples():
+        path = tmp_path / row.path
+        assert path == layout.thumbnail_path(row.image_id, 1024)
+        assert path.read_bytes() == client.bodies[row.image_id] and row.bytes == path.stat().st_size
+    assert [len(b) for b in client.lookups] == [50, 50, 20]
+    assert seen[-1] == (120, 120, 0) and len(seen) == 120
+    assert not list(tmp_path.rglob(f"*{TEMP_MARKER}*"))
+
+
+def test_existing_files_are_not_requested_again_and_damaged_ones_are(tmp_path):
+    layout = DataLayout(tmp_path)
+    ids = ["11", "22", "33"]
+    client = FakeClient(set(ids))
+    run(download_thumbnails(client, layout, ids))
+    layout.thumbnail_path("22", 1024).write_bytes(JPEG[:100])  # damaged since
+    client.lookups.clear()
+    client.downloads.clear()
+    frame = run(download_thumbnails(client, layout, ids))
+    assert (frame["status"] == "ok").all()
+    assert client.lookups == [["22"]] and dict(client.downloads) == {"22": 1}
+    assert layout.thumbnail_path("22", 1024).read_bytes() == JPEG
+
+
+def test_unknown_ids_are_isolated_by_bisection(tmp_path):
+    ids = [str(i) for i in range(100, 150)]
+    client = FakeClient(set(ids) - {"117", "140"})
+    client.no_url.add("101")
+    frame = run(download_thumbnails(client, DataLayout(tmp_path), ids)).set_index("image_id")
+    failed = frame[frame["status"] == "failed"]
+    assert set(failed.index) == {"117", "140", "101"}
+    assert not failed["transient"].any()
+    assert "code 100" in failed.loc["117", "reason"]
+    assert "no thumb_1024_url" in failed.loc["101", "reason"]
+    assert failed["path"].isna().all() and (failed["bytes"] == 0).all()
+    assert (frame.drop(index=failed.index)["status"] == "ok").all()
+    assert len(client.lookups) <= 1 + 2 * 2 * 6  # two bad ids: two bisection paths of depth ceil(log2 50)
+
+
+def test_expired_urls_are_re_resolved_a_bounded_number_of_times(tmp_path):
+    client = FakeClient({"1", "2"})
+    client.expire_first["1"] = 2                      # recovers on the third URL
+    client.expire_first["2"] = 100                    # never recovers
+    frame = run(download_thumbnails(client, DataLayout(tmp_path), ["1", "2"])).set_index("image_id")
+    assert frame.loc["1", "status"] == "ok"
+    assert client.generation["1"] == 3
+    assert frame.loc["2", "status"] == "failed" and frame.loc["2", "transient"]
+    assert "expired" in frame.loc["2", "reason"]
+    assert client.generation["2"] == 1 + download.MAX_URL_REFRESHES
+
+
+def test_truncated_bodies_are_retried_then_recorded_transient(tmp_path):
+    layout = DataLayout(tmp_path)
+    client = FakeClient({"5", "6"})
+    client.bad_bodies["5"] = download.MAX_JPEG_ATTEMPTS - 1   # last attempt succeeds
+    client.bad_bodies["6"] = 100
+    frame = run(download_thumbnails(client, layout, ["5", "6"])).set_index("image_id")
+    assert frame.loc["5", "status"] == "ok"
+    assert frame.loc["6", "status"] == "failed" and frame.loc["6", "transient"]
+    assert "truncated JPEG" in frame.loc["6", "reason"]
+    assert client.downloads["6"] == download.MAX_JPEG_ATTEMPTS
+    assert not layout.thumbnail_path("6", 1024).exists()
+    client.bad_bodies["6"] = 0
+    assert (run(download_thumbnails(client, layout, ["5", "6"]))["status"] == "ok").all()
+
+
+def test_download_errors_recorded_with_their_transience(tmp_path):
+    client = FakeClient({"7", "8", "9"})
+    client.thumbnail_errors["7"] = TransientError("server error (HTTP 503)", status=503)
+    client.thumbnail_errors["8"] = PermanentError("request rejected (HTTP 404)", status=404)
+    frame = run(download_thumbnails(client, DataLayout(tmp_path), ["7", "8", "9"])).set_index("image_id")
+    assert frame["status"].tolist() == ["failed", "failed", "ok"]
+    assert frame["transient"].tolist() == [True, False, False]
+
+
+def test_auth_error_propagates(tmp_path):
+    client = FakeClient({str(i) for i in range(1, 30)})
+    client.thumbnail_errors["13"] = AuthError("token rejected (code 190)", code=190)
+    with pytest.raises(AuthError):
+        run(download_thumbnails(client, DataLayout(tmp_path), [str(i) for i in range(1, 30)], concurrency=4))
+
+
+@pytest.mark.parametrize("bad_id", ["../../etc/passwd", "12a", "", " 12", "1" * 21])
+def test_non_digit_id_rejected_before_any_path_or_request(tmp_path, bad_id):
+    client = FakeClient({"1"})
+    with pytest.raises(ValueError, match="invalid Mapillary image id"):
+        run(download_thumbnails(client, DataLayout(tmp_path / "data"), ["1", bad_id]))
+    assert client.lookups == [] and not (tmp_path / "data").exists()
+
+
+def test_original_size_uses_its_own_folder(tmp_path):
+    client = FakeClient({"42"})
+    frame = run(download_thumbnails(client, DataLayout(tmp_path), ["42"], size="original"))
+    assert frame.loc[0, "path"] == "thumbnails/original/042/000/42.jpg"
+    assert Path(tmp_path / frame.loc[0, "path"]).read_bytes() == JPEG
+
+
+# download_thumbnails end to end against the emulator
+
+EMULATOR_TOKEN = "MLY|download-tests"
+ZURICH_BOX = (8.45, 47.32, 8.62, 47.43)
+
+
+@pytest.fixture(scope="module")
+def emulator():
+    from mapillary_assets.emulator import EmulatorServer, World
+
+    with EmulatorServer(world=World(seed=11, scale=0.005), token=EMULATOR_TOKEN) as server:
+        yield server
+
+
+@pytest.fixture
+def server(emulator):
+    from mapillary_assets.emulator import Faults
+
+    emulator.faults = Faults()
+    emulator.reset_stats()
+    yield emulator
+    emulator.faults = Faults()
+
+
+def world_ids(world, count: int) -> list[str]:
+    from shapely.geometry import box
+
+    ids: list[str] = []
+    for x, y in world.nonempty_z14_tiles(box(*ZURICH_BOX)):
+        ids.extend(record.id for record in world.images_in_z14_tile(x, y))
+        if len(ids) >= count:
+            break
+    assert len(ids) >= count
+    return ids[:count]
+
+
+def emulator_client(server):
+    from mapillary_assets.api.client import ClientSettings, MapillaryClient
+
+    settings = ClientSettings(token=EMULATOR_TOKEN, graph_url=server.graph_url, tiles_url=server.tiles_url,
+                              max_retries=2, backoff_base_s=0.01, backoff_max_s=0.05)
+    return MapillaryClient(settings)
+
+
+def download_via(server, layout, ids, client_wrapper=None, **kwargs):
+    async def go():
+        async with emulator_client(server) as client:
+            wrapped = client_wrapper(client) if client_wrapper else client
+            return await download_thumbnails(wrapped, layout, ids, **kwargs)
+
+    return asyncio.run(go())
+
+
+def test_emulator_download_end_to_end_and_idempotent_rerun(server, tmp_path):
+    layout = DataLayout(tmp_path)
+    ids = world_ids(server.world, 150)
+    frame = download_via(server, layout, ids)
+    assert (frame["status"] == "ok").all(), frame[frame["status"] != "ok"].head()
+    assert frame["image_id"].tolist() == ids
+    stats = server.stats()
+    assert stats["family:cdn"] == 150 and stats["batch"] == 3
+    for row in frame.itertuples():
+        path = tmp_path / row.path
+        assert path == layout.thumbnail_path(row.image_id, 1024)
+        assert path.relative_to(tmp_path).parts[:2] == ("thumbnails", "1024")
+        data = path.read_bytes()
+        assert verify_jpeg(data) is None and len(data) == row.bytes
+    assert not list(tmp_path.rglob(f"*{TEMP_MARKER}*"))
+
+    server.reset_stats()
+    again = download_via(server, layout, ids)
+    assert (again["status"] == "ok").all()
+    assert again["bytes"].tolist() == frame["bytes"].tolist()
+    assert server.stats()["requests"] == 0  # no URL lookups and no CDN requests
+
+
+def test_emulator_expired_urls_are_re_resolved(server, tmp_path):
+    """URLs resolved while the TTL was negative are already expired when downloaded; the downloader
+    must ask for fresh ones (the client sees the CDN's real 403 "URL signature expired")."""
+    ids = world_ids(server.world, 60)[-20:]
+
+    async def stale_urls():
+        server.set_faults(thumbnail_ttl_s=-5.0)
+        async with emulator_client(server) as client:
+            found = await client.get_images(ids, ["thumb_1024_url"])
+        server.set_faults(thumbnail_ttl_s=3600.0)
+        return {i: found[i]["thumb_1024_url"] for i in ids}
+
+    stale = asyncio.run(stale_urls())
+
+    class StaleFirst:
+        def __init__(self, client):
+            self.client, self.served = client, set()
+
+        async def get_images(self, image_ids, fields):
+            found = await self.client.get_images(image_ids, fields)
+            for image_id in image_ids:
+                if image_id not in self.served:
+                    self.served.add(image_id)
+                    found[image_id]["thumb_1024_url"] = stale[image_id]
+            return found
+
+        async def get_thumbnail(self, url):
+            return await self.client.get_thumbnail(url)
+
+    server.reset_stats()
+    frame = download_via(server, DataLayout(tmp_path), ids, client_wrapper=StaleFirst)
+    assert (frame["status"] == "ok").all(), frame["reason"].dropna().tolist()
+    stats = server.stats()
+    assert stats["family:cdn"] == 2 * len(ids)  # one 403 and one good download each
+    assert stats["batch"] == 1 + len(ids)       # the batch lookup, then one fresh URL per id
+
+
+def test_emulator_always_expired_urls_fail_transient_after_bounded_refreshes(server, tmp_path):
+    ids = world_ids(server.world, 5)
+    server.set_faults(thumbnail_ttl_s=-5.0)
+    frame = download_via(server, DataLayout(tmp_path), ids)
+    assert (frame["status"] == "failed").all() and frame["transient"].all()
+    assert frame["reason"].str.contains("expired").all()
+    assert server.stats()["family:cdn"] == len(ids) * (1 + download.MAX_URL_REFRESHES)
+
+
+def test_emulator_damaged_jpegs_recorded_then_fixed_by_a_rerun(server, tmp_path):
+    layout = DataLayout(tmp_path)
+    ids = world_ids(server.world, 80)
+    server.set_faults(truncated_jpeg_rate=0.15, corrupt_jpeg_rate=0.1)
+    frame = download_via(server, layout, ids).set_index("image_id")
+    failed = frame[frame["status"] == "failed"]
+    assert 5 <= len(failed) <= 40
+    assert failed["transient"].all()
+    reasons = failed["reason"].tolist()
+    assert any("truncated JPEG" in r for r in reasons) and any("corrupt JPEG" in r for r in reasons)
+    assert server.stats()["family:cdn"] == (len(ids) - len(failed)) + len(failed) * download.MAX_JPEG_ATTEMPTS
+    for image_id in failed.index:
+        assert not layout.thumbnail_path(image_id, 1024).exists()
+
+    server.set_faults(truncated_jpeg_rate=0.0, corrupt_jpeg_rate=0.0)
+    server.reset_stats()
+    again = download_via(server, layout, ids)
+    assert (again["status"] == "ok").all()
+    assert server.stats()["family:cdn"] == len(failed)
+    assert not list(tmp_path.rglob(f"*{TEMP_MARKER}*"))
+
+
+def test_emulator_unknown_id_is_a_permanent_failure(server, tmp_path):
+    ids = world_ids(server.world, 10)
+    unknown = "9" * 15
+    frame = download_via(server, DataLayout(tmp_path), ids + [unknown]).set_index("image_id")
+    assert frame.loc[unknown, "status"] == "failed" and not frame.loc[unknown, "transient"]
+    assert (frame.drop(index=unknown)["status"] == "ok").all()
+
+
+def test_emulator_non_digit_id_rejected_without_requests(server, tmp_path):
+    with pytest.raises(ValueError):
+        download_via(server, DataLayout(tmp_path), world_ids(server.world, 3) + ["12/../../x"])
+    assert server.stats()["requests"] == 0
