@@ -57,11 +57,13 @@ def run_pipeline(instance, defs=None, log=print) -> dict:
 
     from mapillary_assets.defs.partitions import CHUNK_PARTITIONS_NAME, tile_partitions
 
-    if defs is None:
-        from mapillary_assets.definitions import defs
+    if defs is None:  # built now, from the environment the caller just set (not at import time)
+        from mapillary_assets.definitions import build_definitions
+
+        defs = build_definitions()
 
     def execute(job_name: str, tags: dict | None = None) -> None:
-        result = defs.get_job_def(job_name).execute_in_process(instance=instance, tags=tags, raise_on_error=False)
+        result = defs.resolve_job_def(job_name).execute_in_process(instance=instance, tags=tags, raise_on_error=False)
         if not result.success:
             raise PipelineFailed(f"{job_name} failed (run {result.run_id}); see its logs in the UI, then re-run")
 
@@ -130,6 +132,9 @@ def ui(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
+    import warnings
+
+    warnings.filterwarnings("ignore", message=".*is currently in (beta|preview).*")
     parser = argparse.ArgumentParser(prog="mapillary-assets", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     commands = parser.add_subparsers(dest="command", required=True)

@@ -270,6 +270,7 @@ def decode_image_layer(data: bytes, z: int, x: int, y: int) -> list[TilePoint]:
         if name in key_index:
             slot_of_key[key_index[name]] = slot
 
+    n_keys, n_values = len(keys), len(values)
     pxs: list[int] = []
     pys: list[int] = []
     props: list[list[Any]] = []
@@ -278,11 +279,12 @@ def decode_image_layer(data: bytes, z: int, x: int, y: int) -> list[TilePoint]:
         if point is None:
             continue
         row: list[Any] = [None] * len(wanted)
-        tags = feature.tags
-        for k in range(0, len(tags) - 1, 2):
-            slot = slot_of_key[tags[k]] if tags[k] < len(slot_of_key) else -1
-            if slot >= 0 and tags[k + 1] < len(values):
-                row[slot] = values[tags[k + 1]]
+        tag_iter = iter(feature.tags)
+        for key, value in zip(tag_iter, tag_iter):
+            if key < n_keys and value < n_values:
+                slot = slot_of_key[key]
+                if slot >= 0:
+                    row[slot] = values[value]
         if row[0] is None:
             continue
         pxs.append(point[0])
@@ -290,24 +292,22 @@ def decode_image_layer(data: bytes, z: int, x: int, y: int) -> list[TilePoint]:
         props.append(row)
 
     lons, lats = tile_pixels_to_lonlat(np.array(pxs), np.array(pys), z, x, y, extent)
-    points = []
-    for (image_id, captured, sequence, compass, pano, org, creator), lon, lat in zip(
-        props, lons.tolist(), lats.tolist()
-    ):
-        points.append(
-            TilePoint(
-                image_id=_id_str(image_id),
-                lon=lon,
-                lat=lat,
-                captured_at_ms=_int_or_none(captured),
-                sequence_id=_id_str(sequence),
-                compass_angle=_float_or_none(compass),
-                is_pano=_bool_or_none(pano),
-                organization_id=_int_or_none(org),
-                creator_id=_int_or_none(creator),
-            )
+    return [
+        TilePoint(
+            image_id=str(image_id) if type(image_id) is int else _id_str(image_id),
+            lon=lon,
+            lat=lat,
+            captured_at_ms=captured if type(captured) is int else _int_or_none(captured),
+            sequence_id=sequence if type(sequence) is str else _id_str(sequence),
+            compass_angle=compass if type(compass) is float else _float_or_none(compass),
+            is_pano=_bool_or_none(pano),
+            organization_id=org if type(org) is int else _int_or_none(org),
+            creator_id=creator if type(creator) is int else _int_or_none(creator),
         )
-    return points
+        for (image_id, captured, sequence, compass, pano, org, creator), lon, lat in zip(
+            props, lons.tolist(), lats.tolist()
+        )
+    ]
 
 
 def decode_sequence_lines(data: bytes, z: int, x: int, y: int) -> list[list[tuple[float, float]]]:

@@ -208,7 +208,7 @@ def classify_error(status: int, body: bytes, headers: Mapping[str, str] | None =
     if code == 1:
         return RequestTooLargeError(describe("request too large, ask for less data"), **attrs)
     if code == 100:
-        return PermanentError(describe("unknown id or field"), **attrs)
+        return PermanentError(describe("request rejected"), **attrs)
     if code == -2:
         # "Query Timeout" says is_transient: false, yet the same request succeeds when retried.
         return TransientError(describe("query timeout"), retry_after=retry_after, **attrs)

@@ -62,7 +62,11 @@ class _Bucket:
 
 
 class SharedRateLimiter:
-    """Token bucket for one endpoint family ("tiles", "entity", "search")."""
+    """Token bucket for one endpoint family ("tiles", "entity", "search").
+
+    Processes sharing a store should configure the same per_minute and burst for a family: each
+    refills the shared bucket at its own configured rate.
+    """
 
     def __init__(
         self,
@@ -96,6 +100,7 @@ class SharedRateLimiter:
         self._conn_pid: int | None = None
         self._async_lock: asyncio.Lock | None = None
         self._async_lock_loop: asyncio.AbstractEventLoop | None = None
+        self._last_usage: tuple[float, float] = (-1.0, 0.0)
         if self.store is not None:
             self._connection()  # fail at construction, with the path in the message, if unusable
 
@@ -127,6 +132,7 @@ class SharedRateLimiter:
 
     def pause_until(self, unix_time: float) -> None:
         """No acquisition (in any process sharing the store) succeeds before `unix_time`."""
+
         def apply(bucket: _Bucket) -> None:
             bucket.paused_until = max(bucket.paused_until, float(unix_time))
 
@@ -136,9 +142,15 @@ class SharedRateLimiter:
     def note_usage(self, percent: float) -> None:
         """Record the API-reported quota usage (percent); above 80 % the refill rate shrinks."""
         now = time.time()
+        percent = float(percent)
+        last_percent, last_at = self._last_usage
+        # Every Graph response reports usage; an unchanged value need not be written again at once.
+        if abs(percent - last_percent) < 1.0 and now - last_at < min(1.0, self.window_s / 10):
+            return
+        self._last_usage = (percent, now)
 
         def apply(bucket: _Bucket) -> None:
-            bucket.usage = float(percent)
+            bucket.usage = percent
             bucket.usage_at = now
 
         _retry_locked(lambda: self._update(apply))

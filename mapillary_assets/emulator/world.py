@@ -307,7 +307,7 @@ class TileImages:
 
     __slots__ = ("x", "y", "epoch", "sequences", "lon", "lat", "computed_lon", "computed_lat", "captured_at",
                  "compass", "computed_compass", "altitude", "computed_altitude", "quality", "rotation",
-                 "sequence_row", "image_index", "ids", "blurred", "__weakref__")
+                 "sequence_row", "image_index", "ids", "blurred")
 
     def __init__(self, x: int, y: int, epoch: int, sequences: list[SequenceInfo], columns: dict[str, np.ndarray]):
         self.x, self.y, self.epoch, self.sequences = x, y, epoch, sequences
@@ -442,11 +442,8 @@ class World:
                     self._cached_images -= len(dropped)
             return self._tiles[key]
 
-    def locate(self, image_id: str) -> tuple[TileImages, int] | None:
-        """The tile arrays and row of an image (for servers that avoid building records)."""
-        return self._locate(image_id)
-
     def record(self, tile: TileImages, row: int) -> ImageRecord:
+        """The record of one row of ``tile_images(x, y)``."""
         return self._record(tile, row)
 
     # -- internals --------------------------------------------------------------------------------

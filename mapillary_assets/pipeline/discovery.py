@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import math
+import re
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, fields
@@ -37,6 +38,7 @@ IMAGE_ZOOM = 14
 MIN_COVERAGE_ZOOM = 6
 MVT_EXTENT = 4096
 DEFAULT_TILESET = "mly1_public"
+_TILESET_NAME = re.compile(r"^[A-Za-z0-9_]{1,64}$")
 DEFAULT_CACHE_MAX_AGE_S = 7 * 86400
 
 SEARCH_LIMIT = 2000
@@ -133,6 +135,8 @@ async def discover_partition(
     partition = mercantile.Tile(*partition_tile)
     if not 0 <= partition.z < IMAGE_ZOOM:
         raise ValueError(f"partition tile {partition} must have a zoom below {IMAGE_ZOOM}")
+    if not _TILESET_NAME.match(tileset):  # it names a cache folder before any request checks it
+        raise ValueError(f"tileset {tileset!r} is not a tileset name such as 'mly1_public'")
     stats = DiscoveryStats()
     cache = _TileCache(client, layout, tileset, cache_max_age_s, stats)
     geometry = aoi.geometry

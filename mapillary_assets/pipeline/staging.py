@@ -190,7 +190,8 @@ def load_staging(
             con.execute("BEGIN TRANSACTION")
             for stage in _STAGES:
                 _load_stage(con, layout, stage)
-            _build_images(con, filter_polygons, inside_spacing_m, outside_spacing_m)
+            assigned = _load_chunk_assignment(con, layout)
+            _build_images(con, filter_polygons, inside_spacing_m, outside_spacing_m, only_assigned=assigned)
             _build_sequences(con)
             con.execute("COMMIT")
             counts = {table: con.execute(f"SELECT count(*) FROM {table}").fetchone()[0] for table in TABLES}
@@ -267,13 +268,28 @@ def _diagnose(files: list[Path], exc: duckdb.Error) -> StorageError:
     )
 
 
-def _build_images(con, filter_polygons, inside_spacing_m: float, outside_spacing_m: float) -> None:
+def _load_chunk_assignment(con: duckdb.DuckDBPyConnection, layout: DataLayout) -> bool:
+    """Once ids are chunked, `images` holds the chunked ids only: the same set in a full run, and just the
+    first N ids in a sample run (MAPILLARY_SAMPLE_LIMIT)."""
+    path = layout.chunk_assignment_path
+    if not path.exists():
+        return False
+    frame = read_parquet(path, columns=["image_id"])  # names the file and the fix if it is corrupt
+    con.register("assignment_frame", frame)
+    con.execute("CREATE TEMP TABLE chunk_assignment AS SELECT CAST(image_id AS VARCHAR) AS image_id FROM assignment_frame")
+    con.unregister("assignment_frame")
+    return True
+
+
+def _build_images(con, filter_polygons, inside_spacing_m: float, outside_spacing_m: float,
+                  only_assigned: bool = False) -> None:
     metadata_only = ", ".join(f"m.{name}" for name in _METADATA_ONLY)
+    assigned_only = "WHERE image_id IN (SELECT image_id FROM chunk_assignment)" if only_assigned else ""
     con.execute(
         f"""
         CREATE TEMP TABLE images_base AS
         WITH d AS (
-            SELECT * FROM discovered_images
+            SELECT * FROM discovered_images {assigned_only}
             QUALIFY row_number() OVER (PARTITION BY image_id ORDER BY partition) = 1
         ), m AS (
             SELECT * FROM image_metadata

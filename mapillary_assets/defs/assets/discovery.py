@@ -28,7 +28,8 @@ async def _discover(api: MapillaryApiResource, layout: DataLayout, settings: Pip
                     cache_max_age_s=settings.tile_cache_max_age_hours * 3600,
                 )
             write_parquet_atomic(frame, layout.discovery_path(key))
-            log.info(f"{key}: {len(frame):,} images in the area, {stats}")
+            log.info(f"{key}: {len(frame):,} images in the area from {stats.nonempty_z14_tiles} non-empty z14 "
+                     f"tiles, {stats.requests} requests, {stats.cache_hits} cached tiles")
             results[key] = (frame, stats)
     return results
 
@@ -58,8 +59,7 @@ def discovered_images(
     results = run_async(_discover(mapillary_api, storage.layout, settings, context.partition_keys, context.log))
     frames = [frame for frame, _ in results.values()]
     total = sum(len(frame) for frame in frames)
-    requests = sum(getattr(stats, "image_tile_requests", 0) + getattr(stats, "coverage_requests", 0)
-                   for _, stats in results.values())
+    requests = sum(stats.requests for _, stats in results.values())
     context.log.info(f"discovered {total:,} images in {len(results)} partition(s) with {requests:,} tile requests")
     return dg.MaterializeResult(
         metadata={

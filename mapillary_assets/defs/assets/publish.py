@@ -23,15 +23,16 @@ from mapillary_assets.storage import atomic_write_bytes, sweep_temporary_files
     "(MAPILLARY_FILTER_AREAS; none configured means every image counts as outside).",
 )
 def filter_areas(storage: DataStorageResource, settings: PipelineSettings) -> dg.MaterializeResult:
-    geometry = load_filter_polygons(settings.filter_areas_path) if settings.filter_areas_path else None
-    features = [] if geometry is None else [
-        {"type": "Feature", "properties": {}, "geometry": json.loads(shapely.to_geojson(geometry))}
-    ]
-    collection = {"type": "FeatureCollection", "features": features}
-    atomic_write_bytes(storage.layout.filter_areas_path, json.dumps(collection).encode())
+    target = storage.layout.filter_areas_path
+    if not settings.filter_areas_path:
+        target.unlink(missing_ok=True)  # no file: staging tags every image as outside
+        return dg.MaterializeResult(metadata={"source": "(none)", "polygons": 0})
+    geometry = load_filter_polygons(settings.filter_areas_path)
+    feature = {"type": "Feature", "properties": {}, "geometry": json.loads(shapely.to_geojson(geometry))}
+    atomic_write_bytes(target, json.dumps({"type": "FeatureCollection", "features": [feature]}).encode())
     return dg.MaterializeResult(
-        metadata={"source": settings.filter_areas_path or "(none)",
-                  "area_deg2": 0.0 if geometry is None else float(geometry.area)}
+        metadata={"source": settings.filter_areas_path, "polygons": len(getattr(geometry, "geoms", [geometry])),
+                  "area_deg2": float(geometry.area)}
     )
 
 

@@ -1,0 +1,67 @@
+"""Everything the README shows is run somewhere: by .ci/run, or by a test named here. A command added to
+the README without a place that runs it fails this test, so the README cannot rot silently."""
+
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from mapillary_assets import cli
+
+ROOT = Path(__file__).resolve().parent.parent
+README = (ROOT / "README.md").read_text()
+
+# Each command the README shows -> where it is exercised.
+EXERCISED_BY = {
+    "./scripts/demo.sh": ".ci/run",
+    "./scripts/test.sh": ".ci/run",
+    "./scripts/ui.sh": "test_ui.py (mapillary-assets ui: emulator + dagster dev on 127.0.0.1)",
+    ".venv/bin/mapillary-assets sample": "test_sample_command_keeps_its_own_data_and_instance",
+    ".venv/bin/python -m benchmarks.run": "test_benchmark_harness_runs_a_benchmark",
+    "export MAPILLARY_": "test_definitions.py / resources_from_env (environment configuration)",
+    "DAGSTER_HOME=$PWD .venv/bin/dagster dev": "test_ui.py (dagster dev -m mapillary_assets.definitions)",
+}
+
+
+def readme_commands() -> list[str]:
+    blocks = re.findall(r"```bash\n(.*?)```", README, flags=re.S)
+    lines = [line.split("#")[0].strip() for block in blocks for line in block.splitlines()]
+    return [line for line in lines if line]
+
+
+def test_every_readme_command_is_exercised():
+    unexercised = [c for c in readme_commands() if not any(c.startswith(prefix) for prefix in EXERCISED_BY)]
+    assert not unexercised, f"README commands with no test or CI step: {unexercised}"
+    ci = (ROOT / ".ci" / "run").read_text()
+    assert "scripts/test.sh" in ci and "scripts/demo.sh" in ci
+
+
+def test_scripts_exist_and_are_executable():
+    for script in ("demo.sh", "test.sh", "ui.sh", "setup.sh"):
+        path = ROOT / "scripts" / script
+        assert path.exists() and path.stat().st_mode & 0o111, path
+
+
+@pytest.mark.slow
+def test_sample_command_keeps_its_own_data_and_instance(tmp_path, monkeypatch):
+    monkeypatch.setenv("DAGSTER_HOME", str(tmp_path / "main_home"))
+    assert cli.main(["sample", "--limit", "60", "--scale", "0.003", "--data-dir", str(tmp_path / "data")]) == 0
+    sample_root = tmp_path / "data" / "sample-60"
+    assert (sample_root / "output" / "mapillary_images.gpkg").exists()
+    assert (sample_root / "dagster_home" / "dagster.yaml").exists()
+    assert not (tmp_path / "main_home").exists(), "a sample run must not touch the main Dagster instance"
+    assert not (tmp_path / "data" / "output").exists(), "a sample run must not touch the full run's data"
+    import pyogrio
+
+    assert pyogrio.read_info(sample_root / "output" / "mapillary_images.gpkg", layer="images")["features"] <= 60
+
+
+def test_benchmark_harness_runs_a_benchmark(tmp_path):
+    result = subprocess.run(
+        [sys.executable, "-m", "benchmarks.run", "--quick", "--only", "nonexistent", "--output", str(tmp_path / "R.md")],
+        cwd=ROOT, capture_output=True, text=True, timeout=120,
+    )
+    assert result.returncode == 0, result.stderr
+    assert (tmp_path / "R.md").read_text().startswith("# Benchmark results")
