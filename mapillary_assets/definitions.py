@@ -13,8 +13,8 @@ from mapillary_assets.defs.assets.publish import filter_areas, mapillary_geopack
 from mapillary_assets.defs.automation import new_images_sensor, refresh_schedule
 from mapillary_assets.defs.checks import asset_checks
 from mapillary_assets.defs.jobs import chunk_job, chunking_job, discovery_job, publish_job
-from mapillary_assets.storage import DataLayout
 from mapillary_assets.defs.resources import DataStorageResource, MapillaryApiResource, PipelineSettings
+from mapillary_assets.storage import DataLayout
 
 ASSETS = [
     discovered_images, image_chunks, image_metadata, thumbnail_downloads, blur_scores,
@@ -23,20 +23,10 @@ ASSETS = [
 
 
 def resources_from_env() -> dict:
-    data_dir = os.environ.get("MAPILLARY_DATA_DIR", "data")
+    layout = DataLayout(Path(os.environ.get("MAPILLARY_DATA_DIR", "data")).resolve())
     return {
-        "mapillary_api": MapillaryApiResource(
-            access_token=dg.EnvVar("MAPILLARY_ACCESS_TOKEN"),
-            graph_url=os.environ.get("MAPILLARY_GRAPH_URL", "https://graph.mapillary.com"),
-            tiles_url=os.environ.get("MAPILLARY_TILES_URL", "https://tiles.mapillary.com"),
-            entity_per_minute=int(os.environ.get("MAPILLARY_ENTITY_PER_MINUTE", 50_000)),
-            search_per_minute=int(os.environ.get("MAPILLARY_SEARCH_PER_MINUTE", 10_000)),
-            tiles_per_minute=int(os.environ.get("MAPILLARY_TILES_PER_MINUTE", 6_000)),
-            rate_limit_store=os.environ.get(
-                "MAPILLARY_RATE_LIMIT_STORE", str(DataLayout(Path(data_dir).resolve()).rate_limit_store_path)
-            ),
-        ),
-        "storage": DataStorageResource(data_dir=data_dir),
+        "mapillary_api": MapillaryApiResource.from_env(default_rate_limit_store=layout.rate_limit_store_path),
+        "storage": DataStorageResource(data_dir=str(layout.root)),
         "settings": PipelineSettings.from_env(),
     }
 

@@ -2,7 +2,8 @@
 
 Dagster-free. Each partition writes its own file under a temporary name and renames it into
 place, so a run killed at any point leaves either the previous complete file or the new complete
-file, never a partial one. Readers ignore `*.tmp-*` leftovers; `sweep_temporary_files` removes them.
+file, never a partial one. Readers ignore `*.tmp-*` leftovers; each partition removes its own at its
+start (`remove_leftovers_of`), and single-writer stages sweep their folder (`sweep_temporary_files`).
 """
 
 from __future__ import annotations
@@ -10,6 +11,8 @@ from __future__ import annotations
 import os
 import re
 import tempfile
+from collections import defaultdict
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -84,6 +87,33 @@ def read_parquet(path: Path, columns: list[str] | None = None) -> pd.DataFrame:
             f"{path} is not a readable Parquet file ({type(exc).__name__}); delete it and "
             "re-materialise the partition that writes it"
         ) from None
+
+
+def remove_leftovers_of(paths: Iterable[Path]) -> int:
+    """Remove what killed writes of exactly these files left behind (`<name>.tmp-*` beside each path).
+
+    Partitions write concurrently into shared folders, so a partition clears only its own leftovers at
+    its start, never the folder: another partition's `*.tmp-*` file may be a write in progress. (Two
+    runs of the *same* partition at once are not supported: the second would remove the first's
+    in-flight files.) Returns how many files were removed."""
+    prefixes: dict[Path, set[str]] = defaultdict(set)
+    for path in paths:
+        path = Path(path)
+        prefixes[path.parent].add(path.name + TEMP_MARKER)
+    removed = 0
+    for folder, wanted in prefixes.items():
+        try:
+            entries = list(os.scandir(folder))
+        except (FileNotFoundError, NotADirectoryError):
+            continue
+        for entry in entries:
+            marker = entry.name.find(TEMP_MARKER)
+            if marker < 0 or entry.name[: marker + len(TEMP_MARKER)] not in wanted:
+                continue
+            if entry.is_file(follow_symlinks=False):
+                Path(entry.path).unlink(missing_ok=True)
+                removed += 1
+    return removed
 
 
 def sweep_temporary_files(folder: Path) -> int:

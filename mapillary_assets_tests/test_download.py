@@ -59,14 +59,22 @@ def test_incomplete_or_foreign_data_rejected(data):
     assert verify_jpeg(data) is not None
 
 
-def test_decode_check_catches_damage_inside_the_scan():
+def test_stray_markers_in_scan_data_are_caught_without_decoding():
     damaged = bytearray(JPEG)
     middle = len(damaged) // 2
     damaged[middle : middle + 300] = np.random.default_rng(1).integers(0, 256, 300, dtype=np.uint8).tobytes()
-    assert is_complete_jpeg(bytes(damaged))  # headers and markers intact
-    assert "corrupt JPEG" in verify_jpeg(bytes(damaged))
+    assert not is_complete_jpeg(bytes(damaged))
+    assert "stray marker" in verify_jpeg(bytes(damaged))
+    premature_end = JPEG[:middle] + b"\xff\xd9" + JPEG[middle:]
+    assert not is_complete_jpeg(premature_end)
+
+
+def test_decode_check_catches_damage_that_keeps_markers_intact():
     cut_with_eoi = JPEG[: len(JPEG) * 2 // 3] + b"\xff\xd9"
-    assert "corrupt JPEG" in verify_jpeg(cut_with_eoi)
+    assert is_complete_jpeg(cut_with_eoi)
+    assert verify_jpeg(cut_with_eoi) is None
+    assert "corrupt JPEG" in verify_jpeg(cut_with_eoi, decode=True)
+    assert verify_jpeg(JPEG, decode=True) is None
 
 
 def test_thumbnail_fields_and_paths(tmp_path):
@@ -189,12 +197,13 @@ def test_expired_urls_are_re_resolved_a_bounded_number_of_times(tmp_path):
     assert client.generation["2"] == 1 + download.MAX_URL_REFRESHES
 
 
-def test_truncated_bodies_are_retried_then_recorded_transient(tmp_path):
+@pytest.mark.parametrize("decode_check", [False, True])
+def test_truncated_bodies_are_retried_then_recorded_transient(tmp_path, decode_check):
     layout = DataLayout(tmp_path)
     client = FakeClient({"5", "6"})
     client.bad_bodies["5"] = download.MAX_JPEG_ATTEMPTS - 1   # last attempt succeeds
     client.bad_bodies["6"] = 100
-    frame = run(download_thumbnails(client, layout, ["5", "6"])).set_index("image_id")
+    frame = run(download_thumbnails(client, layout, ["5", "6"], decode_check=decode_check)).set_index("image_id")
     assert frame.loc["5", "status"] == "ok"
     assert frame.loc["6", "status"] == "failed" and frame.loc["6", "transient"]
     assert "truncated JPEG" in frame.loc["6", "reason"]

@@ -50,6 +50,15 @@ class MapillaryApiResource(dg.ConfigurableResource):
     def client(self) -> MapillaryClient:
         return MapillaryClient(self.client_settings())
 
+    @classmethod
+    def from_env(cls, default_rate_limit_store: Path) -> "MapillaryApiResource":
+        """URLs and budgets from MAPILLARY_* variables; the token stays an EnvVar, resolved only inside a run."""
+        values = _values_from_env(cls, os.environ, skip={"access_token"})
+        values.setdefault("rate_limit_store", str(default_rate_limit_store))
+        for name in ("entity_per_minute", "search_per_minute", "tiles_per_minute", "max_connections"):
+            _at_least(_env_name(name), values.get(name, 1), 1)
+        return cls(access_token=dg.EnvVar("MAPILLARY_ACCESS_TOKEN"), **values)
+
 
 class DataStorageResource(dg.ConfigurableResource):
     """Root folder of every stage's files (see storage.DataLayout)."""
@@ -100,22 +109,29 @@ class PipelineSettings(dg.ConfigurableResource):
 
     @classmethod
     def from_env(cls, environ: dict[str, str] | None = None) -> "PipelineSettings":
-        env = os.environ if environ is None else environ
-        values: dict[str, object] = {}
-        for name, field in cls.model_fields.items():
-            variable = _ENV_NAMES.get(name, f"MAPILLARY_{name.upper()}")
-            if variable not in env or env[variable] == "":
-                continue
-            raw = env[variable]
-            kind = field.annotation
-            try:
-                values[name] = kind(raw) if kind in (int, float) else raw
-            except ValueError:
-                raise ConfigError(f"{variable}={raw!r} is not a valid {kind.__name__}") from None
-        return cls(**values).validated()
+        return cls(**_values_from_env(cls, os.environ if environ is None else environ)).validated()
 
 
 _ENV_NAMES = {"filter_areas_path": "MAPILLARY_FILTER_AREAS"}
+
+
+def _env_name(field: str) -> str:
+    return _ENV_NAMES.get(field, f"MAPILLARY_{field.upper()}")
+
+
+def _values_from_env(cls, env, skip: set[str] = frozenset()) -> dict[str, object]:
+    """Field values of a resource from MAPILLARY_<FIELD> variables that are set (and not empty)."""
+    values: dict[str, object] = {}
+    for name, field in cls.model_fields.items():
+        variable = _env_name(name)
+        if name in skip or not env.get(variable):
+            continue
+        raw, kind = env[variable], field.annotation
+        try:
+            values[name] = kind(raw) if kind in (int, float) else raw
+        except ValueError:
+            raise ConfigError(f"{variable}={raw!r} is not a valid {kind.__name__}") from None
+    return values
 
 
 def _choice(variable: str, value: object, allowed: tuple) -> None:

@@ -1,8 +1,9 @@
 """Per-chunk assets: metadata, thumbnail downloads and blur scores, one partition per id chunk.
 
-Each partition is resumable: it reads what an earlier attempt stored, does only what is missing,
-and rewrites its file atomically. Transient failures are stored too, then fail the partition so
-"backfill failed partitions" retries exactly those.
+Each partition is resumable: it removes the temporary files a killed attempt left (its own only:
+other partitions write into the same folders concurrently), reads what an earlier attempt stored,
+does only what is missing, and rewrites its file atomically. Transient failures are stored too,
+then fail the partition so "backfill failed partitions" retries exactly those.
 """
 
 
@@ -16,9 +17,15 @@ from mapillary_assets.defs.runtime import API_POOL, GPU_POOL, preview_markdown, 
 from mapillary_assets.pipeline.blur import score_images
 from mapillary_assets.pipeline.charts import histogram_markdown
 from mapillary_assets.pipeline.chunks import chunk_image_ids
-from mapillary_assets.pipeline.download import download_thumbnails
+from mapillary_assets.pipeline.download import download_thumbnails, thumbnail_path
 from mapillary_assets.pipeline.metadata import fetch_metadata, ids_to_fetch, merge_with_existing
-from mapillary_assets.storage import DataLayout, read_parquet, write_parquet_atomic
+from mapillary_assets.storage import (
+    DataLayout,
+    read_parquet,
+    remove_leftovers_of,
+    validate_image_id,
+    write_parquet_atomic,
+)
 
 CHUNK_BACKFILL = dg.BackfillPolicy.multi_run(max_partitions_per_run=4)
 
@@ -29,6 +36,22 @@ def _chunk_ids(layout: DataLayout, chunk_key: str) -> list[str]:
 
 def _read_if_exists(path) -> pd.DataFrame | None:
     return read_parquet(path) if path.exists() else None
+
+
+def _remove_leftovers(log, chunk_key: str, paths) -> None:
+    """A killed attempt of this partition may have left `<file>.tmp-*` beside its files: remove them."""
+    removed = remove_leftovers_of(paths)
+    if removed:
+        log.info(f"{chunk_key}: removed {removed} temporary file(s) left by an interrupted attempt")
+
+
+def _thumbnail_paths(layout: DataLayout, image_ids, size: int):
+    for image_id in image_ids:
+        try:
+            validate_image_id(image_id)
+        except ValueError:
+            continue  # never turned into a path
+        yield thumbnail_path(layout, image_id, size)
 
 
 def _fail_if_transient(kind: str, transient_by_chunk: dict[str, int]) -> None:
@@ -62,6 +85,7 @@ def image_metadata(
         async with mapillary_api.client() as client:
             for key in context.partition_keys:
                 rows_path, failures_path = layout.metadata_path(key), layout.metadata_failures_path(key)
+                _remove_leftovers(context.log, key, [rows_path, failures_path])
                 rows, failures = _read_if_exists(rows_path), _read_if_exists(failures_path)
                 todo = ids_to_fetch(_chunk_ids(layout, key), rows, failures)
                 result = await fetch_metadata(client, todo, progress=progress_logger(context.log, key))
@@ -113,7 +137,10 @@ def thumbnail_downloads(
             for key in context.partition_keys:
                 failures = _read_if_exists(layout.metadata_failures_path(key))
                 unknown = set(failures.loc[~failures["transient"], "image_id"]) if failures is not None else set()
-                ids = [i for i in _chunk_ids(layout, key) if i not in unknown]
+                chunk_ids = _chunk_ids(layout, key)
+                _remove_leftovers(context.log, key, [layout.downloads_path(key),
+                                                     *_thumbnail_paths(layout, chunk_ids, settings.thumbnail_size)])
+                ids = [i for i in chunk_ids if i not in unknown]
                 frame = await download_thumbnails(
                     client, layout, ids, size=settings.thumbnail_size, concurrency=settings.download_concurrency,
                     progress=progress_logger(context.log, key, unit="images"),
@@ -149,6 +176,7 @@ def blur_scores(
     layout = storage.layout
     frames = []
     for key in context.partition_keys:
+        _remove_leftovers(context.log, key, [layout.blur_path(key)])
         downloads = read_parquet(layout.downloads_path(key))
         ok = downloads[downloads["status"] == "ok"]
         scores = score_images(

@@ -2,6 +2,7 @@
 
 
 import dagster as dg
+import mercantile
 import pandas as pd
 
 from mapillary_assets.defs.partitions import CHUNK_PARTITIONS_NAME, tile_partitions
@@ -11,7 +12,17 @@ from mapillary_assets.defs.settings import current_aoi
 from mapillary_assets.pipeline.aoi import parse_tile_key
 from mapillary_assets.pipeline.chunks import assign_chunks, chunk_keys
 from mapillary_assets.pipeline.discovery import discover_by_bbox_search, discover_partition
-from mapillary_assets.storage import DataLayout, read_parquet, write_parquet_atomic
+from mapillary_assets.pipeline.discovery import IMAGE_ZOOM, MIN_COVERAGE_ZOOM
+from mapillary_assets.storage import (
+    DataLayout,
+    StorageError,
+    read_parquet,
+    remove_leftovers_of,
+    validate_image_id,
+    write_parquet_atomic,
+)
+
+_INVALID_IDS_SHOWN = 3
 
 
 async def _discover(api: MapillaryApiResource, layout: DataLayout, settings: PipelineSettings, keys, log):
@@ -20,8 +31,11 @@ async def _discover(api: MapillaryApiResource, layout: DataLayout, settings: Pip
     async with api.client() as client:
         for key in keys:
             tile = parse_tile_key(key)
+            removed = remove_leftovers_of(_partition_files(layout, settings.tileset, tile, key))
+            if removed:
+                log.info(f"{key}: removed {removed} temporary file(s) left by an interrupted attempt")
             if settings.discovery_route == "bbox_search":
-                frame, stats = await discover_by_bbox_search(client, aoi, bbox=_tile_bounds(tile))
+                frame, stats = await discover_by_bbox_search(client, aoi, bbox=tuple(mercantile.bounds(tile)))
             else:
                 frame, stats = await discover_partition(
                     client, aoi, tile, layout, tileset=settings.tileset,
@@ -34,11 +48,15 @@ async def _discover(api: MapillaryApiResource, layout: DataLayout, settings: Pip
     return results
 
 
-def _tile_bounds(tile) -> tuple[float, float, float, float]:
-    import mercantile
-
-    bounds = mercantile.bounds(tile)
-    return (bounds.west, bounds.south, bounds.east, bounds.north)
+def _partition_files(layout: DataLayout, tileset: str, tile: mercantile.Tile, key: str):
+    """Every file this partition writes: its discovery file and the cached tiles inside it (the coverage
+    tile, or its z6 descendants, and the z14 tiles); no other partition writes any of them."""
+    yield layout.discovery_path(key)
+    for zoom in sorted({max(tile.z, MIN_COVERAGE_ZOOM), IMAGE_ZOOM}):
+        span = 2 ** (zoom - tile.z)
+        for x in range(tile.x * span, (tile.x + 1) * span):
+            for y in range(tile.y * span, (tile.y + 1) * span):
+                yield layout.tile_cache_path(tileset, zoom, x, y)
 
 
 @dg.asset(
@@ -73,12 +91,30 @@ def discovered_images(
 
 
 def read_discovered_ids(layout: DataLayout, partition_keys: list[str]) -> list[str]:
+    """Every discovered id; a file holding an id that is not 1-20 decimal digits is refused (ids become
+    file paths and URLs downstream), with the file and the fix named."""
     ids: list[str] = []
     for key in partition_keys:
         path = layout.discovery_path(key)
         if path.exists():
-            ids.extend(read_parquet(path, columns=["image_id"])["image_id"].astype(str))
+            found = read_parquet(path, columns=["image_id"])["image_id"].astype(str).tolist()
+            invalid = [image_id for image_id in found if not _is_valid_id(image_id)]
+            if invalid:
+                shown = ", ".join(repr(i) for i in invalid[:_INVALID_IDS_SHOWN])
+                raise StorageError(
+                    f"{path} holds {len(invalid):,} invalid image id(s) ({shown}): Mapillary ids are 1-20 "
+                    f"decimal digits. Delete the file and re-materialise discovered_images partition {key}"
+                )
+            ids.extend(found)
     return ids
+
+
+def _is_valid_id(image_id: str) -> bool:
+    try:
+        validate_image_id(image_id)
+    except ValueError:
+        return False
+    return True
 
 
 @dg.asset(
@@ -97,6 +133,7 @@ def image_chunks(
     if settings.sample_limit:
         discovered = sorted(set(discovered), key=int)[: settings.sample_limit]
     path = layout.chunk_assignment_path
+    remove_leftovers_of([path])  # of an interrupted earlier run (this asset's pool has one slot)
     existing = read_parquet(path) if path.exists() else None
     assignment = assign_chunks(existing, discovered, settings.chunk_size)
     write_parquet_atomic(assignment, path)
