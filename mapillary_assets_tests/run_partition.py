@@ -100,6 +100,52 @@ def run_discovery_and_chunking(defs, instance) -> list[str]:
     return chunk_keys(instance)
 
 
+def release_dead_runs(instance) -> list[str]:
+    """Mark runs whose process on this machine is gone (SIGKILL, OOM kill, power cut) as failed and free
+    their concurrency-pool slots; returns their ids.
+
+    A killed run stays STARTED and keeps the pool slots it claimed, and the repository's dagster.yaml gives
+    the `gpu`, `duckdb_writer` and `chunk_registry` pools one slot each: without this step (in the UI:
+    terminate the stuck run) every later run of those assets waits for the slot forever. `cli.run_pipeline`
+    does not do this yet (see RELIABILITY.md); this is what it would need to do before starting."""
+    import dagster as dg
+    from dagster import DagsterEventType, DagsterRunStatus
+
+    released = []
+    active = instance.get_runs(filters=dg.RunsFilter(statuses=[DagsterRunStatus.STARTED, DagsterRunStatus.STARTING]))
+    for run in active:
+        pid = _run_worker_pid(instance, run.run_id, DagsterEventType.ENGINE_EVENT)
+        if pid is None or _process_alive(pid):
+            continue
+        instance.report_run_failed(run, f"its process (pid {pid}) is gone: killed or crashed")
+        instance.event_log_storage.free_concurrency_slots_for_run(run.run_id)
+        released.append(run.run_id)
+    return released
+
+
+def _run_worker_pid(instance, run_id: str, engine_event) -> int | None:
+    for entry in instance.all_logs(run_id, of_type=engine_event):
+        metadata = getattr(entry.dagster_event.event_specific_data, "metadata", None) or {}
+        pid = metadata.get("pid")
+        if pid is not None:
+            return int(getattr(pid, "value", pid))
+    return None
+
+
+def _process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    # A zombie (killed, not yet reaped by its parent) still answers signal 0.
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().split(") ", 1)[1][:1] != "Z"
+    except (OSError, IndexError):
+        return True
+
+
 def failure_messages(instance, run_id: str) -> list[str]:
     """The messages of a run's failure events (what a person reads in the UI)."""
     messages = []

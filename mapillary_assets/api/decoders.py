@@ -202,7 +202,8 @@ def _line_parts(geometry) -> list[list[tuple[int, int]]]:
     return parts
 
 
-def _int_or_none(value: Any) -> int | None:
+def int_or_none(value: Any) -> int | None:
+    """An int from an int, an integral float or a digit string; None for anything else (never via float for strings)."""
     if value is None or isinstance(value, bool):
         return None
     if isinstance(value, int):
@@ -297,12 +298,12 @@ def decode_image_layer(data: bytes, z: int, x: int, y: int) -> list[TilePoint]:
             image_id=str(image_id) if type(image_id) is int else _id_str(image_id),
             lon=lon,
             lat=lat,
-            captured_at_ms=captured if type(captured) is int else _int_or_none(captured),
+            captured_at_ms=captured if type(captured) is int else int_or_none(captured),
             sequence_id=sequence if type(sequence) is str else _id_str(sequence),
             compass_angle=compass if type(compass) is float else _float_or_none(compass),
             is_pano=_bool_or_none(pano),
-            organization_id=org if type(org) is int else _int_or_none(org),
-            creator_id=creator if type(creator) is int else _int_or_none(creator),
+            organization_id=org if type(org) is int else int_or_none(org),
+            creator_id=creator if type(creator) is int else int_or_none(creator),
         )
         for (image_id, captured, sequence, compass, pano, org, creator), lon, lat in zip(
             props, lons.tolist(), lats.tolist()
@@ -363,7 +364,7 @@ def _altitude(value: Any) -> float | None:
 
 
 def _timestamp_ms(value: Any) -> dt.datetime | None:
-    ms = _int_or_none(value)
+    ms = int_or_none(value)
     if ms is None:
         return None
     return dt.datetime(1970, 1, 1, tzinfo=dt.UTC) + dt.timedelta(milliseconds=ms)
@@ -406,11 +407,11 @@ def decode_image_entity(obj: Mapping[str, Any]) -> dict[str, Any]:
         "camera_type": _text(obj.get("camera_type")),
         "make": _text(obj.get("make")),
         "model": _text(obj.get("model")),
-        "width": _int_or_none(obj.get("width")),
-        "height": _int_or_none(obj.get("height")),
+        "width": int_or_none(obj.get("width")),
+        "height": int_or_none(obj.get("height")),
         "is_pano": _bool_or_none(obj.get("is_pano")),
         "quality_score": _float_or_none(obj.get("quality_score")),
-        "exif_orientation": _int_or_none(obj.get("exif_orientation")),
+        "exif_orientation": int_or_none(obj.get("exif_orientation")),
         "atomic_scale": _float_or_none(obj.get("atomic_scale")),
         "merge_cc": _id_str(obj.get("merge_cc")),
         "has_mesh": _present(obj.get("mesh")),

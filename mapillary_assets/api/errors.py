@@ -11,6 +11,8 @@ import json
 import time
 from collections.abc import Mapping
 
+from mapillary_assets.api.decoders import int_or_none
+
 __all__ = [
     "AuthError",
     "MapillaryError",
@@ -157,17 +159,6 @@ def _error_object(body: bytes) -> dict | None:
     return None
 
 
-def _as_int(value) -> int | None:
-    if isinstance(value, bool):
-        return None
-    if isinstance(value, int):
-        return value
-    if isinstance(value, str):
-        try:
-            return int(value)
-        except ValueError:
-            return None
-    return None
 
 
 def _short(text: str) -> str:
@@ -187,8 +178,8 @@ def classify_error(status: int, body: bytes, headers: Mapping[str, str] | None =
     api_message = ""
     declared_transient = None
     if error is not None:
-        code = _as_int(error.get("code"))
-        subcode = _as_int(error.get("error_subcode"))
+        code = int_or_none(error.get("code"))
+        subcode = int_or_none(error.get("error_subcode"))
         api_message = _short(str(error.get("message") or ""))
         if isinstance(error.get("is_transient"), bool):
             declared_transient = error["is_transient"]

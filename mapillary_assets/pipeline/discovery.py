@@ -26,7 +26,7 @@ import pandas as pd
 import pyarrow as pa
 import shapely
 
-from mapillary_assets.api.decoders import decode_image_layer, decode_sequence_lines
+from mapillary_assets.api.decoders import decode_image_layer, decode_sequence_lines, int_or_none
 from mapillary_assets.api.errors import RequestTooLargeError
 from mapillary_assets.pipeline.aoi import AreaOfInterest, tile_bounds_arrays
 from mapillary_assets.storage import DataLayout, atomic_write_bytes
@@ -446,20 +446,13 @@ def _search_table(rows: list[dict], tileset: str) -> pa.Table:
         pa.array([row.get("sequence") for row in rows], pa.string()),
         pa.array(lon),
         pa.array(lat),
-        pa.array([_as_int(row.get("captured_at")) for row in rows], pa.int64()),
+        pa.array([int_or_none(row.get("captured_at")) for row in rows], pa.int64()),
         pa.array([row.get("compass_angle") for row in rows], pa.float64()),
         pa.array([row.get("is_pano") for row in rows], pa.bool_()),
-        pa.array([_as_int(row.get("organization_id")) for row in rows], pa.int64()),
-        pa.array([_as_int((row.get("creator") or {}).get("id")) for row in rows], pa.int64()),
+        pa.array([int_or_none(row.get("organization_id")) for row in rows], pa.int64()),
+        pa.array([int_or_none((row.get("creator") or {}).get("id")) for row in rows], pa.int64()),
         pa.array([f"14/{t.x}/{t.y}" if t else None for t in tiles], pa.string()),
         pa.array([tileset] * len(rows), pa.string()),
     ], schema=DISCOVERY_SCHEMA)
 
 
-def _as_int(value) -> int | None:
-    if value is None or isinstance(value, bool):
-        return None
-    try:
-        return int(value)
-    except (TypeError, ValueError):
-        return None
