@@ -1,4 +1,4 @@
-"""Discovery of the whole Zurich AOI (z12 partitions) against the emulator: requests and wall time.
+"""Discovery of a whole AOI against the emulator: tile requests and wall time, three routes.
 
 Three ways to enumerate the same images, each from a cold tile cache, over HTTP to an in-process
 emulator (World seed 42; scale 0.05 quick, 0.2 full, i.e. ~60,000 / ~240,000 images in the AOI):
@@ -9,8 +9,9 @@ emulator (World seed 42; scale 0.05 quick, 0.2 full, i.e. ~60,000 / ~240,000 ima
 * baseline "every z14 tile": fetch every z14 tile overlapping the AOI polygon, empty or not;
 * baseline "bbox search": the Graph API `images?bbox=` route, boxes split on the 2,000 cap.
 
-The emulator answers after 50 ms, like a remote API. The goal for the tile route is at most 1.05 requests per non-empty z14 tile of the AOI, plus the
-coverage tiles. A refresh within the cache age must make no request at all.
+The emulator answers after 50 ms, like a remote API; partitions run one after another, as within
+one run of the discovery asset. The goal for the tile route is at most 1.05 requests per non-empty
+z14 tile of the AOI, plus the coverage tiles. A refresh within the cache age makes no request.
 """
 
 from __future__ import annotations

@@ -154,7 +154,7 @@ def run(quick: bool) -> list[Figure]:
             baseline=share, baseline_name="budget = limit", goal=">= 0.95", met=roomy_share >= 0.95,
             notes=f"{roomy['stats']['rate_limited']} rate-limit errors; busiest 60-s window "
                   f"{_busiest_window(roomy['times']):,}; last 20 s at {_tail_rate(roomy['times']) / limit_per_s:.2f}"
-                  " x limit. With budget = limit the client's x-app-usage slowdown (from 80 % used) holds it back"))
+                  " x limit. With budget = limit the client's x-app-usage slowdown (from 95 % used) holds it back"))
     figures += [
         Figure(NAME, "rate-limit errors (code 4) answered by the emulator", stats["rate_limited"], "errors",
                baseline=naive_limited, baseline_name=f"unthrottled asyncio.gather, {naive_count:,} per-id requests",

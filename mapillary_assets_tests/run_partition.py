@@ -313,6 +313,7 @@ class Reference:
     data_dir: Path
     requests: dict[str, int]
     seconds: float
+    busiest_minute: dict[str, int]                      # most requests in any 60 s, by rate-limit family
     images: object = field(repr=False, default=None)   # GeoDataFrame, loaded lazily
 
     def load_images(self):
@@ -348,7 +349,7 @@ def fault_free_reference(root: Path) -> Reference:
                 shutil.rmtree(folder)
             _build_reference(folder)
     figures = json.loads(summary.read_text())
-    return Reference(folder / "data", figures["requests"], figures["seconds"])
+    return Reference(folder / "data", figures["requests"], figures["seconds"], figures["busiest_minute"])
 
 
 def _build_reference(folder: Path) -> None:
@@ -363,7 +364,20 @@ def _build_reference(folder: Path) -> None:
         run_pipeline(instance, defs, log=lambda *_: None)
         seconds = time.monotonic() - started
         requests = server.stats()
-    (folder / "summary.json").write_text(json.dumps({"requests": requests, "seconds": seconds}))
+        peaks = {family: busiest_window(server.request_times(family)) for family in ("tiles", "entity")}
+    (folder / "summary.json").write_text(json.dumps({"requests": requests, "seconds": seconds,
+                                                     "busiest_minute": peaks}))
+
+
+def busiest_window(times: Sequence[float], window_s: float = 60.0) -> int:
+    """The most requests in any `window_s`-second sliding window (closed, as a budget counts them)."""
+    ordered = sorted(times)
+    busiest, start = 0, 0
+    for end, moment in enumerate(ordered):
+        while moment - ordered[start] > window_s:
+            start += 1
+        busiest = max(busiest, end - start + 1)
+    return busiest
 
 
 @contextlib.contextmanager

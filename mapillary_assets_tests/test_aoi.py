@@ -82,7 +82,8 @@ def test_coordinate_list_open_or_closed():
             [[8.5, 47.3], [8.6, 47.3], [8.6, 47.4], [8.5, 47.3]],
             [[9.5, 47.3], [9.6, 47.3], [9.6, 47.4], [9.5, 47.3]]]}), "invalid .*Hole lies outside shell"),
         # bow tie: self-intersecting ring
-        (json.dumps(polygon_geometry([[8.50, 47.36], [8.56, 47.40], [8.56, 47.36], [8.50, 47.40]])), "Self-intersection"),
+        (json.dumps(polygon_geometry([[8.50, 47.36], [8.56, 47.40], [8.56, 47.36], [8.50, 47.40]])),
+         "Self-intersection"),
         (json.dumps({**polygon_geometry(SQUARE), "crs": {"type": "name", "properties": {"name": "EPSG:2056"}}}),
          "reproject it to EPSG:4326"),
     ],

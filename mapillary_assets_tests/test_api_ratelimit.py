@@ -75,8 +75,8 @@ def test_defaults_and_validation():
 
 
 def test_usage_slows_the_refill():
-    assert usage_factor(0) == usage_factor(80) == 1.0
-    assert usage_factor(90) == pytest.approx(0.55)
+    assert usage_factor(0) == usage_factor(95) == 1.0
+    assert usage_factor(97.5) == pytest.approx(0.55)
     assert usage_factor(100) == usage_factor(150) == pytest.approx(0.1)
     limiter = SharedRateLimiter("entity", per_minute=600, window_s=60)
     nominal = limiter.effective_rate()

@@ -29,7 +29,10 @@ _MAX_SLEEP_S = 1.0
 # Bound on how long a SQLite call may block the event loop waiting for another process's write lock;
 # beyond it we give the loop back (asyncio.sleep) and try again.
 _LOCK_TIMEOUT_S = 0.05
-_USAGE_SLOWDOWN_FROM = 80.0
+# The bucket itself keeps this client within its configured budget, so a client pacing at that budget
+# always reports usage near 100 %. Usage reports matter when the API's real budget is tighter (the app's
+# token shared with other clients): react only close to the edge, or we would throttle ourselves.
+_USAGE_SLOWDOWN_FROM = 95.0
 _USAGE_MIN_FACTOR = 0.1
 
 _SCHEMA = """
@@ -45,7 +48,7 @@ CREATE TABLE IF NOT EXISTS rate_buckets (
 
 
 def usage_factor(percent: float) -> float:
-    """Share of the nominal refill rate to use at an x-app-usage of `percent` (1 up to 80 %, 0.1 at 100 %)."""
+    """Share of the nominal refill rate to use at an x-app-usage of `percent` (1 up to 95 %, 0.1 at 100 %)."""
     if percent <= _USAGE_SLOWDOWN_FROM:
         return 1.0
     over = min(1.0, (percent - _USAGE_SLOWDOWN_FROM) / (100.0 - _USAGE_SLOWDOWN_FROM))

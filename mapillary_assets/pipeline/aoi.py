@@ -125,7 +125,9 @@ def _polygonal(geometry: object, label: str) -> Polygon | MultiPolygon:
     try:
         return shape(geometry)
     except Exception as exc:  # shapely raises several types for malformed rings
-        raise AoiError(f"{label}: malformed {kind} coordinates ({exc}): each ring needs >= 4 [lon, lat] pairs") from None
+        raise AoiError(
+            f"{label}: malformed {kind} coordinates ({exc}): each ring needs >= 4 [lon, lat] pairs"
+        ) from None
 
 
 def _check_crs(document: dict, label: str) -> None:
