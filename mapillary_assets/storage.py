@@ -49,13 +49,17 @@ def _temporary_sibling(path: Path) -> tuple[int, Path]:
     return fd, Path(name)
 
 
-def atomic_write_bytes(path: Path, data: bytes) -> None:
+def atomic_write_bytes(path: Path, data: bytes, durable: bool = True) -> None:
+    """`durable=False` skips the fsync: the rename still never exposes a partial file to a reader or to a
+    re-run after the process is killed; only a power loss can leave an empty file, which callers that
+    re-verify content on every run (thumbnails) simply fetch again."""
     fd, tmp = _temporary_sibling(path)
     try:
         with os.fdopen(fd, "wb") as handle:
             handle.write(data)
-            handle.flush()
-            os.fsync(handle.fileno())
+            if durable:
+                handle.flush()
+                os.fsync(handle.fileno())
         os.replace(tmp, path)
     except BaseException:
         tmp.unlink(missing_ok=True)
@@ -158,12 +162,12 @@ class DataLayout:
         return self.root / "metadata" / f"{_safe_key(chunk_key)}.failures.parquet"
 
     # images
-    def thumbnail_path(self, image_id: str, size: int) -> Path:
-        """Sharded as thumbnails/<size>/<last 3 digits>/<3 before those>/<id>.jpg (<= ~1000 entries a folder
-        level for uniformly spread ids)."""
+    def thumbnail_path(self, image_id: str, size: int | str) -> Path:
+        """thumbnails/<size>/<last 3 digits of the id>/<id>.jpg: 1,000 folders per size, so a folder holds
+        about 1,200 files at 1.2 M images and a million only past a billion."""
         image_id = validate_image_id(image_id)
-        padded = image_id.zfill(6)
-        return self.root / "thumbnails" / str(int(size)) / padded[-3:] / padded[-6:-3] / f"{image_id}.jpg"
+        size_folder = "original" if size == "original" else str(int(size))
+        return self.root / "thumbnails" / size_folder / image_id.zfill(3)[-3:] / f"{image_id}.jpg"
 
     def downloads_path(self, chunk_key: str) -> Path:
         return self.root / "downloads" / f"{_safe_key(chunk_key)}.parquet"

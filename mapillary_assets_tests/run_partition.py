@@ -81,7 +81,7 @@ def execute(defs, instance, job_name: str, partition_keys: Sequence[str] = ()):
     tags = {}
     if partition_keys:
         tags = {ASSET_PARTITION_RANGE_START_TAG: partition_keys[0], ASSET_PARTITION_RANGE_END_TAG: partition_keys[-1]}
-    return defs.get_job_def(job_name).execute_in_process(instance=instance, tags=tags, raise_on_error=False)
+    return defs.resolve_job_def(job_name).execute_in_process(instance=instance, tags=tags, raise_on_error=False)
 
 
 def chunk_keys(instance) -> list[str]:
@@ -147,13 +147,18 @@ def _process_alive(pid: int) -> bool:
 
 
 def failure_messages(instance, run_id: str) -> list[str]:
-    """The messages of a run's failure events (what a person reads in the UI)."""
+    """The messages of a run's failure events, each with the messages of the errors that caused it
+    (what a person reads in the UI, without the stack traces)."""
     messages = []
     for entry in instance.all_logs(run_id):
         event = entry.dagster_event
         if event is not None and event.is_failure:
             error = getattr(event.event_specific_data, "error", None)
-            messages.append(error.message if error is not None else entry.message)
+            chain = []
+            while error is not None:
+                chain.append(error.message.strip())
+                error = error.cause or error.context
+            messages.append("\n".join(chain) if chain else entry.message)
     return messages
 
 

@@ -240,3 +240,23 @@ def test_backends_agree_on_emulator_thumbnails(emulator_thumbnails):
             assert math.isclose(value, expected_blur, rel_tol=RELATIVE_TOLERANCE)
         for value in (a.sobel_value, b.sobel_value):
             assert math.isclose(value, expected_sobel, rel_tol=RELATIVE_TOLERANCE)
+
+
+def test_kornia_scorer_overlapped_submission_returns_every_result_once(sample_images):
+    """The CUDA path fetches each batch's results one submit late; exercised here on the CPU."""
+    grays = [blur.decode_gray(p, None).gray for p in sample_images]
+    scorer = blur.KorniaScorer("cpu")
+    scorer.asynchronous = True
+    results = {}
+    for start in range(0, len(grays), 2):
+        batch = list(range(start, min(start + 2, len(grays))))
+        for index, values in scorer.submit(batch, [grays[i] for i in batch]):
+            assert index not in results
+            results[index] = values
+        assert max(results, default=-1) < start  # the batch just submitted is still in flight
+    for index, values in scorer.drain():
+        results[index] = values
+    assert sorted(results) == list(range(len(grays)))
+    for index, (variance, gradient) in results.items():
+        assert variance == pytest.approx(laplacian_variance(grays[index]), rel=1e-9)
+        assert gradient == pytest.approx(tenengrad(grays[index]), rel=1e-9)

@@ -17,7 +17,7 @@ import pytest
 
 from mapillary_assets.cli import configure_pools
 from mapillary_assets.emulator import Faults
-from mapillary_assets.pipeline.download import is_complete_jpeg, thumbnail_path
+from mapillary_assets.pipeline.download import is_complete_jpeg
 from mapillary_assets.storage import TEMP_MARKER, read_parquet
 from mapillary_assets_tests.harness import TEST_TOKEN
 from mapillary_assets_tests.run_partition import (
@@ -42,6 +42,9 @@ KILL_PLAN = {
     "chunk-000001": ("download", "blur"),
     "chunk-000002": ("metadata", "blur"),
 }
+# Before its last attempt, temporary files are planted for PLANTED_IN (its own) and for PLANTED_FOREIGN,
+# whose attempts come later: PLANTED_IN must remove only its own.
+PLANTED_IN, PLANTED_FOREIGN = "chunk-000001", "chunk-000002"
 THUMBNAIL_SIZE = 1024
 ATTEMPT_TIMEOUT_S = 180.0
 
@@ -53,7 +56,7 @@ class Kill:
     landed: str             # what the files say the process was doing
     after_s: float          # seconds from the attempt's start
     thumbnails_on_disk: int
-    leftovers: int          # `*.tmp-*` files the kill left behind
+    leftovers: int          # new `*.tmp-*` files the kill left behind
 
 
 @pytest.fixture(scope="module")
@@ -72,6 +75,7 @@ def test_partitions_killed_at_random_points_end_equal_to_a_fault_free_run(tmp_pa
         ids_of = {chunk: sorted(group["image_id"]) for chunk, group in assignment.groupby("chunk")}
 
         kills: list[Kill] = []
+        own_planted, foreign_planted = [], None
         released_runs = 0
         attempts = 0
 
@@ -91,15 +95,16 @@ def test_partitions_killed_at_random_points_end_equal_to_a_fault_free_run(tmp_pa
                 fetched = run.server.stats()["thumbnail"] - thumbnails_before
                 assert fetched <= len(ids_of[chunk]) - on_disk_before, \
                     f"{chunk}: an attempt fetched thumbnails already on disk"
-            if chunk == "chunk-000001":
-                own, foreign = _plant_leftovers(run.layout, chunk, "chunk-000002", ids_of[chunk])
+            if chunk == PLANTED_IN:
+                own_planted, foreign_planted = _plant_leftovers(run.layout, chunk, PLANTED_FOREIGN, ids_of[chunk])
             process = start(chunk)
             assert process.wait(ATTEMPT_TIMEOUT_S) == 0, f"{chunk} failed after its kills:\n{process.log_tail()}"
-            if chunk == "chunk-000001":
-                assert not any(path.exists() for path in own), "the partition kept its own leftovers"
-                assert foreign.exists(), "a partition removed another partition's temporary file"
+            if chunk == PLANTED_IN:
+                assert not any(path.exists() for path in own_planted), "the partition kept its own leftovers"
+                assert foreign_planted.exists(), "a partition removed another partition's temporary file"
 
-        assert not foreign.exists(), "chunk-000002 did not remove its own leftover"
+        assert foreign_planted is not None and not foreign_planted.exists(), \
+            f"{PLANTED_FOREIGN} did not remove its own leftover"
         published = run.execute("publish_job")
         assert published.success
         images = run.images()
@@ -113,7 +118,7 @@ def test_partitions_killed_at_random_points_end_equal_to_a_fault_free_run(tmp_pa
     record_figure(
         "crash: SIGKILL during metadata/download/blur",
         kills=len(kills), landed=sorted(kill.landed for kill in kills), attempts=attempts,
-        dead_runs_released=released_runs, leftovers_after_kills=sum(kill.leftovers for kill in kills),
+        dead_runs_released=released_runs, leftovers_left_by_kills=sum(kill.leftovers for kill in kills),
         kill_points=[(kill.chunk, kill.landed, round(kill.after_s, 2), kill.thumbnails_on_disk) for kill in kills],
         requests=requests["requests"], requests_fault_free=reference.requests["requests"],
         thumbnail_requests=requests["thumbnail"], thumbnail_requests_fault_free=reference.requests["thumbnail"],
@@ -124,6 +129,7 @@ def _kill_during(phase: str, process: PartitionProcess, run, chunk: str, ids: li
     """SIGKILL `process` at a seeded random point of `phase`, then say what it had stored."""
     layout = run.layout
     stats = run.server.stats
+    leftovers_before = set(temporary_leftovers(run.data_dir))
     if phase == "metadata":
         batches = stats()["batch"]
         _wait_for(process, lambda: stats()["batch"] > batches, f"{chunk}: first metadata request")
@@ -141,7 +147,7 @@ def _kill_during(phase: str, process: PartitionProcess, run, chunk: str, ids: li
     assert process.running, f"{chunk} finished before its {phase} kill point:\n{process.log_tail()}"
     process.kill()
     return Kill(chunk, phase, _stored_phase(layout, chunk), time.monotonic() - process.started,
-                _thumbnails_on_disk(layout, ids), len(temporary_leftovers(run.data_dir)))
+                _thumbnails_on_disk(layout, ids), len(set(temporary_leftovers(run.data_dir)) - leftovers_before))
 
 
 def process_started_at(process: PartitionProcess) -> float:
@@ -165,7 +171,7 @@ def _stored_phase(layout, chunk: str) -> str:
 
 
 def _thumbnails_on_disk(layout, ids: list[str]) -> int:
-    return sum(thumbnail_path(layout, image_id, THUMBNAIL_SIZE).exists() for image_id in ids)
+    return sum(layout.thumbnail_path(image_id, THUMBNAIL_SIZE).exists() for image_id in ids)
 
 
 def _plant_leftovers(layout, chunk: str, other_chunk: str, ids: list[str]):
@@ -174,7 +180,7 @@ def _plant_leftovers(layout, chunk: str, other_chunk: str, ids: list[str]):
     own = [
         layout.metadata_path(chunk).with_name(layout.metadata_path(chunk).name + TEMP_MARKER + "planted"),
         layout.blur_path(chunk).with_name(layout.blur_path(chunk).name + TEMP_MARKER + "planted"),
-        thumbnail_path(layout, ids[0], THUMBNAIL_SIZE).with_name(f"{ids[0]}.jpg{TEMP_MARKER}planted"),
+        layout.thumbnail_path(ids[0], THUMBNAIL_SIZE).with_name(f"{ids[0]}.jpg{TEMP_MARKER}planted"),
     ]
     foreign = layout.blur_path(other_chunk).with_name(layout.blur_path(other_chunk).name + TEMP_MARKER + "planted")
     for path in (*own, foreign):
@@ -195,7 +201,7 @@ def _assert_stage_files_complete(layout, ids_of: dict[str, list[str]]) -> None:
         assert (downloads["status"] == "ok").all()
         assert len(read_parquet(layout.metadata_failures_path(chunk))) == 0
         for image_id in ids:
-            data = thumbnail_path(layout, image_id, THUMBNAIL_SIZE).read_bytes()
+            data = layout.thumbnail_path(image_id, THUMBNAIL_SIZE).read_bytes()
             assert is_complete_jpeg(data), f"{image_id}: thumbnail is not a complete JPEG"
             assert cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_REDUCED_GRAYSCALE_8) is not None
         stored += len(ids)

@@ -18,7 +18,7 @@ import pytest
 from mapillary_assets.cli import PipelineFailed, configure_pools
 from mapillary_assets.emulator import Faults
 from mapillary_assets.emulator.thumbnails import jpeg_fault
-from mapillary_assets.pipeline.download import is_complete_jpeg, thumbnail_path
+from mapillary_assets.pipeline.download import is_complete_jpeg
 from mapillary_assets.storage import read_parquet
 from mapillary_assets_tests.harness import TEST_TOKEN
 from mapillary_assets_tests.run_partition import (
@@ -113,7 +113,7 @@ def test_truncated_jpegs_fail_the_partition_then_a_rerun_completes(tmp_path, ref
         assert set(failed["image_id"]) == damaged
         assert failed["transient"].all() and failed["reason"].str.contains("truncated").all()
         for image_id in damaged:   # a damaged body is never written, not even as a partial file
-            assert not thumbnail_path(run.layout, image_id, 1024).exists()
+            assert not run.layout.thumbnail_path(image_id, 1024).exists()
         for path in downloads.loc[downloads["status"] == "ok", "path"]:
             assert is_complete_jpeg((run.data_dir / path).read_bytes())
         first = run.server.stats()

@@ -1,10 +1,13 @@
 """Scheduled refresh and the sensor that carries new images through the per-chunk assets to the GeoPackage.
 
 Weekly (MAPILLARY_REFRESH_CRON) the schedule re-runs discovery over every tile partition in ranged runs
-(a run per 64 tiles, not a process per tile). The sensor then, in order: re-chunks when discovery has
-new materialisations (new ids land in new chunks only), launches the per-chunk job for chunks that have
-never completed (ranged runs of up to 4 new chunks), and re-publishes once every chunk is complete and
-something changed since the last GeoPackage.
+(a run per 64 tiles, not a process per tile). Its runs re-use cached raw tiles only if they are younger than
+half the schedule's period (or MAPILLARY_TILE_CACHE_MAX_AGE_HOURS, if lower): tiles fetched by the previous
+refresh are always fetched again, while a retried refresh run re-uses what its first attempt fetched.
+
+The sensor then, in order: re-chunks when discovery has new materialisations (new ids land in new chunks
+only), launches the per-chunk job for chunks that have never completed (ranged runs of up to 4 consecutive
+chunks), and re-publishes once every chunk is complete and something changed since the last GeoPackage.
 """
 
 
@@ -12,38 +15,70 @@ import os
 
 import dagster as dg
 from dagster._core.storage.tags import ASSET_PARTITION_RANGE_END_TAG, ASSET_PARTITION_RANGE_START_TAG
+from dagster._utils.schedules import get_smallest_cron_interval
 
 from mapillary_assets.defs.jobs import chunk_job, chunking_job, discovery_job, publish_job
 from mapillary_assets.defs.partitions import CHUNK_PARTITIONS_NAME, tile_partitions
+from mapillary_assets.defs.resources import PipelineSettings
 
 DEFAULT_REFRESH_CRON = "0 3 * * 1"
 TILES_PER_RUN = 64
 CHUNKS_PER_RUN = 4
 
 
-def ranged_requests(keys: list[str], batch: int, run_key_prefix: str) -> list[dg.RunRequest]:
+def ranged_requests(keys: list[str], batch: int, run_key_prefix: str,
+                    ordered_keys: list[str] | None = None) -> list[dg.RunRequest]:
+    """Run requests for `keys`, each a partition range of at most `batch` keys. A range covers every key
+    between its ends, so ranges never span a key that is not asked for: with `ordered_keys` (every key of
+    the partitioning, in its order), `keys` are first split into runs of consecutive keys."""
     requests = []
-    for start in range(0, len(keys), batch):
-        first, last = keys[start], keys[min(start + batch, len(keys)) - 1]
-        tags = {ASSET_PARTITION_RANGE_START_TAG: first, ASSET_PARTITION_RANGE_END_TAG: last}
-        requests.append(dg.RunRequest(run_key=f"{run_key_prefix}:{first}..{last}", tags=tags))
+    for run in _consecutive_runs(keys, ordered_keys or keys):
+        for start in range(0, len(run), batch):
+            first, last = run[start], run[min(start + batch, len(run)) - 1]
+            tags = {ASSET_PARTITION_RANGE_START_TAG: first, ASSET_PARTITION_RANGE_END_TAG: last}
+            requests.append(dg.RunRequest(run_key=f"{run_key_prefix}:{first}..{last}", tags=tags))
     return requests
+
+
+def _consecutive_runs(keys: list[str], ordered_keys: list[str]) -> list[list[str]]:
+    position = {key: index for index, key in enumerate(ordered_keys)}
+    runs: list[list[str]] = []
+    for key in sorted(set(keys), key=position.__getitem__):
+        if runs and position[key] == position[runs[-1][-1]] + 1:
+            runs[-1].append(key)
+        else:
+            runs.append([key])
+    return runs
+
+
+REFRESH_CRON = os.environ.get("MAPILLARY_REFRESH_CRON", DEFAULT_REFRESH_CRON)
+
+
+def refresh_tile_cache_max_age_hours(configured_hours: float, cron: str = REFRESH_CRON) -> float:
+    """The cache age of refresh runs: at most half the schedule's period, so a refresh never takes the
+    previous refresh's tiles (fetched about one period ago) for fresh ones."""
+    half_period_hours = get_smallest_cron_interval(cron).total_seconds() / 3600 / 2
+    return min(configured_hours, half_period_hours)
 
 
 @dg.schedule(
     job=discovery_job,
-    cron_schedule=os.environ.get("MAPILLARY_REFRESH_CRON", DEFAULT_REFRESH_CRON),
+    cron_schedule=REFRESH_CRON,
     default_status=dg.DefaultScheduleStatus.RUNNING,
-    description="Rediscover every tile partition (raw tiles younger than the cache age are not re-fetched).",
+    description="Rediscover every tile partition (raw tiles fetched by the previous refresh are fetched again).",
 )
-def refresh_schedule(context: dg.ScheduleEvaluationContext) -> list[dg.RunRequest]:
+def refresh_schedule(context: dg.ScheduleEvaluationContext, settings: PipelineSettings) -> list[dg.RunRequest]:
     tick = context.scheduled_execution_time.strftime("%Y%m%dT%H%M")
-    return ranged_requests(tile_partitions.get_partition_keys(), TILES_PER_RUN, f"refresh-{tick}")
+    max_age = refresh_tile_cache_max_age_hours(settings.tile_cache_max_age_hours)
+    run_config = {"resources": {"settings": {"config": {"tile_cache_max_age_hours": max_age}}}}
+    return [request.with_replaced_attrs(run_config=run_config)
+            for request in ranged_requests(tile_partitions.get_partition_keys(), TILES_PER_RUN, f"refresh-{tick}")]
 
 
 def _latest_storage_id(instance: dg.DagsterInstance, asset: str) -> int:
-    event = instance.get_latest_materialization_event(dg.AssetKey(asset))
-    return event.storage_id if event else 0
+    """Storage id of the asset's newest materialisation (ids grow with time); 0 if it has none."""
+    records = instance.fetch_materializations(dg.AssetKey(asset), limit=1).records
+    return records[0].storage_id if records else 0
 
 
 @dg.sensor(
@@ -58,11 +93,11 @@ def new_images_sensor(context: dg.SensorEvaluationContext) -> dg.SensorResult | 
     if discovery_id > _latest_storage_id(instance, "image_chunks"):
         return dg.SensorResult(run_requests=[dg.RunRequest(job_name=chunking_job.name, run_key=f"chunks:{discovery_id}")])
 
-    chunks = sorted(instance.get_dynamic_partitions(CHUNK_PARTITIONS_NAME))
+    chunks = instance.get_dynamic_partitions(CHUNK_PARTITIONS_NAME)   # in the order they were added
     complete = instance.get_materialized_partitions(dg.AssetKey("blur_scores"))
     incomplete = [chunk for chunk in chunks if chunk not in complete]
     if incomplete:
-        requests = ranged_requests(incomplete, CHUNKS_PER_RUN, "chunk")
+        requests = ranged_requests(incomplete, CHUNKS_PER_RUN, "chunk", ordered_keys=list(chunks))
         return dg.SensorResult(run_requests=[r.with_replaced_attrs(job_name=chunk_job.name) for r in requests])
 
     newest_input = max(discovery_id, _latest_storage_id(instance, "blur_scores"))

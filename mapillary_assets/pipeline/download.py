@@ -11,8 +11,8 @@ the scan data that cannot occur there. That catches truncated transfers, HTML/JS
 garbage, and costs ~0.1 ms per 1024 px thumbnail (a regex scan for impossible markers). A strict decode of
 the whole stream (`decode_check=True`, simplejpeg, which raises on libjpeg's "corrupt data" warnings
 that OpenCV paints over) also catches damage that leaves every marker intact, but costs ~2 ms of CPU
-per thumbnail: in benchmarks/bench_download.py it cut throughput from ~0.8x to ~0.25x of a check-free
-downloader, so it is off by default; the blur stage decodes every file anyway.
+per thumbnail: in benchmarks/bench_download.py (2 cores) it cut throughput by more than half (e.g. 308
+vs 790 images/s), so it is off by default; the blur stage decodes every file anyway.
 A body failing the checks is fetched again (a truncated transfer is usually transient); after
 `MAX_JPEG_ATTEMPTS` bad bodies the id is recorded as failed with transient=True.
 
@@ -46,6 +46,8 @@ RESOLVE_BATCH_SIZE = 50          # Graph API `?ids=` limit
 MAX_URL_REFRESHES = 3            # fresh URLs asked for one id after UrlExpiredError
 MAX_JPEG_ATTEMPTS = 3            # downloads of one id whose body fails verification (1 + 2 retries)
 IO_THREADS = 8                   # file writes (fsync) and optional decode checks
+WRITE_BACKLOG = 2 * IO_THREADS   # downloaded bodies that may wait for a write
+_EXISTING_CHUNK = 256           # ids per thread task when checking files already on disk
 COLUMNS = ["image_id", "path", "bytes", "status", "reason", "transient"]
 
 Progress = Callable[[int, int, int], None]
@@ -68,14 +70,6 @@ def thumbnail_field(size: int | str) -> str:
     if size not in THUMBNAIL_SIZES or isinstance(size, bool):
         raise ValueError(f"unsupported thumbnail size {size!r}: expected one of {THUMBNAIL_SIZES}")
     return f"thumb_{size}_url"
-
-
-def thumbnail_path(layout: DataLayout, image_id: str, size: int | str) -> Path:
-    """layout.thumbnail_path, extended to size "original" (DataLayout only takes integer sizes)."""
-    if size == "original":
-        sharded = layout.thumbnail_path(image_id, 0).relative_to(layout.root / "thumbnails" / "0")
-        return layout.root / "thumbnails" / "original" / sharded
-    return layout.thumbnail_path(image_id, int(size))
 
 
 def _scan_start(data: bytes) -> int | None:
@@ -185,6 +179,7 @@ class _ThumbnailDownloader:
         self.total = total
         self.executor = executor
         self.decode_check = decode_check
+        self.network = asyncio.Semaphore(concurrency)
         self.outcomes: dict[str, _Outcome] = {}
         self.failed = 0
 
@@ -204,7 +199,7 @@ class _ThumbnailDownloader:
 
     # step 1: what is already on disk
     def _existing_size(self, image_id: str) -> int | None:
-        path = thumbnail_path(self.layout, image_id, self.size)
+        path = self.layout.thumbnail_path(image_id, self.size)
         try:
             data = path.read_bytes()
         except OSError:
@@ -212,13 +207,17 @@ class _ThumbnailDownloader:
         return len(data) if is_complete_jpeg(data) else None
 
     async def skip_existing(self, image_ids: list[str]) -> list[str]:
-        sizes = await self.in_thread(lambda: [self._existing_size(i) for i in image_ids])
+        def sizes_of(chunk: list[str]) -> list[int | None]:
+            return [self._existing_size(i) for i in chunk]
+
+        chunks = [image_ids[i : i + _EXISTING_CHUNK] for i in range(0, len(image_ids), _EXISTING_CHUNK)]
+        sizes = [size for part in await asyncio.gather(*(self.in_thread(sizes_of, c) for c in chunks)) for size in part]
         missing = []
         for image_id, size in zip(image_ids, sizes):
             if size is None:
                 missing.append(image_id)
             else:
-                path = thumbnail_path(self.layout, image_id, self.size)
+                path = self.layout.thumbnail_path(image_id, self.size)
                 self.record(_Outcome(image_id, self.relative(path), size, "ok"))
         return missing
 
@@ -268,12 +267,13 @@ class _ThumbnailDownloader:
         return problem
 
     async def fetch(self, image_id: str, url: str) -> _Outcome:
-        path = thumbnail_path(self.layout, image_id, self.size)
+        path = self.layout.thumbnail_path(image_id, self.size)
         refreshes = 0
         bad_bodies = 0
         while True:
             try:
-                data = await self.client.get_thumbnail(url)
+                async with self.network:
+                    data = await self.client.get_thumbnail(url)
             except UrlExpiredError as exc:
                 if refreshes >= MAX_URL_REFRESHES:
                     return _Outcome(image_id, reason=f"thumbnail URL expired {refreshes + 1} times: {_describe(exc)}",
@@ -290,7 +290,7 @@ class _ThumbnailDownloader:
                 return _Outcome(image_id, reason=f"download failed: {_describe(exc)}", transient=bool(exc.transient))
             problem = await self.verify(data)
             if problem is None:
-                await self.in_thread(atomic_write_bytes, path, data)
+                await self.in_thread(atomic_write_bytes, path, data, False)  # re-verified on every run
                 return _Outcome(image_id, self.relative(path), len(data), "ok")
             bad_bodies += 1
             if bad_bodies >= MAX_JPEG_ATTEMPTS:
@@ -308,9 +308,11 @@ class _ThumbnailDownloader:
         if not missing:
             return
         batches = iter([missing[i : i + RESOLVE_BATCH_SIZE] for i in range(0, len(missing), RESOLVE_BATCH_SIZE)])
-        workers = max(1, min(self.concurrency, len(missing)))
+        # `self.network` bounds the requests in flight to `concurrency`; the extra workers let downloads go
+        # on while earlier bodies wait for a free I/O thread to be written (disk and network overlap).
+        workers = max(1, min(self.concurrency + WRITE_BACKLOG, len(missing)))
         # A bounded queue keeps URLs fresh: a URL waits for at most one round of downloads.
-        queue: asyncio.Queue = asyncio.Queue(maxsize=workers)
+        queue: asyncio.Queue = asyncio.Queue(maxsize=self.concurrency)
         resolver_count = min(4, -(-len(missing) // RESOLVE_BATCH_SIZE))
 
         async def resolve_all() -> None:
@@ -325,7 +327,7 @@ async def _run_all(coroutines: list) -> None:
     """Run coroutines concurrently; the first exception cancels the rest and is re-raised as is."""
     tasks = [asyncio.ensure_future(c) for c in coroutines]
     try:
-        done, pending = await asyncio.wait(tasks, return_when=asyncio.FIRST_EXCEPTION)
+        done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_EXCEPTION)
         for task in done:
             if task.exception() is not None:
                 raise task.exception()

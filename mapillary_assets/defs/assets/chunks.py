@@ -17,7 +17,7 @@ from mapillary_assets.defs.runtime import API_POOL, GPU_POOL, preview_markdown, 
 from mapillary_assets.pipeline.blur import score_images
 from mapillary_assets.pipeline.charts import histogram_markdown
 from mapillary_assets.pipeline.chunks import chunk_image_ids
-from mapillary_assets.pipeline.download import download_thumbnails, thumbnail_path
+from mapillary_assets.pipeline.download import download_thumbnails
 from mapillary_assets.pipeline.metadata import fetch_metadata, ids_to_fetch, merge_with_existing
 from mapillary_assets.storage import (
     DataLayout,
@@ -51,7 +51,7 @@ def _thumbnail_paths(layout: DataLayout, image_ids, size: int):
             validate_image_id(image_id)
         except ValueError:
             continue  # never turned into a path
-        yield thumbnail_path(layout, image_id, size)
+        yield layout.thumbnail_path(image_id, size)
 
 
 def _fail_if_transient(kind: str, transient_by_chunk: dict[str, int]) -> None:
