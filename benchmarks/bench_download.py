@@ -8,7 +8,7 @@ empty folder and resolve URLs the same way, `client.get_images` in batches of 50
   SOI/EOI + header and marker checks, atomic write (temp name + rename) to the sharded path);
 * baseline: all URL batches first (concurrently), then aiohttp + asyncio.Semaphore(100) + plain
   `open().write()` into one folder, no checks;
-* baseline with durable writes: the same loop, but each file written like the pipeline writes it
+* baseline with the same writes: the same loop, but each file written like the pipeline writes it
   (storage.atomic_write_bytes to layout.thumbnail_path, in the default thread pool). Against this one
   the pipeline's own work (fresh URLs, checks, retries) is isolated from the cost of the storage layout.
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -75,6 +76,10 @@ def run_pipeline(instance, defs=None, log=print) -> dict:
         log(f"-> {job_name}")
         execute(job_name)
 
+    from mapillary_assets.defs.dead_runs import release_dead_runs
+
+    for run_id in release_dead_runs(instance):
+        log(f"released run {run_id}: its process is gone (killed or crashed); its pool slots are free again")
     started = time.monotonic()
     ranged("discovery_job", tile_partitions.get_partition_keys())
     whole("chunking_job")
@@ -128,7 +133,26 @@ def ui(args: argparse.Namespace) -> int:
         print(f"emulator: {server.base_url}; Dagster UI: http://{args.host}:{args.port} (instance {home})")
         command = [sys.executable, "-m", "dagster", "dev", "-m", "mapillary_assets.definitions",
                    "-h", args.host, "-p", str(args.port)]
-        return subprocess.call(command, env=env, cwd=REPO_ROOT)
+        return _serve(command, env)
+
+
+def _serve(command: list[str], env: dict[str, str]) -> int:
+    """Run `dagster dev` until it exits. SIGTERM (`kill`, a service manager) is passed on, so it stops its
+    webserver, daemon and run workers before the emulator they talk to goes away; Ctrl-C reaches it from
+    the terminal directly, so this process only waits for it."""
+    process = subprocess.Popen(command, env=env, cwd=REPO_ROOT)
+    previous = signal.signal(signal.SIGTERM, lambda signum, _frame: process.send_signal(signum))
+    try:
+        while True:
+            try:
+                return process.wait()
+            except KeyboardInterrupt:
+                try:
+                    return process.wait(60)
+                except subprocess.TimeoutExpired:
+                    process.terminate()
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def main(argv: list[str] | None = None) -> int:

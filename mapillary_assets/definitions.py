@@ -8,7 +8,7 @@ from pathlib import Path
 import dagster as dg
 
 from mapillary_assets.defs.assets.chunks import blur_scores, image_metadata, thumbnail_downloads
-from mapillary_assets.defs.assets.discovery import discovered_images, image_chunks
+from mapillary_assets.defs.assets.discovery import discovered_images, image_chunks, sequence_images
 from mapillary_assets.defs.assets.publish import filter_areas, mapillary_geopackage, staging_tables
 from mapillary_assets.defs.automation import new_images_sensor, refresh_schedule
 from mapillary_assets.defs.checks import asset_checks
@@ -17,7 +17,7 @@ from mapillary_assets.defs.resources import DataStorageResource, MapillaryApiRes
 from mapillary_assets.storage import DataLayout
 
 ASSETS = [
-    discovered_images, image_chunks, image_metadata, thumbnail_downloads, blur_scores,
+    discovered_images, sequence_images, image_chunks, image_metadata, thumbnail_downloads, blur_scores,
     filter_areas, staging_tables, mapillary_geopackage,
 ]
 

@@ -21,7 +21,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 TEMP_MARKER = ".tmp-"
-_IMAGE_ID = re.compile(r"^[0-9]{1,20}$")
+IMAGE_ID_PATTERN = re.compile(r"^[0-9]{1,20}$")
 _PARTITION_KEY = re.compile(r"^[A-Za-z0-9_.-]{1,100}$")
 
 
@@ -32,7 +32,7 @@ class StorageError(RuntimeError):
 def validate_image_id(image_id: str) -> str:
     """Image ids are decimal digit strings; anything else must never reach a file path or URL."""
     text = str(image_id)
-    if not _IMAGE_ID.match(text):
+    if not IMAGE_ID_PATTERN.match(text):
         raise ValueError(f"invalid Mapillary image id {text!r}: expected 1-20 decimal digits")
     return text
 
@@ -148,6 +148,11 @@ class DataLayout:
     @property
     def discovery_dir(self) -> Path:
         return self.root / "discovery"
+
+    @property
+    def sequence_failures_path(self) -> Path:
+        """Image lookups of the sequence route that failed (its images are discovery_path("sequences"))."""
+        return self.root / "sequences" / "failures.parquet"
 
     # chunking
     @property

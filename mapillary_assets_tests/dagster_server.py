@@ -19,7 +19,7 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -159,21 +159,31 @@ class DagsterServer:
 
         self.location_name, self.repository_name = self.wait_until(loaded, timeout, "the code location to load")
 
-    def stop(self) -> None:
-        """Terminate the whole process group: SIGTERM (dagster dev stops its children), then SIGKILL."""
+    def stop(self) -> bool:
+        """Stop everything it started; True when SIGTERM to the leader alone was enough (it shut down its
+        children itself). Signalling the whole group first would race with `dagster dev`, which restarts a
+        code server that exits under it. Whatever is left gets SIGTERM, then SIGKILL. Idempotent."""
         group = self.process.pid   # start_new_session: the leader's pid is the group id
-        _signal_group(group, signal.SIGTERM)
-        try:
-            self.process.wait(SHUTDOWN_GRACE_S)
-        except subprocess.TimeoutExpired:
-            pass
-        deadline = time.monotonic() + SHUTDOWN_GRACE_S
-        while _group_alive(group) and time.monotonic() < deadline:
-            time.sleep(0.2)
-        _signal_group(group, signal.SIGKILL)
-        with contextlib.suppress(subprocess.TimeoutExpired):
-            self.process.wait(10)
+        with contextlib.suppress(ProcessLookupError):
+            self.process.send_signal(signal.SIGTERM)
+        graceful = _wait_for_group_exit(self.process, group, SHUTDOWN_GRACE_S)
+        if not graceful:
+            _signal_group(group, signal.SIGTERM)
+            if not _wait_for_group_exit(self.process, group, SHUTDOWN_GRACE_S / 3):
+                _signal_group(group, signal.SIGKILL)
+                _wait_for_group_exit(self.process, group, 10.0)
         self._http.close()
+        return graceful
+
+
+def _wait_for_group_exit(leader: subprocess.Popen, group: int, timeout: float) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        leader.poll()   # reap the leader, or it stays a zombie member of the group
+        if not _group_alive(group):
+            return True
+        time.sleep(0.1)
+    return False
 
 
 def _signal_group(group: int, sig: int) -> None:
@@ -201,18 +211,20 @@ def _command(port: int, daemon: bool) -> list[str]:
 
 @contextlib.contextmanager
 def dagster_server(home: Path, env: Mapping[str, str] | None = None, *, daemon: bool = True,
-                   config_overrides: Mapping | None = None,
+                   config_overrides: Mapping | None = None, command: Callable[[int], list[str]] | None = None,
                    startup_timeout: float = STARTUP_TIMEOUT_S) -> Iterator[DagsterServer]:
     """`dagster dev` (daemon=True) or `dagster-webserver` alone, serving the code location with `env` added
-    to this process's environment; ready (webserver answering, code location loaded) when yielded."""
+    to this process's environment; ready (webserver answering, code location loaded) when yielded.
+    `command(port)` replaces the command line (e.g. `mapillary-assets ui`, which starts `dagster dev`)."""
     home = prepare_home(home, config_overrides)
     child_env = {**os.environ, **(env or {}), "DAGSTER_HOME": str(home), "PYTHONUNBUFFERED": "1",
                  "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO_ROOT), os.environ.get("PYTHONPATH")]))}
     log_path = home / ("dagster-dev.log" if daemon else "dagster-webserver.log")
+    command = command or (lambda port: _command(port, daemon))
     for attempt in range(3):   # another process on this shared machine may take the free port first
         port = free_port()
         with open(log_path, "ab") as log:
-            process = subprocess.Popen(_command(port, daemon), cwd=REPO_ROOT, env=child_env, stdout=log,
+            process = subprocess.Popen(command(port), cwd=REPO_ROOT, env=child_env, stdout=log,
                                        stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True)
         server = DagsterServer(f"http://{HOST}:{port}", home, log_path, process)
         try:

@@ -54,7 +54,7 @@ def open_instance(home: Path):
 
 
 def emulator_resources(graph_url: str, tiles_url: str, data_dir: Path, token, *, api: dict | None = None,
-                   **settings) -> dict:
+                       **settings) -> dict:
     """The resources of a run against the emulator: `token` is a str or a `dg.EnvVar`; `api` overrides
     MapillaryApiResource fields (rate budgets, retries); `settings` PipelineSettings fields."""
     from mapillary_assets.defs.resources import DataStorageResource, MapillaryApiResource, PipelineSettings
@@ -69,8 +69,6 @@ def emulator_resources(graph_url: str, tiles_url: str, data_dir: Path, token, *,
         "storage": DataStorageResource(data_dir=str(data_dir)),
         "settings": PipelineSettings(**{"chunk_size": 200, **settings}).validated(),
     }
-
-
 
 
 def execute(defs, instance, job_name: str, partition_keys: Sequence[str] = ()):
@@ -98,52 +96,6 @@ def run_discovery_and_chunking(defs, instance) -> list[str]:
         result = execute(defs, instance, job, keys)
         assert result.success, f"{job} failed: {failure_messages(instance, result.run_id)}"
     return chunk_keys(instance)
-
-
-def release_dead_runs(instance) -> list[str]:
-    """Mark runs whose process on this machine is gone (SIGKILL, OOM kill, power cut) as failed and free
-    their concurrency-pool slots; returns their ids.
-
-    A killed run stays STARTED and keeps the pool slots it claimed, and the repository's dagster.yaml gives
-    the `gpu`, `duckdb_writer` and `chunk_registry` pools one slot each: without this step (in the UI:
-    terminate the stuck run) every later run of those assets waits for the slot forever. `cli.run_pipeline`
-    does not do this yet (see RELIABILITY.md); this is what it would need to do before starting."""
-    import dagster as dg
-    from dagster import DagsterEventType, DagsterRunStatus
-
-    released = []
-    active = instance.get_runs(filters=dg.RunsFilter(statuses=[DagsterRunStatus.STARTED, DagsterRunStatus.STARTING]))
-    for run in active:
-        pid = _run_worker_pid(instance, run.run_id, DagsterEventType.ENGINE_EVENT)
-        if pid is None or _process_alive(pid):
-            continue
-        instance.report_run_failed(run, f"its process (pid {pid}) is gone: killed or crashed")
-        instance.event_log_storage.free_concurrency_slots_for_run(run.run_id)
-        released.append(run.run_id)
-    return released
-
-
-def _run_worker_pid(instance, run_id: str, engine_event) -> int | None:
-    for entry in instance.all_logs(run_id, of_type=engine_event):
-        metadata = getattr(entry.dagster_event.event_specific_data, "metadata", None) or {}
-        pid = metadata.get("pid")
-        if pid is not None:
-            return int(getattr(pid, "value", pid))
-    return None
-
-
-def _process_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    # A zombie (killed, not yet reaped by its parent) still answers signal 0.
-    try:
-        return Path(f"/proc/{pid}/stat").read_text().split(") ", 1)[1][:1] != "Z"
-    except (OSError, IndexError):
-        return True
 
 
 def failure_messages(instance, run_id: str) -> list[str]:
@@ -184,9 +136,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--tiles-url", required=True)
     parser.add_argument("--job", default="chunk_job")
     parser.add_argument("--partition", action="append", default=[], help="partition key (repeatable, a range)")
-    parser.add_argument("--entity-per-minute", type=int, default=None)
-    parser.add_argument("--tiles-per-minute", type=int, default=None)
-    parser.add_argument("--max-retries", type=int, default=None)
+    parser.add_argument("--entity-per-minute", type=int, default=None, help="the client's entity budget")
     parser.add_argument("--setting", type=_parse_setting, action="append", default=[],
                         help="PipelineSettings field as NAME=VALUE (repeatable)")
     args = parser.parse_args(argv)
@@ -198,11 +148,9 @@ def main(argv: list[str] | None = None) -> int:
 
     from mapillary_assets.definitions import build_definitions
 
-    api = {name: value for name, value in (("entity_per_minute", args.entity_per_minute),
-                                           ("tiles_per_minute", args.tiles_per_minute),
-                                           ("max_retries", args.max_retries)) if value is not None}
+    api = {} if args.entity_per_minute is None else {"entity_per_minute": args.entity_per_minute}
     resources = emulator_resources(args.graph_url, args.tiles_url, args.data_dir, dg.EnvVar("MAPILLARY_ACCESS_TOKEN"),
-                               api=api, **dict(args.setting))
+                                   api=api, **dict(args.setting))
     defs = build_definitions(resources)
     with open_instance(args.home) as instance:
         result = execute(defs, instance, args.job, args.partition)
@@ -227,7 +175,7 @@ class PartitionProcess:
     @classmethod
     def start(cls, *, home: Path, data_dir: Path, server, token: str, partitions: Sequence[str],
               log_path: Path, job: str = "chunk_job", entity_per_minute: int | None = None,
-              max_retries: int | None = None, settings: dict | None = None) -> "PartitionProcess":
+              settings: dict | None = None) -> "PartitionProcess":
         args = [sys.executable, "-m", "mapillary_assets_tests.run_partition", "--home", str(home),
                 "--data-dir", str(data_dir), "--graph-url", server.graph_url, "--tiles-url", server.tiles_url,
                 "--job", job]
@@ -235,8 +183,6 @@ class PartitionProcess:
             args += ["--partition", key]
         if entity_per_minute is not None:
             args += ["--entity-per-minute", str(entity_per_minute)]
-        if max_retries is not None:
-            args += ["--max-retries", str(max_retries)]
         for name, value in (settings or {}).items():
             args += ["--setting", f"{name}={json.dumps(value)}"]
         env = {**os.environ, "MAPILLARY_ACCESS_TOKEN": token, "PYTHONPATH": str(REPO_ROOT)}
@@ -289,6 +235,17 @@ def temporary_leftovers(root: Path) -> list[Path]:
     return sorted(path for path in Path(root).rglob(f"*{TEMP_MARKER}*"))
 
 
+def busiest_window(times: Sequence[float], window_s: float = 60.0) -> int:
+    """The most requests in any `window_s`-second sliding window (closed, as a budget counts them)."""
+    ordered = sorted(times)
+    busiest, start = 0, 0
+    for end, moment in enumerate(ordered):
+        while moment - ordered[start] > window_s:
+            start += 1
+        busiest = max(busiest, end - start + 1)
+    return busiest
+
+
 def record_figure(scenario: str, **values) -> None:
     """Print a measurement and, when MAPILLARY_RELIABILITY_FIGURES names a file, append it there
     (RELIABILITY.md is filled from those lines)."""
@@ -307,7 +264,7 @@ def shared_temp_root(tmp_path_factory) -> Path:
 
 
 # ---------------------------------------------------------------------------------------------
-# the fault-free reference run
+# runs against the emulator, and the fault-free reference
 
 
 @dataclass
@@ -374,17 +331,6 @@ def _build_reference(folder: Path) -> None:
                                                      "busiest_minute": peaks}))
 
 
-def busiest_window(times: Sequence[float], window_s: float = 60.0) -> int:
-    """The most requests in any `window_s`-second sliding window (closed, as a budget counts them)."""
-    ordered = sorted(times)
-    busiest, start = 0, 0
-    for end, moment in enumerate(ordered):
-        while moment - ordered[start] > window_s:
-            start += 1
-        busiest = max(busiest, end - start + 1)
-    return busiest
-
-
 @contextlib.contextmanager
 def emulated_run(folder: Path, faults=None, token: str | None = None, server_token: str | None = None,
                  api: dict | None = None, **settings) -> Iterator["EmulatedRun"]:
@@ -425,7 +371,7 @@ class EmulatedRun:
 
         run_pipeline(self.instance, self.defs, log=lambda *_: None)
 
-    def run_until_complete(self, attempts: int = 3, between=None) -> int:
+    def run_until_complete(self, attempts: int = 3) -> int:
         """Run the pipeline again after each failure (a "backfill of failed partitions": each re-run
         does only what is missing), at most `attempts` times; returns the runs it took."""
         from mapillary_assets.cli import PipelineFailed
@@ -437,8 +383,6 @@ class EmulatedRun:
             except PipelineFailed:
                 if attempt == attempts:
                     raise
-                if between is not None:
-                    between(attempt)
         raise AssertionError("unreachable")
 
     def images(self):
@@ -464,18 +408,6 @@ def assert_same_images(actual, expected, ignore: Sequence[str] = ()) -> None:
                        rtol=0, atol=1e-9)
     columns = [c for c in right.columns if c != "geometry" and c not in ignore]
     pd.testing.assert_frame_equal(pd.DataFrame(left[columns]), pd.DataFrame(right[columns]), check_like=True)
-
-
-def complete_jpeg_problems(data_dir: Path) -> list[str]:
-    """Every stored thumbnail that is not a complete, decodable JPEG."""
-    from mapillary_assets.pipeline.download import verify_jpeg
-
-    problems = []
-    for path in sorted((Path(data_dir) / "thumbnails").rglob("*.jpg")):
-        reason = verify_jpeg(path.read_bytes())
-        if reason is not None:
-            problems.append(f"{path}: {reason}")
-    return problems
 
 
 if __name__ == "__main__":

@@ -7,10 +7,10 @@ from __future__ import annotations
 import math
 import time
 from dataclasses import dataclass
-from pathlib import Path
 
 import dagster as dg
 import pytest
+from dagster._core.instance.ref import InstanceRef
 from dagster._core.run_coordinator import QueuedRunCoordinator
 
 from mapillary_assets.cli import POOL_LIMITS, configure_pools
@@ -49,7 +49,7 @@ BACKFILL_TIMEOUT_S = 420.0          # the backfill daemon works in 30-second ite
 
 def test_repository_instance_config_queues_runs_limits_pools_and_frees_slots(tmp_path):
     home = prepare_home(tmp_path / "home")
-    with dg.DagsterInstance.from_ref(dg.InstanceRef.from_dir(str(home))) as instance:
+    with dg.DagsterInstance.from_ref(InstanceRef.from_dir(str(home))) as instance:
         configure_pools(instance)   # what `mapillary-assets demo|ui` do before any run
         concurrency = instance.get_concurrency_config()
         assert isinstance(instance.run_coordinator, QueuedRunCoordinator)
@@ -114,7 +114,8 @@ mutation LaunchRun($params: ExecutionParams!) {
   }
 }"""
 RUN_STATUS = """query Run($id: ID!) { runOrError(runId: $id) { ... on Run { status } } }"""
-SENSOR = """query Sensor($selector: SensorSelector!) { sensorOrError(sensorSelector: $selector) { ... on Sensor { id } } }"""
+SENSOR = """query Sensor($selector: SensorSelector!) {
+  sensorOrError(sensorSelector: $selector) { ... on Sensor { id } } }"""
 STOP_SENSOR = """mutation Stop($id: String) {
   stopSensor(id: $id) { __typename ... on StopSensorMutationResult { instigationState { status } } } }"""
 
@@ -144,30 +145,47 @@ class Deployment:
         assert answer["__typename"] == "PartitionBackfill", answer
         return answer
 
-    def wait_for_backfill(self, backfill_id: str, on_poll=None) -> dict:
+    def wait_for_backfill(self, backfill_id: str, while_waiting=None) -> dict:
+        """The backfill once it is over; `while_waiting()` is called every few milliseconds until then."""
+        next_status_check = 0.0
+
         def finished():
-            if on_poll is not None:
-                on_poll()
+            nonlocal next_status_check
+            if while_waiting is not None:
+                while_waiting()
+            if time.monotonic() < next_status_check:
+                return None
+            next_status_check = time.monotonic() + 1.0
             state = self.backfill(backfill_id)
             return state if state["status"] in TERMINAL_BACKFILL_STATUSES else None
 
-        return self.server.wait_until(finished, BACKFILL_TIMEOUT_S, f"backfill {backfill_id}", interval=0.05)
+        return self.server.wait_until(finished, BACKFILL_TIMEOUT_S, f"backfill {backfill_id}", interval=0.01)
 
     def partition_statuses(self, asset: str) -> dict[str, set[str]]:
         node = self.server.graphql(PARTITION_STATUSES, {"asset": {"path": [asset]}})["assetNodeOrError"]
         return {name: set(keys) for name, keys in node["assetPartitionStatuses"].items()}
 
-    def run_job(self, job_name: str) -> str:
+    def wait_for_backfill_runs(self, backfill_id: str) -> list[dict]:
+        """The backfill's runs once it has some and all are over (the daemon marks the backfill itself
+        complete on its next pass, up to 30 seconds later)."""
+        def runs_over():
+            runs = self.backfill(backfill_id)["runs"]
+            return runs if runs and all(run["status"] in TERMINAL_RUN_STATUSES for run in runs) else None
+
+        return self.server.wait_until(runs_over, BACKFILL_TIMEOUT_S, f"the runs of backfill {backfill_id}", 1.0)
+
+    def launch_run(self, job_name: str) -> str:
         params = {"selector": self.server.job_selector(job_name)}
         answer = self.server.graphql(LAUNCH_RUN, {"params": params})["launchPipelineExecution"]
         assert answer["__typename"] == "LaunchRunSuccess", answer
-        run_id = answer["run"]["runId"]
+        return answer["run"]["runId"]
 
+    def wait_for_run(self, run_id: str) -> str:
         def status():
             value = self.server.graphql(RUN_STATUS, {"id": run_id})["runOrError"]["status"]
             return value if value in TERMINAL_RUN_STATUSES else None
 
-        return self.server.wait_until(status, BACKFILL_TIMEOUT_S, f"{job_name} run {run_id}")
+        return self.server.wait_until(status, BACKFILL_TIMEOUT_S, f"run {run_id}", 1.0)
 
     def stop_sensor(self, name: str) -> None:
         selector = {**self.server.repository_selector, "sensorName": name}
@@ -232,25 +250,23 @@ class OutageDuringSecondRun:
     """Polled while the backfill runs: once the first run has stored its thumbnails, wait until the second
     run has downloaded a few, then take the emulator down (every request answers 503) until further notice."""
 
-    def __init__(self, deployment: Deployment):
-        self.deployment = deployment
+    def __init__(self, emulator: EmulatorServer, instance: dg.DagsterInstance):
+        self.emulator, self.instance = emulator, instance
         self.first_run_thumbnails: int | None = None
         self.started = False
-        self.last_instance_poll = 0.0
+        self.next_instance_check = 0.0
 
     def __call__(self) -> None:
-        emulator = self.deployment.emulator
         if self.started:
             return
         if self.first_run_thumbnails is None:
-            if time.monotonic() - self.last_instance_poll < 0.25:
+            if time.monotonic() < self.next_instance_check:
                 return
-            self.last_instance_poll = time.monotonic()
-            with self.deployment.server.open_instance() as instance:
-                if instance.get_materialized_partitions(dg.AssetKey("thumbnail_downloads")):
-                    self.first_run_thumbnails = emulator.stats()["thumbnail"]
-        elif emulator.stats()["thumbnail"] >= self.first_run_thumbnails + OUTAGE_AFTER_THUMBNAILS:
-            emulator.set_faults(outage_start=time.time(), outage_end=None)
+            self.next_instance_check = time.monotonic() + 0.25
+            if self.instance.get_materialized_partitions(dg.AssetKey("thumbnail_downloads")):
+                self.first_run_thumbnails = self.emulator.stats()["thumbnail"]
+        elif self.emulator.stats()["thumbnail"] >= self.first_run_thumbnails + OUTAGE_AFTER_THUMBNAILS:
+            self.emulator.set_faults(outage_start=time.time(), outage_end=None)
             self.started = True
 
 
@@ -263,8 +279,10 @@ def test_backfill_of_failed_partitions_fetches_only_what_is_missing(deployment, 
 
     # 1. A backfill of every chunk; the API goes down during its second run.
     emulator.set_faults(latency_s=0.03)
-    outage = OutageDuringSecondRun(deployment)
-    first = deployment.wait_for_backfill(deployment.launch_backfill(CHUNK_ASSETS, chunks), on_poll=outage)
+    first_id = deployment.launch_backfill(CHUNK_ASSETS, chunks)
+    with deployment.server.open_instance() as instance:
+        outage = OutageDuringSecondRun(emulator, instance)
+        first = deployment.wait_for_backfill(first_id, while_waiting=outage)
     assert outage.started, "the outage never started"
     assert first["status"] in {"COMPLETED_FAILED", "FAILED"}, first["status"]
     emulator.set_faults(outage_start=None, outage_end=None, latency_s=0.0)
@@ -283,14 +301,12 @@ def test_backfill_of_failed_partitions_fetches_only_what_is_missing(deployment, 
     assert 0 < sum(missing.values()) < sum(len(ids_by_chunk[c]) for c in failed), missing
     assert all(deployment.missing_thumbnails(ids_by_chunk[chunk]) == 0 for chunk in done)
 
-    # 2. The API is back: "Re-execute -> From failure" runs only the failed partitions' missing steps.
+    # 2. The API is back: "Re-execute -> From failure" runs only the failed partitions' missing steps ...
     emulator.reset_stats()
-    retry = deployment.wait_for_backfill(deployment.reexecute_from_failure(first_id := _backfill_id(first, deployment)))
-    assert retry["status"] == "COMPLETED_SUCCESS", retry
-    retried = statuses_by_asset(retry)
-    assert set(retried) == {"thumbnail_downloads", "blur_scores"}, "metadata had completed: not re-run"
-    assert all(s["numPartitionsTargeted"] == len(failed) for s in retried.values())
-    ranges = [range_of(run) for run in retry["runs"]]
+    retry_id = deployment.reexecute_from_failure(first_id)
+    retry_runs = deployment.wait_for_backfill_runs(retry_id)
+    assert [run["status"] for run in retry_runs] == ["SUCCESS"] * len(retry_runs)
+    ranges = [range_of(run) for run in retry_runs]
     assert {key for start, end in ranges for key in chunks[chunks.index(start):chunks.index(end) + 1]} == failed
 
     # ... and each fetched only what was missing: the missing thumbnails and their URLs, nothing else.
@@ -304,13 +320,15 @@ def test_backfill_of_failed_partitions_fetches_only_what_is_missing(deployment, 
             records = instance.fetch_materializations(dg.AssetRecordsFilter(
                 asset_key=dg.AssetKey("thumbnail_downloads"), asset_partitions=[chunk]), limit=10).records
             assert len(records) == 1, chunk
-    assert first_id
 
-    # 3. Publish: the GeoPackage equals the fault-free run's, id for id and value for value.
-    assert deployment.run_job("publish_job") == "SUCCESS"
+    # 3. Publish (launched while the daemon closes the re-execution backfill): the GeoPackage equals the
+    # fault-free run's, id for id and value for value.
+    publish_run = deployment.launch_run("publish_job")
+    retry = deployment.wait_for_backfill(retry_id)
+    assert retry["status"] == "COMPLETED_SUCCESS", retry
+    retried = statuses_by_asset(retry)
+    assert set(retried) == {"thumbnail_downloads", "blur_scores"}, "metadata had completed: not re-run"
+    assert all(s["numPartitionsTargeted"] == s["numPartitionsMaterialized"] == len(failed) for s in retried.values())
+    assert {run["id"] for run in retry["runs"]} == {run["id"] for run in retry_runs}
+    assert deployment.wait_for_run(publish_run) == "SUCCESS"
     assert_same_images(read_images(deployment.layout.root), reference.load_images())
-
-
-def _backfill_id(backfill: dict, deployment: Deployment) -> str:
-    tags = {tag["key"]: tag["value"] for run in backfill["runs"] for tag in run["tags"]}
-    return tags["dagster/backfill"]

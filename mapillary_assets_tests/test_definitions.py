@@ -9,7 +9,7 @@ import dagster as dg
 from mapillary_assets.definitions import defs
 
 EXPECTED_ASSETS = {
-    "discovered_images", "image_chunks", "image_metadata", "thumbnail_downloads", "blur_scores",
+    "discovered_images", "sequence_images", "image_chunks", "image_metadata", "thumbnail_downloads", "blur_scores",
     "filter_areas", "staging_tables", "mapillary_geopackage",
 }
 
@@ -20,6 +20,7 @@ def test_definitions_load_with_expected_graph():
     assert {key.to_user_string() for key in graph.get_all_asset_keys()} == EXPECTED_ASSETS
     upstream = {key.to_user_string(): {p.to_user_string() for p in graph.get(key).parent_keys}
                 for key in graph.get_all_asset_keys()}
+    assert upstream["image_chunks"] == {"discovered_images", "sequence_images"}
     assert upstream["image_metadata"] == {"image_chunks"}
     assert upstream["thumbnail_downloads"] == {"image_metadata"}
     assert upstream["blur_scores"] == {"thumbnail_downloads"}

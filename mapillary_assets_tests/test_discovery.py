@@ -16,6 +16,7 @@ from mapillary_assets.emulator import EmulatorServer, World
 from mapillary_assets.emulator.tiles import render_tile
 from mapillary_assets.pipeline.aoi import load_aoi
 from mapillary_assets.pipeline.discovery import (
+    discover_by_sequences,
     DISCOVERY_COLUMNS,
     SEARCH_LIMIT,
     discover_by_bbox_search,
@@ -277,3 +278,31 @@ def test_emulator_5xx_are_retried(tmp_path, world, aoi):
         frame, _ = run(discover_via(server, tmp_path, aoi, CENTRE, DataLayout(tmp_path / "data")))
         assert server.stats()["faulted"] > 0
     assert_same_ids_up_to_quantisation(frame["image_id"], partition_truth(world, aoi, CENTRE), world, aoi)
+
+
+async def sequences_via(server, tmp_path, aoi, sequence_ids, existing=None):
+    async with emulator_client(server, tmp_path) as client:
+        return await discover_by_sequences(client, aoi, sequence_ids, existing)
+
+
+def test_sequence_route_finds_the_sequences_images_inside_the_area_and_resumes(tmp_path, world, aoi):
+    records = world.images_in_polygon(aoi.geometry)
+    sequences = sorted({r.sequence_id for r in records})[::25][:6]
+    truth = {r.id: r for r in records if r.sequence_id in sequences}
+    with EmulatorServer(world) as server:
+        frame, failures, stats = run(sequences_via(server, tmp_path, aoi, [*sequences, "NoSuchSequence1"]))
+        assert set(frame["image_id"]) == set(truth) and len(truth) > 50
+        assert failures.empty
+        assert {k: str(v) for k, v in frame.dtypes.items()} == DISCOVERY_COLUMNS
+        row = frame.iloc[0]
+        record = truth[row["image_id"]]
+        assert row["sequence_id"] == record.sequence_id and row["captured_at_ms"] == record.captured_at
+        assert (row["lon"], row["lat"]) == pytest.approx(tuple(record.geometry))
+        assert row["tile_z14"] == "14/{}/{}".format(*mercantile.tile(row["lon"], row["lat"], 14)[:2])
+
+        # A re-run lists the sequences again but looks up none of the images it already holds.
+        server.reset_stats()
+        again, _, _ = run(sequences_via(server, tmp_path, aoi, sequences, existing=frame))
+        pd.testing.assert_frame_equal(again, frame)
+        outside = {i for s in sequences for i in world.sequence_image_ids(s)} - set(truth)
+        assert server.stats().get("batch", 0) == -(-len(outside) // 50)

@@ -4,12 +4,15 @@ from __future__ import annotations
 
 import math
 
+import dagster as dg
 import numpy as np
 import pandas as pd
 import pytest
 import shapely
 
+from mapillary_assets.defs.partitions import tile_partitions
 from mapillary_assets.pipeline.filters import load_filter_polygons
+from mapillary_assets.storage import read_parquet
 from mapillary_assets_tests.harness import URBAN_AREA, pipeline_run
 
 pytestmark = pytest.mark.slow
@@ -109,3 +112,36 @@ def test_a_second_run_is_idempotent_and_fetches_nothing(published):
     assert fetched == {"tile": 0, "batch": 0, "entity": 0, "thumbnail": 0}, stats
     again = run.images().set_index("image_id", drop=False).rename_axis(None)
     pd.testing.assert_frame_equal(images.drop(columns="geometry"), again.drop(columns="geometry"))
+
+
+def _latest_metadata(run, asset: str, partition: str) -> dict:
+    records = run.instance.fetch_materializations(
+        dg.AssetRecordsFilter(asset_key=dg.AssetKey(asset), asset_partitions=[partition]), limit=1).records
+    return records[0].asset_materialization.metadata
+
+
+def test_each_partition_shows_its_own_numbers_never_the_whole_runs(published):
+    run, _ = published
+    keys = tile_partitions.get_partition_keys()
+    assert len(keys) > 1, "the pipeline runs discovery as one ranged run over several partitions"
+    for key in keys:
+        metadata = _latest_metadata(run, "discovered_images", key)
+        assert "images" not in metadata, "a ranged run's total would be shown as this partition's count"
+        assert metadata["partitions_in_run"].value == len(keys)
+        assert f"| {key} " in metadata["per_partition"].value
+    key = max(keys, key=lambda k: len(read_parquet(run.layout.discovery_path(k))))
+    result = run.defs.resolve_job_def("discovery_job").execute_in_process(instance=run.instance, partition_key=key)
+    assert result.success
+    assert _latest_metadata(run, "discovered_images", key)["images"].value == len(read_parquet(run.layout.discovery_path(key)))
+
+
+def test_publishing_removes_what_an_interrupted_publish_left(published):
+    run, _ = published
+    leftovers = [run.layout.geopackage_path.with_name(run.layout.geopackage_path.name + ".tmp-k1ll3d.gpkg"),
+                 run.layout.geopackage_path.with_name(run.layout.geopackage_path.name + ".tmp-k1ll3d.gpkg-journal"),
+                 run.layout.filter_areas_path.with_name(run.layout.filter_areas_path.name + ".tmp-k1ll3d")]
+    for path in leftovers:
+        path.write_bytes(b"half written")
+    assert run.defs.resolve_job_def("publish_job").execute_in_process(instance=run.instance).success
+    assert not [path for path in leftovers if path.exists()]
+    assert run.layout.geopackage_path.exists() and run.layout.filter_areas_path.exists()

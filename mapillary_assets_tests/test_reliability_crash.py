@@ -16,6 +16,7 @@ import numpy as np
 import pytest
 
 from mapillary_assets.cli import configure_pools
+from mapillary_assets.defs.dead_runs import release_dead_runs
 from mapillary_assets.emulator import Faults
 from mapillary_assets.pipeline.download import is_complete_jpeg
 from mapillary_assets.storage import TEMP_MARKER, read_parquet
@@ -26,7 +27,6 @@ from mapillary_assets_tests.run_partition import (
     emulated_run,
     fault_free_reference,
     record_figure,
-    release_dead_runs,
     run_discovery_and_chunking,
     shared_temp_root,
     temporary_leftovers,
@@ -141,7 +141,9 @@ def _kill_during(phase: str, process: PartitionProcess, run, chunk: str, ids: li
         downloads = layout.downloads_path(chunk)
         _wait_for(process, lambda: downloads.exists() and downloads.stat().st_mtime >= process_started_at(process),
                   f"{chunk}: downloads stored")
-        time.sleep(rng.uniform(0.0, 0.5))   # scoring 200 thumbnails takes longer than that
+        # Storing the downloads' materialisation, starting the blur step and scoring 200 thumbnails takes
+        # longer than this even on a fast machine; on this 2-core one scoring alone takes 1-3 s.
+        time.sleep(rng.uniform(0.0, 0.3))
     else:
         raise ValueError(phase)
     assert process.running, f"{chunk} finished before its {phase} kill point:\n{process.log_tail()}"

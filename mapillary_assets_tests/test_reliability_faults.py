@@ -136,8 +136,7 @@ def test_an_outage_is_ridden_out_or_resumed(tmp_path, reference):
         start = time.time() + 1.0
         run.server.set_faults(outage_start=start, outage_end=start + 8.0)
         started = time.monotonic()
-        failures = []
-        runs = run.run_until_complete(attempts=3, between=failures.append)
+        runs = run.run_until_complete(attempts=4)
         seconds = time.monotonic() - started
         stats = run.server.stats()
         images = run.images()

@@ -3,7 +3,7 @@
 import dagster as dg
 
 from mapillary_assets.defs.assets.chunks import blur_scores, image_metadata, thumbnail_downloads
-from mapillary_assets.defs.assets.discovery import discovered_images, image_chunks
+from mapillary_assets.defs.assets.discovery import discovered_images, image_chunks, sequence_images
 from mapillary_assets.defs.assets.publish import filter_areas, mapillary_geopackage, staging_tables
 
 discovery_job = dg.define_asset_job(
@@ -11,7 +11,8 @@ discovery_job = dg.define_asset_job(
     description="Discover images in tile partitions.",
 )
 chunking_job = dg.define_asset_job(
-    "chunking_job", selection=[image_chunks], description="Assign newly discovered ids to new chunks.",
+    "chunking_job", selection=[sequence_images, image_chunks],
+    description="List the configured sequences' images, then assign newly discovered ids to new chunks.",
 )
 chunk_job = dg.define_asset_job(
     "chunk_job", selection=[image_metadata, thumbnail_downloads, blur_scores],

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 
 import dagster as dg
@@ -14,6 +15,7 @@ TILESETS = ("mly1_public", "mly1_computed_public")
 DISCOVERY_ROUTES = ("tiles", "bbox_search")
 BLUR_BACKENDS = ("auto", "opencv", "kornia-cpu", "kornia-cuda")
 THUMBNAIL_SIZES = (256, 1024, 2048)
+_SEQUENCE_ID = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
 
 
 class ConfigError(ValueError):
@@ -75,7 +77,7 @@ class PipelineSettings(dg.ConfigurableResource):
 
     tileset: str = "mly1_public"
     discovery_route: str = "tiles"
-    tile_cache_max_age_hours: float = 24 * 7
+    tile_cache_max_age_hours: float = 24.0
     chunk_size: int = 5000
     sample_limit: int = 0
     thumbnail_size: int = 1024
@@ -86,6 +88,22 @@ class PipelineSettings(dg.ConfigurableResource):
     inside_spacing_m: float = 100.0
     outside_spacing_m: float = 1000.0
     max_failed_ratio: float = 0.01
+    sequence_ids: str = ""
+
+    def sequence_id_list(self) -> list[str]:
+        """MAPILLARY_SEQUENCE_IDS: ids separated by commas or whitespace, or a text file holding them."""
+        text = self.sequence_ids.strip()
+        if text and Path(text).is_file():
+            text = Path(text).read_text()
+        ids = list(dict.fromkeys(text.replace(",", " ").split()))
+        invalid = [i for i in ids if not _SEQUENCE_ID.match(i)]
+        if invalid:
+            raise ConfigError(
+                f"MAPILLARY_SEQUENCE_IDS holds {len(invalid)} invalid sequence id(s) ({', '.join(map(repr, invalid[:3]))}): "
+                "Mapillary sequence ids are letters, digits, '_' and '-', separated by commas or spaces "
+                "(or a file of them)"
+            )
+        return ids
 
     def validated(self) -> "PipelineSettings":
         _choice("MAPILLARY_TILESET", self.tileset, TILESETS)
@@ -100,6 +118,7 @@ class PipelineSettings(dg.ConfigurableResource):
         _at_least("MAPILLARY_INSIDE_SPACING_M", self.inside_spacing_m, 0)
         _at_least("MAPILLARY_OUTSIDE_SPACING_M", self.outside_spacing_m, 0)
         _at_least("MAPILLARY_MAX_FAILED_RATIO", self.max_failed_ratio, 0, upper=1)
+        self.sequence_id_list()
         if self.filter_areas_path and not Path(self.filter_areas_path).is_file():
             raise ConfigError(
                 f"MAPILLARY_FILTER_AREAS={self.filter_areas_path!r} is not a file: "

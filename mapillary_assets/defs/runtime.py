@@ -8,6 +8,7 @@ import time
 from collections.abc import Callable, Coroutine
 from typing import Any, TypeVar
 
+import dagster as dg
 import pandas as pd
 
 T = TypeVar("T")
@@ -43,3 +44,21 @@ def progress_logger(
 def preview_markdown(frame: pd.DataFrame, rows: int = 10, columns: list[str] | None = None) -> str:
     shown = frame[columns] if columns else frame
     return shown.head(rows).to_markdown(index=False) if len(shown) else "(no rows)"
+
+
+def partition_counts_metadata(counts: dict[str, dict[str, int]]) -> dict[str, Any]:
+    """Materialisation metadata from each partition's numbers (`{partition: {name: count}}`).
+
+    A ranged run records one materialisation per partition, all with the same metadata (Dagster has no
+    per-partition metadata there, dagster-io/dagster#18123). So a single partition gets its own numbers,
+    and a ranged run its totals as `run_<name>` beside a `per_partition` table: no partition ever shows
+    another's numbers as its own."""
+    if len(counts) <= 1:
+        return dict(next(iter(counts.values()), {}))
+    names = list(next(iter(counts.values())))
+    table = pd.DataFrame.from_dict(counts, orient="index")[names].rename_axis("partition").reset_index()
+    return {
+        "partitions_in_run": len(counts),
+        **{f"run_{name}": int(table[name].sum()) for name in names},
+        "per_partition": dg.MetadataValue.md(table.to_markdown(index=False)),
+    }

@@ -7,6 +7,9 @@ are cached on disk, so a refresh within the cache age makes no request.
 
 Search route (`discover_by_bbox_search`): recursive bbox search of the Graph API, splitting a box
 in four whenever it returns the 2,000-result cap or the API asks for less data.
+
+Sequence route (`discover_by_sequences`): the image ids of given sequences (`image_ids?sequence_id=`),
+then their positions by batch lookup, clipped to the AOI like the other routes.
 """
 
 from __future__ import annotations
@@ -24,12 +27,14 @@ import mercantile
 import numpy as np
 import pandas as pd
 import pyarrow as pa
+import pyarrow.compute as pc
 import shapely
 
 from mapillary_assets.api.decoders import decode_image_layer, decode_sequence_lines, int_or_none
 from mapillary_assets.api.errors import RequestTooLargeError
 from mapillary_assets.pipeline.aoi import AreaOfInterest, tile_bounds_arrays
-from mapillary_assets.storage import DataLayout, atomic_write_bytes
+from mapillary_assets.pipeline.metadata import conform_failures, fetch_metadata, fetch_sequence_image_ids
+from mapillary_assets.storage import IMAGE_ID_PATTERN, DataLayout, atomic_write_bytes
 
 log = logging.getLogger(__name__)
 
@@ -39,7 +44,7 @@ MIN_COVERAGE_ZOOM = 6
 MVT_EXTENT = 4096
 DEFAULT_TILESET = "mly1_public"
 _TILESET_NAME = re.compile(r"^[A-Za-z0-9_]{1,64}$")
-DEFAULT_CACHE_MAX_AGE_S = 7 * 86400
+DEFAULT_CACHE_MAX_AGE_S = 86400
 
 SEARCH_LIMIT = 2000
 MAX_SEARCH_BOX_DEG2 = 0.01             # the API rejects boxes this large
@@ -88,6 +93,7 @@ class DiscoveryStats:
     images_in_tiles: int = 0            # image points decoded, before clipping to the AOI
     images_in_aoi: int = 0              # rows returned
     duplicates_dropped: int = 0
+    invalid_ids_dropped: int = 0        # ids that are not decimal digits: never a path, never a row
     search_requests: int = 0
     seconds: float = 0.0
 
@@ -156,7 +162,7 @@ async def discover_partition(
             stats.empty_z14_tiles += 1
             return
         stats.nonempty_z14_tiles += 1
-        table = _points_table(points, f"{IMAGE_ZOOM}/{x}/{y}", tileset)
+        table = _valid_ids(_points_table(points, f"{IMAGE_ZOOM}/{x}/{y}", tileset), f"tile {IMAGE_ZOOM}/{x}/{y}", stats)
         inside = shapely.intersects_xy(geometry, table["lon"].to_numpy(), table["lat"].to_numpy())
         parts.append(table.filter(pa.array(inside)))
 
@@ -329,6 +335,19 @@ def _points_table(points, tile_z14: str, tileset: str) -> pa.Table:
     ], schema=DISCOVERY_SCHEMA)
 
 
+def _valid_ids(table: pa.Table, source: str, stats: DiscoveryStats) -> pa.Table:
+    """Rows whose image id is decimal digits; the others are dropped with a warning naming `source`
+    (an id becomes a file name and a number downstream, so a malformed one must stop here)."""
+    valid = pc.fill_null(pc.match_substring_regex(table["image_id"], IMAGE_ID_PATTERN.pattern), False)
+    dropped = table.num_rows - pc.sum(valid).as_py() if table.num_rows else 0
+    if dropped:
+        example = table.filter(pc.invert(valid))["image_id"][0].as_py()
+        log.warning("%s: dropped %d image id(s) that are not decimal digits (e.g. %r)", source, dropped, example)
+        stats.invalid_ids_dropped += dropped
+        return table.filter(valid)
+    return table
+
+
 def _finish(parts: list[pa.Table]) -> tuple[pd.DataFrame, int]:
     """Concatenate, drop repeated image ids (first kept), order by numeric id; (frame, dropped)."""
     parts = [p for p in parts if p.num_rows]
@@ -337,7 +356,8 @@ def _finish(parts: list[pa.Table]) -> tuple[pd.DataFrame, int]:
     frame = _to_frame(pa.concat_tables(parts))
     duplicated = frame["image_id"].duplicated()
     frame = frame[~duplicated]
-    order = np.argsort(frame["image_id"].astype("int64").to_numpy(), kind="stable")
+    # numeric order of digit strings without int64 (20-digit ids overflow it): by length, then text
+    order = np.lexsort((frame["image_id"].to_numpy(dtype=str), frame["image_id"].str.len().to_numpy()))
     return frame.iloc[order].reset_index(drop=True), int(duplicated.sum())
 
 
@@ -404,7 +424,7 @@ async def discover_by_bbox_search(
 
     await _run_all(search(box) for box in _start_boxes(west, south, east, north) if _box_overlaps(geometry, box))
 
-    table = _search_table(found, tileset_label)
+    table = _valid_ids(_search_table(found, tileset_label), "bbox search", stats)
     stats.images_in_tiles = table.num_rows
     lon, lat = table["lon"].to_numpy(zero_copy_only=False), table["lat"].to_numpy(zero_copy_only=False)
     keep = shapely.intersects_xy(geometry, lon, lat)
@@ -440,7 +460,6 @@ def _search_table(rows: list[dict], tileset: str) -> pa.Table:
     coords = [(row.get("geometry") or {}).get("coordinates") or (math.nan, math.nan) for row in rows]
     lon = np.array([c[0] for c in coords], dtype=float)
     lat = np.array([c[1] for c in coords], dtype=float)
-    tiles = [mercantile.tile(a, b, IMAGE_ZOOM) if not math.isnan(a) else None for a, b in zip(lon, lat)]
     return pa.Table.from_arrays([
         pa.array([str(row["id"]) for row in rows], pa.string()),
         pa.array([row.get("sequence") for row in rows], pa.string()),
@@ -451,8 +470,65 @@ def _search_table(rows: list[dict], tileset: str) -> pa.Table:
         pa.array([row.get("is_pano") for row in rows], pa.bool_()),
         pa.array([int_or_none(row.get("organization_id")) for row in rows], pa.int64()),
         pa.array([int_or_none((row.get("creator") or {}).get("id")) for row in rows], pa.int64()),
-        pa.array([f"14/{t.x}/{t.y}" if t else None for t in tiles], pa.string()),
+        pa.array([_z14_key(a, b) for a, b in zip(lon, lat)], pa.string()),
         pa.array([tileset] * len(rows), pa.string()),
     ], schema=DISCOVERY_SCHEMA)
 
 
+
+
+# ---------------------------------------------------------------------------------------------
+# sequence route
+
+
+async def discover_by_sequences(
+    client,
+    aoi: AreaOfInterest,
+    sequence_ids: Sequence[str],
+    existing: pd.DataFrame | None = None,
+    tileset_label: str = DEFAULT_TILESET,
+) -> tuple[pd.DataFrame, pd.DataFrame, DiscoveryStats]:
+    """Images of `sequence_ids` inside the AOI: (frame, failures, stats).
+
+    Each sequence's image ids are listed afresh (a sequence may have grown); positions are looked up
+    only for ids `existing` (an earlier result) does not hold. `failures` are the ids whose lookup
+    failed (pipeline.metadata's failure columns); unknown sequences are empty, with a warning."""
+    started = time.perf_counter()
+    stats = DiscoveryStats()
+    by_sequence = await fetch_sequence_image_ids(client, sequence_ids)
+    stats.search_requests += len(by_sequence)
+    wanted = list(dict.fromkeys(image_id for ids in by_sequence.values() for image_id in ids))
+    kept = existing[existing["image_id"].isin(wanted)] if existing is not None and len(existing) else None
+    known = set(kept["image_id"]) if kept is not None else set()
+    result = await fetch_metadata(client, [i for i in wanted if i not in known], fields=SEARCH_FIELDS)
+    stats.search_requests += result.requests
+    rows = result.rows
+    table = _valid_ids(pa.Table.from_arrays([
+        pa.array(rows["image_id"], pa.string()),
+        pa.array(rows["sequence_id"], pa.string()),
+        pa.array(rows["lon"], pa.float64()),
+        pa.array(rows["lat"], pa.float64()),
+        pa.array(rows["captured_at"], pa.timestamp("ms", tz="UTC")).cast(pa.int64()),
+        pa.array(rows["compass_angle"], pa.float64()),
+        pa.array(rows["is_pano"], pa.bool_()),
+        pa.nulls(len(rows), pa.int64()),
+        pa.array([int_or_none(c) for c in rows["creator_id"]], pa.int64()),
+        pa.array([_z14_key(lon, lat) for lon, lat in zip(rows["lon"], rows["lat"])], pa.string()),
+        pa.array([tileset_label] * len(rows), pa.string()),
+    ], schema=DISCOVERY_SCHEMA), "sequence route", stats)
+    stats.images_in_tiles = table.num_rows + len(known)
+    lon, lat = table["lon"].to_numpy(zero_copy_only=False), table["lat"].to_numpy(zero_copy_only=False)
+    inside = shapely.intersects_xy(aoi.geometry, lon, lat)
+    parts = [pa.Table.from_pandas(kept, schema=DISCOVERY_SCHEMA, preserve_index=False)] if kept is not None else []
+    frame, dropped = _finish(parts + [table.filter(pa.array(inside))])
+    stats.duplicates_dropped = dropped
+    stats.images_in_aoi = len(frame)
+    stats.seconds = time.perf_counter() - started
+    return frame, conform_failures(result.failures), stats
+
+
+def _z14_key(lon: float, lat: float) -> str | None:
+    if math.isnan(lon) or math.isnan(lat):
+        return None
+    tile = mercantile.tile(lon, lat, IMAGE_ZOOM)
+    return f"{IMAGE_ZOOM}/{tile.x}/{tile.y}"

@@ -13,7 +13,14 @@ import pandas as pd
 from mapillary_assets.defs.assets.discovery import image_chunks
 from mapillary_assets.defs.partitions import chunk_partitions
 from mapillary_assets.defs.resources import DataStorageResource, MapillaryApiResource, PipelineSettings
-from mapillary_assets.defs.runtime import API_POOL, GPU_POOL, preview_markdown, progress_logger, run_async
+from mapillary_assets.defs.runtime import (
+    API_POOL,
+    GPU_POOL,
+    partition_counts_metadata,
+    preview_markdown,
+    progress_logger,
+    run_async,
+)
 from mapillary_assets.pipeline.blur import score_images
 from mapillary_assets.pipeline.charts import histogram_markdown
 from mapillary_assets.pipeline.chunks import chunk_image_ids
@@ -102,14 +109,11 @@ def image_metadata(
     context.log.info(f"metadata: {len(rows):,} images stored, {fetched:,} fetched with {requests:,} requests, "
                      f"{len(failures):,} failed ({int(failures['transient'].sum()) if len(failures) else 0} transient)")
     _fail_if_transient("ids", {k: int(o[1]["transient"].sum()) for k, o in outcome.items()})
+    counts = {key: {"images": len(r), "fetched_now": todo, "requests": n,
+                    "failed_permanent": int((~f["transient"]).sum()) if len(f) else 0}
+              for key, (r, f, todo, n) in outcome.items()}
     return dg.MaterializeResult(
-        metadata={
-            "images": len(rows),
-            "fetched_now": fetched,
-            "requests": requests,
-            "failed_permanent": int((~failures["transient"]).sum()) if len(failures) else 0,
-            "preview": dg.MetadataValue.md(preview_markdown(rows)),
-        }
+        metadata={**partition_counts_metadata(counts), "preview": dg.MetadataValue.md(preview_markdown(rows))}
     )
 
 
@@ -154,10 +158,9 @@ def thumbnail_downloads(
     ok = int((frame["status"] == "ok").sum())
     context.log.info(f"downloads: {ok:,}/{len(frame):,} thumbnails on disk, {len(frame) - ok:,} failed")
     _fail_if_transient("downloads", {k: int(f["transient"].sum()) for k, f in outcome.items()})
-    return dg.MaterializeResult(
-        metadata={"thumbnails": ok, "failed": len(frame) - ok, "bytes": int(frame["bytes"].sum()),
-                  "size_px": settings.thumbnail_size}
-    )
+    counts = {key: {"thumbnails": int((f["status"] == "ok").sum()), "failed": int((f["status"] != "ok").sum()),
+                    "bytes": int(f["bytes"].sum())} for key, f in outcome.items()}
+    return dg.MaterializeResult(metadata={**partition_counts_metadata(counts), "size_px": settings.thumbnail_size})
 
 
 @dg.asset(
@@ -174,7 +177,7 @@ def blur_scores(
     context: dg.AssetExecutionContext, storage: DataStorageResource, settings: PipelineSettings
 ) -> dg.MaterializeResult:
     layout = storage.layout
-    frames = []
+    frames = {}
     for key in context.partition_keys:
         _remove_leftovers(context.log, key, [layout.blur_path(key)])
         downloads = read_parquet(layout.downloads_path(key))
@@ -184,14 +187,14 @@ def blur_scores(
             threshold=settings.blur_threshold, progress=progress_logger(context.log, key, unit="images"),
         )
         write_parquet_atomic(scores, layout.blur_path(key))
-        frames.append(scores)
-    scores = pd.concat(frames)
+        frames[key] = scores
+    scores = pd.concat(frames.values())
     blurry = int(scores["is_blurry"].sum())
     context.log.info(f"blur: {len(scores):,} images scored, {blurry:,} blurry (threshold {settings.blur_threshold})")
     return dg.MaterializeResult(
         metadata={
-            "scored": len(scores),
-            "blurry": blurry,
+            **partition_counts_metadata({key: {"scored": len(f), "blurry": int(f["is_blurry"].sum())}
+                                         for key, f in frames.items()}),
             "backend": str(scores["backend"].iloc[0]) if len(scores) else settings.blur_backend,
             "histogram": dg.MetadataValue.md(histogram_markdown(scores["blur_value"], settings.blur_threshold)),
         }

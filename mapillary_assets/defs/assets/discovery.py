@@ -7,12 +7,17 @@ import pandas as pd
 
 from mapillary_assets.defs.partitions import CHUNK_PARTITIONS_NAME, tile_partitions
 from mapillary_assets.defs.resources import DataStorageResource, MapillaryApiResource, PipelineSettings
-from mapillary_assets.defs.runtime import API_POOL, preview_markdown, run_async
+from mapillary_assets.defs.runtime import API_POOL, partition_counts_metadata, preview_markdown, run_async
 from mapillary_assets.defs.settings import current_aoi
 from mapillary_assets.pipeline.aoi import parse_tile_key
 from mapillary_assets.pipeline.chunks import assign_chunks, chunk_keys
-from mapillary_assets.pipeline.discovery import discover_by_bbox_search, discover_partition
-from mapillary_assets.pipeline.discovery import IMAGE_ZOOM, MIN_COVERAGE_ZOOM
+from mapillary_assets.pipeline.discovery import (
+    IMAGE_ZOOM,
+    MIN_COVERAGE_ZOOM,
+    discover_by_bbox_search,
+    discover_by_sequences,
+    discover_partition,
+)
 from mapillary_assets.storage import (
     DataLayout,
     StorageError,
@@ -23,6 +28,9 @@ from mapillary_assets.storage import (
 )
 
 _INVALID_IDS_SHOWN = 3
+# The sequence route's discovery file sits beside the tile partitions' (a tile key never reads "sequences"),
+# so chunking and staging take its images like any partition's.
+SEQUENCE_ROUTE_KEY = "sequences"
 
 
 async def _discover(api: MapillaryApiResource, layout: DataLayout, settings: PipelineSettings, keys, log):
@@ -79,14 +87,57 @@ def discovered_images(
     total = sum(len(frame) for frame in frames)
     requests = sum(stats.requests for _, stats in results.values())
     context.log.info(f"discovered {total:,} images in {len(results)} partition(s) with {requests:,} tile requests")
+    counts = {key: {"images": len(frame), "tile_requests": stats.requests} for key, (frame, stats) in results.items()}
     return dg.MaterializeResult(
         metadata={
-            "images": total,
-            "tile_requests": requests,
+            **partition_counts_metadata(counts),
             "tileset": settings.tileset,
             "route": settings.discovery_route,
             "preview": dg.MetadataValue.md(preview_markdown(pd.concat(frames) if frames else pd.DataFrame())),
         }
+    )
+
+
+@dg.asset(
+    group_name="discovery",
+    kinds={"python", "parquet"},
+    pool=API_POOL,
+    description="The sequence route: images of the sequences in MAPILLARY_SEQUENCE_IDS (`image_ids?sequence_id=`, "
+    "positions by batch lookup), clipped to the area; chunked with the tile partitions' images.",
+)
+def sequence_images(
+    context: dg.AssetExecutionContext,
+    mapillary_api: MapillaryApiResource,
+    storage: DataStorageResource,
+    settings: PipelineSettings,
+) -> dg.MaterializeResult:
+    layout = storage.layout
+    path, failures_path = layout.discovery_path(SEQUENCE_ROUTE_KEY), layout.sequence_failures_path
+    remove_leftovers_of([path, failures_path])  # of an interrupted earlier run
+    sequence_ids = settings.sequence_id_list()
+    if not sequence_ids:
+        path.unlink(missing_ok=True)
+        failures_path.unlink(missing_ok=True)
+        context.log.info("sequence route: no sequences configured (MAPILLARY_SEQUENCE_IDS)")
+        return dg.MaterializeResult(metadata={"sequences": 0, "images": 0})
+
+    async def discover():
+        async with mapillary_api.client() as client:
+            existing = read_parquet(path) if path.exists() else None
+            return await discover_by_sequences(client, current_aoi(), sequence_ids, existing, settings.tileset)
+
+    frame, failures, stats = run_async(discover())
+    write_parquet_atomic(frame, path)
+    write_parquet_atomic(failures, failures_path)
+    transient = int(failures["transient"].sum())
+    context.log.info(f"sequence route: {len(frame):,} images in the area from {len(sequence_ids)} sequence(s), "
+                     f"{stats.requests} requests, {len(failures):,} failed ({transient} transient)")
+    if transient:
+        raise dg.Failure(f"{transient} image lookups of the sequence route failed transiently; the rest is stored. "
+                         "Re-materialise sequence_images to retry only those.")
+    return dg.MaterializeResult(
+        metadata={"sequences": len(sequence_ids), "images": len(frame), "requests": stats.requests,
+                  "failed_permanent": len(failures), "preview": dg.MetadataValue.md(preview_markdown(frame))}
     )
 
 
@@ -118,7 +169,7 @@ def _is_valid_id(image_id: str) -> bool:
 
 
 @dg.asset(
-    deps=[discovered_images],
+    deps=[discovered_images, sequence_images],
     group_name="discovery",
     kinds={"python", "parquet"},
     pool="chunk_registry",
@@ -129,7 +180,7 @@ def image_chunks(
     context: dg.AssetExecutionContext, storage: DataStorageResource, settings: PipelineSettings
 ) -> dg.MaterializeResult:
     layout = storage.layout
-    discovered = read_discovered_ids(layout, tile_partitions.get_partition_keys())
+    discovered = read_discovered_ids(layout, [*tile_partitions.get_partition_keys(), SEQUENCE_ROUTE_KEY])
     if settings.sample_limit:
         discovered = sorted(set(discovered), key=int)[: settings.sample_limit]
     path = layout.chunk_assignment_path

@@ -13,7 +13,7 @@ from mapillary_assets.defs.runtime import DUCKDB_POOL, preview_markdown
 from mapillary_assets.pipeline.filters import load_filter_polygons
 from mapillary_assets.pipeline.geopackage import write_geopackage
 from mapillary_assets.pipeline.staging import connect_staging, load_staging
-from mapillary_assets.storage import atomic_write_bytes, sweep_temporary_files
+from mapillary_assets.storage import atomic_write_bytes, remove_leftovers_of, sweep_temporary_files
 
 
 @dg.asset(
@@ -22,17 +22,22 @@ from mapillary_assets.storage import atomic_write_bytes, sweep_temporary_files
     description="User-supplied polygons (e.g. urban areas) that tag images and set the spacing threshold "
     "(MAPILLARY_FILTER_AREAS; none configured means every image counts as outside).",
 )
-def filter_areas(storage: DataStorageResource, settings: PipelineSettings) -> dg.MaterializeResult:
+def filter_areas(
+    context: dg.AssetExecutionContext, storage: DataStorageResource, settings: PipelineSettings
+) -> dg.MaterializeResult:
     target = storage.layout.filter_areas_path
+    remove_leftovers_of([target])  # of an interrupted earlier run
     if not settings.filter_areas_path:
         target.unlink(missing_ok=True)  # no file: staging tags every image as outside
+        context.log.info("filter areas: none configured (MAPILLARY_FILTER_AREAS); every image counts as outside")
         return dg.MaterializeResult(metadata={"source": "(none)", "polygons": 0})
     geometry = load_filter_polygons(settings.filter_areas_path)
     feature = {"type": "Feature", "properties": {}, "geometry": json.loads(shapely.to_geojson(geometry))}
     atomic_write_bytes(target, json.dumps({"type": "FeatureCollection", "features": [feature]}).encode())
+    polygons = len(getattr(geometry, "geoms", [geometry]))
+    context.log.info(f"filter areas: {polygons:,} polygon(s) from {settings.filter_areas_path}")
     return dg.MaterializeResult(
-        metadata={"source": settings.filter_areas_path, "polygons": len(getattr(geometry, "geoms", [geometry])),
-                  "area_deg2": float(geometry.area)}
+        metadata={"source": settings.filter_areas_path, "polygons": polygons, "area_deg2": float(geometry.area)}
     )
 
 
@@ -56,7 +61,7 @@ def staging_tables(
     )
     context.log.info("staging: " + ", ".join(f"{table} {rows:,}" for table, rows in counts.items()))
     with connect_staging(layout.staging_db_path, read_only=True) as con:
-        preview = con.execute("SELECT * EXCLUDE (geom) FROM images LIMIT 10").df()
+        preview = con.execute("SELECT * EXCLUDE (geom) FROM images LIMIT 10").to_arrow_table().to_pandas()
     return dg.MaterializeResult(
         metadata={**{f"rows_{table}": rows for table, rows in counts.items()},
                   "database": dg.MetadataValue.path(str(layout.staging_db_path)),
@@ -74,6 +79,7 @@ def staging_tables(
 )
 def mapillary_geopackage(context: dg.AssetExecutionContext, storage: DataStorageResource) -> dg.MaterializeResult:
     layout = storage.layout
+    remove_leftovers_of([layout.geopackage_path])  # of an interrupted earlier write (this pool has one slot)
     with connect_staging(layout.staging_db_path, read_only=True) as con:
         counts = write_geopackage(con, layout.geopackage_path)
     context.log.info(f"GeoPackage written to {layout.geopackage_path}: " +

@@ -1,0 +1,54 @@
+"""Release runs whose process died (SIGKILL, OOM kill, power cut) so they stop holding pool slots.
+
+A killed run stays STARTED and keeps the concurrency-pool slots it claimed; `dagster.yaml` gives the
+`gpu`, `duckdb_writer` and `chunk_registry` pools one slot each, so without this every later run of
+those assets would wait for the slot forever. (Runs launched by the daemon are also watched by
+`run_monitoring`; runs executed in process, as the demo does, are not.)
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import dagster as dg
+
+
+def release_dead_runs(instance: dg.DagsterInstance) -> list[str]:
+    """Mark active runs whose worker process on this machine is gone as failed and free their pool
+    slots; returns their ids. A run whose pid is unknown or alive is left alone."""
+    released = []
+    active = instance.get_runs(filters=dg.RunsFilter(statuses=[dg.DagsterRunStatus.STARTED,
+                                                               dg.DagsterRunStatus.STARTING]))
+    for run in active:
+        pid = _run_worker_pid(instance, run.run_id)
+        if pid is None or _process_alive(pid):
+            continue
+        instance.report_run_failed(run, f"its process (pid {pid}) is gone: killed or crashed")
+        instance.event_log_storage.free_concurrency_slots_for_run(run.run_id)
+        released.append(run.run_id)
+    return released
+
+
+def _run_worker_pid(instance: dg.DagsterInstance, run_id: str) -> int | None:
+    """The pid in the run's "Executing steps in process (pid: N)" engine event."""
+    for entry in instance.all_logs(run_id, of_type=dg.DagsterEventType.ENGINE_EVENT):
+        metadata = getattr(entry.dagster_event.event_specific_data, "metadata", None) or {}
+        pid = metadata.get("pid")
+        if pid is not None:
+            return int(getattr(pid, "value", pid))
+    return None
+
+
+def _process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    # A zombie (killed, not yet reaped by its parent) still answers signal 0.
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().split(") ", 1)[1][:1] != "Z"
+    except (OSError, IndexError):
+        return True

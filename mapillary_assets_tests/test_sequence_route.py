@@ -1,0 +1,38 @@
+"""The sequence route through Dagster: MAPILLARY_SEQUENCE_IDS alone yields a GeoPackage of exactly those
+sequences' images inside the area, with no tile discovery at all."""
+
+from __future__ import annotations
+
+import pytest
+
+from mapillary_assets.defs.partitions import CHUNK_PARTITIONS_NAME
+from mapillary_assets.defs.resources import ConfigError, PipelineSettings
+from mapillary_assets.defs.settings import current_aoi
+from mapillary_assets.emulator import World
+from mapillary_assets_tests.harness import TEST_SCALE, pipeline_run
+
+pytestmark = pytest.mark.slow
+
+
+def test_configured_sequences_alone_reach_the_geopackage(tmp_path):
+    world = World(seed=7, scale=TEST_SCALE)
+    records = world.images_in_polygon(current_aoi().geometry)
+    sequences = sorted({r.sequence_id for r in records})[::10][:8]
+    truth = {r.id for r in records if r.sequence_id in sequences}
+    with pipeline_run(tmp_path, world=world, sequence_ids=", ".join(sequences)) as run:
+        def execute(job: str, partition_key: str | None = None) -> None:
+            result = run.defs.resolve_job_def(job).execute_in_process(instance=run.instance, partition_key=partition_key)
+            assert result.success, job
+
+        execute("chunking_job")
+        for chunk in sorted(run.instance.get_dynamic_partitions(CHUNK_PARTITIONS_NAME)):
+            execute("chunk_job", chunk)
+        execute("publish_job")
+        assert set(run.images()["image_id"]) == truth and len(truth) > 20
+        assert run.server.stats().get("tile", 0) == 0, "the sequence route fetches no tile"
+
+
+def test_invalid_sequence_ids_are_named_with_the_fix():
+    with pytest.raises(ConfigError, match=r"MAPILLARY_SEQUENCE_IDS holds 1 invalid sequence id\(s\) \('a/b'\)"):
+        PipelineSettings(sequence_ids="Abc_1, a/b").validated()
+    assert PipelineSettings(sequence_ids="Abc_1, x-2\nAbc_1").sequence_id_list() == ["Abc_1", "x-2"]
