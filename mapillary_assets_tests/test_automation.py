@@ -61,7 +61,9 @@ def test_refresh_runs_refetch_tiles_of_the_previous_refresh():
 
 
 def test_refresh_schedule_requests_ranged_discovery_runs_over_every_tile():
-    context = dg.build_schedule_context(scheduled_execution_time=TICK, resources={"settings": PipelineSettings()})
+    # a week-long cache age configured: the weekly refresh caps it at half a week
+    settings = PipelineSettings(tile_cache_max_age_hours=168.0)
+    context = dg.build_schedule_context(scheduled_execution_time=TICK, resources={"settings": settings})
     data = refresh_schedule.evaluate_tick(context)
     keys = tile_partitions.get_partition_keys()
     assert data.run_requests and data.skip_message is None
