@@ -9,7 +9,7 @@ empty folder and resolve URLs the same way, `client.get_images` in batches of 50
 * baseline: all URL batches first (concurrently), then aiohttp + asyncio.Semaphore(100) + plain
   `open().write()` into one folder, no checks;
 * baseline with the same writes: the same loop, but each file written like the pipeline writes it
-  (storage.atomic_write_bytes to layout.thumbnail_path, in the default thread pool). Against this one
+  (storage.atomic_write_bytes to layout.thumbnail_path, on the event loop as the pipeline does). Against this one
   the pipeline's own work (fresh URLs, checks, retries) is isolated from the cost of the storage layout.
 
 A third figure prices the optional strict decode check (`decode_check=True`) against the same baseline.
@@ -80,7 +80,6 @@ async def pipeline_run(base_url: str, folder: Path, ids: list[str], decode_check
 async def baseline_run(base_url: str, folder: Path, ids: list[str], durable: bool = False) -> int:
     folder.mkdir(parents=True, exist_ok=True)
     layout = DataLayout(folder)
-    loop = asyncio.get_running_loop()
     async with _client(base_url) as client:
         batches = [ids[i : i + RESOLVE_BATCH_SIZE] for i in range(0, len(ids), RESOLVE_BATCH_SIZE)]
         found = await asyncio.gather(*(client.get_images(b, ["thumb_1024_url"]) for b in batches))
@@ -93,7 +92,7 @@ async def baseline_run(base_url: str, folder: Path, ids: list[str], durable: boo
                     response.raise_for_status()
                     body = await response.read()
             if durable:
-                await loop.run_in_executor(None, atomic_write_bytes, layout.thumbnail_path(image_id, 1024), body, False)
+                atomic_write_bytes(layout.thumbnail_path(image_id, 1024), body, durable=False)
             else:
                 with open(folder / f"{image_id}.jpg", "wb") as handle:
                     handle.write(body)

@@ -168,11 +168,15 @@ class DataLayout:
 
     # images
     def thumbnail_path(self, image_id: str, size: int | str) -> Path:
+        return self.root / self.thumbnail_relative_path(image_id, size)
+
+    @staticmethod
+    def thumbnail_relative_path(image_id: str, size: int | str) -> str:
         """thumbnails/<size>/<last 3 digits of the id>/<id>.jpg: 1,000 folders per size, so a folder holds
         about 1,200 files at 1.2 M images and a million only past a billion."""
         image_id = validate_image_id(image_id)
         size_folder = "original" if size == "original" else str(int(size))
-        return self.root / "thumbnails" / size_folder / image_id.zfill(3)[-3:] / f"{image_id}.jpg"
+        return f"thumbnails/{size_folder}/{image_id.zfill(3)[-3:]}/{image_id}.jpg"
 
     def downloads_path(self, chunk_key: str) -> Path:
         return self.root / "downloads" / f"{_safe_key(chunk_key)}.parquet"
