@@ -475,8 +475,6 @@ def _search_table(rows: list[dict], tileset: str) -> pa.Table:
     ], schema=DISCOVERY_SCHEMA)
 
 
-
-
 # ---------------------------------------------------------------------------------------------
 # sequence route
 

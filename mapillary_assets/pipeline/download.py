@@ -183,7 +183,6 @@ class _ThumbnailDownloader:
         self.total = total
         self.executor = executor
         self.decode_check = decode_check
-        self.network = asyncio.Semaphore(concurrency)
         self.outcomes: dict[str, _Outcome] = {}
         self.failed = 0
 
@@ -276,8 +275,7 @@ class _ThumbnailDownloader:
         bad_bodies = 0
         while True:
             try:
-                async with self.network:
-                    data = await self.client.get_thumbnail(url)
+                data = await self.client.get_thumbnail(url)
             except UrlExpiredError as exc:
                 if refreshes >= MAX_URL_REFRESHES:
                     return _Outcome(image_id, reason=f"thumbnail URL expired {refreshes + 1} times: {_describe(exc)}",
@@ -312,6 +310,7 @@ class _ThumbnailDownloader:
         if not missing:
             return
         batches = iter([missing[i : i + RESOLVE_BATCH_SIZE] for i in range(0, len(missing), RESOLVE_BATCH_SIZE)])
+        # one download in flight per worker: the workers bound the requests to `concurrency`
         workers = max(1, min(self.concurrency, len(missing)))
         # A bounded queue keeps URLs fresh: a URL waits for at most one round of downloads.
         queue: asyncio.Queue = asyncio.Queue(maxsize=self.concurrency)

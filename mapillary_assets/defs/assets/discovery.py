@@ -19,11 +19,11 @@ from mapillary_assets.pipeline.discovery import (
     discover_partition,
 )
 from mapillary_assets.storage import (
+    IMAGE_ID_PATTERN,
     DataLayout,
     StorageError,
     read_parquet,
     remove_leftovers_of,
-    validate_image_id,
     write_parquet_atomic,
 )
 
@@ -149,7 +149,7 @@ def read_discovered_ids(layout: DataLayout, partition_keys: list[str]) -> list[s
         path = layout.discovery_path(key)
         if path.exists():
             found = read_parquet(path, columns=["image_id"])["image_id"].astype(str).tolist()
-            invalid = [image_id for image_id in found if not _is_valid_id(image_id)]
+            invalid = [image_id for image_id in found if not IMAGE_ID_PATTERN.match(image_id)]
             if invalid:
                 shown = ", ".join(repr(i) for i in invalid[:_INVALID_IDS_SHOWN])
                 raise StorageError(
@@ -158,14 +158,6 @@ def read_discovered_ids(layout: DataLayout, partition_keys: list[str]) -> list[s
                 )
             ids.extend(found)
     return ids
-
-
-def _is_valid_id(image_id: str) -> bool:
-    try:
-        validate_image_id(image_id)
-    except ValueError:
-        return False
-    return True
 
 
 @dg.asset(
