@@ -32,7 +32,13 @@ def test_configured_sequences_alone_reach_the_geopackage(tmp_path):
         assert run.server.stats().get("tile", 0) == 0, "the sequence route fetches no tile"
 
 
-def test_invalid_sequence_ids_are_named_with_the_fix():
+def test_invalid_sequence_ids_are_named_with_the_fix(tmp_path):
     with pytest.raises(ConfigError, match=r"MAPILLARY_SEQUENCE_IDS holds 1 invalid sequence id\(s\) \('a/b'\)"):
         PipelineSettings(sequence_ids="Abc_1, a/b").validated()
     assert PipelineSettings(sequence_ids="Abc_1, x-2\nAbc_1").sequence_id_list() == ["Abc_1", "x-2"]
+    listed = tmp_path / "sequences.txt"
+    listed.write_text("Abc_1\nx-2, Abc_1\n")
+    assert PipelineSettings(sequence_ids=str(listed)).sequence_id_list() == ["Abc_1", "x-2"]
+    listed.write_bytes(b"\xff\xfe not text")
+    with pytest.raises(ConfigError, match=r"MAPILLARY_SEQUENCE_IDS=.* cannot be read .*UTF-8 text file"):
+        PipelineSettings(sequence_ids=str(listed)).validated()

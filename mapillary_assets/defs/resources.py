@@ -94,7 +94,11 @@ class PipelineSettings(dg.ConfigurableResource):
         """MAPILLARY_SEQUENCE_IDS: ids separated by commas or whitespace, or a text file holding them."""
         text = self.sequence_ids.strip()
         if text and Path(text).is_file():
-            text = Path(text).read_text()
+            try:
+                text = Path(text).read_text()
+            except (OSError, UnicodeDecodeError) as exc:
+                raise ConfigError(f"MAPILLARY_SEQUENCE_IDS={self.sequence_ids!r} cannot be read ({exc}): point it at "
+                                  "a UTF-8 text file of sequence ids, or list the ids themselves") from None
         ids = list(dict.fromkeys(text.replace(",", " ").split()))
         invalid = [i for i in ids if not _SEQUENCE_ID.match(i)]
         if invalid:
