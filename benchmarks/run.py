@@ -43,7 +43,20 @@ def render(figures: list[Figure], failures: dict[str, str], quick: bool) -> str:
         )
     for name, error in failures.items():
         lines.append(f"| {name} | (failed) | - | - | - | - | **no** | {error} |")
-    return "\n".join(lines) + "\n"
+    return "\n".join(lines + _sections(figures)) + "\n"
+
+
+def _sections(figures: list[Figure]) -> list[str]:
+    """Extra tables of benchmarks whose module defines `markdown_section(figures) -> lines` (e.g. peers)."""
+    lines: list[str] = []
+    for name in dict.fromkeys(f.benchmark for f in figures):
+        try:
+            section = getattr(importlib.import_module(f"benchmarks.bench_{name}"), "markdown_section", None)
+        except Exception:  # a module that no longer imports keeps its rows, without a section
+            continue
+        if section is not None:
+            lines += section([f for f in figures if f.benchmark == name])
+    return lines
 
 
 def main(argv: list[str] | None = None) -> int:
