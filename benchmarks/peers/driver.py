@@ -71,15 +71,18 @@ def install_redirect(graph_url: str, tiles_url: str, cdn_prefix: str, traffic: T
     requests.adapters.HTTPAdapter.send = send
 
 
-def _error(exc: BaseException) -> str:
-    """Exception type, the peer's file:line that raised it (inside site-packages) and its message."""
+def _error_site(exc: BaseException) -> str:
+    """Exception type and the file:line (inside site-packages) that raised it."""
     frame = traceback.extract_tb(exc.__traceback__)[-1] if exc.__traceback__ else None
-    where = ""
-    if frame:
-        parts = Path(frame.filename).parts
-        inside = parts[parts.index("site-packages") + 1:] if "site-packages" in parts else parts[-1:]
-        where = f" at {'/'.join(inside)}:{frame.lineno}"
-    return f"{type(exc).__name__}{where}: {' '.join(str(exc).split())[:160]}"
+    if frame is None:
+        return type(exc).__name__
+    parts = Path(frame.filename).parts
+    inside = parts[parts.index("site-packages") + 1:] if "site-packages" in parts else parts[-1:]
+    return f"{type(exc).__name__} at {'/'.join(inside)}:{frame.lineno}"
+
+
+def _error(exc: BaseException) -> str:
+    return f"{_error_site(exc)}: {' '.join(str(exc).split())[:160]}"
 
 
 class Phases:
@@ -117,10 +120,9 @@ def _per_id(lookup, ids: list[str]) -> dict:
             lookup(image_id)
             rows += 1
         except Exception as exc:
-            text = _error(exc)
-            key = text.split(":")[0] + ":" + text.split(":")[1] if text.count(":") > 1 else text
-            errors[key] += 1
-            examples.setdefault(key, text)
+            site = _error_site(exc)
+            errors[site] += 1
+            examples.setdefault(site, _error(exc))
     return {"rows": rows, "errors": {examples[k]: n for k, n in errors.items()}}
 
 
