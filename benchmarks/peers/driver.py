@@ -167,7 +167,7 @@ def run_zensvi(spec: dict, phases: Phases) -> None:
 
     Client._Client__check_token_validity = staticmethod(lambda token: None)
     downloader = MLYDownloader(mly_api_key=spec["token"], verbosity=0)
-    out = Path(tempfile.mkdtemp(prefix="zensvi-"))
+    out = Path(tempfile.mkdtemp(prefix="zensvi-", dir=Path.cwd()))   # the benchmark runs us in its temp dir
     # download_svi runs discovery, URL lookup (metadata) and download one after another; each stage is
     # one method, timed separately by wrapping it on the instance.
     for method, phase in (("_get_pids", "discovery"), ("_get_urls_mly", "metadata"),
