@@ -25,7 +25,7 @@ import requests.adapters
 from shapely.geometry import box, mapping
 
 from mapillary_assets.api.decoders import decode_image_layer
-from mapillary_assets.emulator import EmulatorServer, World
+from mapillary_assets.emulator import EmulatorServer, Faults, World
 from mapillary_assets.emulator.tiles import render_tile
 
 SDK_MISSING = "Meta's Mapillary SDK is not installed (pip install -e '.[test]' installs mapillary==1.0.16)"
@@ -156,3 +156,30 @@ def test_benchmark_driver_runs_the_sdk_against_the_emulator(world, server, tmp_p
     assert phases["metadata"]["rows"] == 5 and phases["metadata"]["fields_dropped"] == ["is_pano"]
     assert phases["metadata"]["requests"] == {"entity": 10}   # a validity lookup before every fetch
     assert "InvalidFieldError" in next(iter(phases["metadata_probe_is_pano"]["errors"]))
+
+
+def test_sdk_reports_a_throttled_lookup_as_an_invalid_image_key(world, monkeypatch):
+    """Evidence for the peer row's triage: the SDK neither retries nor honours Retry-After; a code-4 answer
+    (429 + Retry-After) comes out of image_from_key as InvalidImageKeyError (mapillary/models/api/entities.py)."""
+    interface = pytest.importorskip("mapillary.interface", reason=SDK_MISSING)
+    from mapillary.models.client import Client
+    from mapillary.models.exceptions import InvalidImageKeyError
+
+    with EmulatorServer(world, faults=Faults(rate_limit_per_minute={"entity": 1})) as throttled:
+        original_send = requests.adapters.HTTPAdapter.send
+
+        def send(adapter, request, **kwargs):
+            request.url = request.url.replace("https://graph.mapillary.com", throttled.graph_url)
+            return original_send(adapter, request, **kwargs)
+
+        monkeypatch.setattr(requests.adapters.HTTPAdapter, "send", send)
+        monkeypatch.setattr(Client, "_Client__check_token_validity", staticmethod(lambda token: None))
+        logging.getLogger("mapillary.utils.client").setLevel(logging.CRITICAL)
+        interface.set_access_token(throttled.token)
+        image_id = str(int(world.tile_images(*_sample_tiles(world)[0]).ids[0]))
+
+        with pytest.raises(InvalidImageKeyError):
+            interface.image_from_key(image_id, fields=["geometry"])   # validity lookup passes, the fetch is throttled
+
+        stats = throttled.stats()
+    assert stats["entity"] == 2 and stats["rate_limited"] == 1   # no retry after the 429
