@@ -34,7 +34,7 @@ def render(figures: list[Figure], failures: dict[str, str], quick: bool) -> str:
         "|---|---|---|---|---|---|---|---|",
     ]
     for f in figures:
-        ratio = f"{f.ratio:.2f}x" if f.ratio is not None else "-"
+        ratio = "-" if f.ratio is None else f"{f.ratio:.2g}x" if abs(f.ratio) < 0.01 else f"{f.ratio:.2f}x"
         baseline = f"{_format(f.baseline)} ({f.baseline_name})" if f.baseline is not None else "-"
         met = {True: "yes", False: "**no**", None: "-"}[f.met]
         lines.append(
