@@ -6,9 +6,10 @@
 # open3d, groundingdino, ...: a CUDA torch of ~6 GB). MLYDownloader needs none of them, so zensvi and
 # streetlevel (whose pyequilib would pull torch too) go in with --no-deps, followed by exactly the
 # modules that `from zensvi.download import MLYDownloader` imports.
+# PEERS_VENV=path puts the venv elsewhere (bench_peers.py reads the same variable).
 set -euo pipefail
 cd "$(dirname "$0")/../.."
-VENV=benchmarks/.peers-venv
+VENV=${PEERS_VENV:-benchmarks/.peers-venv}
 PYTHON=${PYTHON:-python3}
 [ -x "$VENV/bin/python" ] || "$PYTHON" -m venv "$VENV"
 PIP=("$VENV/bin/pip" install -q --disable-pip-version-check)
