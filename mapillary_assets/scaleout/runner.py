@@ -28,9 +28,6 @@ CODE_MODULE = "mapillary_assets.definitions"
 CELERY_QUEUE_TAG = "dagster-celery/queue"
 # Publishing writes DuckDB and the GeoPackage: its runs go to the one worker whose local disk holds them.
 JOB_QUEUES = {"publish_job": "publish"}
-# A Celery pool process is daemonic and may not fork the multiprocess executor's step processes; a chunk
-# run is a chain (metadata -> thumbnails -> blur) anyway, so its steps run one after another in it.
-IN_PROCESS = {"execution": {"config": {"in_process": {}}}}
 _FINISHED = {dg.DagsterRunStatus.SUCCESS, dg.DagsterRunStatus.FAILURE, dg.DagsterRunStatus.CANCELED}
 
 
@@ -71,7 +68,7 @@ class ClusterRunner:
             for tags in tag_sets:
                 queue = {CELERY_QUEUE_TAG: JOB_QUEUES[job_name]} if job_name in JOB_QUEUES else {}
                 run = _create_run(instance=self.instance, code_location=location, remote_repo=repository,
-                                  remote_job=job, run_config=IN_PROCESS, tags={**queue, **tags}, op_selection=None,
+                                  remote_job=job, run_config={}, tags={**queue, **tags}, op_selection=None,
                                   run_id=None)
                 self.instance.submit_run(run.run_id, workspace)
                 run_ids.append(run.run_id)

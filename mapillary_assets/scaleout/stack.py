@@ -44,6 +44,8 @@ class StackConfig:
     gpu_slots: int | None = None
     data_dir: Path | None = None
     webserver: bool = True
+    # False: the schedule and the new-images sensor are stopped, so only explicitly submitted runs run.
+    automation: bool = True
 
     @property
     def dagster_home(self) -> Path:
@@ -77,6 +79,9 @@ def stack_env(config: StackConfig, base: dict[str, str] | None = None) -> dict[s
         "DAGSTER_PG_USER": PG_USER, "DAGSTER_PG_PASSWORD": env.get("DAGSTER_PG_PASSWORD", ""), "DAGSTER_PG_DB": PG_DB,
         "MAPILLARY_CELERY_BROKER": f"redis://127.0.0.1:{config.redis_port}/0",
         "MAPILLARY_RATE_LIMIT_BACKEND": "redis",
+        # A chunk run is a chain (metadata -> thumbnails -> blur): its steps run one after another in the
+        # worker's pool process (see definitions._executor_from_env).
+        "MAPILLARY_RUN_EXECUTOR": "in_process",
         "MAPILLARY_REDIS_URL": f"redis://127.0.0.1:{config.redis_port}/1",
         "MAPILLARY_DATA_DIR": str(Path(data_dir).resolve()),
         "PYTHONPATH": str(REPO_ROOT),
@@ -180,6 +185,9 @@ def start(config: StackConfig, log=print) -> dict[str, str]:
     _write_env_file(config, env)
     configure_pools(env, config)
     code = ["-m", "mapillary_assets.definitions", "-d", str(REPO_ROOT)]
+    if not config.automation:
+        for kind, name in (("sensor", "new_images_sensor"), ("schedule", "refresh_schedule")):
+            _check([_tool("dagster"), kind, "stop", name, *code], f"stopping {name}", env=env)
     _spawn(config, "daemon", [_tool("dagster-daemon"), "run", *code], env)
     for index in range(1, config.workers + 1):
         _spawn(config, f"w{index}", worker_command(index), env)
