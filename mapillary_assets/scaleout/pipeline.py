@@ -26,10 +26,14 @@ def run_cluster_pipeline(instance: dg.DagsterInstance, runner, log: Callable[[st
 
     started = time.monotonic()
     runs: dict[str, list[str]] = {}
+    seconds: dict[str, float] = {}
 
     def stage(job_name: str, tag_sets: list[dict[str, str]]) -> None:
         log(f"-> {job_name}: {len(tag_sets)} run(s)")
+        began = time.monotonic()
         outcomes = runner.run_many(job_name, tag_sets)
+        seconds[job_name] = time.monotonic() - began
+        log(f"   {job_name}: {len(outcomes)} run(s) finished in {seconds[job_name]:.1f} s")
         runs[job_name] = [run_id for run_id, _ in outcomes]
         failed = [run_id for run_id, ok in outcomes if not ok]
         if failed:
@@ -42,4 +46,4 @@ def run_cluster_pipeline(instance: dg.DagsterInstance, runner, log: Callable[[st
     if chunks:
         stage("chunk_job", [partition_tags(keys) for keys in batched(chunks, chunks_per_run)])
     stage("publish_job", [{}])
-    return {"chunks": len(chunks), "seconds": time.monotonic() - started, "runs": runs}
+    return {"chunks": len(chunks), "seconds": time.monotonic() - started, "runs": runs, "stage_seconds": seconds}
