@@ -5,9 +5,11 @@ single-machine run's and the emulator's budget must hold over both workers toget
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import shutil
 import signal
+import subprocess
 import tempfile
 import threading
 import time
@@ -23,6 +25,7 @@ from mapillary_assets_tests.harness import TEST_SCALE, TEST_TOKEN, pipeline_run
 from mapillary_assets_tests.test_api_ratelimit import max_in_window
 from mapillary_assets_tests.test_ratelimit_redis import free_port
 
+REPO = Path(__file__).resolve().parents[1]
 ENTITY_BUDGET = 20  # per minute; the pipeline sends ~24 entity requests, so the budget binds
 
 
@@ -40,7 +43,7 @@ def _services_missing() -> str | None:
     return None
 
 
-pytestmark = [pytest.mark.slow, pytest.mark.skipif(_services_missing() is not None, reason=str(_services_missing()))]
+needs_services = pytest.mark.skipif(_services_missing() is not None, reason=str(_services_missing()))
 
 
 def geopackage_summary(path: Path) -> dict:
@@ -76,6 +79,24 @@ def kill_first_chunk_run_on(worker: str, instance: dg.DagsterInstance, app, stop
         stop.wait(0.3)
 
 
+def test_stack_script_status_reports_what_runs(tmp_path):
+    result = subprocess.run(["bash", str(REPO / "scripts" / "stack.sh"), "status"], capture_output=True, text=True,
+                            env={**os.environ, "MAPILLARY_STACK_DIR": str(tmp_path / "stack")}, timeout=120)
+    assert result.returncode == 3, result.stderr  # nothing started here
+    assert json.loads(result.stdout) == {"redis": False, "postgres": False}
+
+
+def test_worker_command_listens_on_its_queues_one_run_at_a_time():
+    from mapillary_assets.scaleout.stack import worker_command
+
+    first, second = worker_command(1), worker_command(2)
+    assert first[first.index("-q") + 1] == "dagster,publish" and first.count("-q") == 1
+    assert second[second.index("-q") + 1] == "dagster"
+    assert "--concurrency=1" in first[first.index("--"):]
+
+
+@pytest.mark.slow
+@needs_services
 def test_two_workers_one_killed_equal_the_single_machine_run(tmp_path, monkeypatch):
     from mapillary_assets.scaleout import stack
     from mapillary_assets.scaleout.pipeline import run_cluster_pipeline
