@@ -154,8 +154,8 @@ def test_two_workers_one_killed_equal_the_single_machine_run(tmp_path, monkeypat
     # One worker's process was SIGKILLed mid-chunk: that run failed, its retry completed the chunk.
     assert killed_run is not None, "no chunk run was seen on w2 to kill"
     assert killed_run.status == dg.DagsterRunStatus.FAILURE
-    retry = instance_run = killed_run.tags.get(AUTO_RETRY_RUN_ID_TAG)
-    assert retry and placement[instance_run][1] == "SUCCESS" and placement[retry][0] == killed["partition"]
+    retry = killed_run.tags.get(AUTO_RETRY_RUN_ID_TAG)
+    assert retry and placement[retry][1] == "SUCCESS" and placement[retry][0] == killed["partition"]
     assert killed["run_id"] not in summary["runs"]["chunk_job"] and retry in summary["runs"]["chunk_job"]
     # Chunk steps ran in both workers (the killed run's included: it ran image_metadata on w2).
     assert {worker for _, _, worker, steps in placement.values() if steps} == {"w1", "w2"}
