@@ -135,3 +135,18 @@ def test_unreachable_redis_is_a_clear_error_without_the_password():
     with pytest.raises(RuntimeError, match=r"redis://:\*\*\*@127.0.0.1:1/0 is not usable") as caught:
         SharedRateLimiter("tiles", per_minute=60, redis_url="redis://:hunter2@127.0.0.1:1/0")
     assert "hunter2" not in str(caught.value)
+
+
+def test_the_resource_passes_the_redis_backend_to_the_client(redis_url, monkeypatch, tmp_path):
+    from mapillary_assets.defs.resources import ConfigError, MapillaryApiResource
+
+    monkeypatch.setenv("MAPILLARY_RATE_LIMIT_BACKEND", "redis")
+    monkeypatch.setenv("MAPILLARY_REDIS_URL", redis_url)
+    resource = MapillaryApiResource.from_env(default_rate_limit_store=tmp_path / "limits.sqlite")
+    assert (resource.rate_limit_backend, resource.redis_url) == ("redis", redis_url)
+    configured = MapillaryApiResource(access_token="MLY|test", rate_limit_backend="redis", redis_url=redis_url)
+    assert configured.client_settings().rate_limit_redis_url == redis_url
+    assert MapillaryApiResource(access_token="MLY|test", redis_url=redis_url).client_settings().rate_limit_redis_url is None
+    monkeypatch.delenv("MAPILLARY_REDIS_URL")
+    with pytest.raises(ConfigError, match="needs MAPILLARY_REDIS_URL"):
+        MapillaryApiResource.from_env(default_rate_limit_store=tmp_path / "limits.sqlite")

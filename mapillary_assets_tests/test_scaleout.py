@@ -18,6 +18,7 @@ from pathlib import Path
 import dagster as dg
 import pyogrio
 import pytest
+import redis
 from dagster._core.storage.tags import AUTO_RETRY_RUN_ID_TAG, PARTITION_NAME_TAG
 
 from mapillary_assets.emulator import EmulatorServer, Faults, World
@@ -143,14 +144,21 @@ def test_two_workers_one_killed_equal_the_single_machine_run(tmp_path, monkeypat
                 for run_id, (partition, status, worker, step_pids) in placement.items():
                     print(f"{partition} {run_id[:8]} {status:8} worker={worker} step pids={step_pids}")
                 killed_run = instance.get_run_by_id(killed["run_id"]) if killed else None
+                buckets = sorted(key.decode() for key in
+                                 redis.Redis.from_url(env["MAPILLARY_REDIS_URL"]).keys("mapillary:ratelimit:*"))
+                slots = {pool: instance.event_log_storage.get_concurrency_info(pool).slot_count
+                         for pool in ("mapillary_api", "duckdb_writer", "gpu")}
         finally:
             stack.stop(config, log=lambda *_: None)
         entity_times = server.request_times("entity")
         rate_limited = server.stats().get("rate_limited", 0)
     cluster = geopackage_summary(root / "data" / "output" / "mapillary_images.gpkg")
+    sqlite_bucket_used = (root / "data" / "rate_limits.sqlite").exists()
     shutil.rmtree(root, ignore_errors=True)
 
     assert summary["chunks"] == 3
+    # Pools live in Postgres: one value for the whole cluster (duckdb_writer: dagster.yaml's default of 1).
+    assert slots == {"mapillary_api": 4, "duckdb_writer": 1, "gpu": 2}
     # One worker's process was SIGKILLed mid-chunk: that run failed, its retry completed the chunk.
     assert killed_run is not None, "no chunk run was seen on w2 to kill"
     assert killed_run.status == dg.DagsterRunStatus.FAILURE
@@ -164,4 +172,7 @@ def test_two_workers_one_killed_equal_the_single_machine_run(tmp_path, monkeypat
     assert len(entity_times) > ENTITY_BUDGET
     assert max_in_window(entity_times, 60.0) <= ENTITY_BUDGET
     assert rate_limited == 0
+    # ... kept in Redis (MAPILLARY_RATE_LIMIT_BACKEND=redis), not in the data dir's SQLite file.
+    assert "mapillary:ratelimit:entity" in buckets
+    assert not sqlite_bucket_used
     assert cluster == expected
