@@ -15,8 +15,10 @@ case "$action" in
   stop|status) ;;
   run)
     shift
-    # shellcheck disable=SC1091
-    source .stack/env.sh
+    env_file="${MAPILLARY_STACK_DIR:-.stack}/env.sh"
+    [ -f "$env_file" ] || { echo "error: $env_file not found: run scripts/stack.sh start first" >&2; exit 1; }
+    # shellcheck disable=SC1090
+    source "$env_file"
     exec .venv/bin/python -m mapillary_assets.scaleout run "$@"
     ;;
   *) echo "usage: scripts/stack.sh start [--workers N] | stop | status | run" >&2; exit 2 ;;

@@ -7,6 +7,7 @@ that reaches Postgres and Redis): runs are queued in the instance and executed b
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 
@@ -17,6 +18,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--chunks-per-run", type=int, default=1, help="chunk partitions per run (default 1)")
     parser.add_argument("--tiles-per-run", type=int, default=64, help="tile partitions per discovery run")
     args = parser.parse_args(argv)
+    if not os.environ.get("DAGSTER_HOME") or not os.environ.get("MAPILLARY_CELERY_BROKER"):
+        print("error: no scaled-out instance configured (DAGSTER_HOME, MAPILLARY_CELERY_BROKER): "
+              "run `source .stack/env.sh` after scripts/stack.sh start, or set the variables of README's "
+              "'Scaling beyond one machine'", file=sys.stderr)
+        return 2
     import dagster as dg
 
     from mapillary_assets.scaleout.pipeline import ClusterPipelineFailed, run_cluster_pipeline
