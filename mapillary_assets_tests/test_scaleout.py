@@ -176,3 +176,38 @@ def test_two_workers_one_killed_equal_the_single_machine_run(tmp_path, monkeypat
     assert "mapillary:ratelimit:entity" in buckets
     assert not sqlite_bucket_used
     assert cluster == expected
+
+
+class _Runs:
+    """Just enough of an instance for ClusterRunner.wait: runs by id, changing as polls go by."""
+
+    def __init__(self, timeline: list[dict[str, tuple]]):
+        self.timeline, self.polls = timeline, 0
+
+    def get_run_by_id(self, run_id):
+        from types import SimpleNamespace
+
+        state = self.timeline[min(self.polls, len(self.timeline) - 1)]
+        self.polls += 1
+        status, tags = state[run_id]
+        return SimpleNamespace(status=status, tags=tags, job_name="chunk_job")
+
+
+def test_runner_follows_a_retry_that_is_still_being_created():
+    from mapillary_assets.scaleout.runner import ClusterRunner
+
+    failed = dg.DagsterRunStatus.FAILURE
+    instance = _Runs([
+        {"a": (dg.DagsterRunStatus.STARTED, {})},
+        {"a": (failed, {"dagster/will_retry": "true"})},  # the daemon has not created the retry yet
+        {"a": (failed, {"dagster/will_retry": "true", AUTO_RETRY_RUN_ID_TAG: "b"}), "b": (dg.DagsterRunStatus.QUEUED, {})},
+        {"a": (failed, {AUTO_RETRY_RUN_ID_TAG: "b"}), "b": (dg.DagsterRunStatus.SUCCESS, {})},
+    ])
+    assert ClusterRunner(instance, poll_s=0, log=lambda *_: None).wait("a") == ("b", True)
+
+
+def test_runner_reports_a_failure_that_will_not_be_retried():
+    from mapillary_assets.scaleout.runner import ClusterRunner
+
+    instance = _Runs([{"a": (dg.DagsterRunStatus.FAILURE, {"dagster/will_retry": "false"})}])
+    assert ClusterRunner(instance, poll_s=0, log=lambda *_: None).wait("a") == ("a", False)
