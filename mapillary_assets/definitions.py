@@ -40,7 +40,14 @@ def build_definitions(resources: dict | None = None) -> dg.Definitions:
         schedules=[refresh_schedule],
         sensors=[new_images_sensor],
         resources=resources if resources is not None else resources_from_env(),
+        executor=_executor_from_env(),
     )
+
+
+def _executor_from_env() -> dg.ExecutorDefinition | None:
+    """MAPILLARY_RUN_EXECUTOR=in_process (set by the scaled-out stack): a Celery worker's pool process is
+    daemonic and may not fork the multiprocess executor's step processes; the default elsewhere."""
+    return dg.in_process_executor if os.environ.get("MAPILLARY_RUN_EXECUTOR") == "in_process" else None
 
 
 defs = build_definitions()

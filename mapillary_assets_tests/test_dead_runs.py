@@ -58,6 +58,15 @@ def test_a_run_whose_process_is_alive_keeps_its_slot(instance):
     assert instance.event_log_storage.get_concurrency_info(GPU_POOL).active_slot_count == 1
 
 
+def test_a_run_launched_on_another_machine_is_left_to_run_monitoring(instance):
+    # Its pid is that of a process on a Celery worker; no such pid here says nothing about it.
+    remote = started_run(instance, dead_pid(), GPU_POOL)
+    instance.add_run_tags(remote.run_id, {"dagster-celery/task_id": "3f1c-task"})
+    assert release_dead_runs(instance) == []
+    assert instance.get_run_by_id(remote.run_id).status == dg.DagsterRunStatus.STARTED
+    assert instance.event_log_storage.get_concurrency_info(GPU_POOL).active_slot_count == 1
+
+
 class _StopBeforeFirstJob(Exception):
     pass
 

@@ -22,6 +22,8 @@ EXERCISED_BY = {
     ".venv/bin/python -m benchmarks.run": "test_benchmark_harness_runs_a_benchmark",
     "export MAPILLARY_": "test_definitions.py / resources_from_env (environment configuration)",
     "DAGSTER_HOME=$PWD .venv/bin/dagster dev": "test_ui.py (dagster dev -m mapillary_assets.definitions)",
+    "scripts/stack.sh": "test_scaleout.py (the stack module the script runs: start, the pipeline, stop; "
+                        "`status` through the script itself)",
 }
 
 

@@ -9,4 +9,6 @@ if ! command -v chromium >/dev/null 2>&1 && [ "$(id -u)" = 0 ] && command -v apt
   (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null) \
     || echo "chromium could not be installed: the UI test will be skipped"
 fi
+# The scaled-out test starts its own PostgreSQL and Redis on loopback: install them when missing.
+bash scripts/install_services.sh
 exec .venv/bin/python -m pytest -q -n 2 --durations=15 "$@"

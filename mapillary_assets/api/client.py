@@ -34,7 +34,7 @@ from mapillary_assets.api.errors import (
     TransientError,
     classify_error,
 )
-from mapillary_assets.api.ratelimit import SharedRateLimiter
+from mapillary_assets.api.ratelimit import SharedRateLimiter, redis_url_from_env
 
 __all__ = ["ClientSettings", "MapillaryClient", "Secret", "MAX_IDS_PER_REQUEST", "MAX_SEARCH_LIMIT"]
 
@@ -95,6 +95,8 @@ class ClientSettings:
     backoff_base_s: float = 0.5
     backoff_max_s: float = 60.0
     rate_limit_store: Path | None = None
+    # Set (MAPILLARY_RATE_LIMIT_BACKEND=redis): the buckets live in Redis, shared by every machine.
+    rate_limit_redis_url: str | None = None
 
     def __post_init__(self) -> None:
         # Normalise what callers commonly pass loosely (a plain str token, trailing slashes, a str path).
@@ -127,6 +129,7 @@ class ClientSettings:
                 values[field] = env[variable].strip()
         if env.get("MAPILLARY_RATE_LIMIT_STORE", "").strip():
             values["rate_limit_store"] = Path(env["MAPILLARY_RATE_LIMIT_STORE"].strip())
+        values["rate_limit_redis_url"] = redis_url_from_env(env)
         values.update(overrides)
         return cls(token=token, **values)
 
@@ -185,11 +188,11 @@ class MapillaryClient:
         if not settings.token.reveal().strip():
             raise ValueError(TOKEN_MISSING_MESSAGE)
         self.settings = settings
-        store = settings.rate_limit_store
+        shared = {"store": settings.rate_limit_store, "redis_url": settings.rate_limit_redis_url}
         self.limiters: dict[str, SharedRateLimiter] = {
-            "tiles": SharedRateLimiter("tiles", settings.tiles_per_minute, store=store),
-            "entity": SharedRateLimiter("entity", settings.entity_per_minute, store=store),
-            "search": SharedRateLimiter("search", settings.search_per_minute, store=store),
+            "tiles": SharedRateLimiter("tiles", settings.tiles_per_minute, **shared),
+            "entity": SharedRateLimiter("entity", settings.entity_per_minute, **shared),
+            "search": SharedRateLimiter("search", settings.search_per_minute, **shared),
         }
         self.request_counts: collections.Counter = collections.Counter()
         self.retry_counts: collections.Counter = collections.Counter()

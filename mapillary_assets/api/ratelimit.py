@@ -5,6 +5,12 @@ admits at most B + r * window_s = per_minute acquisitions in any window of `wind
 With a `store` the bucket lives in one SQLite row per family, updated in `BEGIN IMMEDIATE`
 transactions, so the guarantee holds for the sum over all processes (concurrent Dagster runs)
 that share the file. Time is `time.time()` so that every process reads the same clock.
+
+With a `redis_url` (MAPILLARY_RATE_LIMIT_BACKEND=redis, for workers on several machines) the bucket is
+one Redis hash per family, read and updated by one Lua script (`_REDIS_SCRIPT`) that Redis runs
+atomically on its own clock (`TIME`): the guarantee holds for the sum over every process on every
+machine, and a skewed client clock changes nothing. A crashed process holds no lease, so it leaks no
+budget.
 """
 
 from __future__ import annotations
@@ -19,7 +25,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-__all__ = ["SharedRateLimiter", "usage_factor"]
+__all__ = ["RATE_LIMIT_BACKENDS", "SharedRateLimiter", "redis_url_from_env", "usage_factor"]
 
 logger = logging.getLogger(__name__)
 
@@ -45,6 +51,63 @@ CREATE TABLE IF NOT EXISTS rate_buckets (
     usage_at REAL NOT NULL DEFAULT 0
 )
 """
+
+
+RATE_LIMIT_BACKENDS = ("sqlite", "redis")
+
+# One script for every operation, so the arithmetic and the clock live in one place (Redis). KEYS[1] is
+# the family's hash; ARGV: op ("take" | "pause" | "usage" | "read"), burst, rate (tokens/s), window_s,
+# the usage slowdown start and minimum factor, then the op's argument (n, pause seconds, percent).
+# Numbers go back as strings: Redis truncates Lua numbers to integers.
+_REDIS_SCRIPT = """
+local t = redis.call('TIME')
+local now = tonumber(t[1]) + tonumber(t[2]) / 1000000
+local op, burst, rate, window = ARGV[1], tonumber(ARGV[2]), tonumber(ARGV[3]), tonumber(ARGV[4])
+local slow_from, min_factor, arg = tonumber(ARGV[5]), tonumber(ARGV[6]), tonumber(ARGV[7])
+local s = redis.call('HMGET', KEYS[1], 'tokens', 'updated_at', 'paused_until', 'usage', 'usage_at')
+local tokens, updated = tonumber(s[1]) or burst, tonumber(s[2]) or now
+local paused, usage, usage_at = tonumber(s[3]) or 0, tonumber(s[4]) or 0, tonumber(s[5]) or 0
+local r = rate
+if usage_at > 0 and now - usage_at <= window and usage > slow_from then
+  local over = math.min(1, (usage - slow_from) / (100 - slow_from))
+  r = rate * (1 - (1 - min_factor) * over)
+end
+if now > updated then
+  tokens = math.min(burst, tokens + (now - updated) * r)
+  updated = now
+end
+tokens = math.min(tokens, burst)
+local wait = 0
+if op == 'take' then
+  if now < paused then wait = paused - now
+  elseif tokens >= arg then tokens = tokens - arg
+  else wait = (arg - tokens) / r end
+elseif op == 'pause' then paused = math.max(paused, now + arg)
+elseif op == 'usage' then usage, usage_at = arg, now
+elseif op == 'read' then
+  return {string.format('%.6f', tokens), string.format('%.6f', math.max(0, paused - now)), string.format('%.9f', r)}
+end
+redis.call('HSET', KEYS[1], 'tokens', string.format('%.6f', tokens), 'updated_at', string.format('%.6f', updated),
+           'paused_until', string.format('%.6f', paused), 'usage', tostring(usage), 'usage_at', string.format('%.6f', usage_at))
+-- An idle bucket refills to full anyway: let Redis drop it once that and any pause have passed.
+redis.call('EXPIRE', KEYS[1], math.ceil(math.max(burst / r, window) + math.max(0, paused - now)) + 1)
+return string.format('%.6f', wait)
+"""
+_REDIS_KEY_PREFIX = "mapillary:ratelimit:"
+
+
+def redis_url_from_env(environ=None) -> str | None:
+    """The Redis URL when MAPILLARY_RATE_LIMIT_BACKEND=redis (MAPILLARY_REDIS_URL), None for SQLite."""
+    env = os.environ if environ is None else environ
+    backend = (env.get("MAPILLARY_RATE_LIMIT_BACKEND") or "sqlite").strip().lower()
+    if backend not in RATE_LIMIT_BACKENDS:
+        raise ValueError(f"MAPILLARY_RATE_LIMIT_BACKEND={backend!r} is not supported: use sqlite or redis")
+    if backend == "sqlite":
+        return None
+    url = (env.get("MAPILLARY_REDIS_URL") or "").strip()
+    if not url.startswith(("redis://", "rediss://", "unix://")):
+        raise ValueError("MAPILLARY_RATE_LIMIT_BACKEND=redis needs MAPILLARY_REDIS_URL, e.g. redis://127.0.0.1:6390/1")
+    return url
 
 
 def usage_factor(percent: float) -> float:
@@ -78,6 +141,7 @@ class SharedRateLimiter:
         store: Path | None = None,
         burst: int | None = None,
         window_s: float = 60.0,
+        redis_url: str | None = None,
     ) -> None:
         if per_minute < 1:
             raise ValueError(f"per_minute must be >= 1, got {per_minute}")
@@ -96,6 +160,9 @@ class SharedRateLimiter:
         # (so a closed window can hold 2 acquisitions exactly window_s apart).
         self.rate = max(per_minute - self.burst, 1) / self.window_s
         self.store = Path(store) if store is not None else None
+        self.redis_url = redis_url or None
+        self._redis = None
+        self._redis_script = None
 
         self._thread_lock = threading.Lock()
         self._local = _Bucket(tokens=float(self.burst), updated_at=time.time())
@@ -104,13 +171,16 @@ class SharedRateLimiter:
         self._async_lock: asyncio.Lock | None = None
         self._async_lock_loop: asyncio.AbstractEventLoop | None = None
         self._last_usage: tuple[float, float] = (-1.0, 0.0)
-        if self.store is not None:
+        if self.redis_url is not None:
+            self._redis_call("read", 0.0)  # fail at construction, with the URL in the message, if unreachable
+        elif self.store is not None:
             self._connection()  # fail at construction, with the path in the message, if unusable
 
     def __repr__(self) -> str:
         return (
             f"SharedRateLimiter(family={self.family!r}, per_minute={self.per_minute}, burst={self.burst}, "
-            f"window_s={self.window_s}, store={str(self.store) if self.store else None!r})"
+            f"window_s={self.window_s}, store={str(self.store) if self.store else None!r}, "
+            f"redis={_redacted(self.redis_url) if self.redis_url else None!r})"
         )
 
     # ------------------------------------------------------------------ public API
@@ -135,6 +205,10 @@ class SharedRateLimiter:
 
     def pause_until(self, unix_time: float) -> None:
         """No acquisition (in any process sharing the store) succeeds before `unix_time`."""
+        if self.redis_url is not None:
+            # Sent as a duration so that the pause ends by Redis's clock, whatever this machine's says.
+            self._redis_call("pause", max(0.0, float(unix_time) - time.time()))
+            return
 
         def apply(bucket: _Bucket) -> None:
             bucket.paused_until = max(bucket.paused_until, float(unix_time))
@@ -151,6 +225,9 @@ class SharedRateLimiter:
         if abs(percent - last_percent) < 1.0 and now - last_at < min(1.0, self.window_s / 10):
             return
         self._last_usage = (percent, now)
+        if self.redis_url is not None:
+            self._redis_call("usage", percent)
+            return
 
         def apply(bucket: _Bucket) -> None:
             bucket.usage = percent
@@ -160,11 +237,15 @@ class SharedRateLimiter:
 
     def paused_for(self) -> float:
         """Seconds left of the current shared pause (0 when not paused)."""
+        if self.redis_url is not None:
+            return float(self._redis_call("read", 0.0)[1])
         bucket = _retry_locked(self._read)
         return max(0.0, bucket.paused_until - time.time())
 
     def effective_rate(self) -> float:
         """Tokens per second right now (the nominal rate scaled by the recent usage report)."""
+        if self.redis_url is not None:
+            return float(self._redis_call("read", 0.0)[2])
         return self._rate(_retry_locked(self._read), time.time())
 
     # ------------------------------------------------------------------ bucket arithmetic
@@ -202,6 +283,8 @@ class SharedRateLimiter:
         return self._async_lock
 
     def _try_take(self, n: int) -> float:
+        if self.redis_url is not None:
+            return float(self._redis_call("take", float(n)))
         result: list[float] = []
         self._update(lambda bucket: result.append(self._take(bucket, n)))
         return result[0]
@@ -272,20 +355,54 @@ class SharedRateLimiter:
         self._conn, self._conn_pid = conn, os.getpid()
         return conn
 
+    def _redis_call(self, op: str, argument: float):
+        import redis
+
+        with self._thread_lock:
+            try:
+                if self._redis is None:
+                    self._redis = redis.Redis.from_url(self.redis_url, socket_timeout=5, socket_connect_timeout=5,
+                                                       retry_on_timeout=True)
+                    self._redis_script = self._redis.register_script(_REDIS_SCRIPT)
+                return self._redis_script(
+                    keys=[_REDIS_KEY_PREFIX + self.family],
+                    args=[op, self.burst, repr(self.rate), self.window_s, _USAGE_SLOWDOWN_FROM, _USAGE_MIN_FACTOR,
+                          repr(float(argument))],
+                )
+            except redis.RedisError as exc:
+                raise RuntimeError(
+                    f"rate limit store {_redacted(self.redis_url)} is not usable ({type(exc).__name__}: {exc}): "
+                    "check MAPILLARY_REDIS_URL and that redis-server runs (scripts/stack.sh status)"
+                ) from None
+
     def close(self) -> None:
         with self._thread_lock:
+            if self._redis is not None:
+                self._redis.close()
+                self._redis = self._redis_script = None
             if self._conn is not None and self._conn_pid == os.getpid():
                 self._conn.close()
             self._conn = None
 
     def __getstate__(self):
         state = self.__dict__.copy()
-        state.update(_conn=None, _conn_pid=None, _async_lock=None, _async_lock_loop=None, _thread_lock=None)
+        state.update(_conn=None, _conn_pid=None, _async_lock=None, _async_lock_loop=None, _thread_lock=None,
+                     _redis=None, _redis_script=None)
         return state
 
     def __setstate__(self, state) -> None:
         self.__dict__.update(state)
         self._thread_lock = threading.Lock()
+
+
+def _redacted(url: str) -> str:
+    """A Redis URL without its password (redis://:secret@host -> redis://:***@host)."""
+    scheme, sep, rest = url.partition("://")
+    credentials, at, host = rest.rpartition("@")
+    if not at:
+        return url
+    user = credentials.split(":", 1)[0]
+    return f"{scheme}{sep}{user}:***@{host}"
 
 
 def _is_locked(exc: sqlite3.OperationalError) -> bool:

@@ -9,6 +9,7 @@ from pathlib import Path
 import dagster as dg
 
 from mapillary_assets.api import ClientSettings, MapillaryClient, Secret
+from mapillary_assets.api.ratelimit import redis_url_from_env
 from mapillary_assets.storage import DataLayout
 
 TILESETS = ("mly1_public", "mly1_computed_public")
@@ -35,6 +36,9 @@ class MapillaryApiResource(dg.ConfigurableResource):
     max_retries: int = 6
     # SQLite file holding the token buckets, shared by every run process on this machine.
     rate_limit_store: str = ""
+    # "redis": the buckets live at redis_url instead, shared by every worker on every machine.
+    rate_limit_backend: str = "sqlite"
+    redis_url: str = ""
 
     def client_settings(self) -> ClientSettings:
         return ClientSettings(
@@ -47,6 +51,7 @@ class MapillaryApiResource(dg.ConfigurableResource):
             max_connections=self.max_connections,
             max_retries=self.max_retries,
             rate_limit_store=Path(self.rate_limit_store) if self.rate_limit_store else None,
+            rate_limit_redis_url=self.redis_url if self.rate_limit_backend == "redis" else None,
         )
 
     def client(self) -> MapillaryClient:
@@ -59,6 +64,10 @@ class MapillaryApiResource(dg.ConfigurableResource):
         values.setdefault("rate_limit_store", str(default_rate_limit_store))
         for name in ("entity_per_minute", "search_per_minute", "tiles_per_minute", "max_connections"):
             _at_least(_env_name(name), values.get(name, 1), 1)
+        try:
+            values["rate_limit_backend"] = "redis" if redis_url_from_env() else "sqlite"
+        except ValueError as exc:
+            raise ConfigError(str(exc)) from None
         return cls(access_token=dg.EnvVar("MAPILLARY_ACCESS_TOKEN"), **values)
 
 

@@ -1,0 +1,347 @@
+"""The scaled-out stack on one machine's loopback: PostgreSQL, Redis, N Celery workers, the daemon, the UI.
+
+`scripts/stack.sh start|stop|status` drives this module (it installs the Debian packages first). Every
+process is bound to 127.0.0.1, keeps its files under one folder (`.stack/` by default: data dirs, logs,
+pid files, the DAGSTER_HOME with deploy/dagster.yaml) and is started in its own session, so `stop`
+ends exactly the processes `start` began. `start` is idempotent: what already runs is left alone.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import pwd
+import shlex
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+DEMO_TOKEN = "MLY|emulator-demo|not-a-secret"
+PG_USER, PG_DB = "dagster", "dagster"
+
+
+class StackError(RuntimeError):
+    """A service could not be started; the message says which, why, and where its log is."""
+
+
+@dataclasses.dataclass(frozen=True)
+class StackConfig:
+    root: Path = REPO_ROOT / ".stack"
+    workers: int = 2
+    pg_port: int = 15432
+    redis_port: int = 16379
+    webserver_port: int = 3100
+    emulator_port: int = 18765
+    emulator_scale: float = 0.005
+    api_slots: int = 4
+    # The `gpu` pool is one slot per blur-capable worker (each scores on its own CPU or GPU).
+    gpu_slots: int | None = None
+    data_dir: Path | None = None
+    webserver: bool = True
+    # False: the schedule and the new-images sensor are stopped, so only explicitly submitted runs run.
+    automation: bool = True
+
+    @property
+    def dagster_home(self) -> Path:
+        return self.root / "dagster_home"
+
+    @property
+    def logs(self) -> Path:
+        return self.root / "logs"
+
+    @property
+    def pids(self) -> Path:
+        return self.root / "pids"
+
+    @property
+    def env_file(self) -> Path:
+        return self.root / "env.sh"
+
+
+def worker_queues(index: int) -> list[str]:
+    """Worker 1 also serves `publish`: staging and the GeoPackage stay on the one disk that holds DuckDB."""
+    return ["dagster", "publish"] if index == 1 else ["dagster"]
+
+
+def stack_env(config: StackConfig, base: dict[str, str] | None = None) -> dict[str, str]:
+    """What every process of the stack (and a driver submitting runs to it) needs in its environment."""
+    env = dict(os.environ if base is None else base)
+    data_dir = config.data_dir or config.root / "data"
+    env.update({
+        "DAGSTER_HOME": str(config.dagster_home),
+        "DAGSTER_PG_HOST": "127.0.0.1", "DAGSTER_PG_PORT": str(config.pg_port),
+        "DAGSTER_PG_USER": PG_USER, "DAGSTER_PG_PASSWORD": env.get("DAGSTER_PG_PASSWORD", ""), "DAGSTER_PG_DB": PG_DB,
+        "MAPILLARY_CELERY_BROKER": f"redis://127.0.0.1:{config.redis_port}/0",
+        "MAPILLARY_RATE_LIMIT_BACKEND": "redis",
+        # A chunk run is a chain (metadata -> thumbnails -> blur): its steps run one after another in the
+        # worker's pool process (see definitions._executor_from_env).
+        "MAPILLARY_RUN_EXECUTOR": "in_process",
+        "MAPILLARY_REDIS_URL": f"redis://127.0.0.1:{config.redis_port}/1",
+        "MAPILLARY_DATA_DIR": str(Path(data_dir).resolve()),
+        "PYTHONPATH": str(REPO_ROOT),
+        "PATH": f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}",
+    })
+    return env
+
+
+# ----------------------------------------------------------------------------- services
+
+
+def postgres_bin(name: str) -> str:
+    versions = sorted(Path("/usr/lib/postgresql").glob("*/bin"), key=lambda p: int(p.parent.name), reverse=True)
+    for folder in versions:
+        if (folder / name).exists():
+            return str(folder / name)
+    found = shutil.which(name)
+    if found is None:
+        raise StackError(f"PostgreSQL's {name} not found: apt-get install postgresql (scripts/stack.sh does)")
+    return found
+
+
+def _as_postgres_user(argv: list[str]) -> list[str]:
+    # PostgreSQL refuses to run as root: run its server tools as the `postgres` system user then.
+    return ["runuser", "-u", "postgres", "--", *argv] if os.geteuid() == 0 else argv
+
+
+def start_postgres(folder: Path, port: int, log: Path) -> None:
+    """An own cluster in `folder`, on 127.0.0.1:`port` only, trusting loopback connections, with a
+    `dagster` role and database."""
+    folder.mkdir(parents=True, exist_ok=True)
+    if os.geteuid() == 0:
+        postgres = pwd.getpwnam("postgres")
+        for path in (folder, log.parent):
+            os.chown(path, postgres.pw_uid, postgres.pw_gid)
+    if not (folder / "PG_VERSION").exists():
+        _check(_as_postgres_user([postgres_bin("initdb"), "-D", str(folder), "-U", PG_USER, "--auth=trust",
+                                  "-E", "UTF8"]), "initdb")
+    if _postgres_running(folder):
+        return
+    options = f"-c listen_addresses=127.0.0.1 -p {port} -c unix_socket_directories={folder} -c max_connections=200"
+    _check(_as_postgres_user([postgres_bin("pg_ctl"), "-D", str(folder), "-l", str(log), "-o", options, "-w",
+                              "-t", "60", "start"]), f"PostgreSQL on port {port} (log: {log})")
+    created = subprocess.run([postgres_bin("createdb"), "-h", "127.0.0.1", "-p", str(port), "-U", PG_USER, PG_DB],
+                             capture_output=True, text=True)
+    if created.returncode != 0 and "already exists" not in created.stderr:
+        raise StackError(f"createdb {PG_DB} failed: {created.stderr.strip()}")
+
+
+def stop_postgres(folder: Path) -> None:
+    if _postgres_running(folder):
+        subprocess.run(_as_postgres_user([postgres_bin("pg_ctl"), "-D", str(folder), "-m", "fast", "-w", "stop"]),
+                       capture_output=True)
+
+
+def _postgres_running(folder: Path) -> bool:
+    if not (folder / "PG_VERSION").exists():
+        return False
+    return subprocess.run(_as_postgres_user([postgres_bin("pg_ctl"), "-D", str(folder), "status"]),
+                          capture_output=True).returncode == 0
+
+
+def start_redis(folder: Path, port: int, log: Path) -> None:
+    """redis-server on 127.0.0.1:`port`, no persistence (the broker's queue and the buckets are transient)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    pidfile = folder / "redis.pid"
+    if _pid_alive(_read_pid(pidfile)):
+        return
+    binary = shutil.which("redis-server")
+    if binary is None:
+        raise StackError("redis-server not found: apt-get install redis-server (scripts/stack.sh does)")
+    _check([binary, "--bind", "127.0.0.1", "--port", str(port), "--dir", str(folder), "--daemonize", "yes",
+            "--pidfile", str(pidfile), "--logfile", str(log), "--save", "", "--appendonly", "no"],
+           f"redis-server on port {port}")
+    _wait_for_port(port, f"redis-server (log: {log})")
+
+
+def stop_redis(folder: Path) -> None:
+    _terminate(_read_pid(folder / "redis.pid"), group=False)
+
+
+# ----------------------------------------------------------------------------- the stack
+
+
+def start(config: StackConfig, log=print) -> dict[str, str]:
+    """Start whatever is not running yet; returns the stack's environment (also written to env.sh)."""
+    for folder in (config.root, config.logs, config.pids, config.dagster_home):
+        folder.mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(REPO_ROOT / "deploy" / "dagster.yaml", config.dagster_home / "dagster.yaml")
+    start_postgres(config.root / "postgres", config.pg_port, config.logs / "postgres.log")
+    start_redis(config.root / "redis", config.redis_port, config.logs / "redis.log")
+    log(f"postgres 127.0.0.1:{config.pg_port}, redis 127.0.0.1:{config.redis_port}")
+    env = stack_env(config)
+    if not env.get("MAPILLARY_ACCESS_TOKEN"):
+        env.update({"MAPILLARY_ACCESS_TOKEN": DEMO_TOKEN,
+                    "MAPILLARY_GRAPH_URL": f"http://127.0.0.1:{config.emulator_port}/graph",
+                    "MAPILLARY_TILES_URL": f"http://127.0.0.1:{config.emulator_port}/tiles"})
+        _spawn(config, "emulator", [sys.executable, "-m", "mapillary_assets.emulator", "--port",
+                                    str(config.emulator_port), "--scale", str(config.emulator_scale)], env)
+        _wait_for_port(config.emulator_port, f"the emulator (log: {config.logs / 'emulator.log'})")
+    _write_env_file(config, env)
+    configure_pools(env, config)
+    code = ["-m", "mapillary_assets.definitions", "-d", str(REPO_ROOT)]
+    if not config.automation:
+        for kind, name in (("sensor", "new_images_sensor"), ("schedule", "refresh_schedule")):
+            _check([_tool("dagster"), kind, "stop", name, *code], f"stopping {name}", env=env)
+    _spawn(config, "daemon", [_tool("dagster-daemon"), "run", *code], env)
+    for index in range(1, config.workers + 1):
+        _spawn(config, f"w{index}", worker_command(index), env)
+    if config.webserver:
+        _spawn(config, "webserver", [_tool("dagster-webserver"), "-h", "127.0.0.1", "-p",
+                                     str(config.webserver_port), *code], env)
+        log(f"UI: http://127.0.0.1:{config.webserver_port}")
+    log(f"{config.workers} worker(s); environment for drivers: source {config.env_file}")
+    return env
+
+
+def worker_command(index: int) -> list[str]:
+    # One -q with commas: dagster-celery turns each -q into a `celery -Q`, and Celery keeps only the last.
+    # One run at a time per worker process: a run is already a process tree of its own.
+    return [_tool("dagster-celery"), "worker", "start", "-A", "dagster_celery.app",
+            "-y", str(REPO_ROOT / "deploy" / "celery.yaml"), "--name", f"w{index}",
+            "-q", ",".join(worker_queues(index)),
+            "--", "--concurrency=1", "--without-gossip", "--without-mingle"]
+
+
+def configure_pools(env: dict[str, str], config: StackConfig) -> None:
+    """Pool limits live in the instance (Postgres): one value for the whole cluster."""
+    limits = {"mapillary_api": config.api_slots, "gpu": config.gpu_slots or config.workers}
+    for pool, limit in limits.items():
+        _check([_tool("dagster"), "instance", "concurrency", "set", pool, str(limit)], f"pool {pool}", env=env)
+
+
+def stop(config: StackConfig, log=print) -> None:
+    names = sorted(p.stem for p in config.pids.glob("*.pid")) if config.pids.exists() else []
+    for name in names:  # workers and daemon first: they talk to the services below
+        _terminate(_read_pid(config.pids / f"{name}.pid"))
+        (config.pids / f"{name}.pid").unlink(missing_ok=True)
+    stop_redis(config.root / "redis")
+    stop_postgres(config.root / "postgres")
+    log(f"stopped: {', '.join(names + ['redis', 'postgres'])}")
+
+
+def status(config: StackConfig) -> dict[str, bool]:
+    states = {name.stem: _pid_alive(_read_pid(name)) for name in sorted(config.pids.glob("*.pid"))} \
+        if config.pids.exists() else {}
+    states["redis"] = _pid_alive(_read_pid(config.root / "redis" / "redis.pid"))
+    states["postgres"] = _postgres_running(config.root / "postgres")
+    return states
+
+
+# ----------------------------------------------------------------------------- processes
+
+
+def _spawn(config: StackConfig, name: str, argv: list[str], env: dict[str, str]) -> int:
+    pidfile = config.pids / f"{name}.pid"
+    pid = _read_pid(pidfile)
+    if _pid_alive(pid):
+        return pid
+    with open(config.logs / f"{name}.log", "ab") as out:
+        process = subprocess.Popen(argv, env=env, cwd=REPO_ROOT, stdout=out, stderr=subprocess.STDOUT,
+                                   stdin=subprocess.DEVNULL, start_new_session=True)
+    pidfile.write_text(str(process.pid))
+    return process.pid
+
+
+def _terminate(pid: int | None, group: bool = True, timeout_s: float = 20.0) -> None:
+    """SIGTERM the process (and its session, which it leads), SIGKILL what is left after `timeout_s`."""
+    if not _pid_alive(pid):
+        return
+    send = (lambda sig: os.killpg(pid, sig)) if group else (lambda sig: os.kill(pid, sig))
+    try:
+        send(signal.SIGTERM)
+    except ProcessLookupError:
+        return
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline and _pid_alive(pid):
+        time.sleep(0.2)
+    try:
+        send(signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+
+
+def _read_pid(pidfile: Path) -> int | None:
+    try:
+        return int(pidfile.read_text().strip())
+    except (OSError, ValueError):
+        return None
+
+
+def _pid_alive(pid: int | None) -> bool:
+    if not pid:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    try:  # a zombie still answers signal 0
+        return Path(f"/proc/{pid}/stat").read_text().split(") ", 1)[1][:1] != "Z"
+    except (OSError, IndexError):
+        return True
+
+
+def _wait_for_port(port: int, what: str, timeout_s: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        with socket.socket() as probe:
+            if probe.connect_ex(("127.0.0.1", port)) == 0:
+                return
+        time.sleep(0.2)
+    raise StackError(f"{what} did not listen on 127.0.0.1:{port} within {timeout_s:.0f} s")
+
+
+def _check(argv: list[str], what: str, env: dict[str, str] | None = None) -> None:
+    result = subprocess.run(argv, capture_output=True, text=True, env=env, cwd=REPO_ROOT)
+    if result.returncode != 0:
+        raise StackError(f"{what} failed ({shlex.join(argv[:3])} ...): {(result.stderr or result.stdout).strip()[-800:]}")
+
+
+def _tool(name: str) -> str:
+    return str(Path(sys.executable).parent / name)
+
+
+def _write_env_file(config: StackConfig, env: dict[str, str]) -> None:
+    names = [n for n in sorted(env) if n.startswith(("DAGSTER_", "MAPILLARY_")) or n == "PYTHONPATH"]
+    # A real token is never written to disk; the emulator's demo token is no secret.
+    names = [n for n in names if n != "MAPILLARY_ACCESS_TOKEN" or env[n] == DEMO_TOKEN]
+    config.env_file.write_text("".join(f"export {n}={shlex.quote(env[n])}\n" for n in names))
+
+
+def main(argv: list[str] | None = None) -> int:
+    import argparse
+
+    parser = argparse.ArgumentParser(prog="scripts/stack.sh", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("action", choices=("start", "stop", "status"))
+    parser.add_argument("--workers", type=int, default=int(os.environ.get("MAPILLARY_STACK_WORKERS", "2")))
+    parser.add_argument("--root", type=Path, default=Path(os.environ.get("MAPILLARY_STACK_DIR", REPO_ROOT / ".stack")))
+    parser.add_argument("--scale", type=float, default=0.005, help="emulator world (when no token is set)")
+    args = parser.parse_args(argv)
+    if args.workers < 1:
+        parser.error("--workers must be >= 1")
+    config = StackConfig(root=args.root.resolve(), workers=args.workers, emulator_scale=args.scale)
+    try:
+        if args.action == "start":
+            start(config)
+        elif args.action == "stop":
+            stop(config)
+        else:
+            states = status(config)
+            print(json.dumps(states, indent=1))
+            return 0 if states and all(states.values()) else 3
+    except StackError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,213 @@
+"""The scaled-out mode on loopback: PostgreSQL instance storage, Redis broker and rate budget, 2 Celery
+workers (one SIGKILLed mid-chunk), the whole pipeline submitted as runs; the GeoPackage must equal the
+single-machine run's and the emulator's budget must hold over both workers together."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import signal
+import subprocess
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import dagster as dg
+import pyogrio
+import pytest
+import redis
+from dagster._core.storage.tags import AUTO_RETRY_RUN_ID_TAG, PARTITION_NAME_TAG
+
+from mapillary_assets.emulator import EmulatorServer, Faults, World
+from mapillary_assets_tests.harness import TEST_SCALE, TEST_TOKEN, pipeline_run
+from mapillary_assets_tests.test_api_ratelimit import max_in_window
+from mapillary_assets_tests.test_ratelimit_redis import free_port
+
+REPO = Path(__file__).resolve().parents[1]
+ENTITY_BUDGET = 20  # per minute; the pipeline sends ~24 entity requests, so the budget binds
+
+
+def _services_missing() -> str | None:
+    from mapillary_assets.scaleout.stack import StackError, postgres_bin
+
+    if shutil.which("redis-server") is None:
+        return "redis-server is not installed (scripts/install_services.sh installs it)"
+    try:
+        postgres_bin("initdb")
+    except StackError as exc:
+        return str(exc)
+    if os.geteuid() == 0 and shutil.which("runuser") is None:
+        return "running as root without runuser: PostgreSQL cannot be started"
+    return None
+
+
+needs_services = pytest.mark.skipif(_services_missing() is not None, reason=str(_services_missing()))
+
+
+def geopackage_summary(path: Path) -> dict:
+    layers = {name: pyogrio.read_info(path, layer=name)["features"] for name, _ in pyogrio.list_layers(path)}
+    images = pyogrio.read_dataframe(path, layer="images", columns=["image_id", "blur_value"], read_geometry=False)
+    rows = sorted(f"{i}:{v!r}" for i, v in zip(images["image_id"], images["blur_value"]))
+    return {"layers": layers, "image_blur_sha256": hashlib.sha256("\n".join(rows).encode()).hexdigest()}
+
+
+def celery_app():
+    from dagster_celery.make_app import make_app
+
+    broker = os.environ["MAPILLARY_CELERY_BROKER"]
+    return make_app({"broker": broker, "backend": broker, "include": [], "task_default_queue": "dagster",
+                     "config_source": {"result_extended": True}})
+
+
+def kill_first_chunk_run_on(worker: str, instance: dg.DagsterInstance, app, stop: threading.Event,
+                            killed: dict) -> None:
+    """SIGKILL the process running the first chunk run that `worker` starts, once it is fetching metadata."""
+    while not stop.is_set():
+        for run in instance.get_runs(dg.RunsFilter(job_name="chunk_job", statuses=[dg.DagsterRunStatus.STARTED])):
+            result = app.AsyncResult(run.tags.get("dagster-celery/task_id"))
+            info = result.info if result.state == "STARTED" else None
+            if not isinstance(info, dict) or not str(info.get("hostname", "")).startswith(f"{worker}@"):
+                continue
+            if not instance.all_logs(run.run_id, of_type=dg.DagsterEventType.STEP_START):
+                continue
+            time.sleep(1.0)  # mid-chunk: its metadata requests are being paced by the shared budget
+            os.kill(int(info["pid"]), signal.SIGKILL)
+            killed.update(run_id=run.run_id, pid=int(info["pid"]), partition=run.tags.get(PARTITION_NAME_TAG))
+            return
+        stop.wait(0.3)
+
+
+def test_stack_script_status_reports_what_runs(tmp_path):
+    result = subprocess.run(["bash", str(REPO / "scripts" / "stack.sh"), "status"], capture_output=True, text=True,
+                            env={**os.environ, "MAPILLARY_STACK_DIR": str(tmp_path / "stack")}, timeout=120)
+    assert result.returncode == 3, result.stderr  # nothing started here
+    assert json.loads(result.stdout) == {"redis": False, "postgres": False}
+
+
+def test_worker_command_listens_on_its_queues_one_run_at_a_time():
+    from mapillary_assets.scaleout.stack import worker_command
+
+    first, second = worker_command(1), worker_command(2)
+    assert first[first.index("-q") + 1] == "dagster,publish" and first.count("-q") == 1
+    assert second[second.index("-q") + 1] == "dagster"
+    assert "--concurrency=1" in first[first.index("--"):]
+
+
+@pytest.mark.slow
+@needs_services
+def test_two_workers_one_killed_equal_the_single_machine_run(tmp_path, monkeypatch):
+    from mapillary_assets.scaleout import stack
+    from mapillary_assets.scaleout.pipeline import run_cluster_pipeline
+    from mapillary_assets.scaleout.runner import ClusterRunner
+
+    with pipeline_run(tmp_path / "single", World(seed=7, scale=TEST_SCALE)) as single:
+        single.run()
+        expected = geopackage_summary(single.layout.geopackage_path)
+
+    # PostgreSQL runs as the `postgres` user when we are root: its folder must not sit under pytest's 0700 tmp.
+    root = Path(tempfile.mkdtemp(prefix="mapillary-stack-", dir="/tmp"))
+    os.chmod(root, 0o755)
+    config = stack.StackConfig(root=root, workers=2, pg_port=free_port(), redis_port=free_port(), webserver=False,
+                               automation=False, data_dir=root / "data")
+    faults = Faults(rate_limit_per_minute={"entity": ENTITY_BUDGET})
+    with EmulatorServer(world=World(seed=7, scale=TEST_SCALE), faults=faults, token=TEST_TOKEN) as server:
+        for name, value in {"MAPILLARY_ACCESS_TOKEN": TEST_TOKEN, "MAPILLARY_GRAPH_URL": server.graph_url,
+                            "MAPILLARY_TILES_URL": server.tiles_url, "MAPILLARY_CHUNK_SIZE": "200",
+                            "MAPILLARY_ENTITY_PER_MINUTE": str(ENTITY_BUDGET)}.items():
+            monkeypatch.setenv(name, value)
+        try:
+            env = stack.start(config, log=lambda *_: None)
+            for name in ("DAGSTER_HOME", "MAPILLARY_CELERY_BROKER", "DAGSTER_PG_HOST", "DAGSTER_PG_PORT",
+                         "DAGSTER_PG_USER", "DAGSTER_PG_PASSWORD", "DAGSTER_PG_DB", "MAPILLARY_DATA_DIR",
+                         "MAPILLARY_RATE_LIMIT_BACKEND", "MAPILLARY_REDIS_URL", "MAPILLARY_RUN_EXECUTOR"):
+                monkeypatch.setenv(name, env[name])
+            with dg.DagsterInstance.get() as instance:
+                app, stop, killed = celery_app(), threading.Event(), {}
+                killer = threading.Thread(target=kill_first_chunk_run_on, args=("w2", instance, app, stop, killed))
+                killer.start()
+                try:
+                    summary = run_cluster_pipeline(instance, ClusterRunner(instance, poll_s=0.5), log=lambda *_: None)
+                finally:
+                    stop.set()
+                    killer.join()
+                chunk_runs = instance.get_runs(dg.RunsFilter(job_name="chunk_job"))
+                placement = {
+                    run.run_id: (run.tags.get(PARTITION_NAME_TAG), run.status.value,
+                                 (app.AsyncResult(run.tags["dagster-celery/task_id"]).worker or "?").split("@")[0],
+                                 {e.step_key: e.dagster_event.pid for e in
+                                  instance.all_logs(run.run_id, of_type=dg.DagsterEventType.STEP_START)})
+                    for run in chunk_runs
+                }
+                for run_id, (partition, status, worker, step_pids) in placement.items():
+                    print(f"{partition} {run_id[:8]} {status:8} worker={worker} step pids={step_pids}")
+                killed_run = instance.get_run_by_id(killed["run_id"]) if killed else None
+                buckets = sorted(key.decode() for key in
+                                 redis.Redis.from_url(env["MAPILLARY_REDIS_URL"]).keys("mapillary:ratelimit:*"))
+                slots = {pool: instance.event_log_storage.get_concurrency_info(pool).slot_count
+                         for pool in ("mapillary_api", "duckdb_writer", "gpu")}
+        finally:
+            stack.stop(config, log=lambda *_: None)
+        entity_times = server.request_times("entity")
+        rate_limited = server.stats().get("rate_limited", 0)
+    cluster = geopackage_summary(root / "data" / "output" / "mapillary_images.gpkg")
+    sqlite_bucket_used = (root / "data" / "rate_limits.sqlite").exists()
+    shutil.rmtree(root, ignore_errors=True)
+
+    assert summary["chunks"] == 3
+    # Pools live in Postgres: one value for the whole cluster (duckdb_writer: dagster.yaml's default of 1).
+    assert slots == {"mapillary_api": 4, "duckdb_writer": 1, "gpu": 2}
+    # One worker's process was SIGKILLed mid-chunk: that run failed, its retry completed the chunk.
+    assert killed_run is not None, "no chunk run was seen on w2 to kill"
+    assert killed_run.status == dg.DagsterRunStatus.FAILURE
+    retry = killed_run.tags.get(AUTO_RETRY_RUN_ID_TAG)
+    assert retry and placement[retry][1] == "SUCCESS" and placement[retry][0] == killed["partition"]
+    assert killed["run_id"] not in summary["runs"]["chunk_job"] and retry in summary["runs"]["chunk_job"]
+    # Chunk steps ran in both workers (the killed run's included: it ran image_metadata on w2).
+    assert {worker for _, _, worker, steps in placement.values() if steps} == {"w1", "w2"}
+    assert placement[killed["run_id"]][2] == "w2" and placement[killed["run_id"]][3]
+    # One budget for both workers: no 60-s window above what the emulator enforces, and nothing refused.
+    assert len(entity_times) > ENTITY_BUDGET
+    assert max_in_window(entity_times, 60.0) <= ENTITY_BUDGET
+    assert rate_limited == 0
+    # ... kept in Redis (MAPILLARY_RATE_LIMIT_BACKEND=redis), not in the data dir's SQLite file.
+    assert "mapillary:ratelimit:entity" in buckets
+    assert not sqlite_bucket_used
+    assert cluster == expected
+
+
+class _Runs:
+    """Just enough of an instance for ClusterRunner.wait: runs by id, changing as polls go by."""
+
+    def __init__(self, timeline: list[dict[str, tuple]]):
+        self.timeline, self.polls = timeline, 0
+
+    def get_run_by_id(self, run_id):
+        from types import SimpleNamespace
+
+        state = self.timeline[min(self.polls, len(self.timeline) - 1)]
+        self.polls += 1
+        status, tags = state[run_id]
+        return SimpleNamespace(status=status, tags=tags, job_name="chunk_job")
+
+
+def test_runner_follows_a_retry_that_is_still_being_created():
+    from mapillary_assets.scaleout.runner import ClusterRunner
+
+    failed = dg.DagsterRunStatus.FAILURE
+    instance = _Runs([
+        {"a": (dg.DagsterRunStatus.STARTED, {})},
+        {"a": (failed, {"dagster/will_retry": "true"})},  # the daemon has not created the retry yet
+        {"a": (failed, {"dagster/will_retry": "true", AUTO_RETRY_RUN_ID_TAG: "b"}), "b": (dg.DagsterRunStatus.QUEUED, {})},
+        {"a": (failed, {AUTO_RETRY_RUN_ID_TAG: "b"}), "b": (dg.DagsterRunStatus.SUCCESS, {})},
+    ])
+    assert ClusterRunner(instance, poll_s=0, log=lambda *_: None).wait("a") == ("b", True)
+
+
+def test_runner_reports_a_failure_that_will_not_be_retried():
+    from mapillary_assets.scaleout.runner import ClusterRunner
+
+    instance = _Runs([{"a": (dg.DagsterRunStatus.FAILURE, {"dagster/will_retry": "false"})}])
+    assert ClusterRunner(instance, poll_s=0, log=lambda *_: None).wait("a") == ("a", False)
