@@ -77,14 +77,17 @@ def staging_tables(
     description="The GeoPackage for spatial analysis (EPSG:4326, spatial index): `images` points with "
     "discovery, metadata, blur and filter columns, and `sequences` lines ordered by capture time.",
 )
-def mapillary_geopackage(context: dg.AssetExecutionContext, storage: DataStorageResource) -> dg.MaterializeResult:
+def mapillary_geopackage(
+    context: dg.AssetExecutionContext, storage: DataStorageResource, settings: PipelineSettings
+) -> dg.MaterializeResult:
     layout = storage.layout
     remove_leftovers_of([layout.geopackage_path])  # of an interrupted earlier write (this pool has one slot)
     with connect_staging(layout.staging_db_path, read_only=True) as con:
-        counts = write_geopackage(con, layout.geopackage_path)
+        counts = write_geopackage(con, layout.geopackage_path, version=settings.gpkg_version)
     context.log.info(f"GeoPackage written to {layout.geopackage_path}: " +
                      ", ".join(f"{layer} {rows:,}" for layer, rows in counts.items()))
     return dg.MaterializeResult(
         metadata={**{f"features_{layer}": rows for layer, rows in counts.items()},
-                  "path": dg.MetadataValue.path(str(layout.geopackage_path))}
+                  "path": dg.MetadataValue.path(str(layout.geopackage_path)),
+                  "gpkg_version": settings.gpkg_version}
     )
