@@ -22,11 +22,14 @@ from __future__ import annotations
 
 import os
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 
 import duckdb
+import numpy as np
 import pyarrow as pa
 import pyogrio
+import shapely
 
 from mapillary_assets.storage import TEMP_MARKER
 
@@ -138,3 +141,41 @@ def _write_layer(
         dataset_options=dataset_options,
     )
     return written
+
+
+@dataclass(frozen=True)
+class PublishedOverview:
+    """What the published-images map draws, aggregated in DuckDB: image counts on a grid over `extent`
+    (west, south, east, north), the same for the images the spacing filter keeps, and a sample of
+    sequence lines (lon/lat vertex arrays)."""
+
+    extent: tuple[float, float, float, float]
+    counts: np.ndarray
+    kept: np.ndarray
+    sequence_lines: list[np.ndarray]
+    sequences_total: int
+
+
+def published_overview(
+    con: duckdb.DuckDBPyConnection, extent: tuple[float, float, float, float], cells: int = 160,
+    max_sequences: int = 2_000,
+) -> PublishedOverview:
+    west, south, east, north = extent
+    width, height = max(east - west, 1e-9), max(north - south, 1e-9)
+    rows = con.execute(
+        f"""SELECT least(greatest(floor((lon - ?) / ? * {cells}), 0), {cells - 1})::INTEGER AS i,
+                   least(greatest(floor((lat - ?) / ? * {cells}), 0), {cells - 1})::INTEGER AS j,
+                   count(*) AS images, count(*) FILTER (WHERE keep_spacing) AS kept
+            FROM images WHERE lon IS NOT NULL AND lat IS NOT NULL GROUP BY ALL""",
+        [west, width, south, height],
+    ).fetchnumpy()
+    counts, kept = np.zeros((cells, cells), np.int64), np.zeros((cells, cells), np.int64)
+    counts[rows["i"], rows["j"]] = rows["images"]
+    kept[rows["i"], rows["j"]] = rows["kept"]
+    total = con.execute("SELECT count(*) FROM sequences").fetchone()[0]
+    # A stable sample (by id hash) when there are more sequences than a small map can show.
+    blobs = con.execute(
+        f"SELECT ST_AsWKB({_GEOMETRY}) FROM sequences ORDER BY hash(sequence_id) LIMIT ?", [max_sequences]
+    ).fetchall()
+    lines = [shapely.get_coordinates(geometry) for geometry in shapely.from_wkb([bytes(b) for (b,) in blobs])]
+    return PublishedOverview((west, south, east, north), counts, kept, lines, int(total))
