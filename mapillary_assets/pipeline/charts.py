@@ -192,13 +192,13 @@ def published_map_png(aoi_geometry, overview: PublishedOverview) -> bytes:
     ):
         shown = np.ma.masked_equal(counts.T, 0)
         if shown.count():
-            axes.imshow(shown, origin="lower", extent=(west, east, south, north), cmap="magma_r",
-                        norm=LogNorm(vmin=1, vmax=max(int(counts.max()), 2)), interpolation="nearest")
+            axes.imshow(shown, origin="lower", extent=(west, east, south, north), cmap="viridis",
+                        norm=LogNorm(vmin=0.7, vmax=max(int(counts.max()), 2)), interpolation="nearest")
         _outline(axes, aoi_geometry)
         axes.set_title(title, fontsize=9)
         _geographic_aspect(axes, aoi_geometry)
     if sequence_lines:
-        panels[0].add_collection(LineCollection(sequence_lines, colors="#1f77b4", linewidths=0.6, alpha=0.7))
+        panels[0].add_collection(LineCollection(sequence_lines, colors="#ff7f0e", linewidths=0.6, alpha=0.5))
         if len(sequence_lines) < sequences_total:
             panels[0].text(0.01, 0.01, f"{len(sequence_lines):,} sequences drawn", transform=panels[0].transAxes,
                            fontsize=7)

@@ -157,8 +157,8 @@ class PublishedOverview:
 
 
 def published_overview(
-    con: duckdb.DuckDBPyConnection, extent: tuple[float, float, float, float], cells: int = 160,
-    max_sequences: int = 2_000,
+    con: duckdb.DuckDBPyConnection, extent: tuple[float, float, float, float], cells: int = 100,
+    max_sequences: int = 500,
 ) -> PublishedOverview:
     west, south, east, north = extent
     width, height = max(east - west, 1e-9), max(north - south, 1e-9)
