@@ -4,16 +4,20 @@ from __future__ import annotations
 
 import base64
 import re
+import time
 
 import cv2
+import dagster as dg
 import numpy as np
 import pytest
 
+from mapillary_assets.defs.partitions import tile_partitions
 from mapillary_assets.pipeline import charts
 from mapillary_assets.pipeline.aoi import load_aoi, partition_tiles, tile_key
 from mapillary_assets.pipeline.geopackage import published_overview
 from mapillary_assets.pipeline.staging import connect_staging, load_staging
 from mapillary_assets.storage import DataLayout
+from mapillary_assets_tests.harness import pipeline_run
 from mapillary_assets_tests.test_staging import write_sample_stages
 
 MAX_PNG_BYTES = 80_000
@@ -134,3 +138,26 @@ def test_overview_keeps_points_on_the_extent_edge(tmp_path, cells):
         west, south, east, north = con.execute("SELECT min(lon), min(lat), max(lon), max(lat) FROM images").fetchone()
         overview = published_overview(con, (west, south, east, north), cells=cells)
     assert overview.counts.sum() == 8
+
+
+@pytest.mark.slow
+def test_discovery_tile_map_crosses_out_the_partition_that_failed(tmp_path):
+    with pipeline_run(tmp_path, max_retries=0) as run:
+        job = run.defs.resolve_job_def("discovery_job")
+        failing, healthy = tile_partitions.get_partition_keys()[:2]
+
+        def healthy_tile_map() -> np.ndarray:
+            assert job.execute_in_process(instance=run.instance, partition_key=healthy).success
+            record = run.instance.fetch_materializations(
+                dg.AssetRecordsFilter(asset_key=dg.AssetKey("discovered_images"), asset_partitions=[healthy]),
+                limit=1).records[0]
+            return decode_markdown(record.asset_materialization.metadata["tile_map"].value)
+
+        run.server.set_faults(outage_start=time.time() - 1, outage_end=time.time() + 3600)
+        assert not job.execute_in_process(instance=run.instance, partition_key=failing, raise_on_error=False).success
+        run.server.set_faults(outage_start=None, outage_end=None)
+        with_failure = healthy_tile_map()
+        assert job.execute_in_process(instance=run.instance, partition_key=failing).success
+        recovered = healthy_tile_map()
+    assert _share(with_failure, RED) > 0.002, "the failed partition is crossed out"
+    assert _share(recovered, RED) < 0.0005, "once it succeeds, it is not"
