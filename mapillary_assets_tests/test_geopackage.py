@@ -5,6 +5,7 @@ from __future__ import annotations
 import shutil
 import sqlite3
 import subprocess
+from pathlib import Path
 
 import geopandas
 import pandas as pd
@@ -17,6 +18,13 @@ from mapillary_assets.storage import DataLayout
 from mapillary_assets_tests.test_staging import write_sample_stages
 
 LAYERS = {"images": "Point", "images_filtered": "Point", "sequences": "LineString"}
+# Debian 12's GDAL 3.6 validator (package python3-gdal; scripts/test.sh installs it), run by the system
+# Python that has its osgeo bindings: the reader an LTR-distribution user opens the file with.
+SYSTEM_PYTHON = Path("/usr/bin/python3")
+DEBIAN_VALIDATORS = (
+    Path("/usr/share/doc/python3-gdal/examples/validate_gpkg.py"),
+    Path("/usr/lib/python3/dist-packages/osgeo_utils/samples/validate_gpkg.py"),
+)
 
 
 def _staging(layout: DataLayout, with_data: bool = True):
@@ -137,3 +145,71 @@ def test_failed_write_keeps_previous_file_and_leaves_no_temporary(layout, tmp_pa
         broken.close()
     assert layout.geopackage_path.read_bytes() == before
     assert sorted(p.name for p in layout.geopackage_path.parent.iterdir()) == [layout.geopackage_path.name]
+
+
+def _debian_validator() -> Path:
+    found = next((path for path in DEBIAN_VALIDATORS if path.is_file()), None)
+    if found is None or not SYSTEM_PYTHON.exists():
+        pytest.skip("Debian's validate_gpkg.py is missing: apt-get install python3-gdal (scripts/test.sh does)")
+    probe = subprocess.run([str(SYSTEM_PYTHON), "-c", "from osgeo import gdal"], capture_output=True, text=True)
+    if probe.returncode != 0:
+        pytest.skip(f"the system Python lacks GDAL's bindings (python3-gdal): {probe.stderr.strip()[-200:]}")
+    return found
+
+
+def _validate(path: Path) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [str(SYSTEM_PYTHON), str(_debian_validator()), "-k", str(path)], capture_output=True, text=True, timeout=120
+    )
+
+
+def _write(layout: DataLayout, path: Path, **options) -> dict[str, int]:
+    con = _staging(layout) if not layout.staging_db_path.exists() else connect_staging(
+        layout.staging_db_path, read_only=True)
+    try:
+        return write_geopackage(con, path, **options)
+    finally:
+        con.close()
+
+
+def _user_version(path: Path) -> int:
+    with sqlite3.connect(path) as db:
+        return db.execute("PRAGMA user_version").fetchone()[0]
+
+
+@pytest.mark.parametrize("version", [None, "1.2", "1.3"])
+def test_debian_gdal36_validator_passes_the_default_and_older_versions(layout, version):
+    path = layout.geopackage_path
+    _write(layout, path, **({"version": version} if version else {}))
+    result = _validate(path)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert _user_version(path) == {"1.2": 10200, "1.3": 10300, None: 10300}[version]
+    with sqlite3.connect(path) as db:
+        triggers = {name for (name,) in db.execute("SELECT name FROM sqlite_master WHERE type = 'trigger'")}
+    assert {f"rtree_{layer}_geom_update{n}" for layer in LAYERS for n in (1, 3)} <= triggers
+
+
+def test_version_14_is_an_option_the_old_validator_rejects(layout):
+    path = layout.geopackage_path
+    assert _write(layout, path, version="1.4") == {"images": 8, "images_filtered": 4, "sequences": 2}
+    assert _user_version(path) == 10400
+    result = _validate(path)
+    assert result.returncode == 1
+    assert "Req 75: rtree_images_geom_update1 trigger missing" in result.stdout
+
+
+def test_unknown_version_is_refused_before_anything_is_written(layout):
+    with pytest.raises(ValueError, match="1.2, 1.3, 1.4"):
+        _write(layout, layout.geopackage_path, version="2.0")
+    assert not layout.geopackage_path.exists()
+
+
+def test_small_batches_write_the_same_layers(layout, tmp_path):
+    whole, batched = tmp_path / "whole.gpkg", tmp_path / "batched.gpkg"
+    assert _write(layout, whole) == _write(layout, batched, batch_rows=3)
+    for layer in LAYERS:
+        expected = geopandas.read_file(whole, layer=layer, engine="pyogrio")
+        got = geopandas.read_file(batched, layer=layer, engine="pyogrio")
+        pd.testing.assert_frame_equal(got, expected)
+    with sqlite3.connect(batched) as db:
+        assert db.execute("SELECT count(*) FROM rtree_images_geom").fetchone() == (8,)

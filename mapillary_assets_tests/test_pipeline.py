@@ -10,10 +10,11 @@ import pandas as pd
 import pytest
 import shapely
 
-from mapillary_assets.defs.partitions import tile_partitions
+from mapillary_assets.defs.partitions import CHUNK_PARTITIONS_NAME, tile_partitions
 from mapillary_assets.pipeline.filters import load_filter_polygons
 from mapillary_assets.storage import read_parquet
 from mapillary_assets_tests.harness import URBAN_AREA, pipeline_run
+from mapillary_assets_tests.test_charts import decode_markdown
 
 pytestmark = pytest.mark.slow
 INSIDE_M, OUTSIDE_M = 40.0, 150.0
@@ -133,6 +134,21 @@ def test_each_partition_shows_its_own_numbers_never_the_whole_runs(published):
     result = run.defs.resolve_job_def("discovery_job").execute_in_process(instance=run.instance, partition_key=key)
     assert result.success
     assert _latest_metadata(run, "discovered_images", key)["images"].value == len(read_parquet(run.layout.discovery_path(key)))
+
+
+def test_every_picture_asset_shows_its_pictures(published):
+    run, _ = published
+    tiles = tile_partitions.get_partition_keys()
+    chunk = run.instance.get_dynamic_partitions(CHUNK_PARTITIONS_NAME)[0]
+    pictures = {("discovered_images", tiles[0]): ["tile_map"], ("blur_scores", chunk): ["histogram", "contact_sheet"],
+                ("mapillary_geopackage", None): ["map"]}
+    for (asset, partition), names in pictures.items():
+        if partition is None:
+            metadata = run.instance.get_latest_materialization_event(dg.AssetKey(asset)).asset_materialization.metadata
+        else:
+            metadata = _latest_metadata(run, asset, partition)
+        for name in names:
+            decode_markdown(metadata[name].value)
 
 
 def test_publishing_removes_what_an_interrupted_publish_left(published):

@@ -12,10 +12,10 @@ import pytest
 import requests
 
 from mapillary_assets.definitions import build_definitions
-from mapillary_assets.defs.partitions import tile_partitions
+from mapillary_assets.defs.partitions import CHUNK_PARTITIONS_NAME, tile_partitions
 from mapillary_assets.emulator import EmulatorServer, World
 from mapillary_assets_tests.dagster_server import REPO_ROOT, dagster_server, free_port
-from mapillary_assets_tests.harness import TEST_SCALE, TEST_TOKEN, make_resources
+from mapillary_assets_tests.harness import TEST_SCALE, TEST_TOKEN, make_resources, run_pipeline
 
 pytestmark = pytest.mark.slow
 
@@ -33,8 +33,8 @@ LOAD_TIMEOUT_MS = 120_000   # a shared, busy machine
 
 @pytest.fixture(scope="module")
 def webserver(tmp_path_factory):
-    """The webserver alone (no daemon: nothing is launched from the UI here), with discovery materialised
-    in its instance so the partitions page has something to show."""
+    """The webserver alone (no daemon: nothing is launched from the UI here), with the whole pipeline
+    materialised in its instance (discovery as one ranged run) so the asset pages have something to show."""
     if not CHROMIUM.exists():
         pytest.skip(f"{CHROMIUM} is not installed (apt-get install chromium): the browser test needs it")
     pytest.importorskip("playwright.sync_api", reason="playwright (python) is not installed")
@@ -42,10 +42,8 @@ def webserver(tmp_path_factory):
     with EmulatorServer(World(seed=7, scale=TEST_SCALE), token=TEST_TOKEN) as emulator, \
             dagster_server(root / "home", daemon=False) as server:
         defs = build_definitions(make_resources(emulator, root / "data"))
-        keys = tile_partitions.get_partition_keys()
-        tags = {"dagster/asset_partition_range_start": keys[0], "dagster/asset_partition_range_end": keys[-1]}
         with server.open_instance() as instance:
-            assert defs.resolve_job_def("discovery_job").execute_in_process(instance=instance, tags=tags).success
+            run_pipeline(instance, defs, log=lambda *_: None)
         yield server
 
 
@@ -112,6 +110,34 @@ def test_partitions_page_of_discovered_images_shows_every_tile_materialised(webs
     for metadata in ("images", "tile_requests", "tileset"):   # ... with what the asset reported
         page.get_by_text(metadata, exact=True).first.wait_for()
     screenshot(page, "discovered-images-partitions")
+
+
+def test_asset_pages_show_the_pictures(webserver, page):
+    """Each picture (a PNG data URI in Markdown metadata) is an <img> the browser decoded, on the page of
+    the materialisation that recorded it. Dagster shows long Markdown behind "[Show Markdown]", in a dialog."""
+    page.set_viewport_size({"width": 1600, "height": 1400})
+    with webserver.open_instance() as instance:
+        chunk = instance.get_dynamic_partitions(CHUNK_PARTITIONS_NAME)[0]
+    pages = {
+        "discovered_images": (tile_partitions.get_partition_keys()[0], {"tile_map": "partition tiles by image count"}),
+        "blur_scores": (chunk, {"histogram": "blur_value histogram", "contact_sheet": "blurriest and sharpest"}),
+        "mapillary_geopackage": (None, {"map": "published images and sequences"}),
+    }
+    for asset, (partition, pictures) in pages.items():
+        query = f"view=partitions&partition={partition}" if partition else "view=events"
+        open_page(page, f"{webserver.url}/assets/{asset}?{query}")
+        for name, alt in pictures.items():
+            row = page.locator("tr", has=page.get_by_text(name, exact=True))
+            row.get_by_text("[Show Markdown]").click()
+            dialog = page.get_by_role("dialog")
+            image = dialog.locator(f'img[alt="{alt}"]')
+            image.wait_for()
+            assert image.get_attribute("src").startswith("data:image/png;base64,"), alt
+            width = page.wait_for_function("i => i.complete && i.naturalWidth", arg=image.element_handle())
+            assert width.json_value() >= 200, alt
+            screenshot(page, f"picture-{asset}-{name}")
+            dialog.get_by_role("button", name="Close").click()
+            dialog.wait_for(state="hidden")
 
 
 SCHEDULE_DRY_RUN = """

@@ -4,10 +4,14 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
 # The UI test drives Debian's Chromium (Playwright uses it; it downloads no browser of its own).
-if ! command -v chromium >/dev/null 2>&1 && [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
-  echo "installing chromium for the UI test..."
-  (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null) \
-    || echo "chromium could not be installed: the UI test will be skipped"
+# The GeoPackage test validates with Debian's GDAL 3.6 validate_gpkg.py (python3-gdal), the reader LTR users have.
+missing=()
+command -v chromium >/dev/null 2>&1 || missing+=(chromium)
+[ -f /usr/share/doc/python3-gdal/examples/validate_gpkg.py ] || missing+=(python3-gdal)
+if [ ${#missing[@]} -gt 0 ] && [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
+  echo "installing ${missing[*]} for the UI and GeoPackage tests..."
+  (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}" >/dev/null) \
+    || echo "${missing[*]} could not be installed: the tests needing them will be skipped"
 fi
 # The scaled-out test starts its own PostgreSQL and Redis on loopback: install them when missing.
 bash scripts/install_services.sh

@@ -10,6 +10,7 @@ import dagster as dg
 
 from mapillary_assets.api import ClientSettings, MapillaryClient, Secret
 from mapillary_assets.api.ratelimit import redis_url_from_env
+from mapillary_assets.pipeline.geopackage import DEFAULT_GPKG_VERSION, GPKG_VERSIONS
 from mapillary_assets.storage import DataLayout
 
 TILESETS = ("mly1_public", "mly1_computed_public")
@@ -98,6 +99,7 @@ class PipelineSettings(dg.ConfigurableResource):
     outside_spacing_m: float = 1000.0
     max_failed_ratio: float = 0.01
     sequence_ids: str = ""
+    gpkg_version: str = DEFAULT_GPKG_VERSION
 
     def sequence_id_list(self) -> list[str]:
         """MAPILLARY_SEQUENCE_IDS: ids separated by commas or whitespace, or a text file holding them."""
@@ -123,6 +125,7 @@ class PipelineSettings(dg.ConfigurableResource):
         _choice("MAPILLARY_DISCOVERY_ROUTE", self.discovery_route, DISCOVERY_ROUTES)
         _choice("MAPILLARY_BLUR_BACKEND", self.blur_backend, BLUR_BACKENDS)
         _choice("MAPILLARY_THUMBNAIL_SIZE", self.thumbnail_size, THUMBNAIL_SIZES)
+        _choice("MAPILLARY_GPKG_VERSION", self.gpkg_version, GPKG_VERSIONS)
         _at_least("MAPILLARY_CHUNK_SIZE", self.chunk_size, 50, upper=100_000)
         _at_least("MAPILLARY_SAMPLE_LIMIT", self.sample_limit, 0)
         _at_least("MAPILLARY_DOWNLOAD_CONCURRENCY", self.download_concurrency, 1, upper=1000)

@@ -6,19 +6,30 @@ Layers (EPSG:4326, R-tree spatial index each):
 - `images_filtered`: the same columns for the images the spacing filter keeps.
 - `sequences`: one LineString per sequence with >= 2 images, vertices in capture order.
 
-Arrow batches stream from DuckDB straight into GDAL (pyogrio.write_arrow) without a pandas detour.
-The file is written under a temporary name in the target folder and renamed onto `path`.
+Arrow batches of `BATCH_ROWS` stream from DuckDB straight into GDAL (pyogrio.write_arrow) without a
+pandas detour, so memory stays bounded by one batch whatever the row count. The file is written under a
+temporary name in the target folder and renamed onto `path`.
+
+GPKG version: 1.3 by default. GDAL >= 3.9 writes 1.4, whose R-tree triggers (update5-7 replace update1
+and update3) GDAL 3.6 and older readers (Debian 12, the QGIS LTR builds on it) do not know: their
+validator fails the file ("Req 75: rtree_<layer>_geom_update1 trigger missing") and ogrinfo warns "may
+only be partially supported". 1.3 carries the triggers every reader knows. 1.4 stays selectable
+(MAPILLARY_GPKG_VERSION): its triggers keep the index right under upserts (INSERT ... ON CONFLICT DO
+UPDATE) by users who edit the file in place, which a published, rewritten-whole file does not need.
 """
 
 from __future__ import annotations
 
 import os
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 
 import duckdb
+import numpy as np
 import pyarrow as pa
 import pyogrio
+import shapely
 
 from mapillary_assets.storage import TEMP_MARKER
 
@@ -27,15 +38,22 @@ FILTERED_LAYER = "images_filtered"
 SEQUENCES_LAYER = "sequences"
 CRS = "EPSG:4326"
 _GEOMETRY = "geom"
-_BATCH_ROWS = 100_000
+BATCH_ROWS = 100_000
+GPKG_VERSIONS = ("1.2", "1.3", "1.4")
+DEFAULT_GPKG_VERSION = "1.3"
 _SQLITE_SIDECARS = ("-journal", "-wal", "-shm")
 
 
-def write_geopackage(con: duckdb.DuckDBPyConnection, path: str | Path) -> dict[str, int]:
+def write_geopackage(
+    con: duckdb.DuckDBPyConnection, path: str | Path, version: str = DEFAULT_GPKG_VERSION,
+    batch_rows: int = BATCH_ROWS,
+) -> dict[str, int]:
     """Write the `images`, `images_filtered` and `sequences` layers; returns layer -> feature count.
 
     `con` is a staging connection (spatial loaded, e.g. `staging.connect_staging(path, read_only=True)`).
     """
+    if version not in GPKG_VERSIONS:
+        raise ValueError(f"GeoPackage version {version!r} is not supported: use one of {', '.join(GPKG_VERSIONS)}")
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     image_columns = _image_columns(con)
@@ -58,7 +76,11 @@ def write_geopackage(con: duckdb.DuckDBPyConnection, path: str | Path) -> dict[s
     temporary = Path(name)
     temporary.unlink()  # GDAL creates the GeoPackage itself
     try:
-        counts = {layer: _write_layer(con, sql, temporary, layer, kind) for layer, sql, kind in layers}
+        counts = {}
+        for index, (layer, sql, kind) in enumerate(layers):
+            # VERSION is a dataset creation option: only the first layer creates the file.
+            creation = {"VERSION": version} if index == 0 else None
+            counts[layer] = _write_layer(con, sql, temporary, layer, kind, batch_rows, creation)
         os.replace(temporary, path)
     finally:
         for leftover in (temporary, *(temporary.with_name(temporary.name + s) for s in _SQLITE_SIDECARS)):
@@ -88,8 +110,10 @@ def _utc_schema(schema: pa.Schema) -> pa.Schema:
     return pa.schema(fields, metadata=schema.metadata)
 
 
-def _write_layer(con, sql: str, path: Path, layer: str, geometry_type: str) -> int:
-    reader = con.execute(sql).to_arrow_reader(_BATCH_ROWS)
+def _write_layer(
+    con, sql: str, path: Path, layer: str, geometry_type: str, batch_rows: int, dataset_options: dict | None
+) -> int:
+    reader = con.execute(sql).to_arrow_reader(batch_rows)
     schema = _utc_schema(reader.schema)
     written = 0
 
@@ -114,5 +138,44 @@ def _write_layer(con, sql: str, path: Path, layer: str, geometry_type: str) -> i
         geometry_type=geometry_type,
         crs=CRS,
         layer_options={"SPATIAL_INDEX": "YES"},
+        dataset_options=dataset_options,
     )
     return written
+
+
+@dataclass(frozen=True)
+class PublishedOverview:
+    """What the published-images map draws, aggregated in DuckDB: image counts on a grid over `extent`
+    (west, south, east, north), the same for the images the spacing filter keeps, and a sample of
+    sequence lines (lon/lat vertex arrays)."""
+
+    extent: tuple[float, float, float, float]
+    counts: np.ndarray
+    kept: np.ndarray
+    sequence_lines: list[np.ndarray]
+    sequences_total: int
+
+
+def published_overview(
+    con: duckdb.DuckDBPyConnection, extent: tuple[float, float, float, float], cells: int = 100,
+    max_sequences: int = 500,
+) -> PublishedOverview:
+    west, south, east, north = extent
+    width, height = max(east - west, 1e-9), max(north - south, 1e-9)
+    rows = con.execute(
+        f"""SELECT least(greatest(floor((lon - ?) / ? * {cells}), 0), {cells - 1})::INTEGER AS i,
+                   least(greatest(floor((lat - ?) / ? * {cells}), 0), {cells - 1})::INTEGER AS j,
+                   count(*) AS images, count(*) FILTER (WHERE keep_spacing) AS kept
+            FROM images WHERE lon IS NOT NULL AND lat IS NOT NULL GROUP BY ALL""",
+        [west, width, south, height],
+    ).fetchnumpy()
+    counts, kept = np.zeros((cells, cells), np.int64), np.zeros((cells, cells), np.int64)
+    counts[rows["i"], rows["j"]] = rows["images"]
+    kept[rows["i"], rows["j"]] = rows["kept"]
+    total = con.execute("SELECT count(*) FROM sequences").fetchone()[0]
+    # A stable sample (by id hash) when there are more sequences than a small map can show.
+    blobs = con.execute(
+        f"SELECT ST_AsWKB({_GEOMETRY}) FROM sequences ORDER BY hash(sequence_id) LIMIT ?", [max_sequences]
+    ).fetchall()
+    lines = [shapely.get_coordinates(geometry) for geometry in shapely.from_wkb([bytes(b) for (b,) in blobs])]
+    return PublishedOverview((west, south, east, north), counts, kept, lines, int(total))

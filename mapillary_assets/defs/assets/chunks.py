@@ -22,7 +22,7 @@ from mapillary_assets.defs.runtime import (
     run_async,
 )
 from mapillary_assets.pipeline.blur import score_images
-from mapillary_assets.pipeline.charts import histogram_markdown
+from mapillary_assets.pipeline.charts import blur_histogram_png, contact_sheet_png, png_markdown
 from mapillary_assets.pipeline.chunks import chunk_image_ids
 from mapillary_assets.pipeline.download import download_thumbnails
 from mapillary_assets.pipeline.metadata import fetch_metadata, ids_to_fetch, merge_with_existing
@@ -177,17 +177,18 @@ def blur_scores(
     context: dg.AssetExecutionContext, storage: DataStorageResource, settings: PipelineSettings
 ) -> dg.MaterializeResult:
     layout = storage.layout
-    frames = {}
+    frames, paths = {}, []
     for key in context.partition_keys:
         _remove_leftovers(context.log, key, [layout.blur_path(key)])
         downloads = read_parquet(layout.downloads_path(key))
-        ok = downloads[downloads["status"] == "ok"]
+        ok = [layout.root / path for path in downloads.loc[downloads["status"] == "ok", "path"]]
         scores = score_images(
-            [layout.root / path for path in ok["path"]], backend=settings.blur_backend,
+            ok, backend=settings.blur_backend,
             threshold=settings.blur_threshold, progress=progress_logger(context.log, key, unit="images"),
         )
         write_parquet_atomic(scores, layout.blur_path(key))
         frames[key] = scores
+        paths.extend(ok)  # scores come one row per path, in input order
     scores = pd.concat(frames.values())
     blurry = int(scores["is_blurry"].sum())
     context.log.info(f"blur: {len(scores):,} images scored, {blurry:,} blurry (threshold {settings.blur_threshold})")
@@ -196,6 +197,9 @@ def blur_scores(
             **partition_counts_metadata({key: {"scored": len(f), "blurry": int(f["is_blurry"].sum())}
                                          for key, f in frames.items()}),
             "backend": str(scores["backend"].iloc[0]) if len(scores) else settings.blur_backend,
-            "histogram": dg.MetadataValue.md(histogram_markdown(scores["blur_value"], settings.blur_threshold)),
+            "histogram": dg.MetadataValue.md(png_markdown(
+                blur_histogram_png(scores["blur_value"], settings.blur_threshold), "blur_value histogram")),
+            "contact_sheet": dg.MetadataValue.md(png_markdown(
+                contact_sheet_png(paths, scores["blur_value"], settings.blur_threshold), "blurriest and sharpest")),
         }
     )

@@ -4,12 +4,14 @@
 import dagster as dg
 import mercantile
 import pandas as pd
+import pyarrow.parquet as pq
 
 from mapillary_assets.defs.partitions import CHUNK_PARTITIONS_NAME, tile_partitions
 from mapillary_assets.defs.resources import DataStorageResource, MapillaryApiResource, PipelineSettings
 from mapillary_assets.defs.runtime import API_POOL, partition_counts_metadata, preview_markdown, run_async
 from mapillary_assets.defs.settings import current_aoi
 from mapillary_assets.pipeline.aoi import parse_tile_key
+from mapillary_assets.pipeline.charts import png_markdown, tile_map_png
 from mapillary_assets.pipeline.chunks import assign_chunks, chunk_keys
 from mapillary_assets.pipeline.discovery import (
     IMAGE_ZOOM,
@@ -56,6 +58,20 @@ async def _discover(api: MapillaryApiResource, layout: DataLayout, settings: Pip
     return results
 
 
+def _tile_map_png(context: dg.AssetExecutionContext, layout: DataLayout, run_counts: dict[str, int]) -> bytes:
+    """Every partition tile of the AOI: this run's counts, earlier runs' from their files (row counts from
+    the Parquet footer), None where no file exists; partitions whose last attempt failed are marked."""
+    keys = tile_partitions.get_partition_keys()
+    statuses = context.instance.get_status_by_partition(context.asset_key, keys, tile_partitions) or {}
+    failed = [k for k, status in statuses.items() if status == dg.AssetPartitionStatus.FAILED and k not in run_counts]
+    counts = {
+        key: run_counts[key] if key in run_counts
+        else pq.read_metadata(path).num_rows if (path := layout.discovery_path(key)).exists() else None
+        for key in keys
+    }
+    return tile_map_png(current_aoi().geometry, counts, failed, list(run_counts))
+
+
 def _partition_files(layout: DataLayout, tileset: str, tile: mercantile.Tile, key: str):
     """Every file this partition writes: its discovery file and the cached tiles inside it (the coverage
     tile, or its z6 descendants, and the z14 tiles); no other partition writes any of them."""
@@ -94,6 +110,9 @@ def discovered_images(
             "tileset": settings.tileset,
             "route": settings.discovery_route,
             "preview": dg.MetadataValue.md(preview_markdown(pd.concat(frames) if frames else pd.DataFrame())),
+            "tile_map": dg.MetadataValue.md(png_markdown(
+                _tile_map_png(context, storage.layout, {key: len(frame) for key, (frame, _) in results.items()}),
+                "partition tiles by image count")),
         }
     )
 

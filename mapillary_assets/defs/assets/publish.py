@@ -10,8 +10,10 @@ from mapillary_assets.defs.assets.chunks import blur_scores, image_metadata, thu
 from mapillary_assets.defs.assets.discovery import discovered_images
 from mapillary_assets.defs.resources import DataStorageResource, PipelineSettings
 from mapillary_assets.defs.runtime import DUCKDB_POOL, preview_markdown
+from mapillary_assets.defs.settings import current_aoi
+from mapillary_assets.pipeline.charts import png_markdown, published_map_png
 from mapillary_assets.pipeline.filters import load_filter_polygons
-from mapillary_assets.pipeline.geopackage import write_geopackage
+from mapillary_assets.pipeline.geopackage import published_overview, write_geopackage
 from mapillary_assets.pipeline.staging import connect_staging, load_staging
 from mapillary_assets.storage import atomic_write_bytes, remove_leftovers_of, sweep_temporary_files
 
@@ -77,14 +79,20 @@ def staging_tables(
     description="The GeoPackage for spatial analysis (EPSG:4326, spatial index): `images` points with "
     "discovery, metadata, blur and filter columns, and `sequences` lines ordered by capture time.",
 )
-def mapillary_geopackage(context: dg.AssetExecutionContext, storage: DataStorageResource) -> dg.MaterializeResult:
+def mapillary_geopackage(
+    context: dg.AssetExecutionContext, storage: DataStorageResource, settings: PipelineSettings
+) -> dg.MaterializeResult:
     layout = storage.layout
     remove_leftovers_of([layout.geopackage_path])  # of an interrupted earlier write (this pool has one slot)
     with connect_staging(layout.staging_db_path, read_only=True) as con:
-        counts = write_geopackage(con, layout.geopackage_path)
+        counts = write_geopackage(con, layout.geopackage_path, version=settings.gpkg_version)
+        aoi = current_aoi().geometry
+        picture = published_map_png(aoi, published_overview(con, aoi.bounds))
     context.log.info(f"GeoPackage written to {layout.geopackage_path}: " +
                      ", ".join(f"{layer} {rows:,}" for layer, rows in counts.items()))
     return dg.MaterializeResult(
         metadata={**{f"features_{layer}": rows for layer, rows in counts.items()},
-                  "path": dg.MetadataValue.path(str(layout.geopackage_path))}
+                  "path": dg.MetadataValue.path(str(layout.geopackage_path)),
+                  "gpkg_version": settings.gpkg_version,
+                  "map": dg.MetadataValue.md(png_markdown(picture, "published images and sequences"))}
     )
