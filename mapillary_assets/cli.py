@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import logging
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -46,6 +48,41 @@ def _user_error_types() -> tuple[type[BaseException], ...]:
             DagsterInvalidConfigError)
 
 
+_STACK_TRACE = re.compile(r"\n?Stack Trace:\n(?:[ \t].*(?:\n|$))*")
+
+
+def without_stack_traces(message: str) -> str:
+    """A Dagster event line with its serialised error chain, every stack trace removed (the messages stay)."""
+    return _STACK_TRACE.sub("\n", message)
+
+
+class _StackTraceFilter(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        if "Stack Trace:" in message:
+            record.msg, record.args = without_stack_traces(message), ()
+        return True
+
+
+@contextlib.contextmanager
+def _console_without_stack_traces():
+    """The runs' console lines without stack traces (the event log, which the UI shows, keeps them).
+    Dagster builds each run's console logger with `logging.getLoggerClass()` and offers no other hook
+    for runs without run config, so for as long as this lasts new loggers are created with the filter."""
+    base = logging.getLoggerClass()
+
+    class ConciseLogger(base):
+        def __init__(self, *args, **kwargs) -> None:
+            super().__init__(*args, **kwargs)
+            self.addFilter(_StackTraceFilter())
+
+    logging.setLoggerClass(ConciseLogger)
+    try:
+        yield
+    finally:
+        logging.setLoggerClass(base)
+
+
 def _reason_of_failed_run(instance, failure: PipelineFailed, debug: bool = False) -> str:
     """The user's error inside the run that just failed: Dagster wraps what a step raised
     (DagsterExecutionStepExecutionError, resource init errors), so walk each failure's chain of causes
@@ -62,8 +99,9 @@ def _reason_of_failed_run(instance, failure: PipelineFailed, debug: bool = False
         if debug:
             print(error.to_string(), file=sys.stderr)
         while error is not None:
-            if error.cls_name in user_errors:
-                return f"{error.message.strip()}\n  ({failure})"
+            if error.cls_name in user_errors:   # its message reads "module.Class: text"
+                text = error.message.strip().split(f"{error.cls_name}: ", 1)[-1]
+                return f"{text}\n  ({failure})"
             innermost.append(error.message.strip())
             error = error.cause or error.context
     return f"{failure}" + (f": {innermost[-1]}" if innermost else "")
@@ -151,7 +189,8 @@ def demo(args: argparse.Namespace) -> int:
         with DagsterInstance.get() as instance:
             configure_pools(instance)
             try:
-                summary = run_pipeline(instance)
+                with contextlib.nullcontext() if args.debug else _console_without_stack_traces():
+                    summary = run_pipeline(instance)
             except PipelineFailed as failure:
                 raise UserError(_reason_of_failed_run(instance, failure, debug=args.debug)) from failure
     from mapillary_assets.storage import DataLayout, read_parquet
