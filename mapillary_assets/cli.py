@@ -215,7 +215,13 @@ def ui(args: argparse.Namespace) -> int:
     from mapillary_assets.emulator import EmulatorServer, World
 
     home = _dagster_home()
-    with EmulatorServer(world=World(seed=args.seed, scale=args.scale), token=DEMO_TOKEN, port=args.emulator_port) as server:
+    emulator = EmulatorServer(world=World(seed=args.seed, scale=args.scale), token=DEMO_TOKEN, port=args.emulator_port)
+    try:
+        emulator.start()
+    except OSError as error:
+        raise UserError(f"the emulator cannot listen on 127.0.0.1:{args.emulator_port} ({error.strerror}): "
+                        "stop what uses that port or pass another --emulator-port") from None
+    with emulator as server:
         os.environ.update(_emulator_env(server, Path(args.data_dir).resolve()))
         import mapillary_assets.definitions  # noqa: F401 - a bad AOI or setting fails here, as `error: ...`
         from dagster import DagsterInstance

@@ -150,3 +150,15 @@ def test_an_area_without_images_ends_with_the_warning_in_the_summary_and_the_run
         assert metadata["warning"].value == warnings[0].removeprefix("warning: ")
         logged = [entry.user_message for entry in instance.all_logs(event.run_id) if entry.level >= 30]
         assert any(message.endswith(metadata["warning"].value) for message in logged), logged
+
+
+def test_an_emulator_port_in_use_is_one_error_line(tmp_path):
+    import socket
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        done = run_cli(tmp_path, "ui", "--emulator-port", str(port), "--data-dir", str(tmp_path / "data"))
+    assert_clear_error(done, f"the emulator cannot listen on 127.0.0.1:{port}")
+    assert "--emulator-port" in done.stderr
