@@ -14,7 +14,10 @@ empty folder and resolve URLs the same way, `client.get_images` in batches of 50
 
 A third figure prices the optional strict decode check (`decode_check=True`) against the same baseline.
 
-A warm-up pass (untimed) makes the emulator render its thumbnail pool first. Median of 3.
+A warm-up pass (untimed) makes the emulator render its thumbnail pool first. Median of 5, the repeats
+interleaved (each round runs every side once, in a rotating order) so that every side sees the same
+load on a shared machine; each figure also records the ratios of the rounds (`round_ratios`), so the
+spread of the ratio is visible, not only the medians'.
 """
 
 from __future__ import annotations
@@ -24,12 +27,14 @@ import functools
 import multiprocessing
 import os
 import shutil
+import statistics
 import tempfile
+import time
 from pathlib import Path
 
 import aiohttp
 
-from benchmarks.harness import Figure, Stopwatch, median_of
+from benchmarks.harness import Figure, Stopwatch
 from mapillary_assets.api import ClientSettings, MapillaryClient, Secret
 from mapillary_assets.pipeline import download
 from mapillary_assets.pipeline.download import RESOLVE_BATCH_SIZE, download_thumbnails
@@ -37,7 +42,7 @@ from mapillary_assets.storage import DataLayout, atomic_write_bytes
 
 TOKEN = "MLY|bench-download"
 SEED, SCALE = 42, 0.005
-REPEATS = 3
+REPEATS = 5
 ZURICH_BOX = (8.45, 47.32, 8.62, 47.43)
 
 
@@ -101,22 +106,91 @@ async def baseline_run(base_url: str, folder: Path, ids: list[str], durable: boo
     return len(urls)
 
 
-def images_per_second(run_once, base_url: str, scratch: Path, ids: list[str]) -> float:
-    def once() -> float:
-        folder = Path(tempfile.mkdtemp(dir=scratch))
-        try:
-            with Stopwatch() as watch:
-                done = asyncio.run(run_once(base_url, folder, ids))
-            assert done == len(ids)
-            return done / watch.seconds
-        finally:
-            shutil.rmtree(folder, ignore_errors=True)
+def images_per_second(run_once, base_url: str, scratch: Path, ids: list[str]) -> tuple[float, float]:
+    """(images/s, CPU ms of this process per image): the event loop is the bottleneck, and its CPU per
+    image is far less disturbed by other load on a shared machine than the wall-clock rate."""
+    folder = Path(tempfile.mkdtemp(dir=scratch))
+    try:
+        cpu = time.process_time()
+        with Stopwatch() as watch:
+            done = asyncio.run(run_once(base_url, folder, ids))
+        cpu = time.process_time() - cpu
+        assert done == len(ids)
+        return done / watch.seconds, cpu * 1000 / done
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
 
-    return median_of(REPEATS, once)
+
+def interleaved(sides: dict, base_url: str, scratch: Path, ids: list[str],
+                repeats: int) -> tuple[dict[str, list[float]], dict[str, list[float]]]:
+    """images/s and CPU ms/image of every side, `repeats` rounds; each round runs every side once, the
+    order rotating by one each round."""
+    names = list(sides)
+    rates: dict[str, list[float]] = {name: [] for name in names}
+    cpu: dict[str, list[float]] = {name: [] for name in names}
+    for round_number in range(repeats):
+        for name in names[round_number % len(names):] + names[: round_number % len(names)]:
+            rate, cpu_ms = images_per_second(sides[name], base_url, scratch, ids)
+            rates[name].append(rate)
+            cpu[name].append(cpu_ms)
+    return rates, cpu
+
+
+def _microseconds_each(action, items: list, repeats: int = 5, before_each_pass=None) -> float:
+    """Median over `repeats` passes of the µs per item of `action(item)`; `before_each_pass()` is untimed."""
+    def one_pass() -> float:
+        if before_each_pass is not None:
+            before_each_pass()
+        started = time.perf_counter()
+        for item in items:
+            action(item)
+        return (time.perf_counter() - started) * 1e6 / len(items)
+
+    return statistics.median(one_pass() for _ in range(repeats))
+
+
+def check_costs(ids: list[str], scratch: Path) -> dict[str, float]:
+    """µs per 1024 px thumbnail of each check and of each way of writing, measured alone on the bodies
+    the emulator serves (the end-to-end figures above are noisier than these differences)."""
+    from mapillary_assets.emulator.thumbnails import thumbnail_bytes
+
+    bodies = [(image_id, thumbnail_bytes(image_id, 1024, False)) for image_id in ids[:200]]
+    layout = DataLayout(scratch / "sharded")
+    plain = scratch / "plain"
+    plain.mkdir()
+
+    def write_plain(item) -> None:
+        with open(plain / f"{item[0]}.jpg", "wb") as handle:
+            handle.write(item[1])
+
+    sharded_paths = [layout.thumbnail_path(image_id, 1024) for image_id, _ in bodies]
+
+    def empty_folders() -> None:
+        """Every pass writes new files into existing folders, the steady state of a download run (a
+        shard's folder is created once, by its first file; a rename over an existing file is rarer)."""
+        for path in [*sharded_paths, *(plain / f"{image_id}.jpg" for image_id, _ in bodies)]:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.unlink(missing_ok=True)
+
+    costs = {
+        "marker checks (SOI/EOI, header segments, scan markers)": _microseconds_each(
+            lambda item: download.verify_jpeg(item[1]), bodies),
+        "strict decode (optional, decode_check=True)": _microseconds_each(
+            lambda item: download.decode_problem(item[1]), bodies, repeats=3),
+        "plain write to one folder (baseline)": _microseconds_each(write_plain, bodies, before_each_pass=empty_folders),
+        "atomic write (temp name + rename) to the sharded path": _microseconds_each(
+            lambda item: atomic_write_bytes(layout.thumbnail_path(item[0], 1024), item[1], durable=False), bodies,
+            before_each_pass=empty_folders),
+    }
+    return {name: round(value, 1) for name, value in costs.items()}
+
+
+def _round_ratios(values: list[float], baselines: list[float]) -> list[float]:
+    return [round(value / baseline, 3) for value, baseline in zip(values, baselines)]
 
 
 def run(quick: bool) -> list[Figure]:
-    count = 300 if quick else 3000
+    count = 300 if quick else 2000
     ids = world_ids(count)
     context = multiprocessing.get_context("spawn")
     receive, send = context.Pipe(duplex=False)
@@ -130,27 +204,40 @@ def run(quick: bool) -> list[Figure]:
         with tempfile.TemporaryDirectory(prefix="bench-download-") as tmp:
             scratch = Path(tmp)
             asyncio.run(baseline_run(base_url, scratch / "warm-up", ids))  # emulator renders its pool
-            baseline = images_per_second(baseline_run, base_url, scratch, ids)
-            durable = images_per_second(functools.partial(baseline_run, durable=True), base_url, scratch, ids)
-            ours = images_per_second(pipeline_run, base_url, scratch, ids)
-            decoding = images_per_second(functools.partial(pipeline_run, decode_check=True), base_url, scratch, ids)
+            load_before = os.getloadavg()[0]
+            rates, cpu = interleaved({"baseline": baseline_run, "durable": functools.partial(baseline_run, durable=True),
+                                      "ours": pipeline_run,
+                                      "decoding": functools.partial(pipeline_run, decode_check=True)},
+                                     base_url, scratch, ids, 2 if quick else REPEATS)
+            costs = check_costs(ids, scratch)
+            load = f"load average {load_before:.1f} at the start, {os.getloadavg()[0]:.1f} at the end"
     finally:
         stop.set()
         emulator.join(10)
         if emulator.is_alive():
             emulator.terminate()
+    baseline, durable, ours, decoding = (statistics.median(rates[name])
+                                         for name in ("baseline", "durable", "ours", "decoding"))
     setting = f"{count} thumbnails (1024 px, ~240 KB) from the emulator"
     return [
         Figure("download", f"images/s, {setting}, all checks", ours, "images/s", baseline,
                "aiohttp + Semaphore(100) + plain write to one folder, no checks", ">= 1.0x", ours >= baseline,
                f"pipeline: fresh URLs per batch, marker checks, atomic writes (rename, no per-file fsync) to the "
                f"sharded layout, concurrency 64; {os.cpu_count()} cores shared with "
-               "the emulator process",
-               extra={"images": count, "max_jpeg_attempts": download.MAX_JPEG_ATTEMPTS}),
+               f"the emulator process; repeats interleaved; {load}",
+               extra={"images": count, "max_jpeg_attempts": download.MAX_JPEG_ATTEMPTS,
+                      "round_ratios": _round_ratios(rates["ours"], rates["baseline"]),
+                      "cpu_ms_per_image": {name: round(statistics.median(values), 3) for name, values in cpu.items()},
+                      "check_costs_us_per_image": costs}),
         Figure("download", f"images/s, {setting}, all checks, vs the same atomic writes", ours, "images/s",
                durable, "the plain loop writing like the pipeline (atomic rename, sharded)", ">= 1.0x",
                ours >= durable, "isolates the pipeline's own cost (URL freshness, checks, retries, bookkeeping)",
-               extra={"images": count}),
+               extra={"images": count, "round_ratios": _round_ratios(rates["ours"], rates["durable"])}),
+        Figure("download", f"CPU ms per image of the downloading process (lower is better), {setting}, all checks",
+               statistics.median(cpu["ours"]), "ms", statistics.median(cpu["baseline"]),
+               "the plain loop (aiohttp + plain write, no checks)", None, None,
+               "process_time of the client process per image, median of the same interleaved rounds; less "
+               "disturbed by other load than images/s", extra={"images": count, "check_costs_us_per_image": costs}),
         Figure("download", f"images/s, {setting}, all checks + strict decode (decode_check=True)", decoding,
                "images/s", durable, "the plain loop writing like the pipeline (atomic rename, sharded)",
                None, None, "the optional check; off by default because of this cost", extra={"images": count}),

@@ -9,7 +9,10 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
+import logging
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -23,6 +26,85 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 
 class PipelineFailed(RuntimeError):
     """A job of the pipeline failed; what it stored is kept, and a re-run does only what is missing."""
+
+
+class UserError(Exception):
+    """Something the user can fix; main() prints `error: <message>` without a traceback (unless --debug)."""
+
+
+def _user_error_types() -> tuple[type[BaseException], ...]:
+    """Errors raised for bad input (the AOI, a setting, the token, a damaged stage file); their messages
+    name the problem and the fix."""
+    from dagster import DagsterInvalidConfigError
+
+    from mapillary_assets.api.errors import AuthError
+    from mapillary_assets.defs.resources import ConfigError
+    from mapillary_assets.pipeline.aoi import AoiError
+    from mapillary_assets.pipeline.chunks import ChunkError
+    from mapillary_assets.pipeline.filters import FilterPolygonError
+    from mapillary_assets.storage import StorageError
+
+    return (UserError, AoiError, ConfigError, AuthError, ChunkError, FilterPolygonError, StorageError,
+            DagsterInvalidConfigError)
+
+
+_STACK_TRACE = re.compile(r"\n?Stack Trace:\n(?:[ \t].*(?:\n|$))*")
+
+
+def without_stack_traces(message: str) -> str:
+    """A Dagster event line with its serialised error chain, every stack trace removed (the messages stay)."""
+    return _STACK_TRACE.sub("\n", message)
+
+
+class _StackTraceFilter(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        if "Stack Trace:" in message:
+            record.msg, record.args = without_stack_traces(message), ()
+        return True
+
+
+@contextlib.contextmanager
+def _console_without_stack_traces():
+    """The runs' console lines without stack traces (the event log, which the UI shows, keeps them).
+    Dagster builds each run's console logger with `logging.getLoggerClass()` and offers no other hook
+    for runs without run config, so for as long as this lasts new loggers are created with the filter."""
+    base = logging.getLoggerClass()
+
+    class ConciseLogger(base):
+        def __init__(self, *args, **kwargs) -> None:
+            super().__init__(*args, **kwargs)
+            self.addFilter(_StackTraceFilter())
+
+    logging.setLoggerClass(ConciseLogger)
+    try:
+        yield
+    finally:
+        logging.setLoggerClass(base)
+
+
+def _reason_of_failed_run(instance, failure: PipelineFailed, debug: bool = False) -> str:
+    """The user's error inside the run that just failed: Dagster wraps what a step raised
+    (DagsterExecutionStepExecutionError, resource init errors), so walk each failure's chain of causes
+    to the first user error, else the innermost cause; `failure`'s own message says which job and run."""
+    import dagster as dg
+
+    user_errors = {error_type.__name__ for error_type in _user_error_types()}
+    runs = instance.get_runs(filters=dg.RunsFilter(statuses=[dg.DagsterRunStatus.FAILURE]), limit=1)
+    innermost = []
+    for entry in instance.all_logs(runs[0].run_id) if runs else []:
+        error = getattr(entry.dagster_event.event_specific_data, "error", None) if entry.dagster_event else None
+        if error is None:
+            continue
+        if debug:
+            print(error.to_string(), file=sys.stderr)
+        while error is not None:
+            if error.cls_name in user_errors:   # its message reads "module.Class: text"
+                text = error.message.strip().split(f"{error.cls_name}: ", 1)[-1]
+                return f"{text}\n  ({failure})"
+            innermost.append(error.message.strip())
+            error = error.cause or error.context
+    return f"{failure}" + (f": {innermost[-1]}" if innermost else "")
 
 
 def _emulator_env(server, data_dir: Path) -> dict[str, str]:
@@ -107,14 +189,23 @@ def demo(args: argparse.Namespace) -> int:
         with DagsterInstance.get() as instance:
             configure_pools(instance)
             try:
-                summary = run_pipeline(instance)
+                with contextlib.nullcontext() if args.debug else _console_without_stack_traces():
+                    summary = run_pipeline(instance)
             except PipelineFailed as failure:
-                print(f"error: {failure}", file=sys.stderr)
-                return 1
-    from mapillary_assets.storage import DataLayout
+                raise UserError(_reason_of_failed_run(instance, failure, debug=args.debug)) from failure
+    from mapillary_assets.storage import DataLayout, read_parquet
 
-    gpkg = DataLayout(data_dir).geopackage_path
-    print(f"\nDone in {summary['seconds']:.0f} s ({summary['chunks']} chunk(s)).")
+    layout = DataLayout(data_dir)
+    gpkg = layout.geopackage_path
+    images = len(read_parquet(layout.chunk_assignment_path, columns=["image_id"])) \
+        if layout.chunk_assignment_path.exists() else 0
+    print(f"\nDone in {summary['seconds']:.0f} s ({images:,} images in {summary['chunks']} chunk(s)).")
+    if not images:
+        from mapillary_assets.defs.settings import current_aoi
+        from mapillary_assets.pipeline.aoi import no_images_warning
+
+        print(f"warning: {no_images_warning(current_aoi(), os.environ.get('MAPILLARY_TILESET', 'mly1_public'))}",
+              file=sys.stderr)
     print(f"GeoPackage: {gpkg}\n  inspect: ogrinfo -so {gpkg} images   (or open it in QGIS)")
     print("UI: ./scripts/ui.sh, then open http://127.0.0.1:3000 (asset graph, runs, partitions, backfills)")
     return 0
@@ -124,8 +215,15 @@ def ui(args: argparse.Namespace) -> int:
     from mapillary_assets.emulator import EmulatorServer, World
 
     home = _dagster_home()
-    with EmulatorServer(world=World(seed=args.seed, scale=args.scale), token=DEMO_TOKEN, port=args.emulator_port) as server:
-        env = {**os.environ, **_emulator_env(server, Path(args.data_dir).resolve())}
+    emulator = EmulatorServer(world=World(seed=args.seed, scale=args.scale), token=DEMO_TOKEN, port=args.emulator_port)
+    try:
+        emulator.start()
+    except OSError as error:
+        raise UserError(f"the emulator cannot listen on 127.0.0.1:{args.emulator_port} ({error.strerror}): "
+                        "stop what uses that port or pass another --emulator-port") from None
+    with emulator as server:
+        os.environ.update(_emulator_env(server, Path(args.data_dir).resolve()))
+        import mapillary_assets.definitions  # noqa: F401 - a bad AOI or setting fails here, as `error: ...`
         from dagster import DagsterInstance
 
         with DagsterInstance.get() as instance:
@@ -133,26 +231,44 @@ def ui(args: argparse.Namespace) -> int:
         print(f"emulator: {server.base_url}; Dagster UI: http://{args.host}:{args.port} (instance {home})")
         command = [sys.executable, "-m", "dagster", "dev", "-m", "mapillary_assets.definitions",
                    "-h", args.host, "-p", str(args.port)]
-        return _serve(command, env)
+        return _serve(command, dict(os.environ))
 
 
 def _serve(command: list[str], env: dict[str, str]) -> int:
-    """Run `dagster dev` until it exits. SIGTERM (`kill`, a service manager) is passed on, so it stops its
-    webserver, daemon and run workers before the emulator they talk to goes away; Ctrl-C reaches it from
-    the terminal directly, so this process only waits for it."""
-    process = subprocess.Popen(command, env=env, cwd=REPO_ROOT)
-    previous = signal.signal(signal.SIGTERM, lambda signum, _frame: process.send_signal(signum))
+    """Run `dagster dev` until it exits or this process is told to stop (SIGTERM, SIGHUP, Ctrl-C), then stop
+    everything it started. It runs in its own session, so a signal reaches it only through here, and
+    SIGINT is never inherited as ignored (a background job's `&` ignores it, and `dagster dev` maps
+    SIGTERM to its SIGINT handler: ignored there, it could not be stopped at all). A watchdog process
+    stops the tree when this process dies without running its handlers (SIGKILL, OOM)."""
+    from mapillary_assets import process_tree
+
+    stop_requested: list[int] = []
+
+    def request_stop(signum, _frame) -> None:
+        stop_requested.append(signum)
+
+    interrupt_was_ignored = signal.getsignal(signal.SIGINT) == signal.SIG_IGN
+    handled = (signal.SIGTERM, signal.SIGHUP) if interrupt_was_ignored else (signal.SIGTERM, signal.SIGHUP, signal.SIGINT)
+    previous = {sig: signal.signal(sig, request_stop) for sig in handled}
+    if interrupt_was_ignored:   # a Python handler (not SIG_IGN) so the child starts with SIGINT's default
+        previous[signal.SIGINT] = signal.signal(signal.SIGINT, lambda _signum, _frame: None)
+    process = subprocess.Popen(command, env=env, cwd=REPO_ROOT, start_new_session=True)
+    watchdog = subprocess.Popen([sys.executable, "-m", "mapillary_assets.process_tree", str(process.pid)],
+                                stdin=subprocess.PIPE, env=env, cwd=REPO_ROOT, start_new_session=True)
     try:
-        while True:
-            try:
-                return process.wait()
-            except KeyboardInterrupt:
-                try:
-                    return process.wait(60)
-                except subprocess.TimeoutExpired:
-                    process.terminate()
+        while process.poll() is None and not stop_requested:
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                process.wait(0.5)
+        if stop_requested:
+            print(f"stopping dagster dev ({signal.Signals(stop_requested[0]).name})", file=sys.stderr)
+        process_tree.stop_group(process.pid, reap=process.poll)
+        return 0 if stop_requested else process.returncode
     finally:
-        signal.signal(signal.SIGTERM, previous)
+        watchdog.stdin.close()   # EOF: the watchdog finds the group gone and exits
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            watchdog.wait(10)
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -161,6 +277,8 @@ def main(argv: list[str] | None = None) -> int:
     warnings.filterwarnings("ignore", message=".*is currently in (beta|preview).*")
     parser = argparse.ArgumentParser(prog="mapillary-assets", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
+    debug_help = "show the full traceback of an error (by default: `error: <message>` alone)"
+    parser.add_argument("--debug", action="store_true", help=debug_help)
     commands = parser.add_subparsers(dest="command", required=True)
     for name, helptext in (("demo", "run the whole pipeline on the embedded emulator"),
                            ("sample", "the whole pipeline on the first N ids, kept apart from full runs"),
@@ -170,6 +288,7 @@ def main(argv: list[str] | None = None) -> int:
                              help="emulator world density: 1.0 ~= 1.2 M images in Zurich (default 0.005)")
         command.add_argument("--seed", type=int, default=42)
         command.add_argument("--data-dir", default=os.environ.get("MAPILLARY_DATA_DIR", "data"))
+        command.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=debug_help)
         if name == "sample":
             command.add_argument("--limit", type=int, default=500, help="number of ids (default 500)")
         if name == "ui":
@@ -179,6 +298,21 @@ def main(argv: list[str] | None = None) -> int:
     commands.add_parser("emulator", help="serve the emulator alone", add_help=False)
 
     args, rest = parser.parse_known_args(argv)
+    try:
+        return _dispatch(parser, args, rest)
+    except Exception as error:
+        if args.debug or not isinstance(error, _user_error_types()):
+            raise   # a bug, or --debug: the traceback is what helps
+        print(f"error: {error}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        if args.debug:
+            raise
+        print("interrupted: what was stored is kept; a re-run does only what is missing", file=sys.stderr)
+        return 130
+
+
+def _dispatch(parser: argparse.ArgumentParser, args: argparse.Namespace, rest: list[str]) -> int:
     if args.command == "emulator":
         from mapillary_assets.emulator.__main__ import main as emulator_main
 

@@ -8,9 +8,9 @@ start (`remove_leftovers_of`), and single-writer stages sweep their folder (`swe
 
 from __future__ import annotations
 
+import itertools
 import os
 import re
-import tempfile
 from collections import defaultdict
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -43,10 +43,22 @@ def _safe_key(key: str) -> str:
     return key
 
 
+_temporary_names = itertools.count()
+
+
 def _temporary_sibling(path: Path) -> tuple[int, Path]:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, name = tempfile.mkstemp(prefix=path.name + TEMP_MARKER, dir=path.parent)
-    return fd, Path(name)
+    """A new file `<name>.tmp-<pid>-<n>` beside `path`, opened for writing (O_EXCL: never an existing one).
+    The folder is created only when the open finds it missing. Cheaper than mkstemp plus a mkdir per
+    call, which cost ~0.45 ms per thumbnail (benchmarks/bench_download.py); the pid and a per-process
+    counter keep names unique, and a leftover of a dead process with the same pid is stepped over."""
+    while True:
+        temporary = path.with_name(f"{path.name}{TEMP_MARKER}{os.getpid()}-{next(_temporary_names)}")
+        try:
+            return os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600), temporary
+        except FileNotFoundError:
+            path.parent.mkdir(parents=True, exist_ok=True)
+        except FileExistsError:
+            continue
 
 
 def atomic_write_bytes(path: Path, data: bytes, durable: bool = True) -> None:

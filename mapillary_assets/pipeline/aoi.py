@@ -329,3 +329,21 @@ def parse_tile_key(key: str) -> mercantile.Tile:
     if z > MAX_PARTITION_ZOOM or x >= 2**z or y >= 2**z:
         raise AoiError(f"{key!r} is not a valid tile: zoom 0-{MAX_PARTITION_ZOOM} and x, y below 2**zoom")
     return mercantile.Tile(x, y, z)
+
+
+def no_images_warning(aoi: AreaOfInterest, tileset: str = "mly1_public") -> str:
+    """What to tell the user when the whole area yields no image: where the area lies and the likely causes,
+    latitude/longitude swapped first when the swapped area would be a valid place (a swapped polygon whose
+    coordinates are valid both ways passes every load-time check, e.g. Zurich read as East Africa)."""
+    west, south, east, north = aoi.bounds
+    centre = aoi.geometry.centroid
+    causes = []
+    if max(abs(west), abs(east)) <= WEB_MERCATOR_MAX_LAT:
+        causes.append(f"latitude and longitude swapped: read the other way round the area lies around "
+                      f"lat {centre.x:.4f}, lon {centre.y:.4f}; GeoJSON order is [longitude, latitude]")
+    causes.append("the wrong area, or one without Mapillary coverage: check the file MAPILLARY_AOI names")
+    causes.append(f"a token or tileset that sees no imagery (MAPILLARY_TILESET={tileset}, MAPILLARY_TILES_URL)")
+    listed = "; ".join(f"({number}) {cause}" for number, cause in enumerate(causes, start=1))
+    return (f"no images found anywhere in the area of interest {aoi.source}: it lies around lat {centre.y:.4f}, "
+            f"lon {centre.x:.4f} (longitude {west:.4f}..{east:.4f}, latitude {south:.4f}..{north:.4f}). "
+            f"Likely causes: {listed}")

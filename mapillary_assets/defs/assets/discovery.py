@@ -10,7 +10,7 @@ from mapillary_assets.defs.partitions import CHUNK_PARTITIONS_NAME, tile_partiti
 from mapillary_assets.defs.resources import DataStorageResource, MapillaryApiResource, PipelineSettings
 from mapillary_assets.defs.runtime import API_POOL, partition_counts_metadata, preview_markdown, run_async
 from mapillary_assets.defs.settings import current_aoi
-from mapillary_assets.pipeline.aoi import parse_tile_key
+from mapillary_assets.pipeline.aoi import no_images_warning, parse_tile_key
 from mapillary_assets.pipeline.charts import png_markdown, tile_map_png
 from mapillary_assets.pipeline.chunks import assign_chunks, chunk_keys
 from mapillary_assets.pipeline.discovery import (
@@ -191,7 +191,12 @@ def image_chunks(
     context: dg.AssetExecutionContext, storage: DataStorageResource, settings: PipelineSettings
 ) -> dg.MaterializeResult:
     layout = storage.layout
-    discovered = read_discovered_ids(layout, [*tile_partitions.get_partition_keys(), SEQUENCE_ROUTE_KEY])
+    tile_keys = tile_partitions.get_partition_keys()
+    discovered = read_discovered_ids(layout, [*tile_keys, SEQUENCE_ROUTE_KEY])
+    warning = None
+    if not discovered and all(layout.discovery_path(key).exists() for key in tile_keys):
+        warning = no_images_warning(current_aoi(), settings.tileset)   # the whole area was searched
+        context.log.warning(warning)
     if settings.sample_limit:
         discovered = sorted(set(discovered), key=int)[: settings.sample_limit]
     path = layout.chunk_assignment_path
@@ -205,5 +210,6 @@ def image_chunks(
         context.instance.add_dynamic_partitions(CHUNK_PARTITIONS_NAME, new_keys)
     context.log.info(f"{len(assignment):,} ids in {len(chunk_keys(assignment))} chunks; {len(new_keys)} new chunk(s)")
     return dg.MaterializeResult(
-        metadata={"ids": len(assignment), "chunks": len(chunk_keys(assignment)), "new_chunks": len(new_keys)}
+        metadata={"ids": len(assignment), "chunks": len(chunk_keys(assignment)), "new_chunks": len(new_keys),
+                  **({"warning": warning} if warning else {})}
     )
