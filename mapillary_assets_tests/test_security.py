@@ -270,8 +270,11 @@ def test_ui_listens_on_localhost_unless_told_otherwise(monkeypatch, tmp_path):
         def __init__(self, *args, **kwargs):
             pass
 
-        def __enter__(self):
+        def start(self):
             return self
+
+        def __enter__(self):
+            return self.start()
 
         def __exit__(self, *exc):
             return False
