@@ -78,3 +78,28 @@ def test_blur_of_one_chunk_runs_while_another_chunk_downloads(tmp_path):
                        if downloading != blurred and b_start < d_end and d_start < b_end]
         assert overlapping, f"no blur step ran while another chunk downloaded: {steps}"
         assert run.images().shape[0] == len(run.truth())
+
+
+@dg.op(pool=GPU_POOL)
+def _dies_holding_the_gpu_slot(context) -> None:
+    import os
+    import signal
+
+    if context.run.tags.get("die") == "yes":
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+@dg.job
+def _gpu_job():
+    _dies_holding_the_gpu_slot()
+
+
+def test_a_killed_run_fails_and_frees_its_pool_slot_for_the_next_runs(tmp_path):
+    with dg.instance_for_test(temp_dir=str(tmp_path)) as instance:
+        instance.event_log_storage.set_concurrency_slots(GPU_POOL, 1)
+        runner = LocalRunner(instance, dg.Definitions(jobs=[_gpu_job]), max_concurrent=1, log=lambda *_: None)
+        (killed, killed_ok), (after, after_ok) = runner.run_many("_gpu_job", [{"die": "yes"}, {"die": "no"}])
+        assert (killed_ok, after_ok) == (False, True)
+        assert instance.get_run_by_id(killed).status == dg.DagsterRunStatus.FAILURE
+        assert instance.get_run_by_id(after).status == dg.DagsterRunStatus.SUCCESS
+        assert instance.event_log_storage.get_concurrency_info(GPU_POOL).active_slot_count == 0
