@@ -103,3 +103,25 @@ def test_a_killed_run_fails_and_frees_its_pool_slot_for_the_next_runs(tmp_path):
         assert instance.get_run_by_id(killed).status == dg.DagsterRunStatus.FAILURE
         assert instance.get_run_by_id(after).status == dg.DagsterRunStatus.SUCCESS
         assert instance.event_log_storage.get_concurrency_info(GPU_POOL).active_slot_count == 0
+
+
+@dg.op(config_schema={"threshold": int})
+def _needs_config(context) -> None:
+    pass
+
+
+@dg.job
+def _unconfigured_job():
+    _needs_config()
+
+
+def test_a_run_refused_before_it_starts_fails_with_the_reason_not_a_traceback(tmp_path):
+    with dg.instance_for_test(temp_dir=str(tmp_path)) as instance:
+        runner = LocalRunner(instance, dg.Definitions(jobs=[_unconfigured_job]), log=lambda *_: None)
+        with pytest.raises(PipelineFailed, match=r"(?s)_unconfigured_job could not start: DagsterInvalidConfigError: .*threshold"):
+            runner.run_many("_unconfigured_job", [{}])
+
+
+def test_an_ephemeral_instance_is_refused_with_the_fix():
+    with pytest.raises(ValueError, match="persistent Dagster instance"):
+        LocalRunner(dg.DagsterInstance.ephemeral(), dg.Definitions())

@@ -25,6 +25,7 @@ from mapillary_assets.cli import PipelineFailed  # defined there so the CLI catc
 from mapillary_assets.defs.dead_runs import release_dead_runs
 
 DEFAULT_CONCURRENT_RUNS = 3  # on 2 cores: one blurring chunk beside two downloading ones
+_NOT_STARTED = 3  # a worker's exit status when the run was refused before it started
 
 
 class RunRunner(Protocol):
@@ -51,6 +52,9 @@ class LocalRunner:
 
     def __init__(self, instance: dg.DagsterInstance, defs: dg.Definitions,
                  max_concurrent: int = DEFAULT_CONCURRENT_RUNS, log: Callable[[str], None] = print):
+        if instance.is_ephemeral:
+            raise ValueError("LocalRunner executes runs in worker processes, which need a persistent Dagster "
+                             "instance (DAGSTER_HOME, or dg.instance_for_test): an ephemeral one lives in one process")
         self.instance = instance
         self.defs = defs
         self.max_concurrent = max(1, max_concurrent)
@@ -60,45 +64,54 @@ class LocalRunner:
         job = self.defs.resolve_job_def(job_name)  # an unknown job fails here, before any fork
         context = multiprocessing.get_context("fork")
         pending = list(enumerate(tag_sets))
-        running: dict[int, tuple[multiprocessing.Process, str]] = {}
+        running: dict[int, tuple[multiprocessing.Process, str, object]] = {}
         results: dict[int, tuple[str, bool]] = {}
+        not_started: list[str] = []
         while pending or running:
             while pending and len(running) < self.max_concurrent:
                 index, tags = pending.pop(0)
                 run_id = make_new_run_id()
-                process = context.Process(target=_execute_run, args=(job, self.instance, run_id, tags),
+                receiver, sender = context.Pipe(duplex=False)
+                process = context.Process(target=_execute_run, args=(job, self.instance, run_id, tags, sender),
                                           name=f"{job_name}-{run_id[:8]}", daemon=False)
                 process.start()
-                running[index] = (process, run_id)
-            for index, (process, run_id) in list(running.items()):
+                sender.close()
+                running[index] = (process, run_id, receiver)
+            for index, (process, run_id, receiver) in list(running.items()):
                 if process.is_alive():
                     continue
                 process.join()
-                if process.exitcode not in (0, 1):  # killed: free the pool slots it held for the other runs
+                if process.exitcode == _NOT_STARTED:
+                    not_started.append(receiver.recv())
+                receiver.close()
+                if process.exitcode not in (0, 1, _NOT_STARTED):  # killed: free its pool slots for the others
                     for released in release_dead_runs(self.instance):
                         self.log(f"released run {released}: its process died (exit {process.exitcode})")
-                results[index] = (run_id, process.exitcode == 0 and self._succeeded(run_id))
+                results[index] = (run_id, process.exitcode == 0)
                 del running[index]
                 if len(tag_sets) > 1:
                     self.log(f"   {job_name} {_describe(tag_sets[index])}: "
                              f"{'ok' if results[index][1] else 'FAILED'} ({len(results)}/{len(tag_sets)})")
             time.sleep(0.1)
+        if not_started:  # e.g. a config error: the same for every run, and no run logs to point to
+            raise PipelineFailed(f"{job_name} could not start: {not_started[0]}")
         return [results[index] for index in range(len(tag_sets))]
 
-    def _succeeded(self, run_id: str) -> bool:
-        run = self.instance.get_run_by_id(run_id)
-        return run is not None and run.status == dg.DagsterRunStatus.SUCCESS
 
-
-def _execute_run(job, instance: dg.DagsterInstance, run_id: str, tags: dict[str, str]) -> None:
+def _execute_run(job, instance: dg.DagsterInstance, run_id: str, tags: dict[str, str], errors) -> None:
     """In the forked worker: a fresh instance from the same ref (the parent's storage connections are
-    not shared across a fork), then the run; the exit status says whether it succeeded."""
+    not shared across a fork), then the run. Exit status 0: succeeded, 1: failed (its logs say why),
+    _NOT_STARTED: refused before it ran (e.g. invalid config), with the reason sent on `errors`."""
+    code = _NOT_STARTED
     try:
-        worker_instance = dg.DagsterInstance.from_ref(instance.get_ref())
-    except Exception:  # an ephemeral instance has no ref: its in-memory storage was copied by the fork
-        worker_instance = instance
-    result = job.execute_in_process(instance=worker_instance, run_id=run_id, tags=tags, raise_on_error=False)
-    os._exit(0 if result.success else 1)  # skip the parent's atexit handlers and inherited threads
+        result = job.execute_in_process(instance=dg.DagsterInstance.from_ref(instance.get_ref()), run_id=run_id,
+                                        tags=tags, raise_on_error=False)
+        code = 0 if result.success else 1
+    except Exception as exc:
+        errors.send(f"{type(exc).__name__}: {exc}"[:4000])  # well under a pipe's buffer
+    finally:
+        errors.close()
+        os._exit(code)  # skip the parent's atexit handlers and inherited threads
 
 
 def _describe(tags: dict[str, str]) -> str:
