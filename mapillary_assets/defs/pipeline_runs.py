@@ -18,7 +18,11 @@ from collections.abc import Callable
 from typing import Protocol
 
 import dagster as dg
-from dagster._core.storage.tags import ASSET_PARTITION_RANGE_END_TAG, ASSET_PARTITION_RANGE_START_TAG
+from dagster._core.storage.tags import (
+    ASSET_PARTITION_RANGE_END_TAG,
+    ASSET_PARTITION_RANGE_START_TAG,
+    PARTITION_NAME_TAG,
+)
 from dagster._core.utils import make_new_run_id
 
 from mapillary_assets.cli import PipelineFailed  # defined there so the CLI catches it without importing Dagster
@@ -35,7 +39,7 @@ class RunRunner(Protocol):
 
 
 def partition_tags(partition_key: str) -> dict[str, str]:
-    return {"dagster/partition": partition_key}
+    return {PARTITION_NAME_TAG: partition_key}
 
 
 def range_tags(first: str, last: str) -> dict[str, str]:
@@ -115,8 +119,8 @@ def _execute_run(job, instance: dg.DagsterInstance, run_id: str, tags: dict[str,
 
 
 def _describe(tags: dict[str, str]) -> str:
-    if "dagster/partition" in tags:
-        return tags["dagster/partition"]
+    if PARTITION_NAME_TAG in tags:
+        return tags[PARTITION_NAME_TAG]
     if ASSET_PARTITION_RANGE_START_TAG in tags:
         return f"{tags[ASSET_PARTITION_RANGE_START_TAG]} .. {tags[ASSET_PARTITION_RANGE_END_TAG]}"
     return "(unpartitioned)"
