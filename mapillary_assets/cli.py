@@ -16,7 +16,6 @@ import re
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 DEMO_TOKEN = "MLY|emulator-demo|not-a-secret"
@@ -134,42 +133,12 @@ def configure_pools(instance) -> None:
         instance.event_log_storage.set_concurrency_slots(pool, limit)
 
 
-def run_pipeline(instance, defs=None, log=print) -> dict:
-    """Materialise every asset in order: discovery (one ranged run), chunking, every chunk, publish."""
-    from dagster._core.storage.tags import ASSET_PARTITION_RANGE_END_TAG, ASSET_PARTITION_RANGE_START_TAG
+def run_pipeline(instance, defs=None, log=print, runner=None) -> dict:
+    """Every asset through Dagster: `defs/pipeline_runs.run_pipeline` (imported when called, so the CLI's
+    other commands start without loading Dagster or the area of interest)."""
+    from mapillary_assets.defs import pipeline_runs
 
-    from mapillary_assets.defs.partitions import CHUNK_PARTITIONS_NAME, tile_partitions
-
-    if defs is None:  # built now, from the environment the caller just set (not at import time)
-        from mapillary_assets.definitions import build_definitions
-
-        defs = build_definitions()
-
-    def execute(job_name: str, tags: dict | None = None) -> None:
-        result = defs.resolve_job_def(job_name).execute_in_process(instance=instance, tags=tags, raise_on_error=False)
-        if not result.success:
-            raise PipelineFailed(f"{job_name} failed (run {result.run_id}); see its logs in the UI, then re-run")
-
-    def ranged(job_name: str, keys: list[str]) -> None:
-        log(f"-> {job_name}: {len(keys)} partition(s) {keys[0]} .. {keys[-1]}")
-        execute(job_name, {ASSET_PARTITION_RANGE_START_TAG: keys[0], ASSET_PARTITION_RANGE_END_TAG: keys[-1]})
-
-    def whole(job_name: str) -> None:
-        log(f"-> {job_name}")
-        execute(job_name)
-
-    from mapillary_assets.defs.dead_runs import release_dead_runs
-
-    for run_id in release_dead_runs(instance):
-        log(f"released run {run_id}: its process is gone (killed or crashed); its pool slots are free again")
-    started = time.monotonic()
-    ranged("discovery_job", tile_partitions.get_partition_keys())
-    whole("chunking_job")
-    chunks = sorted(instance.get_dynamic_partitions(CHUNK_PARTITIONS_NAME))
-    if chunks:
-        ranged("chunk_job", chunks)
-    whole("publish_job")
-    return {"chunks": len(chunks), "seconds": time.monotonic() - started}
+    return pipeline_runs.run_pipeline(instance, defs, log=log, runner=runner)
 
 
 def demo(args: argparse.Namespace) -> int:

@@ -92,10 +92,11 @@ def write_parquet_atomic(frame: pd.DataFrame | pa.Table, path: Path) -> None:
         raise
 
 
-def read_parquet(path: Path, columns: list[str] | None = None) -> pd.DataFrame:
-    """Read one stage file; a corrupt file raises StorageError naming it and the fix."""
+def read_parquet(path: Path, columns: list[str] | None = None, filters: list[tuple] | None = None) -> pd.DataFrame:
+    """Read one stage file (only the rows matching pyarrow `filters`, if given); a corrupt file raises
+    StorageError naming it and the fix."""
     try:
-        return pq.read_table(path, columns=columns).to_pandas()
+        return pq.read_table(path, columns=columns, filters=filters).to_pandas()
     except FileNotFoundError:
         raise StorageError(f"{path} does not exist: materialise the upstream partition first") from None
     except (pa.ArrowInvalid, pa.ArrowException, OSError) as exc:

@@ -17,12 +17,18 @@ from pathlib import Path
 from typing import Callable
 
 import duckdb
+import numpy as np
 import pandas as pd
 import pyarrow as pa
 from shapely.geometry.base import BaseGeometry
 
 from mapillary_assets.pipeline.filters import load_filter_polygons, spacing_filter, tag_in_polygons
 from mapillary_assets.storage import TEMP_MARKER, DataLayout, StorageError, read_parquet
+
+
+# DuckDB spills to disk beyond this instead of growing with the image count (its default is 80 % of RAM).
+DUCKDB_MEMORY_LIMIT = "1GB"
+WALK_BATCH_ROWS = 200_000  # rows of the spacing walk held in pandas at once
 
 
 class SpatialExtensionError(RuntimeError):
@@ -156,6 +162,7 @@ def connect_staging(path: str | Path, read_only: bool = False) -> duckdb.DuckDBP
     try:
         con.execute(f"LOAD '{_sql_string(str(extension))}'")
         con.execute("SET TimeZone = 'UTC'")
+        con.execute(f"SET memory_limit = '{DUCKDB_MEMORY_LIMIT}'")
     except duckdb.Error as exc:
         con.close()
         raise SpatialExtensionError(
@@ -274,10 +281,11 @@ def _load_chunk_assignment(con: duckdb.DuckDBPyConnection, layout: DataLayout) -
     path = layout.chunk_assignment_path
     if not path.exists():
         return False
-    frame = read_parquet(path, columns=["image_id"])  # names the file and the fix if it is corrupt
-    con.register("assignment_frame", frame)
-    con.execute("CREATE TEMP TABLE chunk_assignment AS SELECT CAST(image_id AS VARCHAR) AS image_id FROM assignment_frame")
-    con.unregister("assignment_frame")
+    try:
+        con.execute("CREATE TEMP TABLE chunk_assignment AS SELECT CAST(image_id AS VARCHAR) AS image_id "
+                    "FROM read_parquet($path)", {"path": str(path)})
+    except duckdb.Error as exc:
+        raise _diagnose([path], exc) from None
     return True
 
 
@@ -305,6 +313,7 @@ def _build_images(con, filter_polygons, inside_spacing_m: float, outside_spacing
             QUALIFY row_number() OVER (PARTITION BY image_id ORDER BY chunk DESC) = 1
         )
         SELECT
+            row_number() OVER () AS row_id,
             d.image_id,
             coalesce(m.sequence_id, d.sequence_id) AS sequence_id,
             coalesce(m.captured_at, CAST(epoch_ms(d.captured_at_ms) AS TIMESTAMPTZ)) AS captured_at,
@@ -334,29 +343,54 @@ def _build_images(con, filter_polygons, inside_spacing_m: float, outside_spacing
         LEFT JOIN b ON b.image_id = d.image_id
         """
     )
-    walk = con.execute(
-        "SELECT image_id, sequence_id, epoch_ms(captured_at) AS captured_at_ms, lon, lat FROM images_base"
-    ).df()
-    walk["in_filter_area"] = tag_in_polygons(walk["lon"], walk["lat"], filter_polygons)
-    flags = pa.table(
-        {
-            "image_id": pa.array(walk["image_id"], pa.string()),
-            "in_filter_area": pa.array(walk["in_filter_area"], pa.bool_()),
-            "keep_spacing": pa.array(spacing_filter(walk, inside_spacing_m, outside_spacing_m), pa.bool_()),
-        }
-    )
+    flags = _image_flags(con, filter_polygons, inside_spacing_m, outside_spacing_m)
     con.register("image_flags", flags)
     try:
         con.execute(
             """
             CREATE TABLE images AS
-            SELECT b.*, f.in_filter_area, f.keep_spacing, ST_Point(b.lon, b.lat) AS geom
-            FROM images_base b JOIN image_flags f USING (image_id)
+            SELECT b.* EXCLUDE (row_id), f.in_filter_area, f.keep_spacing, ST_Point(b.lon, b.lat) AS geom
+            FROM images_base b JOIN image_flags f USING (row_id)
             """
         )
     finally:
         con.unregister("image_flags")
     con.execute("DROP TABLE images_base")
+
+
+def _image_flags(con, filter_polygons, inside_spacing_m: float, outside_spacing_m: float) -> pa.Table:
+    """`in_filter_area` and `keep_spacing` per `images_base` row, walking the sequences a batch at a time
+    (whole sequences per batch) so memory stays bounded whatever the image count."""
+    reader = con.execute(
+        "SELECT row_id, image_id, sequence_id, epoch_ms(captured_at) AS captured_at_ms, lon, lat FROM images_base "
+        "ORDER BY sequence_id NULLS LAST, row_id"
+    ).to_arrow_reader(WALK_BATCH_ROWS)
+    row_ids, inside, keep = [], [], []
+    carried: pd.DataFrame | None = None  # the last sequence of a batch may continue in the next one
+
+    def walk(frame: pd.DataFrame) -> None:
+        frame = frame.reset_index(drop=True)
+        frame["in_filter_area"] = tag_in_polygons(frame["lon"], frame["lat"], filter_polygons)
+        row_ids.append(frame["row_id"].to_numpy(dtype="int64"))
+        inside.append(frame["in_filter_area"].to_numpy(dtype=bool))
+        keep.append(spacing_filter(frame, inside_spacing_m, outside_spacing_m))
+
+    for batch in reader:
+        frame = batch.to_pandas()
+        if carried is not None:
+            frame = pd.concat([carried, frame], ignore_index=True)
+        last = frame["sequence_id"].iloc[-1]
+        tail = frame["sequence_id"].eq(last) if pd.notna(last) else pd.Series(False, index=frame.index)
+        carried = frame[tail]
+        if (~tail).any():
+            walk(frame[~tail])
+    if carried is not None and len(carried):
+        walk(carried)
+    return pa.table({
+        "row_id": pa.array(np.concatenate(row_ids) if row_ids else np.zeros(0, "int64"), pa.int64()),
+        "in_filter_area": pa.array(np.concatenate(inside) if inside else np.zeros(0, bool), pa.bool_()),
+        "keep_spacing": pa.array(np.concatenate(keep) if keep else np.zeros(0, bool), pa.bool_()),
+    })
 
 
 def _build_sequences(con) -> None:

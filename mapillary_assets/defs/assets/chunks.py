@@ -38,7 +38,8 @@ CHUNK_BACKFILL = dg.BackfillPolicy.multi_run(max_partitions_per_run=4)
 
 
 def _chunk_ids(layout: DataLayout, chunk_key: str) -> list[str]:
-    return chunk_image_ids(read_parquet(layout.chunk_assignment_path), chunk_key)
+    # only this chunk's rows: the assignment holds every id (1.2 M at full scale), read by every chunk run
+    return chunk_image_ids(read_parquet(layout.chunk_assignment_path, filters=[("chunk", "==", chunk_key)]), chunk_key)
 
 
 def _read_if_exists(path) -> pd.DataFrame | None:
