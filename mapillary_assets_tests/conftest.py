@@ -11,3 +11,17 @@ URBAN_AREA = TEST_DATA / "urban_area.geojson"
 os.environ["MAPILLARY_AOI"] = str(TEST_AOI)
 os.environ["MAPILLARY_PARTITION_ZOOM"] = "13"
 os.environ.pop("MAPILLARY_ACCESS_TOKEN", None)
+
+
+import pytest  # noqa: E402
+
+
+@pytest.fixture(autouse=True)
+def _environment_restored():
+    """Each test sees the environment set above: the CLI updates os.environ for the runs it starts
+    (DAGSTER_HOME, the emulator's URLs, MAPILLARY_SAMPLE_LIMIT), and a test calling it in-process must not
+    hand those to the next test in the same worker (a leaked sample limit cut a later run's chunks)."""
+    saved = dict(os.environ)
+    yield
+    os.environ.clear()
+    os.environ.update(saved)

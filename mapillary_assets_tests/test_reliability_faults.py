@@ -9,6 +9,7 @@ and measures every 60-second window of the requests the emulator accepted."""
 
 from __future__ import annotations
 
+import threading
 import time
 
 import numpy as np
@@ -129,14 +130,26 @@ def test_truncated_jpegs_fail_the_partition_then_a_rerun_completes(tmp_path, ref
                   requests=stats["requests"], requests_fault_free=reference.requests["requests"])
 
 
+def _outage_at_first_entity_request(server, seconds: float, timeout_s: float = 300.0) -> None:
+    """Start the outage when the chunk runs make their first Graph request, however long their worker
+    processes take to start on a loaded machine (a fixed start time could pass before any request)."""
+    deadline = time.monotonic() + timeout_s
+    while not server.request_times("entity") and time.monotonic() < deadline:
+        time.sleep(0.02)
+    now = time.time()
+    server.set_faults(outage_start=now, outage_end=now + seconds)
+
+
 def test_an_outage_is_ridden_out_or_resumed(tmp_path, reference):
     """Every request answers 503 for 8 s, starting as the chunk job begins its metadata requests."""
     with emulated_run(tmp_path) as run:
         run_discovery_and_chunking(run.defs, run.instance)
-        start = time.time() + 1.0
-        run.server.set_faults(outage_start=start, outage_end=start + 8.0)
+        run.server.reset_stats()
+        armed = threading.Thread(target=_outage_at_first_entity_request, args=(run.server, 8.0), daemon=True)
+        armed.start()
         started = time.monotonic()
         runs = run.run_until_complete(attempts=4)
+        armed.join(1)
         seconds = time.monotonic() - started
         stats = run.server.stats()
         images = run.images()

@@ -100,7 +100,7 @@ def test_worker_command_listens_on_its_queues_one_run_at_a_time():
 @needs_services
 def test_two_workers_one_killed_equal_the_single_machine_run(tmp_path, monkeypatch):
     from mapillary_assets.scaleout import stack
-    from mapillary_assets.scaleout.pipeline import run_cluster_pipeline
+    from mapillary_assets.defs.pipeline_runs import run_pipeline
     from mapillary_assets.scaleout.runner import ClusterRunner
 
     with pipeline_run(tmp_path / "single", World(seed=7, scale=TEST_SCALE)) as single:
@@ -129,7 +129,8 @@ def test_two_workers_one_killed_equal_the_single_machine_run(tmp_path, monkeypat
                 killer = threading.Thread(target=kill_first_chunk_run_on, args=("w2", instance, app, stop, killed))
                 killer.start()
                 try:
-                    summary = run_cluster_pipeline(instance, ClusterRunner(instance, poll_s=0.5), log=lambda *_: None)
+                    summary = run_pipeline(instance, runner=ClusterRunner(instance, poll_s=0.5), log=lambda *_: None,
+                                               tiles_per_run=64)
                 finally:
                     stop.set()
                     killer.join()

@@ -14,7 +14,7 @@ from __future__ import annotations
 import multiprocessing
 import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Sequence
 from typing import Protocol
 
 import dagster as dg
@@ -38,12 +38,18 @@ class RunRunner(Protocol):
         success) per tag set, in order, once every run has ended."""
 
 
-def partition_tags(partition_key: str) -> dict[str, str]:
-    return {PARTITION_NAME_TAG: partition_key}
+def partition_tags(keys: Sequence[str]) -> dict[str, str]:
+    """One run's tags for partition keys in partition order: one partition's tag, or a range's."""
+    if len(keys) == 1:
+        return {PARTITION_NAME_TAG: keys[0]}
+    return {ASSET_PARTITION_RANGE_START_TAG: keys[0], ASSET_PARTITION_RANGE_END_TAG: keys[-1]}
 
 
-def range_tags(first: str, last: str) -> dict[str, str]:
-    return {ASSET_PARTITION_RANGE_START_TAG: first, ASSET_PARTITION_RANGE_END_TAG: last}
+def batched(keys: Iterable[str], size: int | None) -> list[list[str]]:
+    """Consecutive groups of at most `size` keys (`None`: all in one group)."""
+    keys = list(keys)
+    size = size or max(len(keys), 1)
+    return [keys[start:start + size] for start in range(0, len(keys), size)]
 
 
 class LocalRunner:
@@ -127,19 +133,28 @@ def _describe(tags: dict[str, str]) -> str:
 
 
 def run_pipeline(instance: dg.DagsterInstance, defs: dg.Definitions | None = None,
-                 log: Callable[[str], None] = print, runner: RunRunner | None = None) -> dict:
-    """Materialise every asset in order: discovery (one ranged run), chunking, one run per chunk
-    (concurrent), publish. Raises PipelineFailed naming what failed; a re-run does only what is missing."""
+                 log: Callable[[str], None] = print, runner: RunRunner | None = None,
+                 tiles_per_run: int | None = None, chunks_per_run: int = 1) -> dict:
+    """Materialise every asset in order: discovery (tile partitions, `tiles_per_run` a run; None: one
+    ranged run), chunking, one run per `chunks_per_run` chunks (concurrent), publish. `runner` executes
+    the runs (default LocalRunner on this machine; `scaleout.runner.ClusterRunner` on Celery workers).
+    Raises PipelineFailed naming what failed; a re-run does only what is missing."""
     from mapillary_assets.defs.partitions import CHUNK_PARTITIONS_NAME, tile_partitions  # reads the AOI
 
-    if defs is None:  # built now, from the environment the caller just set (not at import time)
-        from mapillary_assets.definitions import build_definitions
+    if runner is None:
+        if defs is None:  # built now, from the environment the caller just set (not at import time)
+            from mapillary_assets.definitions import build_definitions
 
-        defs = build_definitions()
-    runner = runner or LocalRunner(instance, defs, log=log)
+            defs = build_definitions()
+        runner = LocalRunner(instance, defs, log=log)
+    runs: dict[str, list[str]] = {}
+    stage_seconds: dict[str, float] = {}
 
     def execute(job_name: str, tag_sets: list[dict[str, str]]) -> None:
+        began = time.monotonic()
         results = runner.run_many(job_name, tag_sets)
+        stage_seconds[job_name] = time.monotonic() - began
+        runs[job_name] = [run_id for run_id, _ in results]
         failed = [(tags, run_id) for tags, (run_id, ok) in zip(tag_sets, results) if not ok]
         if not failed:
             return
@@ -152,14 +167,17 @@ def run_pipeline(instance: dg.DagsterInstance, defs: dg.Definitions | None = Non
         log(f"released run {run_id}: its process is gone (killed or crashed); its pool slots are free again")
     started = time.monotonic()
     tiles = tile_partitions.get_partition_keys()
-    log(f"-> discovery_job: {len(tiles)} partition(s) {tiles[0]} .. {tiles[-1]}")
-    execute("discovery_job", [range_tags(tiles[0], tiles[-1])])
+    tile_runs = batched(tiles, tiles_per_run)
+    log(f"-> discovery_job: {len(tiles)} partition(s) {tiles[0]} .. {tiles[-1]} in {len(tile_runs)} run(s)")
+    execute("discovery_job", [partition_tags(keys) for keys in tile_runs])
     log("-> chunking_job")
     execute("chunking_job", [{}])
     chunks = sorted(instance.get_dynamic_partitions(CHUNK_PARTITIONS_NAME))
     if chunks:
-        log(f"-> chunk_job: {len(chunks)} run(s), one per chunk, {chunks[0]} .. {chunks[-1]}")
-        execute("chunk_job", [partition_tags(chunk) for chunk in chunks])
+        chunk_runs = batched(chunks, chunks_per_run)
+        log(f"-> chunk_job: {len(chunk_runs)} run(s) of {chunks_per_run} chunk(s), {chunks[0]} .. {chunks[-1]}")
+        execute("chunk_job", [partition_tags(keys) for keys in chunk_runs])
     log("-> publish_job")
     execute("publish_job", [{}])
-    return {"chunks": len(chunks), "seconds": time.monotonic() - started}
+    return {"chunks": len(chunks), "seconds": time.monotonic() - started, "runs": runs,
+            "stage_seconds": stage_seconds}

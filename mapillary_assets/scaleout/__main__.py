@@ -25,14 +25,14 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     import dagster as dg
 
-    from mapillary_assets.scaleout.pipeline import ClusterPipelineFailed, run_cluster_pipeline
+    from mapillary_assets.defs.pipeline_runs import PipelineFailed, run_pipeline
     from mapillary_assets.scaleout.runner import ClusterRunner
 
     with dg.DagsterInstance.get() as instance:
         try:
-            summary = run_cluster_pipeline(instance, ClusterRunner(instance), tiles_per_run=args.tiles_per_run,
-                                           chunks_per_run=args.chunks_per_run)
-        except ClusterPipelineFailed as failure:
+            summary = run_pipeline(instance, runner=ClusterRunner(instance), tiles_per_run=args.tiles_per_run,
+                                   chunks_per_run=args.chunks_per_run)
+        except PipelineFailed as failure:
             print(f"error: {failure}", file=sys.stderr)
             return 1
     print(f"done in {summary['seconds']:.0f} s ({summary['chunks']} chunk(s))")

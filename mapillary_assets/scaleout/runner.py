@@ -10,18 +10,11 @@ reports the last run of it.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Iterable, Sequence
-from itertools import islice
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import dagster as dg
-from dagster._core.storage.tags import (
-    ASSET_PARTITION_RANGE_END_TAG,
-    ASSET_PARTITION_RANGE_START_TAG,
-    AUTO_RETRY_RUN_ID_TAG,
-    PARTITION_NAME_TAG,
-    WILL_RETRY_TAG,
-)
+from dagster._core.storage.tags import AUTO_RETRY_RUN_ID_TAG, WILL_RETRY_TAG
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 CODE_MODULE = "mapillary_assets.definitions"
@@ -91,15 +84,3 @@ class ClusterRunner:
                     return run_id, False
             time.sleep(self.poll_s)
         raise TimeoutError(f"run {run_id} did not finish within {self.timeout_s:.0f} s")
-
-
-def partition_tags(keys: Sequence[str]) -> dict[str, str]:
-    """One partition's tag, or a range's (keys in partition order)."""
-    if len(keys) == 1:
-        return {PARTITION_NAME_TAG: keys[0]}
-    return {ASSET_PARTITION_RANGE_START_TAG: keys[0], ASSET_PARTITION_RANGE_END_TAG: keys[-1]}
-
-
-def batched(keys: Iterable[str], size: int) -> list[list[str]]:
-    iterator = iter(keys)
-    return list(iter(lambda: list(islice(iterator, size)), []))
