@@ -36,6 +36,21 @@ def group_members(pgid: int) -> list[int]:
     return members
 
 
+def process_alive(pid: int | None) -> bool:
+    """Whether `pid` runs on this machine (a zombie, killed but not yet reaped, counts as gone; a process
+    of another user counts as alive)."""
+    if not pid:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    stat = _stat(pid)
+    return stat is None or stat[0] not in "ZX"
+
+
 def _stat(pid: int) -> tuple[str, int, int] | None:
     """(state, ppid, pgrp) of `pid`, or None when it is gone."""
     try:

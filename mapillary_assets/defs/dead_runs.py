@@ -12,11 +12,10 @@ nothing is judged here: run monitoring asks the launcher about the run's worker 
 
 from __future__ import annotations
 
-import os
-from pathlib import Path
-
 import dagster as dg
 from dagster._core.launcher import DefaultRunLauncher
+
+from mapillary_assets.process_tree import process_alive
 
 # Tags that remote launchers put on the runs they start (the run's worker is on another machine).
 REMOTE_LAUNCHER_TAGS = ("dagster-celery/task_id",)
@@ -34,7 +33,7 @@ def release_dead_runs(instance: dg.DagsterInstance) -> list[str]:
         if any(tag in run.tags for tag in REMOTE_LAUNCHER_TAGS):
             continue
         pid = _run_worker_pid(instance, run.run_id)
-        if pid is None or _process_alive(pid):
+        if pid is None or process_alive(pid):
             continue
         instance.report_run_failed(run, f"its process (pid {pid}) is gone: killed or crashed")
         instance.event_log_storage.free_concurrency_slots_for_run(run.run_id)
@@ -50,17 +49,3 @@ def _run_worker_pid(instance: dg.DagsterInstance, run_id: str) -> int | None:
         if pid is not None:
             return int(getattr(pid, "value", pid))
     return None
-
-
-def _process_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    # A zombie (killed, not yet reaped by its parent) still answers signal 0.
-    try:
-        return Path(f"/proc/{pid}/stat").read_text().split(") ", 1)[1][:1] != "Z"
-    except (OSError, IndexError):
-        return True

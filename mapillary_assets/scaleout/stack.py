@@ -21,6 +21,8 @@ import sys
 import time
 from pathlib import Path
 
+from mapillary_assets.process_tree import process_alive
+
 REPO_ROOT = Path(__file__).resolve().parents[2]
 DEMO_TOKEN = "MLY|emulator-demo|not-a-secret"
 PG_USER, PG_DB = "dagster", "dagster"
@@ -148,7 +150,7 @@ def start_redis(folder: Path, port: int, log: Path) -> None:
     """redis-server on 127.0.0.1:`port`, no persistence (the broker's queue and the buckets are transient)."""
     folder.mkdir(parents=True, exist_ok=True)
     pidfile = folder / "redis.pid"
-    if _pid_alive(_read_pid(pidfile)):
+    if process_alive(_read_pid(pidfile)):
         return
     binary = shutil.which("redis-server")
     if binary is None:
@@ -226,9 +228,9 @@ def stop(config: StackConfig, log=print) -> None:
 
 
 def status(config: StackConfig) -> dict[str, bool]:
-    states = {name.stem: _pid_alive(_read_pid(name)) for name in sorted(config.pids.glob("*.pid"))} \
+    states = {name.stem: process_alive(_read_pid(name)) for name in sorted(config.pids.glob("*.pid"))} \
         if config.pids.exists() else {}
-    states["redis"] = _pid_alive(_read_pid(config.root / "redis" / "redis.pid"))
+    states["redis"] = process_alive(_read_pid(config.root / "redis" / "redis.pid"))
     states["postgres"] = _postgres_running(config.root / "postgres")
     return states
 
@@ -239,7 +241,7 @@ def status(config: StackConfig) -> dict[str, bool]:
 def _spawn(config: StackConfig, name: str, argv: list[str], env: dict[str, str]) -> int:
     pidfile = config.pids / f"{name}.pid"
     pid = _read_pid(pidfile)
-    if _pid_alive(pid):
+    if process_alive(pid):
         return pid
     with open(config.logs / f"{name}.log", "ab") as out:
         process = subprocess.Popen(argv, env=env, cwd=REPO_ROOT, stdout=out, stderr=subprocess.STDOUT,
@@ -250,7 +252,7 @@ def _spawn(config: StackConfig, name: str, argv: list[str], env: dict[str, str])
 
 def _terminate(pid: int | None, group: bool = True, timeout_s: float = 20.0) -> None:
     """SIGTERM the process (and its session, which it leads), SIGKILL what is left after `timeout_s`."""
-    if not _pid_alive(pid):
+    if not process_alive(pid):
         return
     send = (lambda sig: os.killpg(pid, sig)) if group else (lambda sig: os.kill(pid, sig))
     try:
@@ -258,7 +260,7 @@ def _terminate(pid: int | None, group: bool = True, timeout_s: float = 20.0) -> 
     except ProcessLookupError:
         return
     deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline and _pid_alive(pid):
+    while time.monotonic() < deadline and process_alive(pid):
         time.sleep(0.2)
     try:
         send(signal.SIGKILL)
@@ -271,21 +273,6 @@ def _read_pid(pidfile: Path) -> int | None:
         return int(pidfile.read_text().strip())
     except (OSError, ValueError):
         return None
-
-
-def _pid_alive(pid: int | None) -> bool:
-    if not pid:
-        return False
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    try:  # a zombie still answers signal 0
-        return Path(f"/proc/{pid}/stat").read_text().split(") ", 1)[1][:1] != "Z"
-    except (OSError, IndexError):
-        return True
 
 
 def _wait_for_port(port: int, what: str, timeout_s: float = 30.0) -> None:
