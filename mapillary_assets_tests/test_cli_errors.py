@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -88,9 +89,9 @@ def test_a_bad_setting_is_one_error_line_and_debug_shows_the_traceback(tmp_path)
     assert "Traceback" in debug.stderr and "ConfigError: MAPILLARY_CHUNK_SIZE='5k'" in debug.stderr, debug.stderr
 
 
-def test_a_rejected_token_inside_a_run_is_unwrapped_to_the_users_error(tmp_path, monkeypatch, capsys):
+def test_a_rejected_token_inside_a_run_is_unwrapped_to_the_users_error(tmp_path, monkeypatch, capfd):
     """The emulator rejects the token the runs send: Dagster wraps the client's AuthError in a step failure,
-    the CLI prints the AuthError's own message."""
+    the CLI prints the AuthError's own message. (capfd: the runs log from their own worker processes.)"""
     honest_env = cli._emulator_env
     monkeypatch.setattr(cli, "_emulator_env", lambda server, data_dir: {
         **honest_env(server, data_dir), "MAPILLARY_ACCESS_TOKEN": "MLY|someone-elses-token"})
@@ -98,14 +99,14 @@ def test_a_rejected_token_inside_a_run_is_unwrapped_to_the_users_error(tmp_path,
     for variable in ("MAPILLARY_ACCESS_TOKEN", "MAPILLARY_GRAPH_URL", "MAPILLARY_TILES_URL", "MAPILLARY_DATA_DIR"):
         monkeypatch.setenv(variable, os.environ.get(variable, ""))   # restored after the test (demo sets them)
     code = cli.main(["demo", "--scale", "0.001", "--data-dir", str(tmp_path / "data")])
-    captured = capsys.readouterr()
+    captured = capfd.readouterr()
     assert code != 0
     output = captured.out + captured.err
     assert "Traceback" not in output and "Stack Trace" not in output and 'File "' not in output, output
     errors = [line for line in captured.err.splitlines() if line.startswith("error: ")]
     assert len(errors) == 1 and errors[0].startswith("error: token rejected (code 190): set MAPILLARY_ACCESS_TOKEN"), \
         captured.err
-    assert "discovery_job failed (run " in captured.err
+    assert re.search(r"discovery_job failed for 1 of 1 run\(s\): .+ \(run [0-9a-f-]{36}\)", captured.err), captured.err
     assert "STEP_FAILURE" in captured.err   # the run's own log lines stay, their messages without stacks
     assert "MLY|someone-elses-token" not in captured.out + captured.err
 
