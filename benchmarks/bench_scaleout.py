@@ -27,6 +27,7 @@ import pyogrio
 
 from benchmarks.harness import Figure
 from mapillary_assets.emulator import EmulatorServer, Faults, World
+from mapillary_assets_tests.dagster_server import free_port
 
 NAME = "scaleout"
 REPO = Path(__file__).resolve().parents[1]
@@ -41,20 +42,12 @@ def _max_in_window(times: list[float], window_s: float) -> int:
     return max((bisect.bisect_right(times, t + window_s) - i for i, t in enumerate(times)), default=0)
 
 
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
-
-
 def _pipeline(workers: int, world: World, faults: Faults, chunk_size: int, entity_per_minute: int | None) -> dict:
     from mapillary_assets.scaleout import stack
 
     root = Path(tempfile.mkdtemp(prefix="mapillary-bench-stack-", dir="/tmp"))
     os.chmod(root, 0o755)  # PostgreSQL runs as the postgres user when we are root
-    config = stack.StackConfig(root=root, workers=workers, pg_port=_free_port(), redis_port=_free_port(),
+    config = stack.StackConfig(root=root, workers=workers, pg_port=free_port(), redis_port=free_port(),
                                webserver=False, automation=False, data_dir=root / "data")
     with EmulatorServer(world=world, faults=faults, token=TOKEN) as server:
         base = {**os.environ, "MAPILLARY_ACCESS_TOKEN": TOKEN, "MAPILLARY_GRAPH_URL": server.graph_url,

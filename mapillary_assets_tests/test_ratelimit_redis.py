@@ -5,7 +5,6 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import textwrap
@@ -15,18 +14,13 @@ from pathlib import Path
 import pytest
 
 from mapillary_assets.api.ratelimit import SharedRateLimiter, redis_url_from_env
+from mapillary_assets_tests.dagster_server import free_port
 from mapillary_assets_tests.test_api_ratelimit import max_in_window
 
 REPO = Path(__file__).resolve().parents[1]
 
 pytestmark = pytest.mark.skipif(shutil.which("redis-server") is None,
                                 reason="redis-server is not installed (scripts/install_services.sh installs it)")
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
 
 
 @pytest.fixture(scope="module")

@@ -24,7 +24,7 @@ from dagster._core.storage.tags import AUTO_RETRY_RUN_ID_TAG, PARTITION_NAME_TAG
 from mapillary_assets.emulator import EmulatorServer, Faults, World
 from mapillary_assets_tests.harness import TEST_SCALE, TEST_TOKEN, pipeline_run
 from mapillary_assets_tests.test_api_ratelimit import max_in_window
-from mapillary_assets_tests.test_ratelimit_redis import free_port
+from mapillary_assets_tests.dagster_server import free_port
 
 REPO = Path(__file__).resolve().parents[1]
 ENTITY_BUDGET = 20  # per minute; the pipeline sends ~24 entity requests, so the budget binds

@@ -21,10 +21,10 @@ import sys
 import time
 from pathlib import Path
 
+from mapillary_assets.cli import DEMO_TOKEN
 from mapillary_assets.process_tree import process_alive
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
-DEMO_TOKEN = "MLY|emulator-demo|not-a-secret"
 PG_USER, PG_DB = "dagster", "dagster"
 
 
