@@ -21,7 +21,7 @@ from mapillary_assets.defs.runtime import (
     progress_logger,
     run_async,
 )
-from mapillary_assets.pipeline.blur import score_images
+from mapillary_assets.pipeline.blur import analysis_box, score_images
 from mapillary_assets.pipeline.charts import blur_histogram_png, contact_sheet_png, png_markdown
 from mapillary_assets.pipeline.chunks import chunk_image_ids
 from mapillary_assets.pipeline.download import download_thumbnails
@@ -171,21 +171,22 @@ def thumbnail_downloads(
     kinds={"python", "pytorch"},
     pool=GPU_POOL,
     backfill_policy=CHUNK_BACKFILL,
-    description="Blur scores per thumbnail: variance of the Laplacian and Tenengrad on grayscale at a fixed "
-    "analysis size (Kornia on CUDA when available, else the fastest CPU path), and `is_blurry`.",
+    description="Blur scores per thumbnail: variance of the Laplacian and Tenengrad on grayscale at the "
+    "downloaded thumbnail size's 4:3 box (Kornia on CUDA when available, else the fastest CPU path), and `is_blurry`.",
 )
 def blur_scores(
     context: dg.AssetExecutionContext, storage: DataStorageResource, settings: PipelineSettings
 ) -> dg.MaterializeResult:
     layout = storage.layout
+    box = analysis_box(settings.thumbnail_size)
     frames, paths = {}, []
     for key in context.partition_keys:
         _remove_leftovers(context.log, key, [layout.blur_path(key)])
         downloads = read_parquet(layout.downloads_path(key))
         ok = [layout.root / path for path in downloads.loc[downloads["status"] == "ok", "path"]]
         scores = score_images(
-            ok, backend=settings.blur_backend,
-            threshold=settings.blur_threshold, progress=progress_logger(context.log, key, unit="images"),
+            ok, backend=settings.blur_backend, threshold=settings.blur_threshold, analysis_size=box,
+            progress=progress_logger(context.log, key, unit="images"),
         )
         write_parquet_atomic(scores, layout.blur_path(key))
         frames[key] = scores
@@ -198,6 +199,7 @@ def blur_scores(
             **partition_counts_metadata({key: {"scored": len(f), "blurry": int(f["is_blurry"].sum())}
                                          for key, f in frames.items()}),
             "backend": str(scores["backend"].iloc[0]) if len(scores) else settings.blur_backend,
+            "analysis_size": f"{box[0]}x{box[1]}",  # the threshold applies at this size
             "histogram": dg.MetadataValue.md(png_markdown(
                 blur_histogram_png(scores["blur_value"], settings.blur_threshold), "blur_value histogram")),
             "contact_sheet": dg.MetadataValue.md(png_markdown(
