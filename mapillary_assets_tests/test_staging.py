@@ -392,3 +392,37 @@ def test_all_null_object_columns_from_pandas_are_unified(layout):
         assert rows == [("1", "failed", None, None), ("2", "ok", "thumbnails/2.jpg", "unreadable jpeg")]
     finally:
         con.close()
+
+
+def test_sequences_built_in_batches_equal_one_batch():
+    """At 1.2 M images one list() aggregate over every point ran out of DuckDB's 1 GB limit: batches of
+    sequence-id ranges must give exactly the table one batch gives (null sequences and singletons too)."""
+    con = connect_staging(":memory:")
+    con.execute(
+        """CREATE TABLE images AS SELECT 'img' || i AS image_id,
+               CASE WHEN i % 97 = 0 THEN NULL WHEN i = 4999 THEN 'single' ELSE 'seq' || (i % 53) END AS sequence_id,
+               (i % 7 = 0) AS keep_spacing, TIMESTAMP '2020-01-01' + to_seconds((5000 - i) * 3) AS captured_at,
+               ST_Point(8 + i / 1e5, 47 + (i % 53) / 1e3) AS geom
+           FROM range(5000) t(i)""")
+    query = ("SELECT sequence_id, image_count, kept_count, first_captured_at, last_captured_at, ST_AsText(geom) "
+             "FROM sequences")
+    staging._build_sequences(con, batch_images=10**9)
+    one_batch = con.execute(query).fetchall()
+    con.execute("DROP TABLE sequences")
+    batches = []
+    real_execute = con.execute
+    staging._build_sequences(_CountingInserts(con, batches), batch_images=300)
+    many_batches = real_execute(query).fetchall()
+    assert len(batches) >= 10
+    assert many_batches == one_batch and len(one_batch) == 53  # 'single' has one image: no line
+    assert [row[0] for row in one_batch] == sorted(row[0] for row in one_batch)
+
+
+class _CountingInserts:
+    def __init__(self, con, inserts):
+        self.con, self.inserts = con, inserts
+
+    def execute(self, sql, *args):
+        if sql.lstrip().startswith("INSERT"):
+            self.inserts.append(args)
+        return self.con.execute(sql, *args)

@@ -393,10 +393,22 @@ def _image_flags(con, filter_polygons, inside_spacing_m: float, outside_spacing_
     })
 
 
-def _build_sequences(con) -> None:
-    con.execute(
-        """
-        CREATE TABLE sequences AS
+SEQUENCE_BATCH_IMAGES = 200_000
+
+
+def _build_sequences(con, batch_images: int = SEQUENCE_BATCH_IMAGES) -> None:
+    """One line per sequence, built a range of sequence ids at a time (about `batch_images` points each):
+    DuckDB cannot spill list() aggregates, and all 1.2 M points at once ran out of the 1 GB memory limit."""
+    where = "sequence_id IS NOT NULL AND geom IS NOT NULL"
+    bounds = [row[0] for row in con.execute(
+        f"""
+        SELECT sequence_id FROM (
+            SELECT sequence_id, sum(count(*)) OVER (ORDER BY sequence_id) AS running
+            FROM images WHERE {where} GROUP BY sequence_id)
+        QUALIFY running // {int(batch_images)} > coalesce(lag(running) OVER (ORDER BY sequence_id), 0) // {int(batch_images)}
+        ORDER BY sequence_id
+        """).fetchall()]
+    select = f"""
         SELECT
             sequence_id,
             CAST(count(*) AS BIGINT) AS image_count,
@@ -405,12 +417,14 @@ def _build_sequences(con) -> None:
             max(captured_at) AS last_captured_at,
             ST_MakeLine(list(geom ORDER BY captured_at, image_id)) AS geom
         FROM images
-        WHERE sequence_id IS NOT NULL AND geom IS NOT NULL
+        WHERE {where} AND ($lo IS NULL OR sequence_id > $lo) AND ($hi IS NULL OR sequence_id <= $hi)
         GROUP BY sequence_id
         HAVING count(*) >= 2
         ORDER BY sequence_id
-        """
-    )
+    """
+    con.execute(f"CREATE TABLE sequences AS {select} LIMIT 0", {"lo": None, "hi": None})
+    for lo, hi in zip([None, *bounds], [*bounds, None]):  # ranges (lo, hi], in sequence id order
+        con.execute(f"INSERT INTO sequences {select}", {"lo": lo, "hi": hi})
 
 
 def read_table(con: duckdb.DuckDBPyConnection, table: str) -> pd.DataFrame:
