@@ -132,11 +132,12 @@ class TimedRunner:
     def __init__(self, local, sampler: MemorySampler, log):
         self.local, self.sampler, self.log = local, sampler, log
         self.job_seconds: dict[str, float] = {}
+        self.chunk_jobs = local.chunk_jobs
 
-    def run_many(self, job_name, tag_sets):
+    def run_many(self, job_name, tag_sets, then=()):
         self.sampler.label = job_name
         with Stopwatch() as watch:
-            results = self.local.run_many(job_name, tag_sets)
+            results = self.local.run_many(job_name, tag_sets, then)
         self.job_seconds[job_name] = watch.seconds
         self.log(f"   {job_name}: {watch.seconds:,.0f} s")
         return results

@@ -12,7 +12,7 @@ from mapillary_assets.defs.assets.discovery import discovered_images, image_chun
 from mapillary_assets.defs.assets.publish import filter_areas, mapillary_geopackage, staging_tables
 from mapillary_assets.defs.automation import new_images_sensor, refresh_schedule
 from mapillary_assets.defs.checks import asset_checks
-from mapillary_assets.defs.jobs import chunk_job, chunking_job, discovery_job, publish_job
+from mapillary_assets.defs.jobs import blur_job, chunk_job, chunking_job, discovery_job, fetch_job, publish_job
 from mapillary_assets.defs.resources import DataStorageResource, MapillaryApiResource, PipelineSettings
 from mapillary_assets.storage import DataLayout
 
@@ -36,7 +36,7 @@ def build_definitions(resources: dict | None = None) -> dg.Definitions:
     return dg.Definitions(
         assets=ASSETS,
         asset_checks=asset_checks,
-        jobs=[discovery_job, chunking_job, chunk_job, publish_job],
+        jobs=[discovery_job, chunking_job, chunk_job, fetch_job, blur_job, publish_job],
         schedules=[refresh_schedule],
         sensors=[new_images_sensor],
         resources=resources if resources is not None else resources_from_env(),

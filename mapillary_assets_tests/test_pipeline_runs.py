@@ -18,11 +18,14 @@ STEP_EVENTS = {dg.DagsterEventType.STEP_START, dg.DagsterEventType.STEP_SUCCESS,
 class RecordingRunner:
     """Answers every run as `outcome(job_name, tags)` says, without executing anything."""
 
+    chunk_jobs = ("chunk_job",)
+
     def __init__(self, outcome):
         self.outcome = outcome
         self.calls: list[tuple[str, list[dict[str, str]]]] = []
 
-    def run_many(self, job_name, tag_sets):
+    def run_many(self, job_name, tag_sets, then=()):
+        assert not then
         self.calls.append((job_name, tag_sets))
         return [(f"{job_name}-{index}", self.outcome(job_name, tags)) for index, tags in enumerate(tag_sets)]
 
@@ -125,3 +128,45 @@ def test_a_run_refused_before_it_starts_fails_with_the_reason_not_a_traceback(tm
 def test_an_ephemeral_instance_is_refused_with_the_fix():
     with pytest.raises(ValueError, match="persistent Dagster instance"):
         LocalRunner(dg.DagsterInstance.ephemeral(), dg.Definitions())
+
+
+@dg.op
+def _first_half(context) -> None:
+    if context.run.tags.get("fail") == "yes":
+        raise RuntimeError("this chunk's first half fails")
+
+
+@dg.op
+def _second_half() -> None:
+    pass
+
+
+@dg.job
+def _first_job():
+    _first_half()
+
+
+@dg.job
+def _second_job():
+    _second_half()
+
+
+def test_a_chain_runs_its_next_job_only_after_the_first_succeeded_and_reports_the_last_run(tmp_path):
+    with dg.instance_for_test(temp_dir=str(tmp_path)) as instance:
+        runner = LocalRunner(instance, dg.Definitions(jobs=[_first_job, _second_job]), max_concurrent=2,
+                             log=lambda *_: None)
+        results = runner.run_many("_first_job", [{"n": "0"}, {"n": "1", "fail": "yes"}, {"n": "2"}],
+                                  then=["_second_job"])
+        jobs_by_tag = {}
+        for record in instance.get_run_records():
+            run = record.dagster_run
+            jobs_by_tag.setdefault(run.tags["n"], []).append((run.job_name, run.status, record.start_time,
+                                                              record.end_time))
+        assert [ok for _, ok in results] == [True, False, True]
+        assert [instance.get_run_by_id(run_id).job_name for run_id, _ in results] == ["_second_job", "_first_job",
+                                                                                       "_second_job"]
+        assert sorted(job for job, *_ in jobs_by_tag["1"]) == ["_first_job"]  # nothing after a failed run
+        for n in ("0", "2"):
+            (first, _, _, first_end), (second, status, second_start, _) = sorted(jobs_by_tag[n], key=lambda r: r[2])
+            assert (first, second, status) == ("_first_job", "_second_job", dg.DagsterRunStatus.SUCCESS)
+            assert second_start >= first_end

@@ -64,9 +64,9 @@ def celery_app():
 
 def kill_first_chunk_run_on(worker: str, instance: dg.DagsterInstance, app, stop: threading.Event,
                             killed: dict) -> None:
-    """SIGKILL the process running the first chunk run that `worker` starts, once it is fetching metadata."""
+    """SIGKILL the process running the first fetch run that `worker` starts, once it is fetching metadata."""
     while not stop.is_set():
-        for run in instance.get_runs(dg.RunsFilter(job_name="chunk_job", statuses=[dg.DagsterRunStatus.STARTED])):
+        for run in instance.get_runs(dg.RunsFilter(job_name="fetch_job", statuses=[dg.DagsterRunStatus.STARTED])):
             result = app.AsyncResult(run.tags.get("dagster-celery/task_id"))
             info = result.info if result.state == "STARTED" else None
             if not isinstance(info, dict) or not str(info.get("hostname", "")).startswith(f"{worker}@"):
@@ -91,8 +91,9 @@ def test_worker_command_listens_on_its_queues_one_run_at_a_time():
     from mapillary_assets.scaleout.stack import worker_command
 
     first, second = worker_command(1), worker_command(2)
-    assert first[first.index("-q") + 1] == "dagster,publish" and first.count("-q") == 1
+    assert first[first.index("-q") + 1] == "dagster,publish,gpu" and first.count("-q") == 1
     assert second[second.index("-q") + 1] == "dagster"
+    assert worker_command(2, gpu_workers=2)[second.index("-q") + 1] == "dagster,gpu"
     assert "--concurrency=1" in first[first.index("--"):]
 
 
@@ -134,14 +135,16 @@ def test_two_workers_one_killed_equal_the_single_machine_run(tmp_path, monkeypat
                 finally:
                     stop.set()
                     killer.join()
-                chunk_runs = instance.get_runs(dg.RunsFilter(job_name="chunk_job"))
+                chunk_runs = instance.get_runs(dg.RunsFilter(job_name="fetch_job"))
+                blur_runs = instance.get_runs(dg.RunsFilter(job_name="blur_job"))
                 placement = {
                     run.run_id: (run.tags.get(PARTITION_NAME_TAG), run.status.value,
                                  (app.AsyncResult(run.tags["dagster-celery/task_id"]).worker or "?").split("@")[0],
                                  {e.step_key: e.dagster_event.pid for e in
                                   instance.all_logs(run.run_id, of_type=dg.DagsterEventType.STEP_START)})
-                    for run in chunk_runs
+                    for run in [*chunk_runs, *blur_runs]
                 }
+                blur_queues = {run.tags.get("dagster-celery/queue") for run in blur_runs}
                 for run_id, (partition, status, worker, step_pids) in placement.items():
                     print(f"{partition} {run_id[:8]} {status:8} worker={worker} step pids={step_pids}")
                 killed_run = instance.get_run_by_id(killed["run_id"]) if killed else None
@@ -159,15 +162,22 @@ def test_two_workers_one_killed_equal_the_single_machine_run(tmp_path, monkeypat
 
     assert summary["chunks"] == 3
     # Pools live in Postgres: one value for the whole cluster (duckdb_writer: dagster.yaml's default of 1).
-    assert slots == {"mapillary_api": 4, "duckdb_writer": 1, "gpu": 2}
+    assert slots == {"mapillary_api": 4, "duckdb_writer": 1, "gpu": 1}  # one gpu worker (w1)
     # One worker's process was SIGKILLed mid-chunk: that run failed, its retry completed the chunk.
     assert killed_run is not None, "no chunk run was seen on w2 to kill"
     assert killed_run.status == dg.DagsterRunStatus.FAILURE
     retry = killed_run.tags.get(AUTO_RETRY_RUN_ID_TAG)
     assert retry and placement[retry][1] == "SUCCESS" and placement[retry][0] == killed["partition"]
-    assert killed["run_id"] not in summary["runs"]["chunk_job"] and retry in summary["runs"]["chunk_job"]
-    # Chunk steps ran in both workers (the killed run's included: it ran image_metadata on w2).
-    assert {worker for _, _, worker, steps in placement.values() if steps} == {"w1", "w2"}
+    # Each chunk is fetch_job then blur_job; the summary holds each chunk's last (blur) run.
+    assert sorted(placement[run_id][0] for run_id in summary["runs"]["fetch_job -> blur_job"]) == \
+        sorted(run.tags[PARTITION_NAME_TAG] for run in blur_runs)
+    # Fetch steps ran in both workers (the killed run's included: it ran image_metadata on w2) ...
+    fetch_ids = {run.run_id for run in chunk_runs}
+    assert {worker for run_id, (_, _, worker, steps) in placement.items() if steps and run_id in fetch_ids} == {"w1", "w2"}
+    # ... and every blur run went to the `gpu` queue, which only w1 serves.
+    assert len(blur_runs) == 3 and blur_queues == {"gpu"}
+    assert {placement[run.run_id][2] for run in blur_runs} == {"w1"}
+    assert {placement[run.run_id][1] for run in blur_runs} == {"SUCCESS"}
     assert placement[killed["run_id"]][2] == "w2" and placement[killed["run_id"]][3]
     # One budget for both workers: no 60-s window above what the emulator enforces, and nothing refused.
     assert len(entity_times) > ENTITY_BUDGET

@@ -6,7 +6,9 @@ most `max_concurrent` at a time. Per-chunk runs are what lets stages overlap: th
 (`mapillary_api` 4, `gpu` 1, `duckdb_writer` 1) admit one chunk's blur step while other chunks'
 runs download, whereas one ranged run executes every chunk's download before any blur starts.
 A run executor of another kind (Celery workers, `mapillary_assets.scaleout`) implements the same
-`run_many`.
+`run_many`, and says which job(s) a chunk runs: here one `chunk_job` run (one process start per chunk;
+the pools already overlap the chunks), on a cluster `fetch_job` then `blur_job`, so that blur runs on
+the `gpu` queue's machines.
 """
 
 from __future__ import annotations
@@ -33,9 +35,14 @@ _NOT_STARTED = 3  # a worker's exit status when the run was refused before it st
 
 
 class RunRunner(Protocol):
-    def run_many(self, job_name: str, tag_sets: list[dict[str, str]]) -> list[tuple[str, bool]]:
-        """Run `job_name` once per tag set (each holds one run's partition tags); returns (run id,
-        success) per tag set, in order, once every run has ended."""
+    chunk_jobs: tuple[str, ...]  # what one chunk runs, in order
+
+    def run_many(self, job_name: str, tag_sets: list[dict[str, str]],
+                 then: Sequence[str] = ()) -> list[tuple[str, bool]]:
+        """Run `job_name` once per tag set (each holds one run's partition tags) and, after each run
+        that succeeds, the jobs of `then` in turn with the same tags, while other tag sets' runs go on.
+        Returns per tag set, in order, (id, success) of its last run (the failed one, or the last job's)
+        once every run has ended."""
 
 
 def partition_tags(keys: Sequence[str]) -> dict[str, str]:
@@ -60,6 +67,8 @@ class LocalRunner:
     code location to load; a process per run, so downloads and blur use both cores despite the GIL, a
     run's memory is returned when it ends, and a killed run is a dead pid `release_dead_runs` finds."""
 
+    chunk_jobs = ("chunk_job",)
+
     def __init__(self, instance: dg.DagsterInstance, defs: dg.Definitions,
                  max_concurrent: int = DEFAULT_CONCURRENT_RUNS, log: Callable[[str], None] = print):
         if instance.is_ephemeral:
@@ -70,24 +79,27 @@ class LocalRunner:
         self.max_concurrent = max(1, max_concurrent)
         self.log = log
 
-    def run_many(self, job_name: str, tag_sets: list[dict[str, str]]) -> list[tuple[str, bool]]:
-        job = self.defs.resolve_job_def(job_name)  # an unknown job fails here, before any fork
+    def run_many(self, job_name: str, tag_sets: list[dict[str, str]],
+                 then: Sequence[str] = ()) -> list[tuple[str, bool]]:
+        chain = [job_name, *then]
+        jobs = {name: self.defs.resolve_job_def(name) for name in chain}  # an unknown job fails here, before any fork
         context = multiprocessing.get_context("fork")
-        pending = list(enumerate(tag_sets))
-        running: dict[int, tuple[multiprocessing.Process, str, object]] = {}
+        pending = [(index, 0) for index in range(len(tag_sets))]  # (tag set, position in the chain)
+        running: dict[int, tuple[multiprocessing.Process, str, object, int]] = {}
         results: dict[int, tuple[str, bool]] = {}
         not_started: list[str] = []
         while pending or running:
             while pending and len(running) < self.max_concurrent:
-                index, tags = pending.pop(0)
+                index, position = pending.pop(0)
                 run_id = make_new_run_id()
                 receiver, sender = context.Pipe(duplex=False)
-                process = context.Process(target=_execute_run, args=(job, self.instance, run_id, tags, sender),
-                                          name=f"{job_name}-{run_id[:8]}", daemon=False)
+                process = context.Process(target=_execute_run,
+                                          args=(jobs[chain[position]], self.instance, run_id, tag_sets[index], sender),
+                                          name=f"{chain[position]}-{run_id[:8]}", daemon=False)
                 process.start()
                 sender.close()
-                running[index] = (process, run_id, receiver)
-            for index, (process, run_id, receiver) in list(running.items()):
+                running[index] = (process, run_id, receiver, position)
+            for index, (process, run_id, receiver, position) in list(running.items()):
                 if process.is_alive():
                     continue
                 process.join()
@@ -97,14 +109,17 @@ class LocalRunner:
                 if process.exitcode not in (0, 1, _NOT_STARTED):  # killed: free its pool slots for the others
                     for released in release_dead_runs(self.instance):
                         self.log(f"released run {released}: its process died (exit {process.exitcode})")
-                results[index] = (run_id, process.exitcode == 0)
                 del running[index]
+                if process.exitcode == 0 and position + 1 < len(chain):
+                    pending.insert(0, (index, position + 1))  # a started chunk goes on before new ones start
+                    continue
+                results[index] = (run_id, process.exitcode == 0)
                 if len(tag_sets) > 1:
-                    self.log(f"   {job_name} {_describe(tag_sets[index])}: "
+                    self.log(f"   {chain[position]} {_describe(tag_sets[index])}: "
                              f"{'ok' if results[index][1] else 'FAILED'} ({len(results)}/{len(tag_sets)})")
             time.sleep(0.1)
         if not_started:  # e.g. a config error: the same for every run, and no run logs to point to
-            raise PipelineFailed(f"{job_name} could not start: {not_started[0]}")
+            raise PipelineFailed(f"{' -> '.join(chain)} could not start: {not_started[0]}")
         return [results[index] for index in range(len(tag_sets))]
 
 
@@ -150,17 +165,18 @@ def run_pipeline(instance: dg.DagsterInstance, defs: dg.Definitions | None = Non
     runs: dict[str, list[str]] = {}
     stage_seconds: dict[str, float] = {}
 
-    def execute(job_name: str, tag_sets: list[dict[str, str]]) -> None:
+    def execute(job_name: str, tag_sets: list[dict[str, str]], then: Sequence[str] = ()) -> None:
+        stage = " -> ".join([job_name, *then])
         began = time.monotonic()
-        results = runner.run_many(job_name, tag_sets)
-        stage_seconds[job_name] = time.monotonic() - began
-        runs[job_name] = [run_id for run_id, _ in results]
+        results = runner.run_many(job_name, tag_sets, then)
+        stage_seconds[stage] = time.monotonic() - began
+        runs[stage] = [run_id for run_id, _ in results]
         failed = [(tags, run_id) for tags, (run_id, ok) in zip(tag_sets, results) if not ok]
         if not failed:
             return
         named = ", ".join(f"{_describe(tags)} (run {run_id})" for tags, run_id in failed[:10])
         more = f" and {len(failed) - 10} more" if len(failed) > 10 else ""
-        raise PipelineFailed(f"{job_name} failed for {len(failed)} of {len(tag_sets)} run(s): {named}{more}; "
+        raise PipelineFailed(f"{stage} failed for {len(failed)} of {len(tag_sets)} run(s): {named}{more}; "
                              "see their logs in the UI, then re-run (only what is missing is fetched again)")
 
     for run_id in release_dead_runs(instance):
@@ -175,8 +191,10 @@ def run_pipeline(instance: dg.DagsterInstance, defs: dg.Definitions | None = Non
     chunks = sorted(instance.get_dynamic_partitions(CHUNK_PARTITIONS_NAME))
     if chunks:
         chunk_runs = batched(chunks, chunks_per_run)
-        log(f"-> chunk_job: {len(chunk_runs)} run(s) of {chunks_per_run} chunk(s), {chunks[0]} .. {chunks[-1]}")
-        execute("chunk_job", [partition_tags(keys) for keys in chunk_runs])
+        first, *then = runner.chunk_jobs
+        log(f"-> {' -> '.join([first, *then])}: {len(chunk_runs)} run(s) of {chunks_per_run} chunk(s), "
+            f"{chunks[0]} .. {chunks[-1]}")
+        execute(first, [partition_tags(keys) for keys in chunk_runs], then)
     log("-> publish_job")
     execute("publish_job", [{}])
     return {"chunks": len(chunks), "seconds": time.monotonic() - started, "runs": runs,

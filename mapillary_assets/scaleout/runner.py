@@ -10,7 +10,8 @@ reports the last run of it.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 
 import dagster as dg
@@ -18,14 +19,16 @@ from dagster._core.storage.tags import AUTO_RETRY_RUN_ID_TAG, WILL_RETRY_TAG
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 CODE_MODULE = "mapillary_assets.definitions"
-CELERY_QUEUE_TAG = "dagster-celery/queue"
-# Publishing writes DuckDB and the GeoPackage: its runs go to the one worker whose local disk holds them.
-JOB_QUEUES = {"publish_job": "publish"}
 _FINISHED = {dg.DagsterRunStatus.SUCCESS, dg.DagsterRunStatus.FAILURE, dg.DagsterRunStatus.CANCELED}
 
 
 class ClusterRunner:
-    """Submits runs to `instance` (whose launcher sends them to workers) and waits for their outcome."""
+    """Submits runs to `instance` (whose launcher sends them to workers) and waits for their outcome.
+
+    A chunk is `fetch_job` then `blur_job`: the blur run carries the `gpu` queue tag (defs/jobs.py), so
+    it runs on a worker with a GPU while the CPU workers fetch the next chunks."""
+
+    chunk_jobs = ("fetch_job", "blur_job")
 
     def __init__(self, instance: dg.DagsterInstance, *, module: str = CODE_MODULE,
                  working_directory: Path = REPO_ROOT, poll_s: float = 1.0, timeout_s: float = 6 * 3600.0,
@@ -37,11 +40,34 @@ class ClusterRunner:
         self.timeout_s = timeout_s
         self.log = log
 
-    def run_many(self, job_name: str, tag_sets: list[dict[str, str]]) -> list[tuple[str, bool]]:
-        run_ids = self.submit(job_name, tag_sets)
-        return [self.wait(run_id) for run_id in run_ids]
+    def run_many(self, job_name: str, tag_sets: list[dict[str, str]],
+                 then: Sequence[str] = ()) -> list[tuple[str, bool]]:
+        chain = [job_name, *then]
+        with self._submitter() as submit:
+            current = {index: (0, submit(job_name, tags)) for index, tags in enumerate(tag_sets)}
+            results: dict[int, tuple[str, bool]] = {}
+            deadline = time.monotonic() + self.timeout_s
+            while current:
+                if time.monotonic() > deadline:
+                    raise TimeoutError(f"{len(current)} {' -> '.join(chain)} run(s) did not finish within "
+                                       f"{self.timeout_s:.0f} s")
+                for index, (position, run_id) in list(current.items()):
+                    outcome = self.poll(run_id)
+                    if isinstance(outcome, str):  # a retry of the run: follow it
+                        current[index] = (position, outcome)
+                    elif outcome is not None and outcome[1] and position + 1 < len(chain):
+                        current[index] = (position + 1, submit(chain[position + 1], tag_sets[index]))
+                    elif outcome is not None:
+                        results[index] = outcome
+                        del current[index]
+                if current:
+                    time.sleep(self.poll_s)
+        return [results[index] for index in range(len(tag_sets))]
 
-    def submit(self, job_name: str, tag_sets: Sequence[dict[str, str]]) -> list[str]:
+    @contextmanager
+    def _submitter(self) -> Iterator[Callable[[str, dict[str, str]], str]]:
+        """A function submitting one run of a job with tags (the job's own run tags, e.g. its Celery queue,
+        included), over one workspace load."""
         from dagster._cli.job import _create_run
         from dagster._cli.workspace.cli_target import (
             WorkspaceOpts,
@@ -53,34 +79,43 @@ class ClusterRunner:
         from dagster.version import __version__
 
         opts = WorkspaceOpts(module_name=(self.module,), working_directory=str(self.working_directory))
-        run_ids = []
         with get_workspace_from_cli_opts(self.instance, version=__version__, workspace_opts=opts) as workspace:
             location = get_code_location_from_workspace(workspace, None)
             repository = get_remote_repository_from_code_location(location, None)
-            job = get_remote_job_from_remote_repo(repository, job_name)
-            for tags in tag_sets:
-                queue = {CELERY_QUEUE_TAG: JOB_QUEUES[job_name]} if job_name in JOB_QUEUES else {}
+
+            def submit(job_name: str, tags: dict[str, str]) -> str:
+                job = get_remote_job_from_remote_repo(repository, job_name)
                 run = _create_run(instance=self.instance, code_location=location, remote_repo=repository,
-                                  remote_job=job, run_config={}, tags={**queue, **tags}, op_selection=None,
+                                  remote_job=job, run_config={}, tags={**job.run_tags, **tags}, op_selection=None,
                                   run_id=None)
                 self.instance.submit_run(run.run_id, workspace)
-                run_ids.append(run.run_id)
-        return run_ids
+                return run.run_id
+
+            yield submit
+
+    def poll(self, run_id: str) -> tuple[str, bool] | str | None:
+        """None while the run (or a retry due for it) is not finished; the retry's id once it exists;
+        else (run id, success)."""
+        run = self.instance.get_run_by_id(run_id)
+        if run is None or run.status not in _FINISHED:
+            return None
+        if run.status == dg.DagsterRunStatus.SUCCESS:
+            return run_id, True
+        retry = run.tags.get(AUTO_RETRY_RUN_ID_TAG)
+        if retry:
+            self.log(f"run {run_id} failed ({run.job_name}); following its retry {retry}")
+            return retry
+        return None if run.tags.get(WILL_RETRY_TAG) == "true" else (run_id, False)
 
     def wait(self, run_id: str) -> tuple[str, bool]:
         """(id of the last run of the retry chain, success) once no retry is due any more."""
         deadline = time.monotonic() + self.timeout_s
         while time.monotonic() < deadline:
-            run = self.instance.get_run_by_id(run_id)
-            if run is not None and run.status in _FINISHED:
-                if run.status == dg.DagsterRunStatus.SUCCESS:
-                    return run_id, True
-                retry = run.tags.get(AUTO_RETRY_RUN_ID_TAG)
-                if retry:
-                    self.log(f"run {run_id} failed ({run.job_name}); following its retry {retry}")
-                    run_id = retry
-                    continue
-                if run.tags.get(WILL_RETRY_TAG) != "true":
-                    return run_id, False
+            outcome = self.poll(run_id)
+            if isinstance(outcome, str):
+                run_id = outcome
+                continue
+            if outcome is not None:
+                return outcome
             time.sleep(self.poll_s)
         raise TimeoutError(f"run {run_id} did not finish within {self.timeout_s:.0f} s")

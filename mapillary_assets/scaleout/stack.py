@@ -22,6 +22,8 @@ import time
 from pathlib import Path
 
 from mapillary_assets.cli import DEMO_TOKEN
+from mapillary_assets.defs.jobs import GPU_QUEUE, PUBLISH_QUEUE
+from mapillary_assets.defs.runtime import GPU_POOL
 from mapillary_assets.process_tree import process_alive
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -42,8 +44,8 @@ class StackConfig:
     emulator_port: int = 18765
     emulator_scale: float = 0.005
     api_slots: int = 4
-    # The `gpu` pool is one slot per blur-capable worker (each scores on its own CPU or GPU).
-    gpu_slots: int | None = None
+    # Workers 1..gpu_workers also serve the `gpu` queue (blur runs); the `gpu` pool gets as many slots.
+    gpu_workers: int = 1
     data_dir: Path | None = None
     webserver: bool = True
     # False: the schedule and the new-images sensor are stopped, so only explicitly submitted runs run.
@@ -66,9 +68,11 @@ class StackConfig:
         return self.root / "env.sh"
 
 
-def worker_queues(index: int) -> list[str]:
-    """Worker 1 also serves `publish`: staging and the GeoPackage stay on the one disk that holds DuckDB."""
-    return ["dagster", "publish"] if index == 1 else ["dagster"]
+def worker_queues(index: int, gpu_workers: int = 1) -> list[str]:
+    """Every worker serves `dagster` (discovery, chunking, fetch runs). Worker 1 also serves `publish`:
+    staging and the GeoPackage stay on the one disk that holds DuckDB. Workers 1..`gpu_workers` also serve
+    `gpu` (blur runs): on a real cluster those are the machines with a GPU."""
+    return ["dagster", *([PUBLISH_QUEUE] if index == 1 else []), *([GPU_QUEUE] if index <= gpu_workers else [])]
 
 
 def stack_env(config: StackConfig, base: dict[str, str] | None = None) -> dict[str, str]:
@@ -192,7 +196,7 @@ def start(config: StackConfig, log=print) -> dict[str, str]:
             _check([_tool("dagster"), kind, "stop", name, *code], f"stopping {name}", env=env)
     _spawn(config, "daemon", [_tool("dagster-daemon"), "run", *code], env)
     for index in range(1, config.workers + 1):
-        _spawn(config, f"w{index}", worker_command(index), env)
+        _spawn(config, f"w{index}", worker_command(index, config.gpu_workers), env)
     if config.webserver:
         _spawn(config, "webserver", [_tool("dagster-webserver"), "-h", "127.0.0.1", "-p",
                                      str(config.webserver_port), *code], env)
@@ -201,18 +205,18 @@ def start(config: StackConfig, log=print) -> dict[str, str]:
     return env
 
 
-def worker_command(index: int) -> list[str]:
+def worker_command(index: int, gpu_workers: int = 1) -> list[str]:
     # One -q with commas: dagster-celery turns each -q into a `celery -Q`, and Celery keeps only the last.
     # One run at a time per worker process: a run is already a process tree of its own.
     return [_tool("dagster-celery"), "worker", "start", "-A", "dagster_celery.app",
             "-y", str(REPO_ROOT / "deploy" / "celery.yaml"), "--name", f"w{index}",
-            "-q", ",".join(worker_queues(index)),
+            "-q", ",".join(worker_queues(index, gpu_workers)),
             "--", "--concurrency=1", "--without-gossip", "--without-mingle"]
 
 
 def configure_pools(env: dict[str, str], config: StackConfig) -> None:
     """Pool limits live in the instance (Postgres): one value for the whole cluster."""
-    limits = {"mapillary_api": config.api_slots, "gpu": config.gpu_slots or config.workers}
+    limits = {"mapillary_api": config.api_slots, GPU_POOL: config.gpu_workers}
     for pool, limit in limits.items():
         _check([_tool("dagster"), "instance", "concurrency", "set", pool, str(limit)], f"pool {pool}", env=env)
 
@@ -310,11 +314,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("action", choices=("start", "stop", "status"))
     parser.add_argument("--workers", type=int, default=int(os.environ.get("MAPILLARY_STACK_WORKERS", "2")))
     parser.add_argument("--root", type=Path, default=Path(os.environ.get("MAPILLARY_STACK_DIR", REPO_ROOT / ".stack")))
+    parser.add_argument("--gpu-workers", type=int, default=int(os.environ.get("MAPILLARY_STACK_GPU_WORKERS", "1")),
+                        help="workers 1..N also take blur runs (the `gpu` queue); default 1")
     parser.add_argument("--scale", type=float, default=0.005, help="emulator world (when no token is set)")
     args = parser.parse_args(argv)
     if args.workers < 1:
         parser.error("--workers must be >= 1")
-    config = StackConfig(root=args.root.resolve(), workers=args.workers, emulator_scale=args.scale)
+    if not 1 <= args.gpu_workers <= args.workers:
+        parser.error(f"--gpu-workers must be between 1 and --workers ({args.workers}): blur runs need a worker")
+    config = StackConfig(root=args.root.resolve(), workers=args.workers, gpu_workers=args.gpu_workers,
+                         emulator_scale=args.scale)
     try:
         if args.action == "start":
             start(config)
