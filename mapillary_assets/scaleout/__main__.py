@@ -35,6 +35,8 @@ def main(argv: list[str] | None = None) -> int:
         except PipelineFailed as failure:
             print(f"error: {failure}", file=sys.stderr)
             return 1
+    for stage, seconds in summary["stage_seconds"].items():
+        print(f"{stage}: {len(summary['runs'][stage])} run(s) finished in {seconds:.1f} s")
     print(f"done in {summary['seconds']:.0f} s ({summary['chunks']} chunk(s))")
     return 0
 
