@@ -148,8 +148,10 @@ def test_two_workers_one_killed_equal_the_single_machine_run(tmp_path, monkeypat
                 for run_id, (partition, status, worker, step_pids) in placement.items():
                     print(f"{partition} {run_id[:8]} {status:8} worker={worker} step pids={step_pids}")
                 killed_run = instance.get_run_by_id(killed["run_id"]) if killed else None
-                buckets = sorted(key.decode() for key in
-                                 redis.Redis.from_url(env["MAPILLARY_REDIS_URL"]).keys("mapillary:ratelimit:*"))
+                # Bucket keys expire once idle (a minute after the last entity request, sooner than a loaded
+                # machine finishes blur and publish), so count the bucket script's calls instead.
+                commands = redis.Redis.from_url(env["MAPILLARY_REDIS_URL"]).info("commandstats")
+                bucket_calls = sum(commands.get(f"cmdstat_{name}", {}).get("calls", 0) for name in ("eval", "evalsha"))
                 slots = {pool: instance.event_log_storage.get_concurrency_info(pool).slot_count
                          for pool in ("mapillary_api", "duckdb_writer", "gpu")}
         finally:
@@ -184,7 +186,7 @@ def test_two_workers_one_killed_equal_the_single_machine_run(tmp_path, monkeypat
     assert max_in_window(entity_times, 60.0) <= ENTITY_BUDGET
     assert rate_limited == 0
     # ... kept in Redis (MAPILLARY_RATE_LIMIT_BACKEND=redis), not in the data dir's SQLite file.
-    assert "mapillary:ratelimit:entity" in buckets
+    assert bucket_calls >= len(entity_times)  # at least one token taken per entity request
     assert not sqlite_bucket_used
     assert cluster == expected
 
