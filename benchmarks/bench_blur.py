@@ -35,7 +35,9 @@ def street_like(seed: int, height: int = 768, width: int = 1024) -> np.ndarray:
     for _ in range(60):
         x, y = int(rng.integers(0, width)), int(rng.integers(height // 4, height))
         w, h = int(rng.integers(8, 260)), int(rng.integers(8, 260))
-        cv2.rectangle(image, (x, y), (x + w, y + h), tuple(int(c) for c in rng.integers(0, 256, 3)), -1)
+        cv2.rectangle(
+            image, (x, y), (x + w, y + h), tuple(int(c) for c in rng.integers(0, 256, 3)), -1
+        )
     for _ in range(12):
         x = int(rng.integers(0, width))
         cv2.line(image, (x, height // 5), (x + int(rng.integers(-40, 40)), height), (35, 35, 35), 3)
@@ -49,7 +51,9 @@ def make_images(folder: Path, count: int) -> list[Path]:
     paths = []
     for i in range(count):
         path = folder / f"{1_000_000 + i}.jpg"
-        path.write_bytes(cv2.imencode(".jpg", street_like(i), [cv2.IMWRITE_JPEG_QUALITY, 85])[1].tobytes())
+        path.write_bytes(
+            cv2.imencode(".jpg", street_like(i), [cv2.IMWRITE_JPEG_QUALITY, 85])[1].tobytes()
+        )
         paths.append(path)
     return paths
 
@@ -58,7 +62,9 @@ def baseline_loop(paths: list[Path], output: Path) -> None:
     rows = []
     for path in paths:
         image = cv2.imread(str(path))
-        rows.append((path.stem, cv2.Laplacian(cv2.cvtColor(image, cv2.COLOR_BGR2GRAY), cv2.CV_64F).var()))
+        rows.append(
+            (path.stem, cv2.Laplacian(cv2.cvtColor(image, cv2.COLOR_BGR2GRAY), cv2.CV_64F).var())
+        )
     pd.DataFrame(rows, columns=["image_id", "blur_value"]).to_parquet(output)
 
 
@@ -80,8 +86,11 @@ def decode_ms(paths: list[Path]) -> dict[str, float]:
     blobs = [p.read_bytes() for p in paths[:40]]
     options = {
         "cv2 colour + cvtColor": lambda b: cv2.cvtColor(
-            cv2.imdecode(np.frombuffer(b, np.uint8), cv2.IMREAD_COLOR), cv2.COLOR_BGR2GRAY),
-        "cv2 IMREAD_GRAYSCALE": lambda b: cv2.imdecode(np.frombuffer(b, np.uint8), cv2.IMREAD_GRAYSCALE),
+            cv2.imdecode(np.frombuffer(b, np.uint8), cv2.IMREAD_COLOR), cv2.COLOR_BGR2GRAY
+        ),
+        "cv2 IMREAD_GRAYSCALE": lambda b: cv2.imdecode(
+            np.frombuffer(b, np.uint8), cv2.IMREAD_GRAYSCALE
+        ),
     }
     try:
         import simplejpeg
@@ -91,7 +100,8 @@ def decode_ms(paths: list[Path]) -> dict[str, float]:
         pass
     timings = {}
     for name, decode in options.items():
-        def once() -> float:
+
+        def once(decode=decode) -> float:
             start = time.perf_counter()
             for blob in blobs:
                 decode(blob)
@@ -122,35 +132,84 @@ def run(quick: bool) -> list[Figure]:
         base_all = images_per_second(paths, lambda: baseline_loop(paths, out))
         ours_all = images_per_second(paths, lambda: pipeline_path(paths, out, "opencv", cores))
         kornia_paths = paths[:kornia_count]
-        kornia_cpu = images_per_second(kornia_paths, lambda: pipeline_path(kornia_paths, out, "kornia-cpu", cores))
+        kornia_cpu = images_per_second(
+            kornia_paths, lambda: pipeline_path(kornia_paths, out, "kornia-cpu", cores)
+        )
 
         baseline_name = "cv2.imread + cvtColor + Laplacian CV_64F var loop"
         decode_note = ", ".join(f"{name} {ms:.2f} ms" for name, ms in decode.items())
-        figures.append(Figure(
-            "blur", "images/s per core, 1024x768 JPEG -> Parquet (opencv backend, 1 worker, 1 cv2 thread)",
-            ours_one, "images/s", base_one, baseline_name + " (1 cv2 thread)", ">= 2x per core",
-            ours_one / base_one >= 2.0,
-            f"pipeline also computes Tenengrad; decode per image: {decode_note}",
-            extra={"images": count, "decode_ms": decode}))
-        figures.append(Figure(
-            "blur", f"images/s all cores ({cores} workers, opencv backend)", ours_all, "images/s", base_all,
-            baseline_name + f" ({default_threads} cv2 threads)", None, None,
-            f"{ours_all / cores:,.0f} images/s per core", extra={"images": count, "workers": cores}))
-        figures.append(Figure(
-            "blur", f"images/s kornia-cpu backend ({cores} decode workers, batch 8)", kornia_cpu, "images/s",
-            base_all, baseline_name, None, None,
-            "not auto's CPU choice: torch conv2d on CPU is far slower than OpenCV's filters",
-            extra={"images": kornia_count}))
+        figures.append(
+            Figure(
+                "blur",
+                "images/s per core, 1024x768 JPEG -> Parquet (opencv backend, 1 worker, 1 cv2 thread)",
+                ours_one,
+                "images/s",
+                base_one,
+                baseline_name + " (1 cv2 thread)",
+                ">= 2x per core",
+                ours_one / base_one >= 2.0,
+                f"pipeline also computes Tenengrad; decode per image: {decode_note}",
+                extra={"images": count, "decode_ms": decode},
+            )
+        )
+        figures.append(
+            Figure(
+                "blur",
+                f"images/s all cores ({cores} workers, opencv backend)",
+                ours_all,
+                "images/s",
+                base_all,
+                baseline_name + f" ({default_threads} cv2 threads)",
+                None,
+                None,
+                f"{ours_all / cores:,.0f} images/s per core",
+                extra={"images": count, "workers": cores},
+            )
+        )
+        figures.append(
+            Figure(
+                "blur",
+                f"images/s kornia-cpu backend ({cores} decode workers, batch 8)",
+                kornia_cpu,
+                "images/s",
+                base_all,
+                baseline_name,
+                None,
+                None,
+                "not auto's CPU choice: torch conv2d on CPU is far slower than OpenCV's filters",
+                extra={"images": kornia_count},
+            )
+        )
 
         if blur._cuda_available():
             cuda = images_per_second(paths, lambda: pipeline_path(paths, out, "kornia-cuda", cores))
-            figures.append(Figure(
-                "blur", f"images/s kornia-cuda backend ({cores} decode workers)", cuda, "images/s", base_all,
-                baseline_name, None, None, "CPU decode feeds the GPU; nvJPEG would lift the decode ceiling"))
+            figures.append(
+                Figure(
+                    "blur",
+                    f"images/s kornia-cuda backend ({cores} decode workers)",
+                    cuda,
+                    "images/s",
+                    base_all,
+                    baseline_name,
+                    None,
+                    None,
+                    "CPU decode feeds the GPU; nvJPEG would lift the decode ceiling",
+                )
+            )
         else:
-            figures.append(Figure(
-                "blur", "images/s kornia-cuda backend", math.nan, "images/s", None, None, None, None,
-                "not measured: no CUDA on this machine"))
+            figures.append(
+                Figure(
+                    "blur",
+                    "images/s kornia-cuda backend",
+                    math.nan,
+                    "images/s",
+                    None,
+                    None,
+                    None,
+                    None,
+                    "not measured: no CUDA on this machine",
+                )
+            )
     return figures
 
 

@@ -69,16 +69,28 @@ def world_ids(count: int) -> list[str]:
 
 
 def _client(base_url: str) -> MapillaryClient:
-    return MapillaryClient(ClientSettings(token=Secret(TOKEN), graph_url=base_url + "/graph",
-                                          tiles_url=base_url + "/tiles", entity_per_minute=1_000_000))
+    return MapillaryClient(
+        ClientSettings(
+            token=Secret(TOKEN),
+            graph_url=base_url + "/graph",
+            tiles_url=base_url + "/tiles",
+            entity_per_minute=1_000_000,
+        )
+    )
 
 
-async def pipeline_run(base_url: str, folder: Path, ids: list[str], decode_check: bool = False) -> int:
+async def pipeline_run(
+    base_url: str, folder: Path, ids: list[str], decode_check: bool = False
+) -> int:
     async with _client(base_url) as client:
-        frame = await download_thumbnails(client, DataLayout(folder), ids, decode_check=decode_check)
+        frame = await download_thumbnails(
+            client, DataLayout(folder), ids, decode_check=decode_check
+        )
     failed = int((frame["status"] != "ok").sum())
     if failed:
-        raise RuntimeError(f"{failed} pipeline downloads failed: {frame['reason'].dropna().iloc[0]}")
+        raise RuntimeError(
+            f"{failed} pipeline downloads failed: {frame['reason'].dropna().iloc[0]}"
+        )
     return len(frame)
 
 
@@ -88,9 +100,14 @@ async def baseline_run(base_url: str, folder: Path, ids: list[str], durable: boo
     async with _client(base_url) as client:
         batches = [ids[i : i + RESOLVE_BATCH_SIZE] for i in range(0, len(ids), RESOLVE_BATCH_SIZE)]
         found = await asyncio.gather(*(client.get_images(b, ["thumb_1024_url"]) for b in batches))
-    urls = {image_id: entity["thumb_1024_url"] for result in found for image_id, entity in result.items()}
+    urls = {
+        image_id: entity["thumb_1024_url"]
+        for result in found
+        for image_id, entity in result.items()
+    }
     limit = asyncio.Semaphore(100)
     async with aiohttp.ClientSession() as session:
+
         async def one(image_id: str, url: str) -> None:
             async with limit:
                 async with session.get(url) as response:
@@ -106,7 +123,9 @@ async def baseline_run(base_url: str, folder: Path, ids: list[str], durable: boo
     return len(urls)
 
 
-def images_per_second(run_once, base_url: str, scratch: Path, ids: list[str]) -> tuple[float, float]:
+def images_per_second(
+    run_once, base_url: str, scratch: Path, ids: list[str]
+) -> tuple[float, float]:
     """(images/s, CPU ms of this process per image): the event loop is the bottleneck, and its CPU per
     image is far less disturbed by other load on a shared machine than the wall-clock rate."""
     folder = Path(tempfile.mkdtemp(dir=scratch))
@@ -121,15 +140,16 @@ def images_per_second(run_once, base_url: str, scratch: Path, ids: list[str]) ->
         shutil.rmtree(folder, ignore_errors=True)
 
 
-def interleaved(sides: dict, base_url: str, scratch: Path, ids: list[str],
-                repeats: int) -> tuple[dict[str, list[float]], dict[str, list[float]]]:
+def interleaved(
+    sides: dict, base_url: str, scratch: Path, ids: list[str], repeats: int
+) -> tuple[dict[str, list[float]], dict[str, list[float]]]:
     """images/s and CPU ms/image of every side, `repeats` rounds; each round runs every side once, the
     order rotating by one each round."""
     names = list(sides)
     rates: dict[str, list[float]] = {name: [] for name in names}
     cpu: dict[str, list[float]] = {name: [] for name in names}
     for round_number in range(repeats):
-        for name in names[round_number % len(names):] + names[: round_number % len(names)]:
+        for name in names[round_number % len(names) :] + names[: round_number % len(names)]:
             rate, cpu_ms = images_per_second(sides[name], base_url, scratch, ids)
             rates[name].append(rate)
             cpu[name].append(cpu_ms)
@@ -138,6 +158,7 @@ def interleaved(sides: dict, base_url: str, scratch: Path, ids: list[str],
 
 def _microseconds_each(action, items: list, repeats: int = 5, before_each_pass=None) -> float:
     """Median over `repeats` passes of the µs per item of `action(item)`; `before_each_pass()` is untimed."""
+
     def one_pass() -> float:
         if before_each_pass is not None:
             before_each_pass()
@@ -174,13 +195,21 @@ def check_costs(ids: list[str], scratch: Path) -> dict[str, float]:
 
     costs = {
         "marker checks (SOI/EOI, header segments, scan markers)": _microseconds_each(
-            lambda item: download.verify_jpeg(item[1]), bodies),
+            lambda item: download.verify_jpeg(item[1]), bodies
+        ),
         "strict decode (optional, decode_check=True)": _microseconds_each(
-            lambda item: download.decode_problem(item[1]), bodies, repeats=3),
-        "plain write to one folder (baseline)": _microseconds_each(write_plain, bodies, before_each_pass=empty_folders),
+            lambda item: download.decode_problem(item[1]), bodies, repeats=3
+        ),
+        "plain write to one folder (baseline)": _microseconds_each(
+            write_plain, bodies, before_each_pass=empty_folders
+        ),
         "atomic write (temp name + rename) to the sharded path": _microseconds_each(
-            lambda item: atomic_write_bytes(layout.thumbnail_path(item[0], 1024), item[1], durable=False), bodies,
-            before_each_pass=empty_folders),
+            lambda item: atomic_write_bytes(
+                layout.thumbnail_path(item[0], 1024), item[1], durable=False
+            ),
+            bodies,
+            before_each_pass=empty_folders,
+        ),
     }
     return {name: round(value, 1) for name, value in costs.items()}
 
@@ -203,44 +232,95 @@ def run(quick: bool) -> list[Figure]:
         base_url = receive.recv()
         with tempfile.TemporaryDirectory(prefix="bench-download-") as tmp:
             scratch = Path(tmp)
-            asyncio.run(baseline_run(base_url, scratch / "warm-up", ids))  # emulator renders its pool
+            asyncio.run(
+                baseline_run(base_url, scratch / "warm-up", ids)
+            )  # emulator renders its pool
             load_before = os.getloadavg()[0]
-            rates, cpu = interleaved({"baseline": baseline_run, "durable": functools.partial(baseline_run, durable=True),
-                                      "ours": pipeline_run,
-                                      "decoding": functools.partial(pipeline_run, decode_check=True)},
-                                     base_url, scratch, ids, 2 if quick else REPEATS)
+            rates, cpu = interleaved(
+                {
+                    "baseline": baseline_run,
+                    "durable": functools.partial(baseline_run, durable=True),
+                    "ours": pipeline_run,
+                    "decoding": functools.partial(pipeline_run, decode_check=True),
+                },
+                base_url,
+                scratch,
+                ids,
+                2 if quick else REPEATS,
+            )
             costs = check_costs(ids, scratch)
-            load = f"load average {load_before:.1f} at the start, {os.getloadavg()[0]:.1f} at the end"
+            load = (
+                f"load average {load_before:.1f} at the start, {os.getloadavg()[0]:.1f} at the end"
+            )
     finally:
         stop.set()
         emulator.join(10)
         if emulator.is_alive():
             emulator.terminate()
-    baseline, durable, ours, decoding = (statistics.median(rates[name])
-                                         for name in ("baseline", "durable", "ours", "decoding"))
+    baseline, durable, ours, decoding = (
+        statistics.median(rates[name]) for name in ("baseline", "durable", "ours", "decoding")
+    )
     setting = f"{count} thumbnails (1024 px, ~240 KB) from the emulator"
     return [
-        Figure("download", f"images/s, {setting}, all checks", ours, "images/s", baseline,
-               "aiohttp + Semaphore(100) + plain write to one folder, no checks", ">= 1.0x", ours >= baseline,
-               f"pipeline: fresh URLs per batch, marker checks, atomic writes (rename, no per-file fsync) to the "
-               f"sharded layout, concurrency 64; {os.cpu_count()} cores shared with "
-               f"the emulator process; repeats interleaved; {load}",
-               extra={"images": count, "max_jpeg_attempts": download.MAX_JPEG_ATTEMPTS,
-                      "round_ratios": _round_ratios(rates["ours"], rates["baseline"]),
-                      "cpu_ms_per_image": {name: round(statistics.median(values), 3) for name, values in cpu.items()},
-                      "check_costs_us_per_image": costs}),
-        Figure("download", f"images/s, {setting}, all checks, vs the same atomic writes", ours, "images/s",
-               durable, "the plain loop writing like the pipeline (atomic rename, sharded)", ">= 1.0x",
-               ours >= durable, "isolates the pipeline's own cost (URL freshness, checks, retries, bookkeeping)",
-               extra={"images": count, "round_ratios": _round_ratios(rates["ours"], rates["durable"])}),
-        Figure("download", f"CPU ms per image of the downloading process (lower is better), {setting}, all checks",
-               statistics.median(cpu["ours"]), "ms", statistics.median(cpu["baseline"]),
-               "the plain loop (aiohttp + plain write, no checks)", None, None,
-               "process_time of the client process per image, median of the same interleaved rounds; less "
-               "disturbed by other load than images/s", extra={"images": count, "check_costs_us_per_image": costs}),
-        Figure("download", f"images/s, {setting}, all checks + strict decode (decode_check=True)", decoding,
-               "images/s", durable, "the plain loop writing like the pipeline (atomic rename, sharded)",
-               None, None, "the optional check; off by default because of this cost", extra={"images": count}),
+        Figure(
+            "download",
+            f"images/s, {setting}, all checks",
+            ours,
+            "images/s",
+            baseline,
+            "aiohttp + Semaphore(100) + plain write to one folder, no checks",
+            ">= 1.0x",
+            ours >= baseline,
+            f"pipeline: fresh URLs per batch, marker checks, atomic writes (rename, no per-file fsync) to the "
+            f"sharded layout, concurrency 64; {os.cpu_count()} cores shared with "
+            f"the emulator process; repeats interleaved; {load}",
+            extra={
+                "images": count,
+                "max_jpeg_attempts": download.MAX_JPEG_ATTEMPTS,
+                "round_ratios": _round_ratios(rates["ours"], rates["baseline"]),
+                "cpu_ms_per_image": {
+                    name: round(statistics.median(values), 3) for name, values in cpu.items()
+                },
+                "check_costs_us_per_image": costs,
+            },
+        ),
+        Figure(
+            "download",
+            f"images/s, {setting}, all checks, vs the same atomic writes",
+            ours,
+            "images/s",
+            durable,
+            "the plain loop writing like the pipeline (atomic rename, sharded)",
+            ">= 1.0x",
+            ours >= durable,
+            "isolates the pipeline's own cost (URL freshness, checks, retries, bookkeeping)",
+            extra={"images": count, "round_ratios": _round_ratios(rates["ours"], rates["durable"])},
+        ),
+        Figure(
+            "download",
+            f"CPU ms per image of the downloading process (lower is better), {setting}, all checks",
+            statistics.median(cpu["ours"]),
+            "ms",
+            statistics.median(cpu["baseline"]),
+            "the plain loop (aiohttp + plain write, no checks)",
+            None,
+            None,
+            "process_time of the client process per image, median of the same interleaved rounds; less "
+            "disturbed by other load than images/s",
+            extra={"images": count, "check_costs_us_per_image": costs},
+        ),
+        Figure(
+            "download",
+            f"images/s, {setting}, all checks + strict decode (decode_check=True)",
+            decoding,
+            "images/s",
+            durable,
+            "the plain loop writing like the pipeline (atomic rename, sharded)",
+            None,
+            None,
+            "the optional check; off by default because of this cost",
+            extra={"images": count},
+        ),
     ]
 
 

@@ -27,7 +27,6 @@ import shutil
 import subprocess
 import sys
 import threading
-import time
 import urllib.request
 from pathlib import Path
 
@@ -45,9 +44,13 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 NOTEBOOK = {"discovery": (6 * 3600, 9 * 3600), "metadata": 2 * 3600 + 8 * 60, "blur": 26 * 60}
 NOTEBOOK_BLUR_RATE = 794.0
 STAGES = {  # stage -> asset step keys (from the event log)
-    "discovery": ["discovered_images"], "chunking": ["sequence_images", "image_chunks"],
-    "metadata": ["image_metadata"], "downloads": ["thumbnail_downloads"], "blur": ["blur_scores"],
-    "staging": ["filter_areas", "staging_tables"], "geopackage": ["mapillary_geopackage"],
+    "discovery": ["discovered_images"],
+    "chunking": ["sequence_images", "image_chunks"],
+    "metadata": ["image_metadata"],
+    "downloads": ["thumbnail_downloads"],
+    "blur": ["blur_scores"],
+    "staging": ["filter_areas", "staging_tables"],
+    "geopackage": ["mapillary_geopackage"],
 }
 
 
@@ -57,9 +60,25 @@ class Emulator:
     def __init__(self, scale: float):
         env = {**os.environ, "PYTHONPATH": str(REPO_ROOT)}
         self.process = subprocess.Popen(
-            [sys.executable, "-m", "mapillary_assets.emulator", "--port", "0", "--scale", str(scale),
-             "--seed", str(SEED), "--token", TOKEN],
-            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env, cwd=REPO_ROOT)
+            [
+                sys.executable,
+                "-m",
+                "mapillary_assets.emulator",
+                "--port",
+                "0",
+                "--scale",
+                str(scale),
+                "--seed",
+                str(SEED),
+                "--token",
+                TOKEN,
+            ],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+            env=env,
+            cwd=REPO_ROOT,
+        )
         urls = {}
         for line in self.process.stdout:
             key, sep, value = line.strip().partition("=")
@@ -71,7 +90,9 @@ class Emulator:
             raise RuntimeError(f"the emulator did not start (exit {self.process.poll()})")
         self.graph_url, self.tiles_url = urls["MAPILLARY_GRAPH_URL"], urls["MAPILLARY_TILES_URL"]
         self.base_url = self.graph_url.rsplit("/graph", 1)[0]
-        threading.Thread(target=self.process.stdout.read, daemon=True).start()  # keep its pipe drained
+        threading.Thread(
+            target=self.process.stdout.read, daemon=True
+        ).start()  # keep its pipe drained
 
     def stats(self) -> dict[str, int]:
         with urllib.request.urlopen(f"{self.base_url}/_emulator/stats", timeout=30) as answer:
@@ -150,7 +171,11 @@ def stage_times(instance) -> dict[str, dict[str, float]]:
     import dagster as dg
 
     spans: dict[tuple[str, str], list[float]] = {}
-    kinds = {dg.DagsterEventType.STEP_START, dg.DagsterEventType.STEP_SUCCESS, dg.DagsterEventType.STEP_FAILURE}
+    kinds = {
+        dg.DagsterEventType.STEP_START,
+        dg.DagsterEventType.STEP_SUCCESS,
+        dg.DagsterEventType.STEP_FAILURE,
+    }
     for run in instance.get_runs():
         for entry in instance.all_logs(run.run_id, of_type=kinds):
             spans.setdefault((run.run_id, entry.step_key), []).append(entry.timestamp)
@@ -159,8 +184,11 @@ def stage_times(instance) -> dict[str, dict[str, float]]:
         pairs = [times for (_, step), times in spans.items() if step in steps and len(times) >= 2]
         if not pairs:
             continue
-        result[stage] = {"wall_s": max(max(t) for t in pairs) - min(min(t) for t in pairs),
-                         "step_s": sum(max(t) - min(t) for t in pairs), "steps": len(pairs)}
+        result[stage] = {
+            "wall_s": max(max(t) for t in pairs) - min(min(t) for t in pairs),
+            "step_s": sum(max(t) - min(t) for t in pairs),
+            "steps": len(pairs),
+        }
     return result
 
 
@@ -171,13 +199,17 @@ def price_1024(layout, emulator: Emulator, image_ids: list[str]) -> dict[str, fl
     from mapillary_assets.pipeline.download import download_thumbnails
     from mapillary_assets.storage import DataLayout
 
-    settings = ClientSettings(token=Secret(TOKEN), graph_url=emulator.graph_url, tiles_url=emulator.tiles_url,
-                              rate_limit_store=layout.root / "price-1024" / "rate_limits.sqlite")
+    settings = ClientSettings(
+        token=Secret(TOKEN),
+        graph_url=emulator.graph_url,
+        tiles_url=emulator.tiles_url,
+        rate_limit_store=layout.root / "price-1024" / "rate_limits.sqlite",
+    )
     out = {}
     for size in (THUMBNAIL_SIZE, 1024):
         scratch = DataLayout(layout.root / "price-1024" / str(size))
 
-        async def download():
+        async def download(scratch=scratch, size=size):
             async with MapillaryClient(settings) as client:
                 return await download_thumbnails(client, scratch, image_ids, size=size)
 
@@ -185,7 +217,9 @@ def price_1024(layout, emulator: Emulator, image_ids: list[str]) -> dict[str, fl
             frame = asyncio.run(download())
         ok = frame[frame["status"] == "ok"]
         with Stopwatch() as scored:
-            score_images([scratch.root / path for path in ok["path"]], analysis_size=analysis_box(size))
+            score_images(
+                [scratch.root / path for path in ok["path"]], analysis_size=analysis_box(size)
+            )
         out[f"download_{size}_s_per_image"] = fetched.seconds / max(len(ok), 1)
         out[f"blur_{size}_s_per_image"] = scored.seconds / max(len(ok), 1)
         out[f"bytes_{size}_per_image"] = float(ok["bytes"].mean()) if len(ok) else 0.0
@@ -202,8 +236,11 @@ def api_floors(scale: float) -> dict[str, float]:
     aoi = current_aoi()
     tiles = World(seed=SEED, scale=scale).nonempty_z14_tiles(aoi.geometry)
     coverage = len(partition_tiles(aoi, partition_zoom()))
-    return {"z14_tiles": len(tiles), "coverage_tiles": coverage,
-            "tiles_floor_s": (len(tiles) + coverage) / 6000 * 60}
+    return {
+        "z14_tiles": len(tiles),
+        "coverage_tiles": coverage,
+        "tiles_floor_s": (len(tiles) + coverage) / 6000 * 60,
+    }
 
 
 def measure(scale: float, data_root: Path, log=print) -> dict:
@@ -214,12 +251,19 @@ def measure(scale: float, data_root: Path, log=print) -> dict:
     home.mkdir(parents=True)
     (home / "dagster.yaml").write_text((REPO_ROOT / "dagster.yaml").read_text())
     emulator = Emulator(scale)
-    log(f"emulator pid {emulator.process.pid} at {emulator.base_url} (scale {scale}); data {data_dir}")
-    os.environ.update({
-        "DAGSTER_HOME": str(home), "MAPILLARY_ACCESS_TOKEN": TOKEN, "MAPILLARY_GRAPH_URL": emulator.graph_url,
-        "MAPILLARY_TILES_URL": emulator.tiles_url, "MAPILLARY_DATA_DIR": str(data_dir),
-        "MAPILLARY_THUMBNAIL_SIZE": str(THUMBNAIL_SIZE),
-    })
+    log(
+        f"emulator pid {emulator.process.pid} at {emulator.base_url} (scale {scale}); data {data_dir}"
+    )
+    os.environ.update(
+        {
+            "DAGSTER_HOME": str(home),
+            "MAPILLARY_ACCESS_TOKEN": TOKEN,
+            "MAPILLARY_GRAPH_URL": emulator.graph_url,
+            "MAPILLARY_TILES_URL": emulator.tiles_url,
+            "MAPILLARY_DATA_DIR": str(data_dir),
+            "MAPILLARY_THUMBNAIL_SIZE": str(THUMBNAIL_SIZE),
+        }
+    )
     sampler = MemorySampler(emulator.process.pid)
     sampler.start()
     try:
@@ -251,11 +295,25 @@ def measure(scale: float, data_root: Path, log=print) -> dict:
     finally:
         sampler.stopped.set()
         emulator.close()
-    return {"scale": scale, "images": images, "chunks": summary["chunks"], "runs": runs,
-            "total_s": total.seconds, "job_s": runner.job_seconds, "stages": stages, "requests": requests,
-            "peak_pss": sampler.peaks, "driver_peak_pss": sampler.driver_peaks, "emulator_peak_pss": sampler.emulator_peak, "gpkg_mb": gpkg_mb,
-            "instance_db_mb": event_log_mb, "price_1024": price, "floors": api_floors(scale), "ogrinfo": ogrinfo,
-            "load_average": _quantiles(sampler.load_averages)}
+    return {
+        "scale": scale,
+        "images": images,
+        "chunks": summary["chunks"],
+        "runs": runs,
+        "total_s": total.seconds,
+        "job_s": runner.job_seconds,
+        "stages": stages,
+        "requests": requests,
+        "peak_pss": sampler.peaks,
+        "driver_peak_pss": sampler.driver_peaks,
+        "emulator_peak_pss": sampler.emulator_peak,
+        "gpkg_mb": gpkg_mb,
+        "instance_db_mb": event_log_mb,
+        "price_1024": price,
+        "floors": api_floors(scale),
+        "ogrinfo": ogrinfo,
+        "load_average": _quantiles(sampler.load_averages),
+    }
 
 
 def _quantiles(values: list[float]) -> dict[str, float]:
@@ -268,19 +326,55 @@ def _ogrinfo_summary(path: Path) -> dict:
     if not shutil.which("ogrinfo"):
         return {"available": False}
     with Stopwatch() as watch:
-        summary = subprocess.run(["ogrinfo", "-ro", "-so", str(path), "images"], capture_output=True, text=True)
-    with Stopwatch() as window:  # a map view's read: the features in a small box, through the R-tree
-        subprocess.run(["ogrinfo", "-ro", "-q", "-spat", "8.54", "47.37", "8.55", "47.38", str(path), "images"],
-                       capture_output=True, text=True)
-    count = next((int(line.split(":")[1]) for line in summary.stdout.splitlines()
-                  if line.startswith("Feature Count:")), -1)
+        summary = subprocess.run(
+            ["ogrinfo", "-ro", "-so", str(path), "images"], capture_output=True, text=True
+        )
+    with (
+        Stopwatch() as window
+    ):  # a map view's read: the features in a small box, through the R-tree
+        subprocess.run(
+            [
+                "ogrinfo",
+                "-ro",
+                "-q",
+                "-spat",
+                "8.54",
+                "47.37",
+                "8.55",
+                "47.38",
+                str(path),
+                "images",
+            ],
+            capture_output=True,
+            text=True,
+        )
+    count = next(
+        (
+            int(line.split(":")[1])
+            for line in summary.stdout.splitlines()
+            if line.startswith("Feature Count:")
+        ),
+        -1,
+    )
     import sqlite3
 
     with sqlite3.connect(f"file:{path}?mode=ro", uri=True) as con:
-        rtree = con.execute("SELECT count(*) FROM gpkg_extensions WHERE extension_name = 'gpkg_rtree_index' "
-                            "AND table_name = 'images'").fetchone()[0] > 0
-    return {"available": True, "rc": summary.returncode, "features": count, "rtree": rtree,
-            "summary_s": watch.seconds, "window_read_s": window.seconds, "stderr": summary.stderr.strip()[:300]}
+        rtree = (
+            con.execute(
+                "SELECT count(*) FROM gpkg_extensions WHERE extension_name = 'gpkg_rtree_index' "
+                "AND table_name = 'images'"
+            ).fetchone()[0]
+            > 0
+        )
+    return {
+        "available": True,
+        "rc": summary.returncode,
+        "features": count,
+        "rtree": rtree,
+        "summary_s": watch.seconds,
+        "window_read_s": window.seconds,
+        "stderr": summary.stderr.strip()[:300],
+    }
 
 
 def _geopackage_rows(path: Path) -> int:
@@ -299,95 +393,186 @@ def _sample_ids(layout, count: int) -> list[str]:
 
 def figures(m: dict) -> list[Figure]:
     n, stages, requests = m["images"], m["stages"], m["requests"]
-    scale_note = f"World(scale={m['scale']}), {n:,} images, {m['chunks']} chunks, {m['runs']} Dagster runs"
+    scale_note = (
+        f"World(scale={m['scale']}), {n:,} images, {m['chunks']} chunks, {m['runs']} Dagster runs"
+    )
     load = m.get("load_average", {"median": float("nan"), "max": float("nan")})
     noise = f"{os.cpu_count()}-core machine, load average median {load['median']:.1f}, max {load['max']:.1f}"
     out = []
 
-    def stage(name: str, notebook: float | None, notebook_name: str, requests_text: str, floor_s: float | None = None):
+    def stage(
+        name: str,
+        notebook: float | None,
+        notebook_name: str,
+        requests_text: str,
+        floor_s: float | None = None,
+    ):
         s = stages.get(name, {"wall_s": float("nan"), "step_s": float("nan")})
         floor = f"; API floor {floor_s:,.0f} s" if floor_s is not None else ""
-        out.append(Figure(
-            "full_zurich", f"{name}: wall time", s["wall_s"], "s", baseline=notebook, baseline_name=notebook_name,
-            notes=f"{n / max(s['wall_s'], 1e-9):,.0f} images/s; summed step time {s['step_s']:,.0f} s; "
-                  f"{requests_text}{floor}; {scale_note}",
-            extra={**s, "floor_s": floor_s}))
+        out.append(
+            Figure(
+                "full_zurich",
+                f"{name}: wall time",
+                s["wall_s"],
+                "s",
+                baseline=notebook,
+                baseline_name=notebook_name,
+                notes=f"{n / max(s['wall_s'], 1e-9):,.0f} images/s; summed step time {s['step_s']:,.0f} s; "
+                f"{requests_text}{floor}; {scale_note}",
+                extra={**s, "floor_s": floor_s},
+            )
+        )
 
     floors = m["floors"]
     metadata_requests = math.ceil(n / 50)
-    stage("discovery", NOTEBOOK["discovery"][0], "notebook, 6-9 h",
-          f"{requests['tile']:,} tile requests ({floors['z14_tiles']:,} non-empty z14 + {floors['coverage_tiles']} "
-          "coverage tiles)", floors["tiles_floor_s"])
+    stage(
+        "discovery",
+        NOTEBOOK["discovery"][0],
+        "notebook, 6-9 h",
+        f"{requests['tile']:,} tile requests ({floors['z14_tiles']:,} non-empty z14 + {floors['coverage_tiles']} "
+        "coverage tiles)",
+        floors["tiles_floor_s"],
+    )
     stage("chunking", None, "", "no requests")
-    stage("metadata", NOTEBOOK["metadata"], "notebook, 2 h 08 min",
-          f"{requests['batch']:,} `?ids=` requests in all (metadata ~{metadata_requests:,}, the rest are the "
-          "downloads' fresh-URL lookups)", metadata_requests / 50_000 * 60)
-    stage("downloads", None, "", f"{requests['thumbnail']:,} thumbnail requests at {THUMBNAIL_SIZE} px")
-    stage("blur", NOTEBOOK["blur"], f"notebook, RTX 4080 at {NOTEBOOK_BLUR_RATE:.0f} images/s",
-          f"CPU ({os.cpu_count()} cores), {THUMBNAIL_SIZE} px thumbnails scored at their own "
-          f"{THUMBNAIL_SIZE}x{THUMBNAIL_SIZE * 3 // 4} (the 1024 px cost: the sample row below)")
+    stage(
+        "metadata",
+        NOTEBOOK["metadata"],
+        "notebook, 2 h 08 min",
+        f"{requests['batch']:,} `?ids=` requests in all (metadata ~{metadata_requests:,}, the rest are the "
+        "downloads' fresh-URL lookups)",
+        metadata_requests / 50_000 * 60,
+    )
+    stage(
+        "downloads",
+        None,
+        "",
+        f"{requests['thumbnail']:,} thumbnail requests at {THUMBNAIL_SIZE} px",
+    )
+    stage(
+        "blur",
+        NOTEBOOK["blur"],
+        f"notebook, RTX 4080 at {NOTEBOOK_BLUR_RATE:.0f} images/s",
+        f"CPU ({os.cpu_count()} cores), {THUMBNAIL_SIZE} px thumbnails scored at their own "
+        f"{THUMBNAIL_SIZE}x{THUMBNAIL_SIZE * 3 // 4} (the 1024 px cost: the sample row below)",
+    )
     stage("staging", None, "", "DuckDB from the stage Parquet files")
     stage("geopackage", None, "", f"{m['gpkg_mb']:,.0f} MB written")
-    overlapped = stages.get("downloads", {}).get("wall_s", 0) + stages.get("blur", {}).get("wall_s", 0)
+    overlapped = stages.get("downloads", {}).get("wall_s", 0) + stages.get("blur", {}).get(
+        "wall_s", 0
+    )
     one_after_another = sum(s["wall_s"] for s in stages.values())
-    out.append(Figure(
-        "full_zurich", "total wall time (first run start .. last run end)", m["total_s"], "s",
-        baseline=overlapped, baseline_name="downloads wall + blur wall", goal="< downloads + blur (overlap)",
-        met=m["total_s"] < overlapped,
-        notes=f"{n / m['total_s']:,.0f} images/s end to end; every stage one after another would take "
-              f"{one_after_another:,.0f} s; per job: "
-              + ", ".join(f"{job} {s:,.0f} s" for job, s in m["job_s"].items())
-              + f"; Dagster instance DBs {m['instance_db_mb']:,.0f} MB; {noise}"))
+    out.append(
+        Figure(
+            "full_zurich",
+            "total wall time (first run start .. last run end)",
+            m["total_s"],
+            "s",
+            baseline=overlapped,
+            baseline_name="downloads wall + blur wall",
+            goal="< downloads + blur (overlap)",
+            met=m["total_s"] < overlapped,
+            notes=f"{n / m['total_s']:,.0f} images/s end to end; every stage one after another would take "
+            f"{one_after_another:,.0f} s; per job: "
+            + ", ".join(f"{job} {s:,.0f} s" for job, s in m["job_s"].items())
+            + f"; Dagster instance DBs {m['instance_db_mb']:,.0f} MB; {noise}",
+        )
+    )
     peak = max((v for k, v in m["peak_pss"].items() if k != "price_1024"), default=0) / 1e9
-    out.append(Figure(
-        "full_zurich", "peak memory of the pipeline's processes (summed PSS)", peak, "GB",
-        baseline=m["emulator_peak_pss"] / 1e9, baseline_name="emulator process, apart",
-        goal=f"< {RSS_GOAL_GB:g} GB", met=peak < RSS_GOAL_GB,
-        notes="per job (of it the driver process alone): " + ", ".join(
-            f"{job} {v / 1e9:.2f} GB ({m.get('driver_peak_pss', {}).get(job, 0) / 1e9:.2f})"
-            for job, v in m["peak_pss"].items() if job not in ("start", "after"))))
+    out.append(
+        Figure(
+            "full_zurich",
+            "peak memory of the pipeline's processes (summed PSS)",
+            peak,
+            "GB",
+            baseline=m["emulator_peak_pss"] / 1e9,
+            baseline_name="emulator process, apart",
+            goal=f"< {RSS_GOAL_GB:g} GB",
+            met=peak < RSS_GOAL_GB,
+            notes="per job (of it the driver process alone): "
+            + ", ".join(
+                f"{job} {v / 1e9:.2f} GB ({m.get('driver_peak_pss', {}).get(job, 0) / 1e9:.2f})"
+                for job, v in m["peak_pss"].items()
+                if job not in ("start", "after")
+            ),
+        )
+    )
     ogr = m.get("ogrinfo", {"available": False})
     if ogr["available"]:
-        out.append(Figure(
-            "full_zurich", "GeoPackage read by GDAL's ogrinfo: features in `images`", ogr["features"], "features",
-            baseline=n, baseline_name="rows written (SQLite count)", goal="= rows, with R-tree index",
-            met=ogr["rc"] == 0 and ogr["features"] == n and ogr["rtree"],
-            notes=f"ogrinfo -so {ogr['summary_s']:.1f} s; a 0.01 x 0.01 degree window read through the "
-                  f"R-tree {ogr['window_read_s']:.1f} s; R-tree {'present' if ogr['rtree'] else 'MISSING'}"
-                  + (f"; stderr: {ogr['stderr']}" if ogr["stderr"] else "")))
+        out.append(
+            Figure(
+                "full_zurich",
+                "GeoPackage read by GDAL's ogrinfo: features in `images`",
+                ogr["features"],
+                "features",
+                baseline=n,
+                baseline_name="rows written (SQLite count)",
+                goal="= rows, with R-tree index",
+                met=ogr["rc"] == 0 and ogr["features"] == n and ogr["rtree"],
+                notes=f"ogrinfo -so {ogr['summary_s']:.1f} s; a 0.01 x 0.01 degree window read through the "
+                f"R-tree {ogr['window_read_s']:.1f} s; R-tree {'present' if ogr['rtree'] else 'MISSING'}"
+                + (f"; stderr: {ogr['stderr']}" if ogr["stderr"] else ""),
+            )
+        )
     price = m["price_1024"]
     per_image_1024 = price["download_1024_s_per_image"] + price["blur_1024_s_per_image"]
-    per_image_256 = price[f"download_{THUMBNAIL_SIZE}_s_per_image"] + price[f"blur_{THUMBNAIL_SIZE}_s_per_image"]
-    out.append(Figure(
-        "full_zurich", f"1024 px download + blur, per image (sample of {SAMPLE_1024:,})", per_image_1024 * 1000, "ms",
-        baseline=per_image_256 * 1000, baseline_name=f"{THUMBNAIL_SIZE} px, same ids",
-        notes=f"download {price['download_1024_s_per_image'] * 1000:.2f} vs "
-              f"{price[f'download_{THUMBNAIL_SIZE}_s_per_image'] * 1000:.2f} ms, blur "
-              f"{price['blur_1024_s_per_image'] * 1000:.2f} vs {price[f'blur_{THUMBNAIL_SIZE}_s_per_image'] * 1000:.2f} ms; "
-              f"{price['bytes_1024_per_image'] / 1e3:,.0f} vs {price[f'bytes_{THUMBNAIL_SIZE}_per_image'] / 1e3:,.0f} KB; "
-              f"at 1024 px the {n:,} images would need ~{per_image_1024 * n / 3600:.1f} h of one process"))
+    per_image_256 = (
+        price[f"download_{THUMBNAIL_SIZE}_s_per_image"]
+        + price[f"blur_{THUMBNAIL_SIZE}_s_per_image"]
+    )
+    out.append(
+        Figure(
+            "full_zurich",
+            f"1024 px download + blur, per image (sample of {SAMPLE_1024:,})",
+            per_image_1024 * 1000,
+            "ms",
+            baseline=per_image_256 * 1000,
+            baseline_name=f"{THUMBNAIL_SIZE} px, same ids",
+            notes=f"download {price['download_1024_s_per_image'] * 1000:.2f} vs "
+            f"{price[f'download_{THUMBNAIL_SIZE}_s_per_image'] * 1000:.2f} ms, blur "
+            f"{price['blur_1024_s_per_image'] * 1000:.2f} vs "
+            f"{price[f'blur_{THUMBNAIL_SIZE}_s_per_image'] * 1000:.2f} ms; "
+            f"{price['bytes_1024_per_image'] / 1e3:,.0f} vs "
+            f"{price[f'bytes_{THUMBNAIL_SIZE}_per_image'] / 1e3:,.0f} KB; "
+            f"at 1024 px the {n:,} images would need ~{per_image_1024 * n / 3600:.1f} h of one process",
+        )
+    )
     return out
 
 
 def run(quick: bool, scale: float | None = None, data_root: Path | None = None) -> list[Figure]:
     scale = scale if scale is not None else (QUICK_SCALE if quick else FULL_SCALE)
-    data_root = data_root or Path(os.environ.get("MAPILLARY_BENCH_DIR", "/tmp/mapillary-full-zurich")) / f"scale-{scale:g}"
+    data_root = (
+        data_root
+        or Path(os.environ.get("MAPILLARY_BENCH_DIR", "/tmp/mapillary-full-zurich"))
+        / f"scale-{scale:g}"
+    )
     measured = measure(scale, data_root)
     (data_root / "measured.json").write_text(json.dumps(measured, indent=1, default=str))
     return figures(measured)
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--scale", type=float, default=FULL_SCALE, help="World scale (1.0 ~= 1.2 M images)")
-    parser.add_argument("--data-root", type=Path, default=None, help="empty folder on local disk (default under /tmp)")
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument(
+        "--scale", type=float, default=FULL_SCALE, help="World scale (1.0 ~= 1.2 M images)"
+    )
+    parser.add_argument(
+        "--data-root",
+        type=Path,
+        default=None,
+        help="empty folder on local disk (default under /tmp)",
+    )
     parser.add_argument("--json", type=Path, default=None, help="also write the figures here")
     args = parser.parse_args(argv)
     results = run(quick=False, scale=args.scale, data_root=args.data_root)
     for figure in results:
         print(json.dumps({k: v for k, v in figure.__dict__.items() if k != "extra"}))
     if args.json:
-        args.json.write_text(json.dumps([figure.__dict__ for figure in results], indent=1, default=str))
+        args.json.write_text(
+            json.dumps([figure.__dict__ for figure in results], indent=1, default=str)
+        )
     return 0
 
 

@@ -49,21 +49,33 @@ def _peak_rss_mb() -> float:
 
 
 async def _pipeline(server: EmulatorServer, ids: list[str], per_minute: int, store: Path) -> dict:
-    settings = ClientSettings(token=Secret(server.token), graph_url=server.graph_url, tiles_url=server.tiles_url,
-                              entity_per_minute=per_minute, rate_limit_store=store)
+    settings = ClientSettings(
+        token=Secret(server.token),
+        graph_url=server.graph_url,
+        tiles_url=server.tiles_url,
+        entity_per_minute=per_minute,
+        rate_limit_store=store,
+    )
     rows = failures = requests_made = 0
     async with MapillaryClient(settings) as client:
         for start in range(0, len(ids), DEFAULT_CHUNK_SIZE):
-            result = await fetch_metadata(client, ids[start:start + DEFAULT_CHUNK_SIZE])
+            result = await fetch_metadata(client, ids[start : start + DEFAULT_CHUNK_SIZE])
             rows += len(result.rows)
             failures += len(result.failures)
             requests_made += result.requests
     return {"rows": rows, "failures": failures, "requests": requests_made}
 
 
-async def _paced_per_id(server: EmulatorServer, ids: list[str], per_minute: int, store: Path) -> int:
-    settings = ClientSettings(token=Secret(server.token), graph_url=server.graph_url, tiles_url=server.tiles_url,
-                              entity_per_minute=per_minute, rate_limit_store=store)
+async def _paced_per_id(
+    server: EmulatorServer, ids: list[str], per_minute: int, store: Path
+) -> int:
+    settings = ClientSettings(
+        token=Secret(server.token),
+        graph_url=server.graph_url,
+        tiles_url=server.tiles_url,
+        entity_per_minute=per_minute,
+        rate_limit_store=store,
+    )
     async with MapillaryClient(settings) as client:
         found = await asyncio.gather(*(client.get_image(i, FIELDS.split(",")) for i in ids))
     return len(found)
@@ -71,8 +83,11 @@ async def _paced_per_id(server: EmulatorServer, ids: list[str], per_minute: int,
 
 async def _unthrottled_gather(server: EmulatorServer, ids: list[str]) -> tuple[int, int]:
     async with aiohttp.ClientSession(headers={"Authorization": f"OAuth {server.token}"}) as session:
+
         async def one(image_id: str) -> int:
-            async with session.get(f"{server.graph_url}/{image_id}", params={"fields": FIELDS}) as response:
+            async with session.get(
+                f"{server.graph_url}/{image_id}", params={"fields": FIELDS}
+            ) as response:
                 await response.read()
                 return response.status
 
@@ -81,7 +96,9 @@ async def _unthrottled_gather(server: EmulatorServer, ids: list[str]) -> tuple[i
     return ok, len(statuses) - ok
 
 
-def _measured_pipeline(world: World, ids: list[str], per_minute: int, budget: int, store: Path) -> dict:
+def _measured_pipeline(
+    world: World, ids: list[str], per_minute: int, budget: int, store: Path
+) -> dict:
     """The pipeline against an emulator enforcing `budget` req/min, the client configured for `per_minute`."""
     with EmulatorServer(world, faults=Faults(rate_limit_per_minute={"entity": budget})) as server:
         with Stopwatch() as watch:
@@ -114,12 +131,23 @@ def run(quick: bool) -> list[Figure]:
         rss_after = _peak_rss_mb()
         # The client slows down once the API reports > 80 % of the quota used (x-app-usage). With the
         # budget 20 % above the configured limit (docs say 50,000/min, newer wording 60,000/min) it does not.
-        roomy = None if quick else _measured_pipeline(world, ids, per_minute, int(1.2 * per_minute),
-                                                      Path(tmp) / "roomy.sqlite")
+        roomy = (
+            None
+            if quick
+            else _measured_pipeline(
+                world, ids, per_minute, int(1.2 * per_minute), Path(tmp) / "roomy.sqlite"
+            )
+        )
         with EmulatorServer(world, faults=faults) as server:
             with Stopwatch() as per_id:
-                per_id_ok = asyncio.run(_paced_per_id(server, ids[: int(limit_per_s * per_id_seconds)], per_minute,
-                                                      Path(tmp) / "per_id.sqlite"))
+                per_id_ok = asyncio.run(
+                    _paced_per_id(
+                        server,
+                        ids[: int(limit_per_s * per_id_seconds)],
+                        per_minute,
+                        Path(tmp) / "per_id.sqlite",
+                    )
+                )
             per_id_limited = server.stats()["rate_limited"]
     with EmulatorServer(world, faults=faults) as server:
         with Stopwatch() as naive:
@@ -131,41 +159,87 @@ def run(quick: bool) -> list[Figure]:
     share = stats["batch"] / main["seconds"] / limit_per_s
     expected_requests = math.ceil(len(ids) / BATCH_SIZE)
     per_id_per_s = per_id_ok / per_id.seconds
-    context = (f"{len(ids):,} ids in chunks of {DEFAULT_CHUNK_SIZE:,}, {main['seconds']:.1f} s, "
-               f"{main['failures']} failed; the emulator enforces {per_minute:,} req/min")
-    window_note = (f"{stats['batch']:,} batch requests in {main['seconds']:.1f} s; busiest 60-s window "
-                   f"{_busiest_window(main['times']):,} (budget {per_minute:,}); last 20 s at "
-                   f"{_tail_rate(main['times']) / limit_per_s:.2f} x limit")
+    context = (
+        f"{len(ids):,} ids in chunks of {DEFAULT_CHUNK_SIZE:,}, {main['seconds']:.1f} s, "
+        f"{main['failures']} failed; the emulator enforces {per_minute:,} req/min"
+    )
+    window_note = (
+        f"{stats['batch']:,} batch requests in {main['seconds']:.1f} s; busiest 60-s window "
+        f"{_busiest_window(main['times']):,} (budget {per_minute:,}); last 20 s at "
+        f"{_tail_rate(main['times']) / limit_per_s:.2f} x limit"
+    )
     if quick:
-        window_note += "; quick runs are shorter than the 60-s window, so its budget is never reached"
+        window_note += (
+            "; quick runs are shorter than the 60-s window, so its budget is never reached"
+        )
     figures = [
-        Figure(NAME, f"images/s at {per_minute:,} req/min entity limit", images_per_s, "images/s",
-               baseline=per_id_per_s, baseline_name=f"per-id requests, same paced client ({per_id_seconds} s)",
-               goal=f">= 0.95 x {limit_per_s * BATCH_SIZE:,.0f} (limit x 50 ids)",
-               met=images_per_s >= 0.95 * limit_per_s * BATCH_SIZE,
-               notes=f"{context}; per-id baseline: {per_id_ok:,} images, {per_id_limited} rate-limit errors"),
-        Figure(NAME, "share of the rate limit sustained", share, "x limit", goal=">= 0.95", met=share >= 0.95,
-               notes=window_note),
+        Figure(
+            NAME,
+            f"images/s at {per_minute:,} req/min entity limit",
+            images_per_s,
+            "images/s",
+            baseline=per_id_per_s,
+            baseline_name=f"per-id requests, same paced client ({per_id_seconds} s)",
+            goal=f">= 0.95 x {limit_per_s * BATCH_SIZE:,.0f} (limit x 50 ids)",
+            met=images_per_s >= 0.95 * limit_per_s * BATCH_SIZE,
+            notes=f"{context}; per-id baseline: {per_id_ok:,} images, {per_id_limited} rate-limit errors",
+        ),
+        Figure(
+            NAME,
+            "share of the rate limit sustained",
+            share,
+            "x limit",
+            goal=">= 0.95",
+            met=share >= 0.95,
+            notes=window_note,
+        ),
     ]
     if roomy is not None:
         roomy_share = roomy["stats"]["batch"] / roomy["seconds"] / limit_per_s
-        figures.append(Figure(
-            NAME, "share of the configured limit sustained, API budget 1.2 x the limit", roomy_share, "x limit",
-            baseline=share, baseline_name="budget = limit", goal=">= 0.95", met=roomy_share >= 0.95,
-            notes=f"{roomy['stats']['rate_limited']} rate-limit errors; busiest 60-s window "
-                  f"{_busiest_window(roomy['times']):,}; last 20 s at {_tail_rate(roomy['times']) / limit_per_s:.2f}"
-                  " x limit. With budget = limit the client's x-app-usage slowdown (from 95 % used) holds it back"))
+        figures.append(
+            Figure(
+                NAME,
+                "share of the configured limit sustained, API budget 1.2 x the limit",
+                roomy_share,
+                "x limit",
+                baseline=share,
+                baseline_name="budget = limit",
+                goal=">= 0.95",
+                met=roomy_share >= 0.95,
+                notes=f"{roomy['stats']['rate_limited']} rate-limit errors; busiest 60-s window "
+                f"{_busiest_window(roomy['times']):,}; last 20 s at {_tail_rate(roomy['times']) / limit_per_s:.2f}"
+                " x limit. With budget = limit the client's x-app-usage slowdown (from 95 % used) holds it back",
+            )
+        )
     figures += [
-        Figure(NAME, "rate-limit errors (code 4) answered by the emulator", stats["rate_limited"], "errors",
-               baseline=naive_limited, baseline_name=f"unthrottled asyncio.gather, {naive_count:,} per-id requests",
-               goal="0", met=stats["rate_limited"] == 0,
-               notes=f"baseline: {naive_ok:,} answered, {naive_rejected:,} rejected in {naive.seconds:.1f} s"),
-        Figure(NAME, "requests per ceil(ids / 50)", stats["batch"] / expected_requests, "x",
-               goal="<= 1.01", met=stats["batch"] <= 1.01 * expected_requests,
-               notes=f"{stats['batch']:,} `?ids=` requests for {len(ids):,} ids ({expected_requests:,} minimum)"),
-        Figure(NAME, "peak resident memory of the benchmark process", rss_after, "MB",
-               notes=f"includes the in-process emulator and its world; {rss_before:,.0f} MB before the run "
-                     "(ru_maxrss, a high-water mark)"),
+        Figure(
+            NAME,
+            "rate-limit errors (code 4) answered by the emulator",
+            stats["rate_limited"],
+            "errors",
+            baseline=naive_limited,
+            baseline_name=f"unthrottled asyncio.gather, {naive_count:,} per-id requests",
+            goal="0",
+            met=stats["rate_limited"] == 0,
+            notes=f"baseline: {naive_ok:,} answered, {naive_rejected:,} rejected in {naive.seconds:.1f} s",
+        ),
+        Figure(
+            NAME,
+            "requests per ceil(ids / 50)",
+            stats["batch"] / expected_requests,
+            "x",
+            goal="<= 1.01",
+            met=stats["batch"] <= 1.01 * expected_requests,
+            notes=f"{stats['batch']:,} `?ids=` requests for {len(ids):,} ids ({expected_requests:,} minimum)",
+        ),
+        Figure(
+            NAME,
+            "peak resident memory of the benchmark process",
+            rss_after,
+            "MB",
+            notes=f"includes the in-process emulator and its world; {rss_before:,.0f} MB before the run "
+            "(ru_maxrss, a high-water mark)",
+        ),
     ]
     return figures
 

@@ -54,11 +54,13 @@ from mapillary_assets.storage import DataLayout
 NAME = "peers"
 HERE = Path(__file__).parent
 # PEERS_VENV: another venv made by benchmarks/peers/setup.sh (relative paths from the repository root)
-PEER_PYTHON = HERE.parent / os.environ.get("PEERS_VENV", "benchmarks/.peers-venv") / "bin" / "python"
+PEER_PYTHON = (
+    HERE.parent / os.environ.get("PEERS_VENV", "benchmarks/.peers-venv") / "bin" / "python"
+)
 DRIVER = HERE / "peers" / "driver.py"
 LATENCY_S = 0.05
 DOCUMENTED_BUDGETS = {"entity": 50_000, "search": 10_000}
-AOI_TILES = (range(8579, 8583), range(5740, 5743))   # z14 x, y: Zurich lake shore
+AOI_TILES = (range(8579, 8583), range(5740, 5743))  # z14 x, y: Zurich lake shore
 THUMBNAIL_SIZE = 1024
 REPEATS = 3
 PEERS = {"sdk": "Meta mapillary SDK 1.0.16", "zensvi": "ZenSVI 1.7.0 MLYDownloader"}
@@ -67,9 +69,14 @@ PEERS = {"sdk": "Meta mapillary SDK 1.0.16", "zensvi": "ZenSVI 1.7.0 MLYDownload
 def aoi_polygon():
     """The AOI block, shrunk by 1e-6 deg so no tool counts a neighbouring tile as overlapping."""
     xs, ys = AOI_TILES
-    north_west, south_east = mercantile.bounds(xs[0], ys[0], 14), mercantile.bounds(xs[-1], ys[-1], 14)
+    north_west, south_east = (
+        mercantile.bounds(xs[0], ys[0], 14),
+        mercantile.bounds(xs[-1], ys[-1], 14),
+    )
     eps = 1e-6
-    return box(north_west.west + eps, south_east.south + eps, south_east.east - eps, north_west.north - eps)
+    return box(
+        north_west.west + eps, south_east.south + eps, south_east.east - eps, north_west.north - eps
+    )
 
 
 def _faults() -> Faults:
@@ -77,14 +84,23 @@ def _faults() -> Faults:
 
 
 def _client(server: EmulatorServer, store: Path) -> MapillaryClient:
-    return MapillaryClient(ClientSettings(token=Secret(server.token), graph_url=server.graph_url,
-                                          tiles_url=server.tiles_url, rate_limit_store=store))
+    return MapillaryClient(
+        ClientSettings(
+            token=Secret(server.token),
+            graph_url=server.graph_url,
+            tiles_url=server.tiles_url,
+            rate_limit_store=store,
+        )
+    )
 
 
 async def _our_discovery(server, aoi, root: Path) -> list[str]:
     layout = DataLayout(root)
     async with _client(server, root / "rate.sqlite") as client:
-        frames = [(await discover_partition(client, aoi, tile, layout))[0] for tile in partition_tiles(aoi, 12)]
+        frames = [
+            (await discover_partition(client, aoi, tile, layout))[0]
+            for tile in partition_tiles(aoi, 12)
+        ]
     return [i for frame in frames for i in frame["image_id"]]
 
 
@@ -105,9 +121,12 @@ def _timed_step(world: World, action) -> dict:
         with Stopwatch() as watch:
             outcome = asyncio.run(action(server))
         stats = server.stats()
-    return {"seconds": watch.seconds, "outcome": outcome,
-            "requests": {f: stats[f"family:{f}"] for f in ("tiles", "entity", "search", "cdn")},
-            "rate_limited": stats["rate_limited"]}
+    return {
+        "seconds": watch.seconds,
+        "outcome": outcome,
+        "requests": {f: stats[f"family:{f}"] for f in ("tiles", "entity", "search", "cdn")},
+        "rate_limited": stats["rate_limited"],
+    }
 
 
 def _ours(world: World, aoi, truth: list[str], root: Path) -> dict:
@@ -115,11 +134,19 @@ def _ours(world: World, aoi, truth: list[str], root: Path) -> dict:
     runs = []
     for repeat in range(REPEATS):
         base = root / f"ours-{repeat}"
-        runs.append({
-            "discovery": _timed_step(world, lambda s: _our_discovery(s, aoi, base / "discovery")),
-            "metadata": _timed_step(world, lambda s: _our_metadata(s, truth, base / "metadata")),
-            "download": _timed_step(world, lambda s: _our_download(s, truth, base / "download")),
-        })
+        runs.append(
+            {
+                "discovery": _timed_step(
+                    world, lambda s, base=base: _our_discovery(s, aoi, base / "discovery")
+                ),
+                "metadata": _timed_step(
+                    world, lambda s, base=base: _our_metadata(s, truth, base / "metadata")
+                ),
+                "download": _timed_step(
+                    world, lambda s, base=base: _our_download(s, truth, base / "download")
+                ),
+            }
+        )
     median = {step: statistics.median(r[step]["seconds"] for r in runs) for step in runs[0]}
     last = runs[-1]
     for step in last:
@@ -133,19 +160,40 @@ def _peer(tool: str, world: World, aoi_path: Path, truth: list[str], root: Path)
     if not PEER_PYTHON.exists():
         return {"unavailable": "peer venv missing: run benchmarks/peers/setup.sh"}
     with EmulatorServer(world, faults=_faults()) as server:
-        spec = {"graph_url": server.graph_url, "tiles_url": server.tiles_url, "cdn_prefix": server.base_url + "/cdn/",
-                "token": server.token, "aoi": str(aoi_path), "ids": truth, "fields": list(DEFAULT_IMAGE_FIELDS),
-                "thumbnail_size": THUMBNAIL_SIZE}
-        spec_path, result_path, log_path = root / f"{tool}.spec.json", root / f"{tool}.json", root / f"{tool}.log"
+        spec = {
+            "graph_url": server.graph_url,
+            "tiles_url": server.tiles_url,
+            "cdn_prefix": server.base_url + "/cdn/",
+            "token": server.token,
+            "aoi": str(aoi_path),
+            "ids": truth,
+            "fields": list(DEFAULT_IMAGE_FIELDS),
+            "thumbnail_size": THUMBNAIL_SIZE,
+        }
+        spec_path, result_path, log_path = (
+            root / f"{tool}.spec.json",
+            root / f"{tool}.json",
+            root / f"{tool}.log",
+        )
         spec_path.write_text(json.dumps(spec))
         env = {k: v for k, v in os.environ.items() if not k.startswith(("MAPILLARY_", "PYTHON"))}
-        with log_path.open("w") as log:   # the peers print per-request lines (the SDK's include the token)
-            done = subprocess.run([str(PEER_PYTHON), str(DRIVER), tool, str(spec_path), str(result_path)],
-                                  stdout=log, stderr=subprocess.STDOUT, env=env, cwd=root, timeout=1800)
+        with log_path.open(
+            "w"
+        ) as log:  # the peers print per-request lines (the SDK's include the token)
+            done = subprocess.run(
+                [str(PEER_PYTHON), str(DRIVER), tool, str(spec_path), str(result_path)],
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                env=env,
+                cwd=root,
+                timeout=1800,
+            )
         stats = server.stats()
     if done.returncode != 0 or not result_path.exists():
         tail = log_path.read_text()[-300:].strip().splitlines()
-        return {"unavailable": f"driver exited {done.returncode}: {tail[-1] if tail else 'no output'}"}
+        return {
+            "unavailable": f"driver exited {done.returncode}: {tail[-1] if tail else 'no output'}"
+        }
     result = json.loads(result_path.read_text())["phases"]
     result["emulator"] = stats
     return result
@@ -153,8 +201,10 @@ def _peer(tool: str, world: World, aoi_path: Path, truth: list[str], root: Path)
 
 def _completeness(found: list[str], truth: set[str]) -> str:
     found_set = set(found)
-    return (f"{len(found_set & truth):,}/{len(truth):,} ids, {len(found_set - truth)} not in the AOI, "
-            f"{len(found) - len(found_set)} duplicates")
+    return (
+        f"{len(found_set & truth):,}/{len(truth):,} ids, {len(found_set - truth)} not in the AOI, "
+        f"{len(found) - len(found_set)} duplicates"
+    )
 
 
 def _errors(phase: dict) -> str:
@@ -171,76 +221,153 @@ def _requests(phase: dict, *families: str) -> int:
 def _peer_figures(tool: str, peer: dict, ours: dict, truth: set[str], context: str) -> list[Figure]:
     label = PEERS[tool]
     if "unavailable" in peer:
-        return [Figure(NAME, f"discovery wall time vs {label}", ours["discovery"]["seconds"], "s",
-                       notes=f"peer not measured: {peer['unavailable']}")]
+        return [
+            Figure(
+                NAME,
+                f"discovery wall time vs {label}",
+                ours["discovery"]["seconds"],
+                "s",
+                notes=f"peer not measured: {peer['unavailable']}",
+            )
+        ]
     figures = []
     discovery = peer.get("discovery", {})
     our_ids = ours["discovery"]["outcome"]
     our_found, peer_found = len(set(our_ids) & truth), len(set(discovery.get("ids", [])) & truth)
-    discovery_note = (f"ours: {_completeness(our_ids, truth)}; {label}: {_completeness(discovery.get('ids', []), truth)}"
-                      f" ({_errors(discovery)})")
+    discovery_note = (
+        f"ours: {_completeness(our_ids, truth)}; {label}: {_completeness(discovery.get('ids', []), truth)}"
+        f" ({_errors(discovery)})"
+    )
     if tool == "sdk" and "discovery_probe_images_in_geojson" in peer:
-        discovery_note += (f"; the SDK's images_in_geojson on the AOI polygon: "
-                           f"{_errors(peer['discovery_probe_images_in_geojson'])}, so images_in_shape is used")
+        discovery_note += (
+            f"; the SDK's images_in_geojson on the AOI polygon: "
+            f"{_errors(peer['discovery_probe_images_in_geojson'])}, so images_in_shape is used"
+        )
     our_tiles, peer_tiles = ours["discovery"]["requests"]["tiles"], _requests(discovery, "tiles")
     figures += [
-        Figure(NAME, f"discovery wall time vs {label}", ours["discovery"]["seconds"], "s",
-               baseline=discovery.get("seconds"), baseline_name=label, goal="faster at equal completeness",
-               met=ours["discovery"]["seconds"] < discovery.get("seconds", 0) and our_found >= peer_found,
-               notes=f"{context}; ours {ours['discovery']['spread']} s over {REPEATS} repeats"),
-        Figure(NAME, f"discovery tile requests vs {label}", our_tiles, "requests",
-               baseline=peer_tiles, baseline_name=label, goal="fewer", met=our_tiles < peer_tiles,
-               notes=f"{discovery_note}; ours = one coverage tile per z12 partition + the z14 tiles coverage shows "
-                     "to hold images; the peers fetch every z14 tile of the AOI's bounding box, empty or not"),
-        Figure(NAME, f"discovery ids found vs {label}", our_found, "ids", baseline=peer_found, baseline_name=label,
-               goal=f"= ground truth {len(truth):,}", met=our_found == len(truth) and len(set(our_ids)) == len(our_ids),
-               notes="ground truth: World.images_in_polygon(AOI)"),
+        Figure(
+            NAME,
+            f"discovery wall time vs {label}",
+            ours["discovery"]["seconds"],
+            "s",
+            baseline=discovery.get("seconds"),
+            baseline_name=label,
+            goal="faster at equal completeness",
+            met=ours["discovery"]["seconds"] < discovery.get("seconds", 0)
+            and our_found >= peer_found,
+            notes=f"{context}; ours {ours['discovery']['spread']} s over {REPEATS} repeats",
+        ),
+        Figure(
+            NAME,
+            f"discovery tile requests vs {label}",
+            our_tiles,
+            "requests",
+            baseline=peer_tiles,
+            baseline_name=label,
+            goal="fewer",
+            met=our_tiles < peer_tiles,
+            notes=f"{discovery_note}; ours = one coverage tile per z12 partition + the z14 tiles coverage shows "
+            "to hold images; the peers fetch every z14 tile of the AOI's bounding box, empty or not",
+        ),
+        Figure(
+            NAME,
+            f"discovery ids found vs {label}",
+            our_found,
+            "ids",
+            baseline=peer_found,
+            baseline_name=label,
+            goal=f"= ground truth {len(truth):,}",
+            met=our_found == len(truth) and len(set(our_ids)) == len(our_ids),
+            notes="ground truth: World.images_in_polygon(AOI)",
+        ),
     ]
     metadata = peer.get("metadata", {})
     dropped = metadata.get("fields_dropped") or []
     our_meta, peer_rows = ours["metadata"], metadata.get("rows", 0)
-    meta_note = (f"{len(truth):,} ids; {label}: {peer_rows:,} rows, {_errors(metadata)}, "
-                 f"{metadata.get('statuses', {})}; fields of ours its own list refuses: "
-                 f"{', '.join(dropped) or 'none'}")
+    meta_note = (
+        f"{len(truth):,} ids; {label}: {peer_rows:,} rows, {_errors(metadata)}, "
+        f"{metadata.get('statuses', {})}; fields of ours its own list refuses: "
+        f"{', '.join(dropped) or 'none'}"
+    )
     if tool == "sdk":
         meta_note += "; image_from_key sends a validity lookup (all fields) before each fetch: 2 requests per id"
     else:
         meta_note += f"; its lookups also carry thumb_{THUMBNAIL_SIZE}_url, which ours leaves to the download step"
     figures += [
-        Figure(NAME, f"metadata wall time vs {label}", our_meta["seconds"], "s",
-               baseline=metadata.get("seconds"), baseline_name=label, goal="faster at equal rows",
-               met=our_meta["seconds"] < metadata.get("seconds", 0) and our_meta["outcome"]["rows"] >= peer_rows,
-               notes=f"ours {our_meta['outcome']['rows']:,} rows, {our_meta['outcome']['failures']} failed, "
-                     f"{our_meta['spread']} s; {meta_note}"),
-        Figure(NAME, f"metadata requests vs {label}", our_meta["requests"]["entity"], "requests",
-               baseline=_requests(metadata, "entity"), baseline_name=label, goal="fewer",
-               met=our_meta["requests"]["entity"] < _requests(metadata, "entity"),
-               notes=f"ours: ?ids= batches of 50; rate-limit errors at the documented budget "
-                     f"({DOCUMENTED_BUDGETS['entity']:,}/min): ours {our_meta['rate_limited']}, "
-                     f"{label} {sum(v for k, v in metadata.get('statuses', {}).items() if k.endswith(('429', '403')))}"),
+        Figure(
+            NAME,
+            f"metadata wall time vs {label}",
+            our_meta["seconds"],
+            "s",
+            baseline=metadata.get("seconds"),
+            baseline_name=label,
+            goal="faster at equal rows",
+            met=our_meta["seconds"] < metadata.get("seconds", 0)
+            and our_meta["outcome"]["rows"] >= peer_rows,
+            notes=f"ours {our_meta['outcome']['rows']:,} rows, {our_meta['outcome']['failures']} failed, "
+            f"{our_meta['spread']} s; {meta_note}",
+        ),
+        Figure(
+            NAME,
+            f"metadata requests vs {label}",
+            our_meta["requests"]["entity"],
+            "requests",
+            baseline=_requests(metadata, "entity"),
+            baseline_name=label,
+            goal="fewer",
+            met=our_meta["requests"]["entity"] < _requests(metadata, "entity"),
+            notes=f"ours: ?ids= batches of 50; rate-limit errors at the documented budget "
+            f"({DOCUMENTED_BUDGETS['entity']:,}/min): ours {our_meta['rate_limited']}, "
+            f"{label} {sum(v for k, v in metadata.get('statuses', {}).items() if k.endswith(('429', '403')))}",
+        ),
     ]
     if tool == "zensvi":
         download = peer.get("download", {})
         ours_download = ours["download"]
         our_requests = ours_download["requests"]["entity"] + ours_download["requests"]["cdn"]
-        peer_meta, peer_download = _requests(metadata, "entity"), _requests(download, "cdn", "entity")
+        peer_meta, peer_download = (
+            _requests(metadata, "entity"),
+            _requests(download, "cdn", "entity"),
+        )
         figures += [
-            Figure(NAME, f"thumbnail download wall time vs {label}", ours_download["seconds"], "s",
-                   baseline=download.get("seconds"), baseline_name=label, goal="faster at equal files",
-                   met=ours_download["seconds"] < download.get("seconds", 0)
-                   and ours_download["outcome"]["files"] >= download.get("files", 0),
-                   notes=f"{THUMBNAIL_SIZE} px; ours {ours_download['outcome']['files']:,} files (verified JPEGs, "
-                         f"atomic writes), {ours_download['spread']} s; {label}: {download.get('files', 0):,} files, "
-                         f"{download.get('jpeg_files', 0):,} start as JPEG (named .png), {_errors(download)}"),
-            Figure(NAME, f"thumbnail download requests vs {label}", our_requests, "requests",
-                   baseline=peer_download, baseline_name=label, goal="fewer", met=our_requests < peer_download,
-                   notes=f"the peer wins this row: its thumbnail URLs came with its metadata step, ours resolves "
-                         f"fresh (signed, expiring) URLs at download time: {ours_download['requests']['entity']} "
-                         f"?ids= lookups + {ours_download['requests']['cdn']} CDN requests; see the next row"),
-            Figure(NAME, f"metadata + thumbnail requests vs {label}", our_meta["requests"]["entity"] + our_requests,
-                   "requests", baseline=peer_meta + peer_download, baseline_name=label, goal="fewer",
-                   met=our_meta["requests"]["entity"] + our_requests < peer_meta + peer_download,
-                   notes=f"ours {our_meta['requests']['entity']} + {our_requests}; {label} {peer_meta} + {peer_download}"),
+            Figure(
+                NAME,
+                f"thumbnail download wall time vs {label}",
+                ours_download["seconds"],
+                "s",
+                baseline=download.get("seconds"),
+                baseline_name=label,
+                goal="faster at equal files",
+                met=ours_download["seconds"] < download.get("seconds", 0)
+                and ours_download["outcome"]["files"] >= download.get("files", 0),
+                notes=f"{THUMBNAIL_SIZE} px; ours {ours_download['outcome']['files']:,} files (verified JPEGs, "
+                f"atomic writes), {ours_download['spread']} s; {label}: {download.get('files', 0):,} files, "
+                f"{download.get('jpeg_files', 0):,} start as JPEG (named .png), {_errors(download)}",
+            ),
+            Figure(
+                NAME,
+                f"thumbnail download requests vs {label}",
+                our_requests,
+                "requests",
+                baseline=peer_download,
+                baseline_name=label,
+                goal="fewer",
+                met=our_requests < peer_download,
+                notes=f"the peer wins this row: its thumbnail URLs came with its metadata step, ours resolves "
+                f"fresh (signed, expiring) URLs at download time: {ours_download['requests']['entity']} "
+                f"?ids= lookups + {ours_download['requests']['cdn']} CDN requests; see the next row",
+            ),
+            Figure(
+                NAME,
+                f"metadata + thumbnail requests vs {label}",
+                our_meta["requests"]["entity"] + our_requests,
+                "requests",
+                baseline=peer_meta + peer_download,
+                baseline_name=label,
+                goal="fewer",
+                met=our_meta["requests"]["entity"] + our_requests < peer_meta + peer_download,
+                notes=f"ours {our_meta['requests']['entity']} + {our_requests}; {label} {peer_meta} + {peer_download}",
+            ),
         ]
     return figures
 
@@ -248,25 +375,39 @@ def _peer_figures(tool: str, peer: dict, ours: dict, truth: set[str], context: s
 def run(quick: bool) -> list[Figure]:
     world = World(seed=42, scale=0.01 if quick else 0.02)
     polygon = aoi_polygon()
-    truth = sorted(record.id for record in world.images_in_polygon(polygon))   # also generates the tiles
-    for image_id in truth:   # the emulator's JPEG cache, warm for every tool alike
+    truth = sorted(
+        record.id for record in world.images_in_polygon(polygon)
+    )  # also generates the tiles
+    for image_id in truth:  # the emulator's JPEG cache, warm for every tool alike
         thumbnails.thumbnail_bytes(image_id, THUMBNAIL_SIZE, world.is_blurred(image_id))
     xs, ys = AOI_TILES
     nonempty = len(world.nonempty_z14_tiles(polygon))
-    context = (f"World(seed=42, scale={world.scale}), AOI {len(xs)} x {len(ys)} z14 tiles on Zurich's lake shore "
-               f"({nonempty} non-empty), {len(truth):,} images; {LATENCY_S * 1000:.0f} ms per request")
+    context = (
+        f"World(seed=42, scale={world.scale}), AOI {len(xs)} x {len(ys)} z14 tiles on Zurich's lake shore "
+        f"({nonempty} non-empty), {len(truth):,} images; {LATENCY_S * 1000:.0f} ms per request"
+    )
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
         aoi_path = root / "aoi.geojson"
-        aoi_path.write_text(json.dumps({"type": "FeatureCollection", "features": [
-            {"type": "Feature", "properties": {}, "geometry": mapping(polygon)}]}))
+        aoi_path.write_text(
+            json.dumps(
+                {
+                    "type": "FeatureCollection",
+                    "features": [
+                        {"type": "Feature", "properties": {}, "geometry": mapping(polygon)}
+                    ],
+                }
+            )
+        )
         aoi = load_aoi(aoi_path)
         ours = _ours(world, aoi, truth, root)
         figures = []
         for tool in PEERS:
             peer_root = root / tool
             peer_root.mkdir()
-            figures += _peer_figures(tool, _peer(tool, world, aoi_path, truth, peer_root), ours, set(truth), context)
+            figures += _peer_figures(
+                tool, _peer(tool, world, aoi_path, truth, peer_root), ours, set(truth), context
+            )
     return figures
 
 
@@ -278,12 +419,20 @@ def markdown_section(figures: list[Figure]) -> list[str]:
         row = rows.setdefault(what, {"ours": figure.value, "unit": figure.unit})
         row[peer] = figure
     labels = list(PEERS.values())
-    header = "| step, metric | ours | " + " | ".join(f"{label} | ours / peer" for label in labels) + " |"
-    lines = ["", "## Peers: the tools users would pick instead", "",
-             "`python -m benchmarks.run --only peers` (after `bash benchmarks/peers/setup.sh`); the details of each "
-             "figure, ground truth and peer errors are in the `peers` rows above. A ratio below 1 is ours ahead on "
-             "time and requests; `(peer wins)` marks a row where it is not.", "",
-             header, "|---|---|" + "---|---|" * len(labels)]
+    header = (
+        "| step, metric | ours | " + " | ".join(f"{label} | ours / peer" for label in labels) + " |"
+    )
+    lines = [
+        "",
+        "## Peers: the tools users would pick instead",
+        "",
+        "`python -m benchmarks.run --only peers` (after `bash benchmarks/peers/setup.sh`); the details of each "
+        "figure, ground truth and peer errors are in the `peers` rows above. A ratio below 1 is ours ahead on "
+        "time and requests; `(peer wins)` marks a row where it is not.",
+        "",
+        header,
+        "|---|---|" + "---|---|" * len(labels),
+    ]
     for what, row in rows.items():
         cells = []
         for label in labels:
@@ -292,8 +441,11 @@ def markdown_section(figures: list[Figure]) -> list[str]:
                 cells += ["-" if figure is None else "not measured", "-"]
                 continue
             lost = figure.met is False
-            cells += [_cell(figure.baseline, figure.unit),
-                      (f"{figure.ratio:.3f}" if figure.ratio is not None else "-") + (" (peer wins)" if lost else "")]
+            cells += [
+                _cell(figure.baseline, figure.unit),
+                (f"{figure.ratio:.3f}" if figure.ratio is not None else "-")
+                + (" (peer wins)" if lost else ""),
+            ]
         lines.append(f"| {what} | {_cell(row['ours'], row['unit'])} | " + " | ".join(cells) + " |")
     return lines
 

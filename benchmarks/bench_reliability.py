@@ -22,8 +22,12 @@ import time
 from pathlib import Path
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
-if "mapillary_assets.defs.partitions" not in sys.modules:   # partitions are fixed when defs is imported
-    os.environ.setdefault("MAPILLARY_AOI", str(REPO_ROOT / "mapillary_assets_tests" / "data" / "test_aoi.geojson"))
+if (
+    "mapillary_assets.defs.partitions" not in sys.modules
+):  # partitions are fixed when defs is imported
+    os.environ.setdefault(
+        "MAPILLARY_AOI", str(REPO_ROOT / "mapillary_assets_tests" / "data" / "test_aoi.geojson")
+    )
     os.environ.setdefault("MAPILLARY_PARTITION_ZOOM", "13")
 
 from benchmarks.harness import Figure  # noqa: E402
@@ -44,8 +48,12 @@ def _fault_free(folder: Path) -> dict:
         configure_pools(run.instance)
         started = time.monotonic()
         run.run_pipeline()
-        return {"seconds": time.monotonic() - started, "requests": run.server.stats()["requests"],
-                "images": run.images(), "busiest_entity": busiest_window(run.server.request_times("entity"))}
+        return {
+            "seconds": time.monotonic() - started,
+            "requests": run.server.stats()["requests"],
+            "images": run.images(),
+            "busiest_entity": busiest_window(run.server.request_times("entity")),
+        }
 
 
 def _outage(folder: Path, outage_s: float, baseline: dict) -> Figure:
@@ -61,12 +69,18 @@ def _outage(folder: Path, outage_s: float, baseline: dict) -> Figure:
     assert_same_images(images, baseline["images"])
     ideal = baseline["seconds"] + outage_s
     return Figure(
-        benchmark=NAME, metric=f"wall time to a complete result through a {outage_s:.0f} s outage",
-        value=seconds, unit="s", baseline=ideal, baseline_name="fault-free run + the outage",
-        goal="complete and equal to the fault-free GeoPackage; <= 1.5 x baseline", met=seconds <= 1.5 * ideal,
-        notes=f"{runs} pipeline run(s) (the first {'rode it out' if runs == 1 else 'failed transiently, re-runs resumed'});"
-              f" {stats['requests']:,} requests vs {baseline['requests']:,} fault-free, {stats['faulted']:,} answered 503;"
-              f" fault-free run {baseline['seconds']:.0f} s",
+        benchmark=NAME,
+        metric=f"wall time to a complete result through a {outage_s:.0f} s outage",
+        value=seconds,
+        unit="s",
+        baseline=ideal,
+        baseline_name="fault-free run + the outage",
+        goal="complete and equal to the fault-free GeoPackage; <= 1.5 x baseline",
+        met=seconds <= 1.5 * ideal,
+        notes=f"{runs} pipeline run(s) (the first "
+        f"{'rode it out' if runs == 1 else 'failed transiently, re-runs resumed'});"
+        f" {stats['requests']:,} requests vs {baseline['requests']:,} fault-free, {stats['faulted']:,} answered 503;"
+        f" fault-free run {baseline['seconds']:.0f} s",
     )
 
 
@@ -81,12 +95,17 @@ def _unknown_budget(folder: Path, budget: int, baseline: dict) -> Figure:
         images = run.images()
     assert_same_images(images, baseline["images"])
     return Figure(
-        benchmark=NAME, metric=f"429s answered when the API allows {budget} entity req/min and the client assumes 50,000",
-        value=stats["rate_limited"], unit="429s", baseline=None, goal="complete and equal to the fault-free GeoPackage",
+        benchmark=NAME,
+        metric=f"429s answered when the API allows {budget} entity req/min and the client assumes 50,000",
+        value=stats["rate_limited"],
+        unit="429s",
+        baseline=None,
+        goal="complete and equal to the fault-free GeoPackage",
         met=True,
-        notes=f"{runs} run(s), {seconds:.0f} s (fault-free {baseline['seconds']:.0f} s); busiest 60-s window of accepted "
-              f"entity requests {busiest} (unpaced: {baseline['busiest_entity']}); Retry-After pauses every task "
-              "sharing the token bucket",
+        notes=f"{runs} run(s), {seconds:.0f} s (fault-free {baseline['seconds']:.0f} s); "
+        "busiest 60-s window of accepted "
+        f"entity requests {busiest} (unpaced: {baseline['busiest_entity']}); Retry-After pauses every task "
+        "sharing the token bucket",
     )
 
 

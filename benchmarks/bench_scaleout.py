@@ -5,7 +5,8 @@ Each measurement starts a fresh stack (scripts/stack.sh's module: PostgreSQL, Re
 daemon) and a fresh emulator, runs the whole pipeline with `python -m mapillary_assets.scaleout run`
 (per chunk a fetch run, then a blur run on the `gpu` queue), and times its chunk stage (metadata ->
 thumbnails -> blur of every chunk, from submission to the last run's end). 1 and 2 workers alternate,
-REPEATS rounds (fresh stacks each), and the figure compares their medians. Requests carry 50 ms of emulated network latency, as a real API's do.
+REPEATS rounds (fresh stacks each), and the figure compares their medians. Requests carry 50 ms of
+emulated network latency, as a real API's do.
 The third run enforces an entity budget in the emulator and configures the same budget in the client:
 the figure is the entity request rate the two workers sustained together, beside that budget, and the
 busiest 60-s window must stay within it.
@@ -43,28 +44,51 @@ def _max_in_window(times: list[float], window_s: float) -> int:
     import bisect
 
     times = sorted(times)
-    return max((bisect.bisect_right(times, t + window_s) - i for i, t in enumerate(times)), default=0)
+    return max(
+        (bisect.bisect_right(times, t + window_s) - i for i, t in enumerate(times)), default=0
+    )
 
 
-def _pipeline(workers: int, world: World, faults: Faults, chunk_size: int, entity_per_minute: int | None) -> dict:
+def _pipeline(
+    workers: int, world: World, faults: Faults, chunk_size: int, entity_per_minute: int | None
+) -> dict:
     from mapillary_assets.scaleout import stack
 
     root = Path(tempfile.mkdtemp(prefix="mapillary-bench-stack-", dir="/tmp"))
     os.chmod(root, 0o755)  # PostgreSQL runs as the postgres user when we are root
-    config = stack.StackConfig(root=root, workers=workers, pg_port=free_port(), redis_port=free_port(),
-                               webserver=False, automation=False, data_dir=root / "data")
+    config = stack.StackConfig(
+        root=root,
+        workers=workers,
+        pg_port=free_port(),
+        redis_port=free_port(),
+        webserver=False,
+        automation=False,
+        data_dir=root / "data",
+    )
     with EmulatorServer(world=world, faults=faults, token=TOKEN) as server:
-        base = {**os.environ, "MAPILLARY_ACCESS_TOKEN": TOKEN, "MAPILLARY_GRAPH_URL": server.graph_url,
-                "MAPILLARY_TILES_URL": server.tiles_url, "MAPILLARY_AOI": str(AOI), "MAPILLARY_PARTITION_ZOOM": "13",
-                "MAPILLARY_CHUNK_SIZE": str(chunk_size)}
+        base = {
+            **os.environ,
+            "MAPILLARY_ACCESS_TOKEN": TOKEN,
+            "MAPILLARY_GRAPH_URL": server.graph_url,
+            "MAPILLARY_TILES_URL": server.tiles_url,
+            "MAPILLARY_AOI": str(AOI),
+            "MAPILLARY_PARTITION_ZOOM": "13",
+            "MAPILLARY_CHUNK_SIZE": str(chunk_size),
+        }
         if entity_per_minute:
             base["MAPILLARY_ENTITY_PER_MINUTE"] = str(entity_per_minute)
         saved = dict(os.environ)
         os.environ.update(base)
         try:
             env = stack.start(config, log=lambda *_: None)
-            driver = subprocess.run([sys.executable, "-m", "mapillary_assets.scaleout", "run"], env=env, cwd=REPO,
-                                    capture_output=True, text=True, timeout=1800)
+            driver = subprocess.run(
+                [sys.executable, "-m", "mapillary_assets.scaleout", "run"],
+                env=env,
+                cwd=REPO,
+                capture_output=True,
+                text=True,
+                timeout=1800,
+            )
         finally:
             stack.stop(config, log=lambda *_: None)
             os.environ.clear()
@@ -74,10 +98,16 @@ def _pipeline(workers: int, world: World, faults: Faults, chunk_size: int, entit
         entity_times = server.request_times("entity")
         rate_limited = server.stats().get("rate_limited", 0)
     chunk_seconds = float(re.search(CHUNK_STAGE_LINE, driver.stdout).group(1))
-    images = pyogrio.read_info(root / "data" / "output" / "mapillary_images.gpkg", layer="images")["features"]
+    images = pyogrio.read_info(root / "data" / "output" / "mapillary_images.gpkg", layer="images")[
+        "features"
+    ]
     subprocess.run(["rm", "-rf", str(root)], check=False)
-    return {"images": images, "chunk_seconds": chunk_seconds, "entity_times": entity_times,
-            "rate_limited": rate_limited}
+    return {
+        "images": images,
+        "chunk_seconds": chunk_seconds,
+        "entity_times": entity_times,
+        "rate_limited": rate_limited,
+    }
 
 
 def _seconds(values: list[float]) -> str:
@@ -94,13 +124,24 @@ def run(quick: bool) -> list[Figure]:
     world = World(seed=11, scale=0.003 if quick else 0.006)
     latency = Faults(latency_s=0.05)
     chunk_size = 150 if quick else 200
-    rounds = [(_pipeline(1, world, latency, chunk_size, None), _pipeline(2, world, latency, chunk_size, None))
-              for _ in range(1 if quick else REPEATS)]
+    rounds = [
+        (
+            _pipeline(1, world, latency, chunk_size, None),
+            _pipeline(2, world, latency, chunk_size, None),
+        )
+        for _ in range(1 if quick else REPEATS)
+    ]
     images = rounds[0][1]["images"]
     one_s = [one["chunk_seconds"] for one, _ in rounds]
     two_s = [two["chunk_seconds"] for _, two in rounds]
     budget = 30 if quick else 40
-    limited = _pipeline(2, world, Faults(latency_s=0.05, rate_limit_per_minute={"entity": budget}), chunk_size, budget)
+    limited = _pipeline(
+        2,
+        world,
+        Faults(latency_s=0.05, rate_limit_per_minute={"entity": budget}),
+        chunk_size,
+        budget,
+    )
 
     rate_one = statistics.median(one["images"] / one["chunk_seconds"] for one, _ in rounds)
     rate_two = statistics.median(two["images"] / two["chunk_seconds"] for _, two in rounds)
@@ -108,15 +149,30 @@ def run(quick: bool) -> list[Figure]:
     sustained = (len(times) - 1) / (times[-1] - times[0]) * 60 if len(times) > 1 else 0.0
     busiest = _max_in_window(times, 60.0)
     return [
-        Figure(NAME, f"chunk stage images/s, 2 Celery workers (median of {len(rounds)})", rate_two, "images/s",
-               rate_one, "1 worker, median", goal="> 1 worker", met=rate_two > rate_one,
-               notes=f"{images:,} images, chunks of {chunk_size}, a fetch run + a blur run (gpu queue, w1) per "
-                     f"chunk, 50 ms latency; chunk stage s per round, 2 workers {_seconds(two_s)} vs 1 worker "
-                     f"{_seconds(one_s)}; 2 shared cores"),
-        Figure(NAME, f"entity requests/min sustained by 2 workers, budget {budget}/min", sustained, "req/min",
-               float(budget), "the budget", goal="<= budget, busiest 60-s window <= budget, zero 429s",
-               met=sustained <= budget and busiest <= budget and limited["rate_limited"] == 0,
-               notes=f"{len(times)} entity requests (metadata + thumbnail URLs) over {times[-1] - times[0]:.0f} s; "
-                     f"busiest 60-s window {busiest}; {limited['rate_limited']} refused; chunk stage "
-                     f"{limited['images'] / limited['chunk_seconds']:.1f} images/s"),
+        Figure(
+            NAME,
+            f"chunk stage images/s, 2 Celery workers (median of {len(rounds)})",
+            rate_two,
+            "images/s",
+            rate_one,
+            "1 worker, median",
+            goal="> 1 worker",
+            met=rate_two > rate_one,
+            notes=f"{images:,} images, chunks of {chunk_size}, a fetch run + a blur run (gpu queue, w1) per "
+            f"chunk, 50 ms latency; chunk stage s per round, 2 workers {_seconds(two_s)} vs 1 worker "
+            f"{_seconds(one_s)}; 2 shared cores",
+        ),
+        Figure(
+            NAME,
+            f"entity requests/min sustained by 2 workers, budget {budget}/min",
+            sustained,
+            "req/min",
+            float(budget),
+            "the budget",
+            goal="<= budget, busiest 60-s window <= budget, zero 429s",
+            met=sustained <= budget and busiest <= budget and limited["rate_limited"] == 0,
+            notes=f"{len(times)} entity requests (metadata + thumbnail URLs) over {times[-1] - times[0]:.0f} s; "
+            f"busiest 60-s window {busiest}; {limited['rate_limited']} refused; chunk stage "
+            f"{limited['images'] / limited['chunk_seconds']:.1f} images/s",
+        ),
     ]

@@ -10,20 +10,20 @@ from __future__ import annotations
 import platform
 import statistics
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Callable
 
 
 @dataclass
 class Figure:
-    benchmark: str          # e.g. "metadata"
-    metric: str             # e.g. "images/s at 600 req/min entity limit"
+    benchmark: str  # e.g. "metadata"
+    metric: str  # e.g. "images/s at 600 req/min entity limit"
     value: float
     unit: str
-    baseline: float | None = None        # same metric for the baseline, same run
-    baseline_name: str | None = None     # what the baseline is
-    goal: str | None = None              # e.g. ">= 0.95 of limit"
-    met: bool | None = None              # whether the goal holds for this run
+    baseline: float | None = None  # same metric for the baseline, same run
+    baseline_name: str | None = None  # what the baseline is
+    goal: str | None = None  # e.g. ">= 0.95 of limit"
+    met: bool | None = None  # whether the goal holds for this run
     notes: str = ""
     extra: dict = field(default_factory=dict)
 
@@ -39,7 +39,7 @@ def median_of(repeats: int, measure: Callable[[], float]) -> float:
 
 
 class Stopwatch:
-    def __enter__(self) -> "Stopwatch":
+    def __enter__(self) -> Stopwatch:
         self.start = time.perf_counter()
         return self
 

@@ -26,7 +26,7 @@ def render(figures: list[Figure], failures: dict[str, str], quick: bool) -> str:
     lines = [
         "# Benchmark results",
         "",
-        f"Run {dt.datetime.now(dt.timezone.utc):%Y-%m-%d %H:%M} UTC on {machine_description()}"
+        f"Run {dt.datetime.now(dt.UTC):%Y-%m-%d %H:%M} UTC on {machine_description()}"
         f"{' (quick mode)' if quick else ''}. Regenerate with `python -m benchmarks.run`.",
         "Every figure stands beside its baseline measured in the same run; values are medians of repeats.",
         "",
@@ -34,7 +34,13 @@ def render(figures: list[Figure], failures: dict[str, str], quick: bool) -> str:
         "|---|---|---|---|---|---|---|---|",
     ]
     for f in figures:
-        ratio = "-" if f.ratio is None else f"{f.ratio:.2g}x" if abs(f.ratio) < 0.01 else f"{f.ratio:.2f}x"
+        ratio = (
+            "-"
+            if f.ratio is None
+            else f"{f.ratio:.2g}x"
+            if abs(f.ratio) < 0.01
+            else f"{f.ratio:.2f}x"
+        )
         baseline = f"{_format(f.baseline)} ({f.baseline_name})" if f.baseline is not None else "-"
         met = {True: "yes", False: "**no**", None: "-"}[f.met]
         lines.append(
@@ -51,7 +57,9 @@ def _sections(figures: list[Figure]) -> list[str]:
     lines: list[str] = []
     for name in dict.fromkeys(f.benchmark for f in figures):
         try:
-            section = getattr(importlib.import_module(f"benchmarks.bench_{name}"), "markdown_section", None)
+            section = getattr(
+                importlib.import_module(f"benchmarks.bench_{name}"), "markdown_section", None
+            )
         except Exception:  # a module that no longer imports keeps its rows, without a section
             continue
         if section is not None:
@@ -62,11 +70,17 @@ def _sections(figures: list[Figure]) -> list[str]:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--quick", action="store_true", help="small sizes, for a smoke run")
-    parser.add_argument("--only", default="", help="comma-separated benchmark names (bench_<name>.py)")
+    parser.add_argument(
+        "--only", default="", help="comma-separated benchmark names (bench_<name>.py)"
+    )
     parser.add_argument("--output", type=Path, default=HERE / "RESULTS.md")
     args = parser.parse_args(argv)
     wanted = {name for name in args.only.split(",") if name}
-    names = sorted(m.name[len("bench_"):] for m in pkgutil.iter_modules([str(HERE)]) if m.name.startswith("bench_"))
+    names = sorted(
+        m.name[len("bench_") :]
+        for m in pkgutil.iter_modules([str(HERE)])
+        if m.name.startswith("bench_")
+    )
     figures: list[Figure] = []
     failures: dict[str, str] = {}
     for name in names:
@@ -81,7 +95,9 @@ def main(argv: list[str] | None = None) -> int:
             failures[name] = f"{type(exc).__name__}: {exc}"
             continue
         for figure in results:
-            print(json.dumps({k: v for k, v in figure.__dict__.items() if k != "extra"}), flush=True)
+            print(
+                json.dumps({k: v for k, v in figure.__dict__.items() if k != "extra"}), flush=True
+            )
         figures.extend(results)
     store = args.output.with_suffix(".json")
     previous = json.loads(store.read_text()) if store.exists() else {}
@@ -90,7 +106,9 @@ def main(argv: list[str] | None = None) -> int:
     kept_failures = {k: v for k, v in previous.get("failures", {}).items() if k not in ran}
     figures = kept + figures
     failures = {**kept_failures, **failures}
-    store.write_text(json.dumps({"figures": [f.__dict__ for f in figures], "failures": failures}, indent=1))
+    store.write_text(
+        json.dumps({"figures": [f.__dict__ for f in figures], "failures": failures}, indent=1)
+    )
     args.output.write_text(render(figures, failures, args.quick))
     print(f"wrote {args.output}")
     return 1 if failures else 0

@@ -1,9 +1,9 @@
 """`mapillary-assets`: run the whole pipeline on the embedded emulator, serve the emulator, or open the UI.
 
-    mapillary-assets demo      # emulator + every asset, through Dagster, ends with a GeoPackage
-    mapillary-assets sample    # the same on the first N ids, in a separate data folder
-    mapillary-assets emulator  # the emulator alone (for `dagster dev` or the benchmarks)
-    mapillary-assets ui        # emulator + `dagster dev` on 127.0.0.1
+mapillary-assets demo      # emulator + every asset, through Dagster, ends with a GeoPackage
+mapillary-assets sample    # the same on the first N ids, in a separate data folder
+mapillary-assets emulator  # the emulator alone (for `dagster dev` or the benchmarks)
+mapillary-assets ui        # emulator + `dagster dev` on 127.0.0.1
 """
 
 from __future__ import annotations
@@ -19,7 +19,9 @@ import sys
 from pathlib import Path
 
 DEMO_TOKEN = "MLY|emulator-demo|not-a-secret"
-POOL_LIMITS = {"mapillary_api": 4}  # other pools (duckdb_writer, gpu, chunk_registry) use dagster.yaml's default 1
+POOL_LIMITS = {
+    "mapillary_api": 4
+}  # other pools (duckdb_writer, gpu, chunk_registry) use dagster.yaml's default 1
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
 
@@ -43,8 +45,16 @@ def _user_error_types() -> tuple[type[BaseException], ...]:
     from mapillary_assets.pipeline.filters import FilterPolygonError
     from mapillary_assets.storage import StorageError
 
-    return (UserError, AoiError, ConfigError, AuthError, ChunkError, FilterPolygonError, StorageError,
-            DagsterInvalidConfigError)
+    return (
+        UserError,
+        AoiError,
+        ConfigError,
+        AuthError,
+        ChunkError,
+        FilterPolygonError,
+        StorageError,
+        DagsterInvalidConfigError,
+    )
 
 
 _STACK_TRACE = re.compile(r"\n?Stack Trace:\n(?:[ \t].*(?:\n|$))*")
@@ -92,13 +102,17 @@ def _reason_of_failed_run(instance, failure: PipelineFailed, debug: bool = False
     runs = instance.get_runs(filters=dg.RunsFilter(statuses=[dg.DagsterRunStatus.FAILURE]), limit=1)
     innermost = []
     for entry in instance.all_logs(runs[0].run_id) if runs else []:
-        error = getattr(entry.dagster_event.event_specific_data, "error", None) if entry.dagster_event else None
+        error = (
+            getattr(entry.dagster_event.event_specific_data, "error", None)
+            if entry.dagster_event
+            else None
+        )
         if error is None:
             continue
         if debug:
             print(error.to_string(), file=sys.stderr)
         while error is not None:
-            if error.cls_name in user_errors:   # its message reads "module.Class: text"
+            if error.cls_name in user_errors:  # its message reads "module.Class: text"
                 text = error.message.strip().split(f"{error.cls_name}: ", 1)[-1]
                 return f"{text}\n  ({failure})"
             innermost.append(error.message.strip())
@@ -161,22 +175,33 @@ def demo(args: argparse.Namespace) -> int:
                 with contextlib.nullcontext() if args.debug else _console_without_stack_traces():
                     summary = run_pipeline(instance)
             except PipelineFailed as failure:
-                raise UserError(_reason_of_failed_run(instance, failure, debug=args.debug)) from failure
+                raise UserError(
+                    _reason_of_failed_run(instance, failure, debug=args.debug)
+                ) from failure
     from mapillary_assets.storage import DataLayout, read_parquet
 
     layout = DataLayout(data_dir)
     gpkg = layout.geopackage_path
-    images = len(read_parquet(layout.chunk_assignment_path, columns=["image_id"])) \
-        if layout.chunk_assignment_path.exists() else 0
-    print(f"\nDone in {summary['seconds']:.0f} s ({images:,} images in {summary['chunks']} chunk(s)).")
+    images = (
+        len(read_parquet(layout.chunk_assignment_path, columns=["image_id"]))
+        if layout.chunk_assignment_path.exists()
+        else 0
+    )
+    print(
+        f"\nDone in {summary['seconds']:.0f} s ({images:,} images in {summary['chunks']} chunk(s))."
+    )
     if not images:
         from mapillary_assets.defs.settings import current_aoi
         from mapillary_assets.pipeline.aoi import no_images_warning
 
-        print(f"warning: {no_images_warning(current_aoi(), os.environ.get('MAPILLARY_TILESET', 'mly1_public'))}",
-              file=sys.stderr)
+        print(
+            f"warning: {no_images_warning(current_aoi(), os.environ.get('MAPILLARY_TILESET', 'mly1_public'))}",
+            file=sys.stderr,
+        )
     print(f"GeoPackage: {gpkg}\n  inspect: ogrinfo -so {gpkg} images   (or open it in QGIS)")
-    print("UI: ./scripts/ui.sh, then open http://127.0.0.1:3000 (asset graph, runs, partitions, backfills)")
+    print(
+        "UI: ./scripts/ui.sh, then open http://127.0.0.1:3000 (asset graph, runs, partitions, backfills)"
+    )
     return 0
 
 
@@ -184,22 +209,39 @@ def ui(args: argparse.Namespace) -> int:
     from mapillary_assets.emulator import EmulatorServer, World
 
     home = _dagster_home()
-    emulator = EmulatorServer(world=World(seed=args.seed, scale=args.scale), token=DEMO_TOKEN, port=args.emulator_port)
+    emulator = EmulatorServer(
+        world=World(seed=args.seed, scale=args.scale), token=DEMO_TOKEN, port=args.emulator_port
+    )
     try:
         emulator.start()
     except OSError as error:
-        raise UserError(f"the emulator cannot listen on 127.0.0.1:{args.emulator_port} ({error.strerror}): "
-                        "stop what uses that port or pass another --emulator-port") from None
+        raise UserError(
+            f"the emulator cannot listen on 127.0.0.1:{args.emulator_port} ({error.strerror}): "
+            "stop what uses that port or pass another --emulator-port"
+        ) from None
     with emulator as server:
         os.environ.update(_emulator_env(server, Path(args.data_dir).resolve()))
-        import mapillary_assets.definitions  # noqa: F401 - a bad AOI or setting fails here, as `error: ...`
         from dagster import DagsterInstance
+
+        import mapillary_assets.definitions  # noqa: F401 - a bad AOI or setting fails here, as `error: ...`
 
         with DagsterInstance.get() as instance:
             configure_pools(instance)
-        print(f"emulator: {server.base_url}; Dagster UI: http://{args.host}:{args.port} (instance {home})")
-        command = [sys.executable, "-m", "dagster", "dev", "-m", "mapillary_assets.definitions",
-                   "-h", args.host, "-p", str(args.port)]
+        print(
+            f"emulator: {server.base_url}; Dagster UI: http://{args.host}:{args.port} (instance {home})"
+        )
+        command = [
+            sys.executable,
+            "-m",
+            "dagster",
+            "dev",
+            "-m",
+            "mapillary_assets.definitions",
+            "-h",
+            args.host,
+            "-p",
+            str(args.port),
+        ]
         return _serve(command, dict(os.environ))
 
 
@@ -217,23 +259,36 @@ def _serve(command: list[str], env: dict[str, str]) -> int:
         stop_requested.append(signum)
 
     interrupt_was_ignored = signal.getsignal(signal.SIGINT) == signal.SIG_IGN
-    handled = (signal.SIGTERM, signal.SIGHUP) if interrupt_was_ignored else (signal.SIGTERM, signal.SIGHUP, signal.SIGINT)
+    handled = (
+        (signal.SIGTERM, signal.SIGHUP)
+        if interrupt_was_ignored
+        else (signal.SIGTERM, signal.SIGHUP, signal.SIGINT)
+    )
     previous = {sig: signal.signal(sig, request_stop) for sig in handled}
-    if interrupt_was_ignored:   # a Python handler (not SIG_IGN) so the child starts with SIGINT's default
+    if (
+        interrupt_was_ignored
+    ):  # a Python handler (not SIG_IGN) so the child starts with SIGINT's default
         previous[signal.SIGINT] = signal.signal(signal.SIGINT, lambda _signum, _frame: None)
     process = subprocess.Popen(command, env=env, cwd=REPO_ROOT, start_new_session=True)
-    watchdog = subprocess.Popen([sys.executable, "-m", "mapillary_assets.process_tree", str(process.pid)],
-                                stdin=subprocess.PIPE, env=env, cwd=REPO_ROOT, start_new_session=True)
+    watchdog = subprocess.Popen(
+        [sys.executable, "-m", "mapillary_assets.process_tree", str(process.pid)],
+        stdin=subprocess.PIPE,
+        env=env,
+        cwd=REPO_ROOT,
+        start_new_session=True,
+    )
     try:
         while process.poll() is None and not stop_requested:
             with contextlib.suppress(subprocess.TimeoutExpired):
                 process.wait(0.5)
         if stop_requested:
-            print(f"stopping dagster dev ({signal.Signals(stop_requested[0]).name})", file=sys.stderr)
+            print(
+                f"stopping dagster dev ({signal.Signals(stop_requested[0]).name})", file=sys.stderr
+            )
         process_tree.stop_group(process.pid, reap=process.poll)
         return 0 if stop_requested else process.returncode
     finally:
-        watchdog.stdin.close()   # EOF: the watchdog finds the group gone and exits
+        watchdog.stdin.close()  # EOF: the watchdog finds the group gone and exits
         with contextlib.suppress(subprocess.TimeoutExpired):
             watchdog.wait(10)
         for sig, handler in previous.items():
@@ -244,24 +299,39 @@ def main(argv: list[str] | None = None) -> int:
     import warnings
 
     warnings.filterwarnings("ignore", message=".*is currently in (beta|preview).*")
-    parser = argparse.ArgumentParser(prog="mapillary-assets", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="mapillary-assets",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     debug_help = "show the full traceback of an error (by default: `error: <message>` alone)"
     parser.add_argument("--debug", action="store_true", help=debug_help)
     commands = parser.add_subparsers(dest="command", required=True)
-    for name, helptext in (("demo", "run the whole pipeline on the embedded emulator"),
-                           ("sample", "the whole pipeline on the first N ids, kept apart from full runs"),
-                           ("ui", "emulator + dagster dev")):
+    for name, helptext in (
+        ("demo", "run the whole pipeline on the embedded emulator"),
+        ("sample", "the whole pipeline on the first N ids, kept apart from full runs"),
+        ("ui", "emulator + dagster dev"),
+    ):
         command = commands.add_parser(name, help=helptext)
-        command.add_argument("--scale", type=float, default=0.005,
-                             help="emulator world density: 1.0 ~= 1.2 M images in Zurich (default 0.005)")
+        command.add_argument(
+            "--scale",
+            type=float,
+            default=0.005,
+            help="emulator world density: 1.0 ~= 1.2 M images in Zurich (default 0.005)",
+        )
         command.add_argument("--seed", type=int, default=42)
         command.add_argument("--data-dir", default=os.environ.get("MAPILLARY_DATA_DIR", "data"))
-        command.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=debug_help)
+        command.add_argument(
+            "--debug", action="store_true", default=argparse.SUPPRESS, help=debug_help
+        )
         if name == "sample":
-            command.add_argument("--limit", type=int, default=500, help="number of ids (default 500)")
+            command.add_argument(
+                "--limit", type=int, default=500, help="number of ids (default 500)"
+            )
         if name == "ui":
-            command.add_argument("--host", default="127.0.0.1", help="bind address (default 127.0.0.1 only)")
+            command.add_argument(
+                "--host", default="127.0.0.1", help="bind address (default 127.0.0.1 only)"
+            )
             command.add_argument("--port", type=int, default=3000)
             command.add_argument("--emulator-port", type=int, default=8765)
     commands.add_parser("emulator", help="serve the emulator alone", add_help=False)
@@ -271,13 +341,16 @@ def main(argv: list[str] | None = None) -> int:
         return _dispatch(parser, args, rest)
     except Exception as error:
         if args.debug or not isinstance(error, _user_error_types()):
-            raise   # a bug, or --debug: the traceback is what helps
+            raise  # a bug, or --debug: the traceback is what helps
         print(f"error: {error}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         if args.debug:
             raise
-        print("interrupted: what was stored is kept; a re-run does only what is missing", file=sys.stderr)
+        print(
+            "interrupted: what was stored is kept; a re-run does only what is missing",
+            file=sys.stderr,
+        )
         return 130
 
 

@@ -12,20 +12,40 @@ from mapillary_assets.defs.assets.discovery import discovered_images, image_chun
 from mapillary_assets.defs.assets.publish import filter_areas, mapillary_geopackage, staging_tables
 from mapillary_assets.defs.automation import new_images_sensor, refresh_schedule
 from mapillary_assets.defs.checks import asset_checks
-from mapillary_assets.defs.jobs import blur_job, chunk_job, chunking_job, discovery_job, fetch_job, publish_job
-from mapillary_assets.defs.resources import DataStorageResource, MapillaryApiResource, PipelineSettings
+from mapillary_assets.defs.jobs import (
+    blur_job,
+    chunk_job,
+    chunking_job,
+    discovery_job,
+    fetch_job,
+    publish_job,
+)
+from mapillary_assets.defs.resources import (
+    DataStorageResource,
+    MapillaryApiResource,
+    PipelineSettings,
+)
 from mapillary_assets.storage import DataLayout
 
 ASSETS = [
-    discovered_images, sequence_images, image_chunks, image_metadata, thumbnail_downloads, blur_scores,
-    filter_areas, staging_tables, mapillary_geopackage,
+    discovered_images,
+    sequence_images,
+    image_chunks,
+    image_metadata,
+    thumbnail_downloads,
+    blur_scores,
+    filter_areas,
+    staging_tables,
+    mapillary_geopackage,
 ]
 
 
 def resources_from_env() -> dict:
     layout = DataLayout(Path(os.environ.get("MAPILLARY_DATA_DIR", "data")).resolve())
     return {
-        "mapillary_api": MapillaryApiResource.from_env(default_rate_limit_store=layout.rate_limit_store_path),
+        "mapillary_api": MapillaryApiResource.from_env(
+            default_rate_limit_store=layout.rate_limit_store_path
+        ),
         "storage": DataStorageResource(data_dir=str(layout.root)),
         "settings": PipelineSettings.from_env(),
     }
@@ -47,7 +67,9 @@ def build_definitions(resources: dict | None = None) -> dg.Definitions:
 def _executor_from_env() -> dg.ExecutorDefinition | None:
     """MAPILLARY_RUN_EXECUTOR=in_process (set by the scaled-out stack): a Celery worker's pool process is
     daemonic and may not fork the multiprocess executor's step processes; the default elsewhere."""
-    return dg.in_process_executor if os.environ.get("MAPILLARY_RUN_EXECUTOR") == "in_process" else None
+    return (
+        dg.in_process_executor if os.environ.get("MAPILLARY_RUN_EXECUTOR") == "in_process" else None
+    )
 
 
 defs = build_definitions()

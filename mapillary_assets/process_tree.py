@@ -19,7 +19,7 @@ import sys
 import time
 from pathlib import Path
 
-LEADER_GRACE_S = 60.0   # dagster dev waits up to 60 s for its webserver and daemon, then kills them
+LEADER_GRACE_S = 60.0  # dagster dev waits up to 60 s for its webserver and daemon, then kills them
 GROUP_GRACE_S = 10.0
 POLL_S = 0.1
 
@@ -57,7 +57,9 @@ def _stat(pid: int) -> tuple[str, int, int] | None:
         text = Path(f"/proc/{pid}/stat").read_text()
     except OSError:
         return None
-    fields = text[text.rindex(")") + 2:].split()   # the command name may hold spaces and parentheses
+    fields = text[
+        text.rindex(")") + 2 :
+    ].split()  # the command name may hold spaces and parentheses
     return fields[0], int(fields[1]), int(fields[2])
 
 
@@ -65,7 +67,7 @@ def wait_for_group_exit(pgid: int, timeout: float, reap=None) -> bool:
     deadline = time.monotonic() + timeout
     while True:
         if reap is not None:
-            reap()   # our own child stays a zombie member of the group until it is reaped
+            reap()  # our own child stays a zombie member of the group until it is reaped
         if not group_members(pgid):
             return True
         if time.monotonic() >= deadline:
@@ -78,12 +80,17 @@ def signal_group(pgid: int, sig: int) -> None:
         os.killpg(pgid, sig)
 
 
-def stop_group(pgid: int, leader_signal: int = signal.SIGINT, leader_grace_s: float = LEADER_GRACE_S,
-               group_grace_s: float = GROUP_GRACE_S, reap=None) -> bool:
+def stop_group(
+    pgid: int,
+    leader_signal: int = signal.SIGINT,
+    leader_grace_s: float = LEADER_GRACE_S,
+    group_grace_s: float = GROUP_GRACE_S,
+    reap=None,
+) -> bool:
     """Stop every process of group `pgid` (whose leader's pid is `pgid`); True when the leader's own
     shutdown was enough, False when the group needed SIGTERM or SIGKILL."""
     if not group_members(pgid):
-        return True   # gone already: never signal a pid the system may have reused
+        return True  # gone already: never signal a pid the system may have reused
     with contextlib.suppress(ProcessLookupError, PermissionError):
         os.kill(pgid, leader_signal)
     if wait_for_group_exit(pgid, leader_grace_s, reap):
@@ -98,7 +105,7 @@ def stop_group(pgid: int, leader_signal: int = signal.SIGINT, leader_grace_s: fl
 def watchdog_main(argv: list[str]) -> int:
     pgid = int(argv[0])
     for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
-        signal.signal(sig, signal.SIG_IGN)   # outlive the parent's stop; EOF is the only trigger
+        signal.signal(sig, signal.SIG_IGN)  # outlive the parent's stop; EOF is the only trigger
     sys.stdin.buffer.read()
     stop_group(pgid)
     return 0

@@ -52,9 +52,13 @@ def _temporary_sibling(path: Path) -> tuple[int, Path]:
     call, which cost ~0.45 ms per thumbnail (benchmarks/bench_download.py); the pid and a per-process
     counter keep names unique, and a leftover of a dead process with the same pid is stepped over."""
     while True:
-        temporary = path.with_name(f"{path.name}{TEMP_MARKER}{os.getpid()}-{next(_temporary_names)}")
+        temporary = path.with_name(
+            f"{path.name}{TEMP_MARKER}{os.getpid()}-{next(_temporary_names)}"
+        )
         try:
-            return os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600), temporary
+            return os.open(
+                temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600
+            ), temporary
         except FileNotFoundError:
             path.parent.mkdir(parents=True, exist_ok=True)
         except FileExistsError:
@@ -79,7 +83,9 @@ def atomic_write_bytes(path: Path, data: bytes, durable: bool = True) -> None:
 
 
 def write_parquet_atomic(frame: pd.DataFrame | pa.Table, path: Path) -> None:
-    table = frame if isinstance(frame, pa.Table) else pa.Table.from_pandas(frame, preserve_index=False)
+    table = (
+        frame if isinstance(frame, pa.Table) else pa.Table.from_pandas(frame, preserve_index=False)
+    )
     fd, tmp = _temporary_sibling(path)
     os.close(fd)
     try:
@@ -92,13 +98,17 @@ def write_parquet_atomic(frame: pd.DataFrame | pa.Table, path: Path) -> None:
         raise
 
 
-def read_parquet(path: Path, columns: list[str] | None = None, filters: list[tuple] | None = None) -> pd.DataFrame:
+def read_parquet(
+    path: Path, columns: list[str] | None = None, filters: list[tuple] | None = None
+) -> pd.DataFrame:
     """Read one stage file (only the rows matching pyarrow `filters`, if given); a corrupt file raises
     StorageError naming it and the fix."""
     try:
         return pq.read_table(path, columns=columns, filters=filters).to_pandas()
     except FileNotFoundError:
-        raise StorageError(f"{path} does not exist: materialise the upstream partition first") from None
+        raise StorageError(
+            f"{path} does not exist: materialise the upstream partition first"
+        ) from None
     except (pa.ArrowInvalid, pa.ArrowException, OSError) as exc:
         raise StorageError(
             f"{path} is not a readable Parquet file ({type(exc).__name__}); delete it and "

@@ -29,9 +29,15 @@ import yaml
 REPO_ROOT = Path(__file__).resolve().parent.parent
 CODE_MODULE = "mapillary_assets.definitions"
 HOST = "127.0.0.1"
-STARTUP_TIMEOUT_S = 300.0      # generous: the machine is shared, and the code location imports a lot
+STARTUP_TIMEOUT_S = 300.0  # generous: the machine is shared, and the code location imports a lot
 SHUTDOWN_GRACE_S = 30.0
-TERMINAL_BACKFILL_STATUSES = {"COMPLETED", "COMPLETED_SUCCESS", "COMPLETED_FAILED", "FAILED", "CANCELED"}
+TERMINAL_BACKFILL_STATUSES = {
+    "COMPLETED",
+    "COMPLETED_SUCCESS",
+    "COMPLETED_FAILED",
+    "FAILED",
+    "CANCELED",
+}
 TERMINAL_RUN_STATUSES = {"SUCCESS", "FAILURE", "CANCELED"}
 
 
@@ -50,7 +56,9 @@ def prepare_home(home: Path, overrides: Mapping | None = None) -> Path:
     home = Path(home)
     home.mkdir(parents=True, exist_ok=True)
     config = yaml.safe_load((REPO_ROOT / "dagster.yaml").read_text())
-    (home / "dagster.yaml").write_text(yaml.safe_dump(_merged(config, overrides or {}), sort_keys=False))
+    (home / "dagster.yaml").write_text(
+        yaml.safe_dump(_merged(config, overrides or {}), sort_keys=False)
+    )
     return home
 
 
@@ -72,19 +80,26 @@ class DagsterServer:
     _http: requests.Session = field(default_factory=requests.Session, repr=False)
 
     def __post_init__(self) -> None:
-        self._http.trust_env = False   # 127.0.0.1 only: never through a proxy from the environment
+        self._http.trust_env = False  # 127.0.0.1 only: never through a proxy from the environment
 
     # -- GraphQL --------------------------------------------------------------------------------------
 
     def graphql(self, query: str, variables: Mapping | None = None, timeout: float = 120.0) -> dict:
         """The `data` of a GraphQL answer; DagsterServerError on transport or GraphQL errors."""
         try:
-            response = self._http.post(f"{self.url}/graphql", json={"query": query, "variables": variables or {}},
-                                       timeout=timeout)
+            response = self._http.post(
+                f"{self.url}/graphql",
+                json={"query": query, "variables": variables or {}},
+                timeout=timeout,
+            )
         except requests.RequestException as error:
-            raise DagsterServerError(f"GraphQL request failed: {error}\n{self.log_tail()}") from None
+            raise DagsterServerError(
+                f"GraphQL request failed: {error}\n{self.log_tail()}"
+            ) from None
         if response.status_code != 200:
-            raise DagsterServerError(f"GraphQL answered HTTP {response.status_code}: {response.text[:2000]}")
+            raise DagsterServerError(
+                f"GraphQL answered HTTP {response.status_code}: {response.text[:2000]}"
+            )
         answer = response.json()
         if answer.get("errors"):
             raise DagsterServerError(f"GraphQL errors: {answer['errors']}")
@@ -92,7 +107,10 @@ class DagsterServer:
 
     @property
     def repository_selector(self) -> dict:
-        return {"repositoryLocationName": self.location_name, "repositoryName": self.repository_name}
+        return {
+            "repositoryLocationName": self.location_name,
+            "repositoryName": self.repository_name,
+        }
 
     def job_selector(self, job_name: str) -> dict:
         return {**self.repository_selector, "jobName": job_name}
@@ -116,15 +134,22 @@ class DagsterServer:
             if value:
                 return value
             if self.process.poll() is not None:
-                raise DagsterServerError(f"the Dagster server exited ({self.process.returncode}) while waiting "
-                                         f"for {what}\n{self.log_tail()}")
+                raise DagsterServerError(
+                    f"the Dagster server exited ({self.process.returncode}) while waiting "
+                    f"for {what}\n{self.log_tail()}"
+                )
             if time.monotonic() > deadline:
-                raise DagsterServerError(f"timed out after {timeout:.0f} s waiting for {what}\n{self.log_tail()}")
+                raise DagsterServerError(
+                    f"timed out after {timeout:.0f} s waiting for {what}\n{self.log_tail()}"
+                )
             time.sleep(interval)
 
     def log_tail(self, characters: int = 6000) -> str:
         try:
-            return "--- dagster log (tail) ---\n" + self.log_path.read_text(errors="replace")[-characters:]
+            return (
+                "--- dagster log (tail) ---\n"
+                + self.log_path.read_text(errors="replace")[-characters:]
+            )
         except OSError:
             return "(no dagster log)"
 
@@ -151,19 +176,26 @@ class DagsterServer:
             for entry in entries:
                 location = entry["locationOrLoadError"] or {}
                 if location.get("__typename") == "PythonError":
-                    raise DagsterServerError(f"code location {entry['name']} failed to load: "
-                                             f"{location['message']}\n{self.log_tail()}")
-                if entry["loadStatus"] == "LOADED" and location.get("__typename") == "RepositoryLocation":
+                    raise DagsterServerError(
+                        f"code location {entry['name']} failed to load: "
+                        f"{location['message']}\n{self.log_tail()}"
+                    )
+                if (
+                    entry["loadStatus"] == "LOADED"
+                    and location.get("__typename") == "RepositoryLocation"
+                ):
                     return entry["name"], location["repositories"][0]["name"]
             return None
 
-        self.location_name, self.repository_name = self.wait_until(loaded, timeout, "the code location to load")
+        self.location_name, self.repository_name = self.wait_until(
+            loaded, timeout, "the code location to load"
+        )
 
     def stop(self) -> bool:
         """Stop everything it started; True when SIGTERM to the leader alone was enough (it shut down its
         children itself). Signalling the whole group first would race with `dagster dev`, which restarts a
         code server that exits under it. Whatever is left gets SIGTERM, then SIGKILL. Idempotent."""
-        group = self.process.pid   # start_new_session: the leader's pid is the group id
+        group = self.process.pid  # start_new_session: the leader's pid is the group id
         with contextlib.suppress(ProcessLookupError):
             self.process.send_signal(signal.SIGTERM)
         graceful = _wait_for_group_exit(self.process, group, SHUTDOWN_GRACE_S)
@@ -179,7 +211,7 @@ class DagsterServer:
 def _wait_for_group_exit(leader: subprocess.Popen, group: int, timeout: float) -> bool:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        leader.poll()   # reap the leader, or it stays a zombie member of the group
+        leader.poll()  # reap the leader, or it stays a zombie member of the group
         if not _group_alive(group):
             return True
         time.sleep(0.1)
@@ -203,29 +235,70 @@ def _group_alive(group: int) -> bool:
 
 def _command(port: int, daemon: bool) -> list[str]:
     if daemon:
-        return [sys.executable, "-m", "dagster", "dev", "-m", CODE_MODULE, "-h", HOST, "-p", str(port),
-                "--log-level", "warning"]
-    return [sys.executable, "-m", "dagster_webserver", "-m", CODE_MODULE, "-h", HOST, "-p", str(port),
-            "--log-level", "warning"]
+        return [
+            sys.executable,
+            "-m",
+            "dagster",
+            "dev",
+            "-m",
+            CODE_MODULE,
+            "-h",
+            HOST,
+            "-p",
+            str(port),
+            "--log-level",
+            "warning",
+        ]
+    return [
+        sys.executable,
+        "-m",
+        "dagster_webserver",
+        "-m",
+        CODE_MODULE,
+        "-h",
+        HOST,
+        "-p",
+        str(port),
+        "--log-level",
+        "warning",
+    ]
 
 
 @contextlib.contextmanager
-def dagster_server(home: Path, env: Mapping[str, str] | None = None, *, daemon: bool = True,
-                   config_overrides: Mapping | None = None, command: Callable[[int], list[str]] | None = None,
-                   startup_timeout: float = STARTUP_TIMEOUT_S) -> Iterator[DagsterServer]:
+def dagster_server(
+    home: Path,
+    env: Mapping[str, str] | None = None,
+    *,
+    daemon: bool = True,
+    config_overrides: Mapping | None = None,
+    command: Callable[[int], list[str]] | None = None,
+    startup_timeout: float = STARTUP_TIMEOUT_S,
+) -> Iterator[DagsterServer]:
     """`dagster dev` (daemon=True) or `dagster-webserver` alone, serving the code location with `env` added
     to this process's environment; ready (webserver answering, code location loaded) when yielded.
     `command(port)` replaces the command line (e.g. `mapillary-assets ui`, which starts `dagster dev`)."""
     home = prepare_home(home, config_overrides)
-    child_env = {**os.environ, **(env or {}), "DAGSTER_HOME": str(home), "PYTHONUNBUFFERED": "1",
-                 "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO_ROOT), os.environ.get("PYTHONPATH")]))}
+    child_env = {
+        **os.environ,
+        **(env or {}),
+        "DAGSTER_HOME": str(home),
+        "PYTHONUNBUFFERED": "1",
+        "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO_ROOT), os.environ.get("PYTHONPATH")])),
+    }
     log_path = home / ("dagster-dev.log" if daemon else "dagster-webserver.log")
     command = command or (lambda port: _command(port, daemon))
-    for attempt in range(3):   # another process on this shared machine may take the free port first
+    for attempt in range(3):  # another process on this shared machine may take the free port first
         port = free_port()
         with open(log_path, "ab") as log:
-            process = subprocess.Popen(command(port), cwd=REPO_ROOT, env=child_env, stdout=log,
-                                       stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True)
+            process = subprocess.Popen(
+                command(port),
+                cwd=REPO_ROOT,
+                env=child_env,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+                start_new_session=True,
+            )
         server = DagsterServer(f"http://{HOST}:{port}", home, log_path, process)
         try:
             server._wait_until_serving(startup_timeout)

@@ -13,7 +13,11 @@ import pyogrio
 
 from mapillary_assets.cli import run_pipeline
 from mapillary_assets.definitions import build_definitions
-from mapillary_assets.defs.resources import DataStorageResource, MapillaryApiResource, PipelineSettings
+from mapillary_assets.defs.resources import (
+    DataStorageResource,
+    MapillaryApiResource,
+    PipelineSettings,
+)
 from mapillary_assets.defs.settings import current_aoi
 from mapillary_assets.emulator import EmulatorServer, Faults, World
 from mapillary_assets.storage import DataLayout
@@ -29,7 +33,9 @@ TEST_SCALE = 0.003
 def make_resources(server: EmulatorServer, data_dir: Path, **settings) -> dict:
     return {
         "mapillary_api": MapillaryApiResource(
-            access_token=TEST_TOKEN, graph_url=server.graph_url, tiles_url=server.tiles_url,
+            access_token=TEST_TOKEN,
+            graph_url=server.graph_url,
+            tiles_url=server.tiles_url,
             max_retries=settings.pop("max_retries", 6),
             rate_limit_store=str(DataLayout(data_dir).rate_limit_store_path),
         ),
@@ -59,12 +65,15 @@ class PipelineRun:
 
 
 @contextlib.contextmanager
-def pipeline_run(tmp_path: Path, world: World | None = None, faults: Faults | None = None,
-                 **settings) -> Iterator[PipelineRun]:
+def pipeline_run(
+    tmp_path: Path, world: World | None = None, faults: Faults | None = None, **settings
+) -> Iterator[PipelineRun]:
     world = world or World(seed=7, scale=TEST_SCALE)
     data_dir = tmp_path / "data"
     (tmp_path / "dagster_home").mkdir(parents=True, exist_ok=True)
-    with EmulatorServer(world=world, faults=faults, token=TEST_TOKEN) as server, \
-            dg.instance_for_test(temp_dir=str(tmp_path / "dagster_home")) as instance:
+    with (
+        EmulatorServer(world=world, faults=faults, token=TEST_TOKEN) as server,
+        dg.instance_for_test(temp_dir=str(tmp_path / "dagster_home")) as instance,
+    ):
         defs = build_definitions(make_resources(server, data_dir, **settings))
         yield PipelineRun(server, DataLayout(data_dir), instance, defs)

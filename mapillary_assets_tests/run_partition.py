@@ -31,7 +31,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
-FIGURES_ENV = "MAPILLARY_RELIABILITY_FIGURES"   # a JSON-lines file the tests append their measurements to
+FIGURES_ENV = (
+    "MAPILLARY_RELIABILITY_FIGURES"  # a JSON-lines file the tests append their measurements to
+)
 REFERENCE_SEED = 7
 
 
@@ -53,18 +55,26 @@ def open_instance(home: Path):
     return dg.DagsterInstance.from_ref(InstanceRef.from_dir(str(home)))
 
 
-def emulator_resources(graph_url: str, tiles_url: str, data_dir: Path, token, *, api: dict | None = None,
-                       **settings) -> dict:
+def emulator_resources(
+    graph_url: str, tiles_url: str, data_dir: Path, token, *, api: dict | None = None, **settings
+) -> dict:
     """The resources of a run against the emulator: `token` is a str or a `dg.EnvVar`; `api` overrides
     MapillaryApiResource fields (rate budgets, retries); `settings` PipelineSettings fields."""
-    from mapillary_assets.defs.resources import DataStorageResource, MapillaryApiResource, PipelineSettings
+    from mapillary_assets.defs.resources import (
+        DataStorageResource,
+        MapillaryApiResource,
+        PipelineSettings,
+    )
     from mapillary_assets.storage import DataLayout
 
     data_dir = Path(data_dir)
     return {
         "mapillary_api": MapillaryApiResource(
-            access_token=token, graph_url=graph_url, tiles_url=tiles_url,
-            rate_limit_store=str(DataLayout(data_dir).rate_limit_store_path), **(api or {}),
+            access_token=token,
+            graph_url=graph_url,
+            tiles_url=tiles_url,
+            rate_limit_store=str(DataLayout(data_dir).rate_limit_store_path),
+            **(api or {}),
         ),
         "storage": DataStorageResource(data_dir=str(data_dir)),
         "settings": PipelineSettings(**{"chunk_size": 200, **settings}).validated(),
@@ -74,12 +84,20 @@ def emulator_resources(graph_url: str, tiles_url: str, data_dir: Path, token, *,
 def execute(defs, instance, job_name: str, partition_keys: Sequence[str] = ()):
     """One run of `job_name` over `partition_keys` (a contiguous range, as the CLI launches them);
     returns Dagster's result (never raises for a failed run)."""
-    from dagster._core.storage.tags import ASSET_PARTITION_RANGE_END_TAG, ASSET_PARTITION_RANGE_START_TAG
+    from dagster._core.storage.tags import (
+        ASSET_PARTITION_RANGE_END_TAG,
+        ASSET_PARTITION_RANGE_START_TAG,
+    )
 
     tags = {}
     if partition_keys:
-        tags = {ASSET_PARTITION_RANGE_START_TAG: partition_keys[0], ASSET_PARTITION_RANGE_END_TAG: partition_keys[-1]}
-    return defs.resolve_job_def(job_name).execute_in_process(instance=instance, tags=tags, raise_on_error=False)
+        tags = {
+            ASSET_PARTITION_RANGE_START_TAG: partition_keys[0],
+            ASSET_PARTITION_RANGE_END_TAG: partition_keys[-1],
+        }
+    return defs.resolve_job_def(job_name).execute_in_process(
+        instance=instance, tags=tags, raise_on_error=False
+    )
 
 
 def chunk_keys(instance) -> list[str]:
@@ -92,7 +110,10 @@ def run_discovery_and_chunking(defs, instance) -> list[str]:
     """Discovery of every tile partition, then chunking; the chunk keys."""
     from mapillary_assets.defs.partitions import tile_partitions
 
-    for job, keys in (("discovery_job", tile_partitions.get_partition_keys()), ("chunking_job", ())):
+    for job, keys in (
+        ("discovery_job", tile_partitions.get_partition_keys()),
+        ("chunking_job", ()),
+    ):
         result = execute(defs, instance, job, keys)
         assert result.success, f"{job} failed: {failure_messages(instance, result.run_id)}"
     return chunk_keys(instance)
@@ -130,15 +151,26 @@ def _parse_setting(text: str) -> tuple[str, object]:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="run_partition", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--home", type=Path, required=True, help="DAGSTER_HOME of the shared instance")
+    parser.add_argument(
+        "--home", type=Path, required=True, help="DAGSTER_HOME of the shared instance"
+    )
     parser.add_argument("--data-dir", type=Path, required=True)
     parser.add_argument("--graph-url", required=True)
     parser.add_argument("--tiles-url", required=True)
     parser.add_argument("--job", default="chunk_job")
-    parser.add_argument("--partition", action="append", default=[], help="partition key (repeatable, a range)")
-    parser.add_argument("--entity-per-minute", type=int, default=None, help="the client's entity budget")
-    parser.add_argument("--setting", type=_parse_setting, action="append", default=[],
-                        help="PipelineSettings field as NAME=VALUE (repeatable)")
+    parser.add_argument(
+        "--partition", action="append", default=[], help="partition key (repeatable, a range)"
+    )
+    parser.add_argument(
+        "--entity-per-minute", type=int, default=None, help="the client's entity budget"
+    )
+    parser.add_argument(
+        "--setting",
+        type=_parse_setting,
+        action="append",
+        default=[],
+        help="PipelineSettings field as NAME=VALUE (repeatable)",
+    )
     args = parser.parse_args(argv)
     if not os.environ.get("MAPILLARY_ACCESS_TOKEN"):
         print("run_partition: MAPILLARY_ACCESS_TOKEN is not set", file=sys.stderr)
@@ -149,12 +181,21 @@ def main(argv: list[str] | None = None) -> int:
     from mapillary_assets.definitions import build_definitions
 
     api = {} if args.entity_per_minute is None else {"entity_per_minute": args.entity_per_minute}
-    resources = emulator_resources(args.graph_url, args.tiles_url, args.data_dir, dg.EnvVar("MAPILLARY_ACCESS_TOKEN"),
-                                   api=api, **dict(args.setting))
+    resources = emulator_resources(
+        args.graph_url,
+        args.tiles_url,
+        args.data_dir,
+        dg.EnvVar("MAPILLARY_ACCESS_TOKEN"),
+        api=api,
+        **dict(args.setting),
+    )
     defs = build_definitions(resources)
     with open_instance(args.home) as instance:
         result = execute(defs, instance, args.job, args.partition)
-        print(json.dumps({"run_id": result.run_id, "success": result.success, "pid": os.getpid()}), flush=True)
+        print(
+            json.dumps({"run_id": result.run_id, "success": result.success, "pid": os.getpid()}),
+            flush=True,
+        )
     return 0 if result.success else 1
 
 
@@ -173,12 +214,34 @@ class PartitionProcess:
     started: float = 0.0
 
     @classmethod
-    def start(cls, *, home: Path, data_dir: Path, server, token: str, partitions: Sequence[str],
-              log_path: Path, job: str = "chunk_job", entity_per_minute: int | None = None,
-              settings: dict | None = None) -> "PartitionProcess":
-        args = [sys.executable, "-m", "mapillary_assets_tests.run_partition", "--home", str(home),
-                "--data-dir", str(data_dir), "--graph-url", server.graph_url, "--tiles-url", server.tiles_url,
-                "--job", job]
+    def start(
+        cls,
+        *,
+        home: Path,
+        data_dir: Path,
+        server,
+        token: str,
+        partitions: Sequence[str],
+        log_path: Path,
+        job: str = "chunk_job",
+        entity_per_minute: int | None = None,
+        settings: dict | None = None,
+    ) -> PartitionProcess:
+        args = [
+            sys.executable,
+            "-m",
+            "mapillary_assets_tests.run_partition",
+            "--home",
+            str(home),
+            "--data-dir",
+            str(data_dir),
+            "--graph-url",
+            server.graph_url,
+            "--tiles-url",
+            server.tiles_url,
+            "--job",
+            job,
+        ]
         for key in partitions:
             args += ["--partition", key]
         if entity_per_minute is not None:
@@ -189,7 +252,9 @@ class PartitionProcess:
         runner = cls(args, Path(log_path), env)
         runner.log_path.parent.mkdir(parents=True, exist_ok=True)
         with open(runner.log_path, "wb") as log:
-            runner.process = subprocess.Popen(args, cwd=REPO_ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
+            runner.process = subprocess.Popen(
+                args, cwd=REPO_ROOT, env=env, stdout=log, stderr=subprocess.STDOUT
+            )
         runner.started = time.monotonic()
         return runner
 
@@ -210,7 +275,9 @@ class PartitionProcess:
             return self.process.wait(timeout)
         except subprocess.TimeoutExpired:
             self.kill()
-            raise AssertionError(f"partition run did not finish in {timeout:.0f} s; log:\n{self.log_tail()}") from None
+            raise AssertionError(
+                f"partition run did not finish in {timeout:.0f} s; log:\n{self.log_tail()}"
+            ) from None
 
     def log_tail(self, characters: int = 4000) -> str:
         try:
@@ -219,7 +286,9 @@ class PartitionProcess:
             return "(no log)"
 
 
-def wait_until(condition, timeout: float, interval: float = 0.01, message: str = "condition") -> float:
+def wait_until(
+    condition, timeout: float, interval: float = 0.01, message: str = "condition"
+) -> float:
     """Poll `condition()` until true; returns the seconds waited, AssertionError after `timeout`."""
     started = time.monotonic()
     while not condition():
@@ -275,8 +344,8 @@ class Reference:
     data_dir: Path
     requests: dict[str, int]
     seconds: float
-    busiest_minute: dict[str, int]                      # most requests in any 60 s, by rate-limit family
-    images: object = field(repr=False, default=None)   # GeoDataFrame, loaded lazily
+    busiest_minute: dict[str, int]  # most requests in any 60 s, by rate-limit family
+    images: object = field(repr=False, default=None)  # GeoDataFrame, loaded lazily
 
     def load_images(self):
         if self.images is None:
@@ -289,7 +358,9 @@ def read_images(data_dir: Path):
 
     from mapillary_assets.storage import DataLayout
 
-    return gpd.read_file(DataLayout(Path(data_dir)).geopackage_path, layer="images", engine="pyogrio")
+    return gpd.read_file(
+        DataLayout(Path(data_dir)).geopackage_path, layer="images", engine="pyogrio"
+    )
 
 
 def reference_world():
@@ -311,7 +382,9 @@ def fault_free_reference(root: Path) -> Reference:
                 shutil.rmtree(folder)
             _build_reference(folder)
     figures = json.loads(summary.read_text())
-    return Reference(folder / "data", figures["requests"], figures["seconds"], figures["busiest_minute"])
+    return Reference(
+        folder / "data", figures["requests"], figures["seconds"], figures["busiest_minute"]
+    )
 
 
 def _build_reference(folder: Path) -> None:
@@ -320,20 +393,34 @@ def _build_reference(folder: Path) -> None:
     from mapillary_assets.emulator import EmulatorServer
     from mapillary_assets_tests.harness import TEST_TOKEN
 
-    with EmulatorServer(reference_world(), token=TEST_TOKEN) as server, open_instance(folder / "home") as instance:
-        defs = build_definitions(emulator_resources(server.graph_url, server.tiles_url, folder / "data", TEST_TOKEN))
+    with (
+        EmulatorServer(reference_world(), token=TEST_TOKEN) as server,
+        open_instance(folder / "home") as instance,
+    ):
+        defs = build_definitions(
+            emulator_resources(server.graph_url, server.tiles_url, folder / "data", TEST_TOKEN)
+        )
         started = time.monotonic()
         run_pipeline(instance, defs, log=lambda *_: None)
         seconds = time.monotonic() - started
         requests = server.stats()
-        peaks = {family: busiest_window(server.request_times(family)) for family in ("tiles", "entity")}
-    (folder / "summary.json").write_text(json.dumps({"requests": requests, "seconds": seconds,
-                                                     "busiest_minute": peaks}))
+        peaks = {
+            family: busiest_window(server.request_times(family)) for family in ("tiles", "entity")
+        }
+    (folder / "summary.json").write_text(
+        json.dumps({"requests": requests, "seconds": seconds, "busiest_minute": peaks})
+    )
 
 
 @contextlib.contextmanager
-def emulated_run(folder: Path, faults=None, token: str | None = None, server_token: str | None = None,
-                 api: dict | None = None, **settings) -> Iterator["EmulatedRun"]:
+def emulated_run(
+    folder: Path,
+    faults=None,
+    token: str | None = None,
+    server_token: str | None = None,
+    api: dict | None = None,
+    **settings,
+) -> Iterator[EmulatedRun]:
     """An emulator of the reference world (with `faults`) and a persistent instance + data folder in
     `folder`, wired together (the client's token may differ from the server's: `server_token`)."""
     from mapillary_assets.definitions import build_definitions
@@ -342,10 +429,18 @@ def emulated_run(folder: Path, faults=None, token: str | None = None, server_tok
 
     token = token or TEST_TOKEN
     folder = Path(folder)
-    with EmulatorServer(reference_world(), faults=faults, token=server_token or TEST_TOKEN) as server, \
-            open_instance(folder / "home") as instance:
-        resources = emulator_resources(server.graph_url, server.tiles_url, folder / "data", token, api=api, **settings)
-        yield EmulatedRun(server, instance, build_definitions(resources), folder / "data", folder / "home")
+    with (
+        EmulatorServer(
+            reference_world(), faults=faults, token=server_token or TEST_TOKEN
+        ) as server,
+        open_instance(folder / "home") as instance,
+    ):
+        resources = emulator_resources(
+            server.graph_url, server.tiles_url, folder / "data", token, api=api, **settings
+        )
+        yield EmulatedRun(
+            server, instance, build_definitions(resources), folder / "data", folder / "home"
+        )
 
 
 @dataclass
@@ -401,13 +496,20 @@ def assert_same_images(actual, expected, ignore: Sequence[str] = ()) -> None:
     assert actual["image_id"].is_unique, "an image id appears twice in the GeoPackage"
     assert set(actual["image_id"]) == set(expected["image_id"]), (
         f"ids differ: {len(set(expected['image_id']) - set(actual['image_id']))} missing, "
-        f"{len(set(actual['image_id']) - set(expected['image_id']))} unexpected")
+        f"{len(set(actual['image_id']) - set(expected['image_id']))} unexpected"
+    )
     left = actual.sort_values("image_id").reset_index(drop=True)
     right = expected.sort_values("image_id").reset_index(drop=True)
-    assert np.allclose(np.c_[left.geometry.x, left.geometry.y], np.c_[right.geometry.x, right.geometry.y],
-                       rtol=0, atol=1e-9)
+    assert np.allclose(
+        np.c_[left.geometry.x, left.geometry.y],
+        np.c_[right.geometry.x, right.geometry.y],
+        rtol=0,
+        atol=1e-9,
+    )
     columns = [c for c in right.columns if c != "geometry" and c not in ignore]
-    pd.testing.assert_frame_equal(pd.DataFrame(left[columns]), pd.DataFrame(right[columns]), check_like=True)
+    pd.testing.assert_frame_equal(
+        pd.DataFrame(left[columns]), pd.DataFrame(right[columns]), check_like=True
+    )
 
 
 if __name__ == "__main__":

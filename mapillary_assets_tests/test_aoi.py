@@ -45,19 +45,34 @@ def test_default_is_shipped_zurich_polygon():
 def test_geojson_forms_are_accepted(tmp_path, wrap):
     geometry = polygon_geometry(SQUARE)
     feature = {"type": "Feature", "properties": {}, "geometry": geometry}
-    document = {"geometry": geometry, "feature": feature,
-                "collection": {"type": "FeatureCollection", "features": [feature]}}[wrap]
+    document = {
+        "geometry": geometry,
+        "feature": feature,
+        "collection": {"type": "FeatureCollection", "features": [feature]},
+    }[wrap]
     aoi = load_aoi(write_json(tmp_path, document))
     assert aoi.geometry.equals(Polygon(SQUARE))
 
 
 def test_multipolygon_and_multi_feature_collection_union(tmp_path):
     west, east = box(8.50, 47.36, 8.52, 47.38), box(8.54, 47.36, 8.56, 47.38)
-    multi = {"type": "MultiPolygon", "coordinates": [shapely.geometry.mapping(p)["coordinates"] for p in (west, east)]}
-    assert load_aoi(write_json(tmp_path, multi, "multi.geojson")).geometry.area == pytest.approx(2 * west.area)
-    collection = {"type": "FeatureCollection", "features": [
-        {"type": "Feature", "properties": {}, "geometry": shapely.geometry.mapping(p)} for p in (west, east)]}
-    assert load_aoi(write_json(tmp_path, collection, "fc.geojson")).geometry.area == pytest.approx(2 * west.area)
+    multi = {
+        "type": "MultiPolygon",
+        "coordinates": [shapely.geometry.mapping(p)["coordinates"] for p in (west, east)],
+    }
+    assert load_aoi(write_json(tmp_path, multi, "multi.geojson")).geometry.area == pytest.approx(
+        2 * west.area
+    )
+    collection = {
+        "type": "FeatureCollection",
+        "features": [
+            {"type": "Feature", "properties": {}, "geometry": shapely.geometry.mapping(p)}
+            for p in (west, east)
+        ],
+    }
+    assert load_aoi(write_json(tmp_path, collection, "fc.geojson")).geometry.area == pytest.approx(
+        2 * west.area
+    )
 
 
 def test_coordinate_list_open_or_closed():
@@ -71,21 +86,54 @@ def test_coordinate_list_open_or_closed():
         ("{not json", "not valid JSON"),
         ("[1, 2, 3]", "not GeoJSON"),
         (json.dumps({"type": "Point", "coordinates": [8.5, 47.3]}), "is a Point, not a polygon"),
-        (json.dumps({"type": "LineString", "coordinates": [[8.5, 47.3], [8.6, 47.4]]}), "not a polygon"),
+        (
+            json.dumps({"type": "LineString", "coordinates": [[8.5, 47.3], [8.6, 47.4]]}),
+            "not a polygon",
+        ),
         (json.dumps({"type": "FeatureCollection", "features": []}), "without features"),
         (json.dumps({"type": "Feature", "properties": {}, "geometry": None}), "has no geometry"),
         (json.dumps({"type": "Polygon", "coordinates": []}), "empty"),
-        (json.dumps({"type": "Polygon", "coordinates": [[["a", "b"], [1, 2], [3, 4], ["a", "b"]]]}), "number pairs"),
-        (json.dumps({"type": "Polygon", "coordinates": [[[8.5, 47.3], [8.6, 47.3], [8.5, 47.3]]]}), "zero area"),
+        (
+            json.dumps(
+                {"type": "Polygon", "coordinates": [[["a", "b"], [1, 2], [3, 4], ["a", "b"]]]}
+            ),
+            "number pairs",
+        ),
+        (
+            json.dumps(
+                {"type": "Polygon", "coordinates": [[[8.5, 47.3], [8.6, 47.3], [8.5, 47.3]]]}
+            ),
+            "zero area",
+        ),
         # a hole outside its shell
-        (json.dumps({"type": "Polygon", "coordinates": [
-            [[8.5, 47.3], [8.6, 47.3], [8.6, 47.4], [8.5, 47.3]],
-            [[9.5, 47.3], [9.6, 47.3], [9.6, 47.4], [9.5, 47.3]]]}), "invalid .*Hole lies outside shell"),
+        (
+            json.dumps(
+                {
+                    "type": "Polygon",
+                    "coordinates": [
+                        [[8.5, 47.3], [8.6, 47.3], [8.6, 47.4], [8.5, 47.3]],
+                        [[9.5, 47.3], [9.6, 47.3], [9.6, 47.4], [9.5, 47.3]],
+                    ],
+                }
+            ),
+            "invalid .*Hole lies outside shell",
+        ),
         # bow tie: self-intersecting ring
-        (json.dumps(polygon_geometry([[8.50, 47.36], [8.56, 47.40], [8.56, 47.36], [8.50, 47.40]])),
-         "Self-intersection"),
-        (json.dumps({**polygon_geometry(SQUARE), "crs": {"type": "name", "properties": {"name": "EPSG:2056"}}}),
-         "reproject it to EPSG:4326"),
+        (
+            json.dumps(
+                polygon_geometry([[8.50, 47.36], [8.56, 47.40], [8.56, 47.36], [8.50, 47.40]])
+            ),
+            "Self-intersection",
+        ),
+        (
+            json.dumps(
+                {
+                    **polygon_geometry(SQUARE),
+                    "crs": {"type": "name", "properties": {"name": "EPSG:2056"}},
+                }
+            ),
+            "reproject it to EPSG:4326",
+        ),
     ],
 )
 def test_bad_files_raise_clear_errors(tmp_path, content, expected):
@@ -105,7 +153,9 @@ def test_missing_file_and_folder(tmp_path):
 
 def test_swapped_lat_lon_is_named():
     # an area around lon 100, lat 10 written [lat, lon]: "latitude" 100 is impossible
-    swapped = [[lat, lon] for lon, lat in [[100.0, 10.0], [101.0, 10.0], [101.0, 11.0], [100.0, 11.0]]]
+    swapped = [
+        [lat, lon] for lon, lat in [[100.0, 10.0], [101.0, 10.0], [101.0, 11.0], [100.0, 11.0]]
+    ]
     with pytest.raises(AoiError, match="out of range.*longitude and latitude are swapped"):
         load_aoi(coordinates=swapped)
 
@@ -148,7 +198,9 @@ def test_zurich_partition_tiles_at_zoom_12_follow_the_polygon():
     assert tiles == sorted(tiles, key=lambda t: (t.x, t.y))
     assert all(t.z == 12 for t in tiles)
     in_bbox = list(mercantile.tiles(*aoi.geometry.bounds, zooms=12))
-    expected = [t for t in in_bbox if aoi.geometry.intersection(box(*mercantile.bounds(t))).area > 0]
+    expected = [
+        t for t in in_bbox if aoi.geometry.intersection(box(*mercantile.bounds(t))).area > 0
+    ]
     assert sorted(tiles) == sorted(expected)
     assert len(tiles) < len(in_bbox)  # the polygon, not its bounding box
 

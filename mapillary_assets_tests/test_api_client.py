@@ -5,7 +5,6 @@ import bisect
 import logging
 import time
 import traceback
-from pathlib import Path
 
 import mercantile
 import pytest
@@ -69,7 +68,12 @@ def dense_tile(server):
 
 
 def settings_for(server, **overrides) -> ClientSettings:
-    values = {"token": Secret(server.token), "graph_url": server.graph_url, "tiles_url": server.tiles_url, **FAST}
+    values = {
+        "token": Secret(server.token),
+        "graph_url": server.graph_url,
+        "tiles_url": server.tiles_url,
+        **FAST,
+    }
     values.update(overrides)
     return ClientSettings(**values)
 
@@ -80,7 +84,9 @@ def run(coro):
 
 def max_in_window(times: list[float], window_s: float) -> int:
     times = sorted(times)
-    return max((bisect.bisect_right(times, t + window_s) - i for i, t in enumerate(times)), default=0)
+    return max(
+        (bisect.bisect_right(times, t + window_s) - i for i, t in enumerate(times)), default=0
+    )
 
 
 # ----------------------------------------------------------------------------- endpoints
@@ -141,7 +147,12 @@ def test_entity_endpoints(server, dense_tile):
     assert first.id in sequence
     assert counts == {"entity": 4}
     stats = server.stats()
-    assert (stats["entity"], stats["batch"], stats["images_by_ids"], stats["sequence"]) == (1, 1, 1, 1)
+    assert (stats["entity"], stats["batch"], stats["images_by_ids"], stats["sequence"]) == (
+        1,
+        1,
+        1,
+        1,
+    )
 
 
 def test_search_with_filters_and_too_large(server, dense_tile):
@@ -153,8 +164,9 @@ def test_search_with_filters_and_too_large(server, dense_tile):
     async def main():
         async with MapillaryClient(settings_for(server)) as client:
             found = await client.search_images(bbox, ["id", "sequence", "is_pano"])
-            filtered = await client.search_images(bbox, ["id", "sequence"], sequence_ids=[record.sequence],
-                                                  is_pano=record.is_pano)
+            filtered = await client.search_images(
+                bbox, ["id", "sequence"], sequence_ids=[record.sequence], is_pano=record.is_pano
+            )
             with pytest.raises(RequestTooLargeError) as too_large:
                 await client.search_images((west, south, east, north), ["id"], limit=10)
             with pytest.raises(ValueError):
@@ -168,7 +180,9 @@ def test_search_with_filters_and_too_large(server, dense_tile):
     assert filtered and {item["sequence"] for item in filtered} == {record.sequence}
     assert record.id in {item["id"] for item in filtered}
     assert too_large.code == 1 and not too_large.transient
-    assert counts == {"search": 3}  # code 1 is not retried; invalid arguments never reach the server
+    assert counts == {
+        "search": 3
+    }  # code 1 is not retried; invalid arguments never reach the server
 
 
 def test_batch_limits_and_unknown_ids(server, dense_tile):
@@ -187,7 +201,11 @@ def test_batch_limits_and_unknown_ids(server, dense_tile):
             return client.request_counts, unknown_in_batch.value, unknown_field.value
 
     counts, unknown_in_batch, unknown_field = run(main())
-    assert (unknown_in_batch.code, unknown_in_batch.subcode, unknown_in_batch.transient) == (100, 33, False)
+    assert (unknown_in_batch.code, unknown_in_batch.subcode, unknown_in_batch.transient) == (
+        100,
+        33,
+        False,
+    )
     assert unknown_field.code == 100 and "no_such_field" in str(unknown_field)
     assert counts == {"entity": 2}  # permanent errors are never retried
 
@@ -236,7 +254,9 @@ def test_injected_5xx_are_retried(server, dense_tile):
     server.set_faults(error_5xx_rate=0.3)
 
     async def main():
-        async with MapillaryClient(settings_for(server, max_retries=10, backoff_base_s=0.001)) as client:
+        async with MapillaryClient(
+            settings_for(server, max_retries=10, backoff_base_s=0.001)
+        ) as client:
             rows = await asyncio.gather(*(client.get_image(i, ["id"]) for i in ids))
             return client.request_counts, client.retry_counts, rows
 
@@ -252,7 +272,9 @@ def test_outage_gives_up_after_max_retries(server):
     server.set_faults(outage_start=0.0, outage_end=time.time() + 3600)
 
     async def main():
-        async with MapillaryClient(settings_for(server, max_retries=2, backoff_base_s=0.001)) as client:
+        async with MapillaryClient(
+            settings_for(server, max_retries=2, backoff_base_s=0.001)
+        ) as client:
             with pytest.raises(TransientError) as failure:
                 await client.get_image("1", ["id"])
             return client.request_counts, failure.value
@@ -267,7 +289,9 @@ def test_timeouts_are_transient(server):
     server.set_faults(latency_s=0.5)
 
     async def main():
-        async with MapillaryClient(settings_for(server, timeout_s=0.1, max_retries=1, backoff_base_s=0.001)) as c:
+        async with MapillaryClient(
+            settings_for(server, timeout_s=0.1, max_retries=1, backoff_base_s=0.001)
+        ) as c:
             with pytest.raises(TransientError, match="timed out") as failure:
                 await c.get_image("1", ["id"])
             return c.request_counts, failure.value
@@ -282,7 +306,9 @@ def test_client_limiter_keeps_every_window_within_budget(server, dense_tile):
 
     async def main():
         async with MapillaryClient(settings_for(server)) as client:
-            client.limiters["tiles"] = SharedRateLimiter("tiles", per_minute=20, burst=4, window_s=2.0)
+            client.limiters["tiles"] = SharedRateLimiter(
+                "tiles", per_minute=20, burst=4, window_s=2.0
+            )
             await asyncio.gather(*(client.get_tile(14, x, y) for _ in range(24)))
 
     run(main())
@@ -333,7 +359,11 @@ def test_long_retry_after_fails_fast_and_pauses_the_family(fresh_server, dense_t
             return client, usage_rate, throttled.value
 
     client, usage_rate, throttled = run(main())
-    assert throttled.code == 4 and throttled.transient and throttled.retry_after > FAST["backoff_max_s"]
+    assert (
+        throttled.code == 4
+        and throttled.transient
+        and throttled.retry_after > FAST["backoff_max_s"]
+    )
     assert usage_rate < client.limiters["entity"].rate  # x-app-usage at 100 % slowed the bucket
     assert fresh_server.stats()["family:entity"] == 4  # the paused call never reached the server
     # another process sharing the store sees the pause
@@ -354,7 +384,10 @@ def test_settings_from_env(monkeypatch, tmp_path):
     monkeypatch.setenv("MAPILLARY_RATE_LIMIT_STORE", str(tmp_path / "rl.sqlite"))
     settings = ClientSettings.from_env(max_retries=2)
     assert settings.token.reveal() == "MLY|abc"
-    assert settings.graph_url == "http://127.0.0.1:9/graph" and settings.tiles_url == "http://127.0.0.1:9/tiles"
+    assert (
+        settings.graph_url == "http://127.0.0.1:9/graph"
+        and settings.tiles_url == "http://127.0.0.1:9/tiles"
+    )
     assert settings.rate_limit_store == tmp_path / "rl.sqlite" and settings.max_retries == 2
     assert "MLY|abc" not in repr(settings) and "***" in repr(settings)
     assert ClientSettings.from_env(token="MLY|other").token.reveal() == "MLY|other"
@@ -399,7 +432,9 @@ async def _flaky_app(seen_headers: list) -> TestServer:
     app.router.add_get("/graph/{tail:.*}", unavailable)
     app.router.add_get("/cdn/{tail:.*}", cdn)
     test_server = TestServer(app, host="127.0.0.1")
-    await test_server.start_server(access_log=None)  # a server's access log shows the URL: not ours to test
+    await test_server.start_server(
+        access_log=None
+    )  # a server's access log shows the URL: not ours to test
     return test_server
 
 
@@ -420,25 +455,44 @@ def test_token_never_leaks(server, dense_tile, caplog):
         flaky = await _flaky_app(seen_cdn)
         base = str(flaky.make_url("")).rstrip("/")
         try:
-            settings = ClientSettings(token=Secret(CANARY), graph_url=base + "/graph", tiles_url=base + "/tiles",
-                                      max_retries=1, backoff_base_s=0.001, backoff_max_s=0.01)
+            settings = ClientSettings(
+                token=Secret(CANARY),
+                graph_url=base + "/graph",
+                tiles_url=base + "/tiles",
+                max_retries=1,
+                backoff_base_s=0.001,
+                backoff_max_s=0.01,
+            )
             async with MapillaryClient(settings) as client:
-                await expect_failure(client.get_tile(14, *dense_tile))  # connection dropped mid-body
-                await expect_failure(client.get_image("1", ["id"]))     # 503 twice
-                assert await client.get_thumbnail(base + "/cdn/t.jpg?oh=sig&oe=ffffffff") == b"\xff\xd8\xff\xd9"
+                await expect_failure(
+                    client.get_tile(14, *dense_tile)
+                )  # connection dropped mid-body
+                await expect_failure(client.get_image("1", ["id"]))  # 503 twice
+                assert (
+                    await client.get_thumbnail(base + "/cdn/t.jpg?oh=sig&oe=ffffffff")
+                    == b"\xff\xd8\xff\xd9"
+                )
                 texts = [repr(client), repr(settings), str(settings.token)]
-            dead = ClientSettings(token=Secret(CANARY), graph_url="http://127.0.0.1:9/graph",
-                                  tiles_url="http://127.0.0.1:9/tiles", max_retries=1, backoff_base_s=0.001)
+            dead = ClientSettings(
+                token=Secret(CANARY),
+                graph_url="http://127.0.0.1:9/graph",
+                tiles_url="http://127.0.0.1:9/tiles",
+                max_retries=1,
+                backoff_base_s=0.001,
+            )
             async with MapillaryClient(dead) as client:
-                await expect_failure(client.get_tile(14, 1, 1))           # connection refused
+                await expect_failure(client.get_tile(14, 1, 1))  # connection refused
             # the emulator, configured with another token: the canary is rejected
-            async with MapillaryClient(settings_for(server, token=Secret(CANARY), max_retries=1)) as client:
+            async with MapillaryClient(
+                settings_for(server, token=Secret(CANARY), max_retries=1)
+            ) as client:
                 await expect_failure(client.get_tile(14, *dense_tile))
                 await expect_failure(client.get_image("1", ["id"]))
             server.set_faults(latency_s=0.3)
-            async with MapillaryClient(settings_for(server, token=Secret(CANARY), timeout_s=0.05,
-                                                    max_retries=0)) as client:
-                await expect_failure(client.get_tile(14, *dense_tile))     # timeout
+            async with MapillaryClient(
+                settings_for(server, token=Secret(CANARY), timeout_s=0.05, max_retries=0)
+            ) as client:
+                await expect_failure(client.get_tile(14, *dense_tile))  # timeout
             return texts
         finally:
             await flaky.close()
@@ -448,7 +502,9 @@ def test_token_never_leaks(server, dense_tile, caplog):
     assert kinds == {"TransientError", "AuthError"}
     for failure in failures:
         texts += [str(failure), repr(failure), "".join(traceback.format_exception(failure))]
-    client_records = [r for r in caplog.records if not r.name.startswith("mapillary_assets.emulator")]
+    client_records = [
+        r for r in caplog.records if not r.name.startswith("mapillary_assets.emulator")
+    ]
     assert any(r.name == "mapillary_assets.api.client" for r in client_records)
     for record in client_records:
         texts.append(record.getMessage())

@@ -65,7 +65,9 @@ def test_ids_above_2_53_stay_exact():
 
 def test_pixel_origin_is_top_left_and_y_grows_down():
     z, x, y = Z14
-    points = {p.image_id: p for p in decode_image_layer(tile_bytes("tile_14_8580_5737.mvt"), z, x, y)}
+    points = {
+        p.image_id: p for p in decode_image_layer(tile_bytes("tile_14_8580_5737.mvt"), z, x, y)
+    }
     top_left = mercantile.ul(x, y, z)
     corner = points["4503599627370497"]  # pixel (0, 0)
     assert (corner.lon, corner.lat) == pytest.approx((top_left.lng, top_left.lat), abs=1e-12)
@@ -78,7 +80,9 @@ def test_pixel_origin_is_top_left_and_y_grows_down():
 def test_agrees_with_mapbox_vector_tile_decode():
     z, x, y = Z14
     data = tile_bytes("tile_14_8580_5737.mvt")
-    reference = mapbox_vector_tile.decode(data, default_options={"y_coord_down": True})["image"]["features"]
+    reference = mapbox_vector_tile.decode(data, default_options={"y_coord_down": True})["image"][
+        "features"
+    ]
     points = decode_image_layer(data, z, x, y)
     for feature, point in zip(reference, points):
         px, py = feature["geometry"]["coordinates"]
@@ -92,13 +96,17 @@ def test_gzipped_tile_decodes_the_same():
     gzipped = tile_bytes("tile_14_8580_5737.mvt.gz")
     assert gzipped[:2] == b"\x1f\x8b"
     assert decode_image_layer(gzipped, *Z14) == plain
-    assert decode_sequence_lines(gzipped, *Z14) == decode_sequence_lines(tile_bytes("tile_14_8580_5737.mvt"), *Z14)
+    assert decode_sequence_lines(gzipped, *Z14) == decode_sequence_lines(
+        tile_bytes("tile_14_8580_5737.mvt"), *Z14
+    )
 
 
 def test_empty_and_layerless_tiles():
     assert decode_image_layer(b"", *Z14) == []
     assert decode_sequence_lines(b"", *Z14) == []
-    assert decode_image_layer(tile_bytes("tile_10_536_358.mvt"), *Z10) == []  # no image layer below z14
+    assert (
+        decode_image_layer(tile_bytes("tile_10_536_358.mvt"), *Z10) == []
+    )  # no image layer below z14
     with pytest.raises(TileDecodeError):
         decode_image_layer(b"\x1f\x8b not really gzip", *Z14)
     with pytest.raises(TileDecodeError):
@@ -135,7 +143,17 @@ def dense_tile(n_points: int, seed: int = 7) -> bytes:
     tile = vector_tile_pb2.tile()
     layer = tile.layers.add()
     layer.name, layer.version, layer.extent = "image", 2, 4096
-    layer.keys.extend(["captured_at", "compass_angle", "id", "sequence_id", "organization_id", "is_pano", "creator_id"])
+    layer.keys.extend(
+        [
+            "captured_at",
+            "compass_angle",
+            "id",
+            "sequence_id",
+            "organization_id",
+            "is_pano",
+            "creator_id",
+        ]
+    )
     index: dict = {}
 
     def value(kind: str, v) -> int:
@@ -149,15 +167,24 @@ def dense_tile(n_points: int, seed: int = 7) -> bytes:
         feature = layer.features.add()
         feature.id, feature.type = i + 1, 1
         feature.geometry.extend([9, _zigzag(rng.randrange(4096)), _zigzag(rng.randrange(4096))])
-        feature.tags.extend([
-            0, value("int_value", 1_600_000_000_000 + i),
-            1, value("double_value", rng.randrange(36000) / 100),
-            2, value("int_value", 9_007_199_254_740_993 + 2 * i),
-            3, value("string_value", f"seq{i // 200:019d}"),
-            4, value("int_value", 1 + i % 3),
-            5, value("bool_value", i % 20 == 0),
-            6, value("int_value", 100_000 + i % 5000),
-        ])
+        feature.tags.extend(
+            [
+                0,
+                value("int_value", 1_600_000_000_000 + i),
+                1,
+                value("double_value", rng.randrange(36000) / 100),
+                2,
+                value("int_value", 9_007_199_254_740_993 + 2 * i),
+                3,
+                value("string_value", f"seq{i // 200:019d}"),
+                4,
+                value("int_value", 1 + i % 3),
+                5,
+                value("bool_value", i % 20 == 0),
+                6,
+                value("int_value", 100_000 + i % 5000),
+            ]
+        )
     return tile.SerializeToString()
 
 
@@ -177,16 +204,45 @@ def test_dense_tile_decodes_in_seconds():
 
 def test_default_fields_never_ask_for_thumbnail_urls():
     assert not [f for f in DEFAULT_IMAGE_FIELDS if "thumb" in f or "url" in f]
-    assert {"id", "geometry", "computed_geometry", "sequence", "creator", "merge_cc", "mesh", "sfm_cluster"} <= set(
-        DEFAULT_IMAGE_FIELDS)
+    assert {
+        "id",
+        "geometry",
+        "computed_geometry",
+        "sequence",
+        "creator",
+        "merge_cc",
+        "mesh",
+        "sfm_cluster",
+    } <= set(DEFAULT_IMAGE_FIELDS)
 
 
 def test_schema_columns_follow_the_contract():
     assert IMAGE_COLUMNS == (
-        "image_id", "captured_at", "lon", "lat", "computed_lon", "computed_lat", "altitude", "computed_altitude",
-        "compass_angle", "computed_compass_angle", "sequence_id", "creator_id", "creator_username", "camera_type",
-        "make", "model", "width", "height", "is_pano", "quality_score", "exif_orientation", "atomic_scale",
-        "merge_cc", "has_mesh", "has_sfm_cluster",
+        "image_id",
+        "captured_at",
+        "lon",
+        "lat",
+        "computed_lon",
+        "computed_lat",
+        "altitude",
+        "computed_altitude",
+        "compass_angle",
+        "computed_compass_angle",
+        "sequence_id",
+        "creator_id",
+        "creator_username",
+        "camera_type",
+        "make",
+        "model",
+        "width",
+        "height",
+        "is_pano",
+        "quality_score",
+        "exif_orientation",
+        "atomic_scale",
+        "merge_cc",
+        "has_mesh",
+        "has_sfm_cluster",
     )
     assert IMAGE_SCHEMA.field("captured_at").type == pa.timestamp("ms", tz="UTC")
     assert IMAGE_SCHEMA.field("image_id").type == pa.string()
@@ -197,7 +253,7 @@ def test_full_entity():
     row = decode_image_entity(load_json("graph_image.json"))
     assert set(row) == set(IMAGE_COLUMNS)
     assert row["image_id"] == "9007199254740993"
-    assert row["captured_at"] == dt.datetime(2020, 9, 13, 12, 26, 40, 123000, tzinfo=dt.timezone.utc)
+    assert row["captured_at"] == dt.datetime(2020, 9, 13, 12, 26, 40, 123000, tzinfo=dt.UTC)
     assert row["captured_at"].utcoffset() == dt.timedelta(0)
     assert (row["lon"], row["lat"]) == (8.5417123, 47.3769456)
     assert (row["computed_lon"], row["computed_lat"]) == (8.5417234, 47.3769567)
@@ -205,10 +261,16 @@ def test_full_entity():
     assert row["computed_altitude"] == 411.25
     assert row["sequence_id"] == "Zx4bC8dE0fG2hI3jK5lM6n"
     assert (row["creator_id"], row["creator_username"]) == ("102030405060708", "zurich_walker")
-    assert (row["camera_type"], row["make"], row["model"]) == ("perspective", "GoPro", "HERO9 Black")
+    assert (row["camera_type"], row["make"], row["model"]) == (
+        "perspective",
+        "GoPro",
+        "HERO9 Black",
+    )
     assert (row["width"], row["height"], row["exif_orientation"]) == (4000, 3000, 1)
     assert row["atomic_scale"] == 1.0 and isinstance(row["atomic_scale"], float)
-    assert row["merge_cc"] == "1234567890123456768"  # the float the API sent, written without exponent
+    assert (
+        row["merge_cc"] == "1234567890123456768"
+    )  # the float the API sent, written without exponent
     assert row["has_mesh"] is True and row["has_sfm_cluster"] is True
     assert row["is_pano"] is False and row["quality_score"] == 0.8125
     assert "thumb" not in " ".join(str(v) for v in row.values())
@@ -223,20 +285,36 @@ def test_sparse_entity_absent_fields_are_none():
     assert row["camera_type"] == "brown" and row["merge_cc"] == "7"
     assert row["altitude"] == 405.5
     only_id = decode_image_entity({"id": "1"})
-    assert only_id["image_id"] == "1" and all(v is None for k, v in only_id.items() if k != "image_id")
+    assert only_id["image_id"] == "1" and all(
+        v is None for k, v in only_id.items() if k != "image_id"
+    )
 
 
 def test_numeric_ids_are_never_passed_through_float():
-    row = decode_image_entity({"id": 9007199254740993, "creator": {"id": 9007199254740995, "username": "u"},
-                               "sequence": "s", "computed_altitude": 4294967295})
+    row = decode_image_entity(
+        {
+            "id": 9007199254740993,
+            "creator": {"id": 9007199254740995, "username": "u"},
+            "sequence": "s",
+            "computed_altitude": 4294967295,
+        }
+    )
     assert row["image_id"] == "9007199254740993"
     assert row["creator_id"] == "9007199254740995"
     assert row["computed_altitude"] == -1.0
 
 
 def test_malformed_values_do_not_raise():
-    row = decode_image_entity({"id": "5", "geometry": {"type": "Point"}, "creator": "nobody", "width": "wide",
-                               "captured_at": None, "computed_geometry": {"coordinates": ["a", "b"]}})
+    row = decode_image_entity(
+        {
+            "id": "5",
+            "geometry": {"type": "Point"},
+            "creator": "nobody",
+            "width": "wide",
+            "captured_at": None,
+            "computed_geometry": {"coordinates": ["a", "b"]},
+        }
+    )
     assert row["lon"] is None and row["computed_lon"] is None and row["creator_id"] is None
     assert row["width"] is None and row["captured_at"] is None
 

@@ -1,7 +1,7 @@
 import json
 import pickle
+from datetime import UTC, datetime, timedelta
 from email.utils import format_datetime
-from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
 import pytest
@@ -90,9 +90,11 @@ def test_retry_after_seconds_and_http_date():
     headers = {"Retry-After": "7"}
     assert classify_error(429, fixture("error_code_4.json"), headers).retry_after == 7.0
     # header names are case-insensitive, even in a plain dict
-    assert classify_error(403, fixture("error_code_4.json"), {"retry-after": "2.5"}).retry_after == 2.5
+    assert (
+        classify_error(403, fixture("error_code_4.json"), {"retry-after": "2.5"}).retry_after == 2.5
+    )
     assert classify_error(403, fixture("error_code_4.json")).retry_after is None
-    now = datetime(2024, 1, 1, tzinfo=timezone.utc)
+    now = datetime(2024, 1, 1, tzinfo=UTC)
     date = format_datetime(now + timedelta(seconds=30), usegmt=True)
     assert parse_retry_after(date, now=now.timestamp()) == pytest.approx(30)
     assert parse_retry_after("soon") is None
@@ -110,8 +112,17 @@ def test_errors_survive_pickling_and_context():
     error = classify_error(403, fixture("error_code_4.json"), {"Retry-After": "3"})
     restored = pickle.loads(pickle.dumps(error))
     assert type(restored) is ThrottledError
-    assert (restored.code, restored.retry_after, restored.transient, str(restored)) == (4, 3.0, True, str(error))
+    assert (restored.code, restored.retry_after, restored.transient, str(restored)) == (
+        4,
+        3.0,
+        True,
+        str(error),
+    )
     wrapped = error.with_context("GET /tiles/x")
-    assert type(wrapped) is ThrottledError and wrapped.retry_after == 3.0 and str(wrapped).endswith("[GET /tiles/x]")
+    assert (
+        type(wrapped) is ThrottledError
+        and wrapped.retry_after == 3.0
+        and str(wrapped).endswith("[GET /tiles/x]")
+    )
     assert isinstance(wrapped, MapillaryError)
     assert "ThrottledError(" in repr(wrapped)

@@ -19,7 +19,9 @@ REPO = Path(__file__).resolve().parents[1]
 def max_in_window(times: list[float], window_s: float) -> int:
     """Most acquisitions in any closed window [t, t + window_s]."""
     times = sorted(times)
-    return max((bisect.bisect_right(times, t + window_s) - i for i, t in enumerate(times)), default=0)
+    return max(
+        (bisect.bisect_right(times, t + window_s) - i for i, t in enumerate(times)), default=0
+    )
 
 
 async def acquire_all(limiter: SharedRateLimiter, n: int) -> list[float]:
@@ -36,7 +38,9 @@ async def acquire_all(limiter: SharedRateLimiter, n: int) -> list[float]:
 def test_single_process_no_window_exceeds_budget(tmp_path):
     # The in-process and the SQLite-backed bucket run side by side (separate families and state).
     local = SharedRateLimiter("tiles", per_minute=30, burst=6, window_s=2.0)
-    shared = SharedRateLimiter("tiles", per_minute=30, store=tmp_path / "limits.sqlite", burst=6, window_s=2.0)
+    shared = SharedRateLimiter(
+        "tiles", per_minute=30, store=tmp_path / "limits.sqlite", burst=6, window_s=2.0
+    )
     ticks = 0
 
     async def ticker() -> None:
@@ -112,7 +116,9 @@ def test_two_instances_in_one_process_share_the_store(tmp_path):
     other_family = SharedRateLimiter("entity", per_minute=30, store=store, burst=6, window_s=2.0)
 
     async def main():
-        return await asyncio.gather(acquire_all(a, 12), acquire_all(b, 12), acquire_all(other_family, 6))
+        return await asyncio.gather(
+            acquire_all(a, 12), acquire_all(b, 12), acquire_all(other_family, 6)
+        )
 
     started = time.time()
     times_a, times_b, times_other = asyncio.run(main())
@@ -175,7 +181,11 @@ def start_worker(store: Path, count: int) -> subprocess.Popen:
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     return subprocess.Popen(
         [sys.executable, "-c", WORKER, str(store), str(count)],
-        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env, cwd=REPO,
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+        env=env,
+        cwd=REPO,
     )
 
 
@@ -216,7 +226,9 @@ def test_pause_is_honoured_by_another_process(tmp_path):
     worker = start_worker(store, 1)
     wait_ready(worker)
     resume = time.time() + 1.0
-    SharedRateLimiter("tiles", per_minute=30, store=store, burst=6, window_s=2.0).pause_until(resume)
+    SharedRateLimiter("tiles", per_minute=30, store=store, burst=6, window_s=2.0).pause_until(
+        resume
+    )
     go(worker)
     result = finish(worker)
     assert result["began"] < resume - 0.5

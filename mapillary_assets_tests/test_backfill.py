@@ -39,9 +39,11 @@ CHUNK_ASSETS = ["image_metadata", "thumbnail_downloads", "blur_scores"]
 # 585 images in chunks of 100: 6 chunks, so the backfill makes two runs (these assets take <= 4 chunks a run).
 CHUNK_SIZE = 100
 THUMBNAIL_SIZE = 1024
-RESOLVE_BATCH = 50                  # ids per thumbnail-URL lookup
-OUTAGE_AFTER_THUMBNAILS = 40        # the outage starts once the second run has downloaded this many
-BACKFILL_TIMEOUT_S = 420.0          # the backfill daemon works in 30-second iterations; the machine is shared
+RESOLVE_BATCH = 50  # ids per thumbnail-URL lookup
+OUTAGE_AFTER_THUMBNAILS = 40  # the outage starts once the second run has downloaded this many
+BACKFILL_TIMEOUT_S = (
+    420.0  # the backfill daemon works in 30-second iterations; the machine is shared
+)
 
 
 # -- the instance configuration ---------------------------------------------------------------------------
@@ -50,13 +52,15 @@ BACKFILL_TIMEOUT_S = 420.0          # the backfill daemon works in 30-second ite
 def test_repository_instance_config_queues_runs_limits_pools_and_frees_slots(tmp_path):
     home = prepare_home(tmp_path / "home")
     with dg.DagsterInstance.from_ref(InstanceRef.from_dir(str(home))) as instance:
-        configure_pools(instance)   # what `mapillary-assets demo|ui` do before any run
+        configure_pools(instance)  # what `mapillary-assets demo|ui` do before any run
         concurrency = instance.get_concurrency_config()
         assert isinstance(instance.run_coordinator, QueuedRunCoordinator)
         assert concurrency.run_queue_config.max_concurrent_runs == 4
         assert concurrency.pool_config.pool_granularity.value == "op"
         assert concurrency.pool_config.default_pool_limit == 1
-        limits = {pool: instance.event_log_storage.get_concurrency_info(pool).limit for pool in POOLS}
+        limits = {
+            pool: instance.event_log_storage.get_concurrency_info(pool).limit for pool in POOLS
+        }
         assert limits == POOLS and POOL_LIMITS == {"mapillary_api": 4}
         assert instance.run_monitoring_enabled
         assert instance.run_monitoring_settings["free_slots_after_run_end_seconds"] == 60
@@ -129,14 +133,19 @@ class Deployment:
     # -- through GraphQL, as the UI does it --
 
     def launch_backfill(self, assets: list[str], partitions: list[str]) -> str:
-        params = {"assetSelection": [{"path": [asset]} for asset in assets], "partitionNames": partitions}
+        params = {
+            "assetSelection": [{"path": [asset]} for asset in assets],
+            "partitionNames": partitions,
+        }
         answer = self.server.graphql(LAUNCH_BACKFILL, {"params": params})["launchPartitionBackfill"]
         assert answer["__typename"] == "LaunchBackfillSuccess", answer
         return answer["backfillId"]
 
     def reexecute_from_failure(self, backfill_id: str) -> str:
         params = {"parentRunId": backfill_id, "strategy": "FROM_FAILURE"}
-        answer = self.server.graphql(REEXECUTE_BACKFILL, {"params": params})["reexecutePartitionBackfill"]
+        answer = self.server.graphql(REEXECUTE_BACKFILL, {"params": params})[
+            "reexecutePartitionBackfill"
+        ]
         assert answer["__typename"] == "LaunchBackfillSuccess", answer
         return answer["backfillId"]
 
@@ -159,20 +168,31 @@ class Deployment:
             state = self.backfill(backfill_id)
             return state if state["status"] in TERMINAL_BACKFILL_STATUSES else None
 
-        return self.server.wait_until(finished, BACKFILL_TIMEOUT_S, f"backfill {backfill_id}", interval=0.01)
+        return self.server.wait_until(
+            finished, BACKFILL_TIMEOUT_S, f"backfill {backfill_id}", interval=0.01
+        )
 
     def partition_statuses(self, asset: str) -> dict[str, set[str]]:
-        node = self.server.graphql(PARTITION_STATUSES, {"asset": {"path": [asset]}})["assetNodeOrError"]
+        node = self.server.graphql(PARTITION_STATUSES, {"asset": {"path": [asset]}})[
+            "assetNodeOrError"
+        ]
         return {name: set(keys) for name, keys in node["assetPartitionStatuses"].items()}
 
     def wait_for_backfill_runs(self, backfill_id: str) -> list[dict]:
         """The backfill's runs once it has some and all are over (the daemon marks the backfill itself
         complete on its next pass, up to 30 seconds later)."""
+
         def runs_over():
             runs = self.backfill(backfill_id)["runs"]
-            return runs if runs and all(run["status"] in TERMINAL_RUN_STATUSES for run in runs) else None
+            return (
+                runs
+                if runs and all(run["status"] in TERMINAL_RUN_STATUSES for run in runs)
+                else None
+            )
 
-        return self.server.wait_until(runs_over, BACKFILL_TIMEOUT_S, f"the runs of backfill {backfill_id}", 1.0)
+        return self.server.wait_until(
+            runs_over, BACKFILL_TIMEOUT_S, f"the runs of backfill {backfill_id}", 1.0
+        )
 
     def launch_run(self, job_name: str) -> str:
         params = {"selector": self.server.job_selector(job_name)}
@@ -197,10 +217,16 @@ class Deployment:
 
     def chunk_ids(self) -> dict[str, list[str]]:
         assignment = read_parquet(self.layout.chunk_assignment_path)
-        return {chunk: list(ids) for chunk, ids in assignment.sort_values("position").groupby("chunk")["image_id"]}
+        return {
+            chunk: list(ids)
+            for chunk, ids in assignment.sort_values("position").groupby("chunk")["image_id"]
+        }
 
     def missing_thumbnails(self, chunk_ids: list[str]) -> int:
-        return sum(not self.layout.thumbnail_path(image_id, THUMBNAIL_SIZE).exists() for image_id in chunk_ids)
+        return sum(
+            not self.layout.thumbnail_path(image_id, THUMBNAIL_SIZE).exists()
+            for image_id in chunk_ids
+        )
 
 
 def range_of(run: dict) -> tuple[str, str]:
@@ -209,7 +235,10 @@ def range_of(run: dict) -> tuple[str, str]:
 
 
 def statuses_by_asset(backfill: dict) -> dict[str, dict]:
-    return {"/".join(s["assetKey"]["path"]): s for s in backfill["assetBackfillData"]["assetBackfillStatuses"]}
+    return {
+        "/".join(s["assetKey"]["path"]): s
+        for s in backfill["assetBackfillData"]["assetBackfillStatuses"]
+    }
 
 
 @pytest.fixture(scope="module")
@@ -220,11 +249,17 @@ def deployment(tmp_path_factory):
     root = tmp_path_factory.mktemp("backfill")
     layout = DataLayout(root / "data")
     with EmulatorServer(reference_world(), token=TEST_TOKEN) as emulator:
-        env = {"MAPILLARY_ACCESS_TOKEN": TEST_TOKEN, "MAPILLARY_GRAPH_URL": emulator.graph_url,
-               "MAPILLARY_TILES_URL": emulator.tiles_url, "MAPILLARY_DATA_DIR": str(layout.root),
-               "MAPILLARY_CHUNK_SIZE": str(CHUNK_SIZE), "MAPILLARY_THUMBNAIL_SIZE": str(THUMBNAIL_SIZE),
-               # fail fast in the outage, and download slowly enough for the outage to land mid-chunk
-               "MAPILLARY_MAX_RETRIES": "1", "MAPILLARY_DOWNLOAD_CONCURRENCY": "4"}
+        env = {
+            "MAPILLARY_ACCESS_TOKEN": TEST_TOKEN,
+            "MAPILLARY_GRAPH_URL": emulator.graph_url,
+            "MAPILLARY_TILES_URL": emulator.tiles_url,
+            "MAPILLARY_DATA_DIR": str(layout.root),
+            "MAPILLARY_CHUNK_SIZE": str(CHUNK_SIZE),
+            "MAPILLARY_THUMBNAIL_SIZE": str(THUMBNAIL_SIZE),
+            # fail fast in the outage, and download slowly enough for the outage to land mid-chunk
+            "MAPILLARY_MAX_RETRIES": "1",
+            "MAPILLARY_DOWNLOAD_CONCURRENCY": "4",
+        }
         one_run_at_a_time = {"concurrency": {"runs": {"max_concurrent_runs": 1}}}
         with dagster_server(root / "home", env, config_overrides=one_run_at_a_time) as server:
             deployment = Deployment(server, emulator, layout)
@@ -236,13 +271,24 @@ def deployment(tmp_path_factory):
 
 def discover_and_chunk(deployment: Deployment) -> list[str]:
     """Discovery and chunking, in this process, into the server's instance: the chunk partitions exist."""
-    defs = build_definitions(make_resources(deployment.emulator, deployment.layout.root, chunk_size=CHUNK_SIZE))
+    defs = build_definitions(
+        make_resources(deployment.emulator, deployment.layout.root, chunk_size=CHUNK_SIZE)
+    )
     tiles = tile_partitions.get_partition_keys()
     with deployment.server.open_instance() as instance:
-        for job, tags in (("discovery_job", {"dagster/asset_partition_range_start": tiles[0],
-                                             "dagster/asset_partition_range_end": tiles[-1]}),
-                          ("chunking_job", {})):
-            assert defs.resolve_job_def(job).execute_in_process(instance=instance, tags=tags).success
+        for job, tags in (
+            (
+                "discovery_job",
+                {
+                    "dagster/asset_partition_range_start": tiles[0],
+                    "dagster/asset_partition_range_end": tiles[-1],
+                },
+            ),
+            ("chunking_job", {}),
+        ):
+            assert (
+                defs.resolve_job_def(job).execute_in_process(instance=instance, tags=tags).success
+            )
         return list(instance.get_dynamic_partitions(CHUNK_PARTITIONS_NAME))
 
 
@@ -265,7 +311,10 @@ class OutageDuringSecondRun:
             self.next_instance_check = time.monotonic() + 0.25
             if self.instance.get_materialized_partitions(dg.AssetKey("thumbnail_downloads")):
                 self.first_run_thumbnails = self.emulator.stats()["thumbnail"]
-        elif self.emulator.stats()["thumbnail"] >= self.first_run_thumbnails + OUTAGE_AFTER_THUMBNAILS:
+        elif (
+            self.emulator.stats()["thumbnail"]
+            >= self.first_run_thumbnails + OUTAGE_AFTER_THUMBNAILS
+        ):
             self.emulator.set_faults(outage_start=time.time(), outage_end=None)
             self.started = True
 
@@ -297,7 +346,9 @@ def test_backfill_of_failed_partitions_fetches_only_what_is_missing(deployment, 
 
     # What the failed partitions stored before failing: some thumbnails, not all.
     ids_by_chunk = deployment.chunk_ids()
-    missing = {chunk: deployment.missing_thumbnails(ids_by_chunk[chunk]) for chunk in sorted(failed)}
+    missing = {
+        chunk: deployment.missing_thumbnails(ids_by_chunk[chunk]) for chunk in sorted(failed)
+    }
     assert 0 < sum(missing.values()) < sum(len(ids_by_chunk[c]) for c in failed), missing
     assert all(deployment.missing_thumbnails(ids_by_chunk[chunk]) == 0 for chunk in done)
 
@@ -307,18 +358,27 @@ def test_backfill_of_failed_partitions_fetches_only_what_is_missing(deployment, 
     retry_runs = deployment.wait_for_backfill_runs(retry_id)
     assert [run["status"] for run in retry_runs] == ["SUCCESS"] * len(retry_runs)
     ranges = [range_of(run) for run in retry_runs]
-    assert {key for start, end in ranges for key in chunks[chunks.index(start):chunks.index(end) + 1]} == failed
+    assert {
+        key for start, end in ranges for key in chunks[chunks.index(start) : chunks.index(end) + 1]
+    } == failed
 
     # ... and each fetched only what was missing: the missing thumbnails and their URLs, nothing else.
     stats = emulator.stats()
     assert stats["thumbnail"] == sum(missing.values()), (stats, missing)
-    assert stats["batch"] == sum(math.ceil(n / RESOLVE_BATCH) for n in missing.values()), (stats, missing)
+    assert stats["batch"] == sum(math.ceil(n / RESOLVE_BATCH) for n in missing.values()), (
+        stats,
+        missing,
+    )
     assert stats["tile"] == stats["entity"] == stats["faulted"] == 0, stats
     assert deployment.partition_statuses("blur_scores")["materializedPartitions"] == set(chunks)
     with deployment.server.open_instance() as instance:
-        for chunk in done:   # the first run's chunks were not materialised again
-            records = instance.fetch_materializations(dg.AssetRecordsFilter(
-                asset_key=dg.AssetKey("thumbnail_downloads"), asset_partitions=[chunk]), limit=10).records
+        for chunk in done:  # the first run's chunks were not materialised again
+            records = instance.fetch_materializations(
+                dg.AssetRecordsFilter(
+                    asset_key=dg.AssetKey("thumbnail_downloads"), asset_partitions=[chunk]
+                ),
+                limit=10,
+            ).records
             assert len(records) == 1, chunk
 
     # 3. Publish (launched while the daemon closes the re-execution backfill): the GeoPackage equals the
@@ -327,8 +387,13 @@ def test_backfill_of_failed_partitions_fetches_only_what_is_missing(deployment, 
     retry = deployment.wait_for_backfill(retry_id)
     assert retry["status"] == "COMPLETED_SUCCESS", retry
     retried = statuses_by_asset(retry)
-    assert set(retried) == {"thumbnail_downloads", "blur_scores"}, "metadata had completed: not re-run"
-    assert all(s["numPartitionsTargeted"] == s["numPartitionsMaterialized"] == len(failed) for s in retried.values())
+    assert set(retried) == {"thumbnail_downloads", "blur_scores"}, (
+        "metadata had completed: not re-run"
+    )
+    assert all(
+        s["numPartitionsTargeted"] == s["numPartitionsMaterialized"] == len(failed)
+        for s in retried.values()
+    )
     assert {run["id"] for run in retry["runs"]} == {run["id"] for run in retry_runs}
     assert deployment.wait_for_run(publish_run) == "SUCCESS"
     assert_same_images(read_images(deployment.layout.root), reference.load_images())

@@ -53,11 +53,11 @@ def reference_scores(path: Path, analysis_size=blur.DEFAULT_ANALYSIS_SIZE) -> tu
 def sample_images(tmp_path_factory) -> list[Path]:
     folder = tmp_path_factory.mktemp("blur-samples")
     cases = [
-        ((768, 1024), 0.0),   # analysis size, sharp
-        ((768, 1024), 3.0),   # analysis size, blurred
-        ((600, 800), 0.0),    # smaller: upscaled
-        ((1024, 768), 2.0),   # portrait
-        ((333, 517), 0.0),    # odd size
+        ((768, 1024), 0.0),  # analysis size, sharp
+        ((768, 1024), 3.0),  # analysis size, blurred
+        ((600, 800), 0.0),  # smaller: upscaled
+        ((1024, 768), 2.0),  # portrait
+        ((333, 517), 0.0),  # odd size
         ((1536, 2048), 1.0),  # larger: INTER_AREA downscale
     ]
     return [
@@ -93,13 +93,21 @@ def test_backends_agree_with_reference(sample_images, backend):
     for path, row in zip(sample_images, frame.itertuples()):
         expected_blur, expected_sobel = reference_scores(path)
         assert row.image_id == path.stem
-        assert math.isclose(row.blur_value, expected_blur, rel_tol=RELATIVE_TOLERANCE), (path, backend)
-        assert math.isclose(row.sobel_value, expected_sobel, rel_tol=RELATIVE_TOLERANCE), (path, backend)
+        assert math.isclose(row.blur_value, expected_blur, rel_tol=RELATIVE_TOLERANCE), (
+            path,
+            backend,
+        )
+        assert math.isclose(row.sobel_value, expected_sobel, rel_tol=RELATIVE_TOLERANCE), (
+            path,
+            backend,
+        )
 
 
 def test_kornia_cpu_agrees_with_opencv_on_native_sizes(sample_images):
     opencv = score_images(sample_images, backend="opencv", analysis_size=None, workers=2)
-    kornia = score_images(sample_images, backend="kornia-cpu", analysis_size=None, workers=2, batch_size=3)
+    kornia = score_images(
+        sample_images, backend="kornia-cpu", analysis_size=None, workers=2, batch_size=3
+    )
     np.testing.assert_allclose(kornia["blur_value"], opencv["blur_value"], rtol=1e-9)
     np.testing.assert_allclose(kornia["sobel_value"], opencv["sobel_value"], rtol=1e-9)
 
@@ -154,7 +162,9 @@ def test_bad_files_give_nan_rows_with_reason(tmp_path, sample_images, backend):
     missing = tmp_path / "444.jpg"
     seen = []
     frame = score_images(
-        [garbage, good, truncated, corrupt, missing], backend=backend, progress=lambda *a: seen.append(a)
+        [garbage, good, truncated, corrupt, missing],
+        backend=backend,
+        progress=lambda *a: seen.append(a),
     )
     assert frame["image_id"].tolist() == ["111", good.stem, "222", "333", "444"]
     bad = frame.drop(index=1)
@@ -203,7 +213,9 @@ def emulator_thumbnails(tmp_path_factory):
     layout = DataLayout(tmp_path_factory.mktemp("blur-emulator"))
 
     async def fetch(server):
-        settings = ClientSettings(token=EMULATOR_TOKEN, graph_url=server.graph_url, tiles_url=server.tiles_url)
+        settings = ClientSettings(
+            token=EMULATOR_TOKEN, graph_url=server.graph_url, tiles_url=server.tiles_url
+        )
         async with MapillaryClient(settings) as client:
             return await download_thumbnails(client, layout, ids)
 
@@ -224,8 +236,10 @@ def test_is_blurry_matches_emulator_ground_truth(emulator_thumbnails):
     true_positives = int((predicted & actual).sum())
     precision = true_positives / max(1, int(predicted.sum()))
     recall = true_positives / max(1, int(actual.sum()))
-    print(f"\nblur detection on {len(frame)} emulator thumbnails ({int(actual.sum())} blurred): "
-          f"precision {precision:.3f}, recall {recall:.3f}")
+    print(
+        f"\nblur detection on {len(frame)} emulator thumbnails ({int(actual.sum())} blurred): "
+        f"precision {precision:.3f}, recall {recall:.3f}"
+    )
     assert actual.sum() >= 30
     assert precision >= 0.9 and recall >= 0.9
 

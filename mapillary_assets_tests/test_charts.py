@@ -46,7 +46,7 @@ def _share(image: np.ndarray, bgr: tuple[int, int, int], tolerance: int = 40) ->
     return float((np.abs(image.astype(int) - bgr).max(axis=2) <= tolerance).mean())
 
 
-RED, GREY = (40, 39, 214), (217, 217, 217)   # BGR of the failed / not-discovered colours
+RED, GREY = (40, 39, 214), (217, 217, 217)  # BGR of the failed / not-discovered colours
 
 
 def test_png_markdown_is_a_data_uri_image_or_a_plain_note():
@@ -58,8 +58,11 @@ def test_png_markdown_is_a_data_uri_image_or_a_plain_note():
 def test_histogram_colours_the_scores_below_the_threshold():
     rng = np.random.default_rng(3)
     sharp = decode_png(charts.blur_histogram_png(rng.uniform(200, 5000, 1000), threshold=100.0))
-    mixed = decode_png(charts.blur_histogram_png(np.r_[rng.uniform(5, 50, 500), rng.uniform(200, 5000, 500)],
-                                                 threshold=100.0))
+    mixed = decode_png(
+        charts.blur_histogram_png(
+            np.r_[rng.uniform(5, 50, 500), rng.uniform(200, 5000, 500)], threshold=100.0
+        )
+    )
     assert _share(sharp, RED) < 0.001
     assert _share(mixed, RED) > 0.02
     assert charts.blur_histogram_png([np.nan, 0.0, -1.0]) is None
@@ -80,13 +83,18 @@ def test_contact_sheet_shows_the_extremes_with_red_frames_for_blurry_ones(tmp_pa
     paths, scores = [], []
     for index in range(14):
         noise = rng.integers(0, 255, (192, 256, 3), dtype=np.uint8)
-        paths.append(_jpeg(tmp_path / f"{index}.jpg", noise if index % 2 else cv2.GaussianBlur(noise, (0, 0), 8)))
+        paths.append(
+            _jpeg(
+                tmp_path / f"{index}.jpg",
+                noise if index % 2 else cv2.GaussianBlur(noise, (0, 0), 8),
+            )
+        )
         scores.append(1000.0 + index if index % 2 else 10.0 + index)
     paths.append(tmp_path / "missing.jpg")
-    scores.append(np.nan)   # not scored: never shown
+    scores.append(np.nan)  # not scored: never shown
     sheet = decode_png(charts.contact_sheet_png(paths, scores, threshold=100.0))
-    assert _share(sheet, RED) > 0.002          # frames / titles of the blurry row
-    assert sheet.std() > 20                     # the thumbnails are drawn, not a blank page
+    assert _share(sheet, RED) > 0.002  # frames / titles of the blurry row
+    assert sheet.std() > 20  # the thumbnails are drawn, not a blank page
     only_sharp = decode_png(charts.contact_sheet_png(paths[1::2], scores[1::2], threshold=100.0))
     assert _share(only_sharp, RED) < _share(sheet, RED) / 4
     assert charts.contact_sheet_png(paths[-1:], scores[-1:], threshold=100.0) is None
@@ -105,8 +113,11 @@ def test_tile_map_marks_failed_and_undiscovered_tiles():
     counts = {key: 1000 * (index + 1) for index, key in enumerate(keys)}
     counts[keys[0]] = 0
     plain = decode_png(charts.tile_map_png(aoi.geometry, counts, run_keys=keys))
-    marked = decode_png(charts.tile_map_png(aoi.geometry, {**counts, keys[1]: None}, failed=[keys[2]],
-                                            run_keys=keys[3:]))
+    marked = decode_png(
+        charts.tile_map_png(
+            aoi.geometry, {**counts, keys[1]: None}, failed=[keys[2]], run_keys=keys[3:]
+        )
+    )
     assert _share(plain, RED) < 0.0005 and _share(marked, RED) > 0.002
     assert _share(marked, GREY, tolerance=6) > _share(plain, GREY, tolerance=6) + 0.01
 
@@ -118,7 +129,9 @@ def test_published_overview_aggregates_images_and_samples_sequences(tmp_path):
     aoi = load_aoi()
     with connect_staging(layout.staging_db_path, read_only=True) as con:
         overview = published_overview(con, aoi.geometry.bounds, cells=50)
-        images, kept = con.execute("SELECT count(*), count(*) FILTER (WHERE keep_spacing) FROM images").fetchone()
+        images, kept = con.execute(
+            "SELECT count(*), count(*) FILTER (WHERE keep_spacing) FROM images"
+        ).fetchone()
         sample = published_overview(con, aoi.geometry.bounds, max_sequences=1)
     assert overview.counts.shape == (50, 50)
     assert (overview.counts.sum(), overview.kept.sum()) == (images, kept) == (8, 4)
@@ -135,7 +148,9 @@ def test_overview_keeps_points_on_the_extent_edge(tmp_path, cells):
     write_sample_stages(layout)
     load_staging(layout)
     with connect_staging(layout.staging_db_path, read_only=True) as con:
-        west, south, east, north = con.execute("SELECT min(lon), min(lat), max(lon), max(lat) FROM images").fetchone()
+        west, south, east, north = con.execute(
+            "SELECT min(lon), min(lat), max(lon), max(lat) FROM images"
+        ).fetchone()
         overview = published_overview(con, (west, south, east, north), cells=cells)
     assert overview.counts.sum() == 8
 
@@ -149,12 +164,17 @@ def test_discovery_tile_map_crosses_out_the_partition_that_failed(tmp_path):
         def healthy_tile_map() -> np.ndarray:
             assert job.execute_in_process(instance=run.instance, partition_key=healthy).success
             record = run.instance.fetch_materializations(
-                dg.AssetRecordsFilter(asset_key=dg.AssetKey("discovered_images"), asset_partitions=[healthy]),
-                limit=1).records[0]
+                dg.AssetRecordsFilter(
+                    asset_key=dg.AssetKey("discovered_images"), asset_partitions=[healthy]
+                ),
+                limit=1,
+            ).records[0]
             return decode_markdown(record.asset_materialization.metadata["tile_map"].value)
 
         run.server.set_faults(outage_start=time.time() - 1, outage_end=time.time() + 3600)
-        assert not job.execute_in_process(instance=run.instance, partition_key=failing, raise_on_error=False).success
+        assert not job.execute_in_process(
+            instance=run.instance, partition_key=failing, raise_on_error=False
+        ).success
         run.server.set_faults(outage_start=None, outage_end=None)
         with_failure = healthy_tile_map()
         assert job.execute_in_process(instance=run.instance, partition_key=failing).success

@@ -34,12 +34,12 @@ def test_first_assignment_sorts_numerically_and_fills_chunks():
 
 
 def test_refresh_keeps_existing_rows_and_adds_new_chunks_only():
-    first = assign_chunks(None, ids(1000, 1120), chunk_size=50)   # chunks 0, 1 full; 2 holds 20
+    first = assign_chunks(None, ids(1000, 1120), chunk_size=50)  # chunks 0, 1 full; 2 holds 20
     # the refresh sees every old id again plus new ids, some numerically *smaller* than the old ones
     refreshed = assign_chunks(first, ids(1000, 1120) + ids(10, 40) + ids(5000, 5010), chunk_size=50)
     pd.testing.assert_frame_equal(refreshed.iloc[: len(first)], first)
-    added = refreshed.iloc[len(first):]
-    assert set(added["chunk"]) == {"chunk-000003"}                    # the partial chunk 2 stays as it was
+    added = refreshed.iloc[len(first) :]
+    assert set(added["chunk"]) == {"chunk-000003"}  # the partial chunk 2 stays as it was
     assert added["image_id"].tolist() == ids(10, 40) + ids(5000, 5010)
     assert added["position"].tolist() == list(range(120, 160))
     assert chunk_image_ids(refreshed, "chunk-000002") == chunk_image_ids(first, "chunk-000002")
@@ -95,7 +95,9 @@ def test_chunk_size_is_validated(size):
 def test_invalid_ids_and_corrupt_existing_are_rejected():
     with pytest.raises(ValueError, match="invalid Mapillary image id"):
         assign_chunks(None, ["12", "abc"], chunk_size=50)
-    broken = pd.DataFrame({"image_id": ["1", "1"], "chunk": ["chunk-000000"] * 2, "position": [0, 1]})
+    broken = pd.DataFrame(
+        {"image_id": ["1", "1"], "chunk": ["chunk-000000"] * 2, "position": [0, 1]}
+    )
     with pytest.raises(ChunkError, match="twice"):
         assign_chunks(broken, ids(1, 5), chunk_size=50)
     with pytest.raises(ChunkError, match="lacks column"):

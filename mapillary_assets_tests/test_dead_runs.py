@@ -26,7 +26,9 @@ def dead_pid() -> int:
 def started_run(instance: dg.DagsterInstance, pid: int, pool: str) -> DagsterRun:
     """A STARTED run whose worker has `pid` and that holds one slot of `pool`, as a run killed mid-step leaves it."""
     run = instance.add_run(DagsterRun(job_name="chunk_job", status=dg.DagsterRunStatus.STARTED))
-    instance.report_engine_event(f"Executing steps in process (pid: {pid})", run, EngineEventData.in_process(pid))
+    instance.report_engine_event(
+        f"Executing steps in process (pid: {pid})", run, EngineEventData.in_process(pid)
+    )
     instance.event_log_storage.initialize_concurrency_limit_to_default(pool)  # as the executor does
     claim = instance.event_log_storage.claim_concurrency_slot(pool, run.run_id, "blur_scores")
     assert claim.is_claimed

@@ -16,17 +16,17 @@ from mapillary_assets.emulator import EmulatorServer, World
 from mapillary_assets.emulator.tiles import render_tile
 from mapillary_assets.pipeline.aoi import load_aoi
 from mapillary_assets.pipeline.discovery import (
-    discover_by_sequences,
     DISCOVERY_COLUMNS,
     SEARCH_LIMIT,
     discover_by_bbox_search,
+    discover_by_sequences,
     discover_partition,
     touched_z14_tiles,
 )
 from mapillary_assets.storage import DataLayout
 
-CENTRE = mercantile.Tile(2145, 1434, 12)   # Zurich HB; the AOI edge crosses it
-QUANTUM_M = 1.0                            # z14 tile points are quantised to ~0.4 m
+CENTRE = mercantile.Tile(2145, 1434, 12)  # Zurich HB; the AOI edge crosses it
+QUANTUM_M = 1.0  # z14 tile points are quantised to ~0.4 m
 
 
 # ---------------------------------------------------------------------------------------------
@@ -61,22 +61,39 @@ class SearchClient:
         records = self.world.images_in_polygon(box(*bbox))
         if len(records) > self.too_large_above:
             raise RequestTooLargeError("request too large", code=1, status=500)
-        return [{"id": r.id, "geometry": {"type": "Point", "coordinates": list(r.geometry)},
-                 "captured_at": r.captured_at, "sequence": r.sequence, "compass_angle": r.compass_angle,
-                 "is_pano": r.is_pano, "creator": r.creator} for r in records[:limit]]
+        return [
+            {
+                "id": r.id,
+                "geometry": {"type": "Point", "coordinates": list(r.geometry)},
+                "captured_at": r.captured_at,
+                "sequence": r.sequence,
+                "compass_angle": r.compass_angle,
+                "is_pano": r.is_pano,
+                "creator": r.creator,
+            }
+            for r in records[:limit]
+        ]
 
 
 def partition_truth(world: World, aoi, partition: mercantile.Tile) -> dict[str, object]:
     area = aoi.geometry.intersection(box(*mercantile.bounds(partition)))
-    return {r.id: r for r in world.images_in_polygon(area) if mercantile.tile(r.lon, r.lat, partition.z) == partition}
+    return {
+        r.id: r
+        for r in world.images_in_polygon(area)
+        if mercantile.tile(r.lon, r.lat, partition.z) == partition
+    }
 
 
 def nonempty_children(world: World, aoi, partition: mercantile.Tile) -> list[tuple[int, int]]:
     area = aoi.geometry.intersection(box(*mercantile.bounds(partition)))
     span = 2 ** (14 - partition.z)
-    return [(x, y) for x, y in world.nonempty_z14_tiles(area)
-            if x // span == partition.x and y // span == partition.y
-            and area.intersection(box(*mercantile.bounds(x, y, 14))).area > 0]
+    return [
+        (x, y)
+        for x, y in world.nonempty_z14_tiles(area)
+        if x // span == partition.x
+        and y // span == partition.y
+        and area.intersection(box(*mercantile.bounds(x, y, 14))).area > 0
+    ]
 
 
 def assert_same_ids_up_to_quantisation(found_ids, truth: dict, world: World, aoi) -> None:
@@ -119,7 +136,9 @@ def test_touched_tiles_of_points_and_lines():
     diagonal = touched_z14_tiles([[centre(8580, 5737), centre(8581, 5738)]])
     assert {(8580, 5737), (8581, 5738)} <= diagonal and len(diagonal) in (2, 4)
     # a short diagonal in the lower-right quarter never enters the tile's upper-left neighbours
-    near = touched_z14_tiles([[mercantile.ul(8580.6, 5737.6, 14), mercantile.ul(8581.4, 5737.9, 14)]])
+    near = touched_z14_tiles(
+        [[mercantile.ul(8580.6, 5737.6, 14), mercantile.ul(8581.4, 5737.9, 14)]]
+    )
     assert near == {(8580, 5737), (8581, 5737)}
     assert touched_z14_tiles([]) == set()
 
@@ -154,7 +173,9 @@ def test_partition_finds_the_aoi_images_with_one_request_per_nonempty_tile(tmp_p
     assert stats.coverage_requests == 1 and stats.image_tile_requests == stats.nonempty_z14_tiles
     assert sorted((x, y) for z, x, y in client.tile_requests if z == 14) == expected_tiles
     assert len(client.tile_requests) == 1 + len(expected_tiles)
-    assert stats.images_in_aoi == len(frame) and stats.images_in_tiles > len(frame)   # clipped to the AOI
+    assert stats.images_in_aoi == len(frame) and stats.images_in_tiles > len(
+        frame
+    )  # clipped to the AOI
     assert stats.skipped_z14_tiles > 0
 
 
@@ -174,9 +195,11 @@ def test_refresh_within_cache_age_makes_no_request(tmp_path, world, aoi):
 
 
 def test_empty_partition_caches_its_empty_coverage_tile(tmp_path, world):
-    far = mercantile.tile(9.30, 47.38, 12)          # 55 km east of Zurich: beyond the synthetic world
+    far = mercantile.tile(9.30, 47.38, 12)  # 55 km east of Zurich: beyond the synthetic world
     layout = DataLayout(tmp_path)
-    far_aoi = load_aoi(coordinates=[list(c) for c in box(*mercantile.bounds(far)).buffer(-0.001).exterior.coords])
+    far_aoi = load_aoi(
+        coordinates=[list(c) for c in box(*mercantile.bounds(far)).buffer(-0.001).exterior.coords]
+    )
     client = TileClient(world)
     frame, stats = run(discover_partition(client, far_aoi, far, layout))
     assert frame.empty and list(frame.columns) == list(DISCOVERY_COLUMNS)
@@ -193,7 +216,9 @@ def test_corrupt_cached_tile_is_deleted_and_fetched_again(tmp_path, world, aoi, 
     first, stats = run(discover_partition(TileClient(world), aoi, CENTRE, layout))
     x, y = map(int, first["tile_z14"].iloc[0].split("/")[1:])
     layout.tile_cache_path("mly1_public", 14, x, y).write_bytes(b"\x1a\xff\xff garbage")
-    layout.tile_cache_path("mly1_public", 12, CENTRE.x, CENTRE.y).write_bytes(b"\x1f\x8b truncated gzip")
+    layout.tile_cache_path("mly1_public", 12, CENTRE.x, CENTRE.y).write_bytes(
+        b"\x1f\x8b truncated gzip"
+    )
     client = TileClient(world)
     with caplog.at_level(logging.WARNING):
         again, again_stats = run(discover_partition(client, aoi, CENTRE, layout))
@@ -208,23 +233,29 @@ def test_low_zoom_partition_reads_coverage_at_z6(tmp_path, world, aoi):
     client = TileClient(world)
     frame, stats = run(discover_partition(client, aoi, partition, DataLayout(tmp_path)))
     assert {z for z, *_ in client.tile_requests} == {6, 14}
-    assert stats.coverage_requests == 1                      # the AOI lies within one z6 tile
-    assert_same_ids_up_to_quantisation(frame["image_id"], partition_truth(world, aoi, partition), world, aoi)
+    assert stats.coverage_requests == 1  # the AOI lies within one z6 tile
+    assert_same_ids_up_to_quantisation(
+        frame["image_id"], partition_truth(world, aoi, partition), world, aoi
+    )
 
 
 def test_bbox_search_splits_full_boxes_and_matches_tiles(tmp_path, world, aoi):
     client = SearchClient(world)
     frame, stats = run(discover_by_bbox_search(client, aoi, bbox=tuple(mercantile.bounds(CENTRE))))
     truth = partition_truth(world, aoi, CENTRE)
-    assert set(frame["image_id"]) == set(truth)          # exact positions: no quantisation here
+    assert set(frame["image_id"]) == set(truth)  # exact positions: no quantisation here
     assert stats.search_requests == len(client.boxes) > 4
     assert {k: str(v) for k, v in frame.dtypes.items()} == DISCOVERY_COLUMNS
     tiles, _ = run(discover_partition(TileClient(world), aoi, CENTRE, DataLayout(tmp_path)))
-    assert_same_ids_up_to_quantisation(frame["image_id"], {i: None for i in tiles["image_id"]}, world, aoi)
+    assert_same_ids_up_to_quantisation(
+        frame["image_id"], {i: None for i in tiles["image_id"]}, world, aoi
+    )
 
 
 def test_bbox_search_splits_on_request_too_large(world):
-    small = load_aoi(coordinates=[[8.535, 47.372], [8.545, 47.372], [8.545, 47.382], [8.535, 47.382]])
+    small = load_aoi(
+        coordinates=[[8.535, 47.372], [8.545, 47.372], [8.545, 47.382], [8.535, 47.382]]
+    )
     client = SearchClient(world, too_large_above=150)
     frame, stats = run(discover_by_bbox_search(client, small))
     truth = {r.id for r in world.images_in_polygon(small.geometry)}
@@ -237,9 +268,16 @@ def test_bbox_search_splits_on_request_too_large(world):
 
 
 def emulator_client(server: EmulatorServer, tmp_path, **overrides) -> MapillaryClient:
-    return MapillaryClient(ClientSettings(
-        token=Secret(server.token), graph_url=server.graph_url, tiles_url=server.tiles_url,
-        rate_limit_store=tmp_path / "rate_limits.sqlite", backoff_base_s=0.01, **overrides))
+    return MapillaryClient(
+        ClientSettings(
+            token=Secret(server.token),
+            graph_url=server.graph_url,
+            tiles_url=server.tiles_url,
+            rate_limit_store=tmp_path / "rate_limits.sqlite",
+            backoff_base_s=0.01,
+            **overrides,
+        )
+    )
 
 
 async def discover_via(server, tmp_path, aoi, partition, layout, **kwargs):
@@ -267,7 +305,9 @@ def test_emulator_partition_requests_cache_and_bbox_route(tmp_path, world, aoi):
         pd.testing.assert_frame_equal(again, frame)
 
         server.reset_stats()
-        searched, search_stats = run(search_via(server, tmp_path, aoi, tuple(mercantile.bounds(CENTRE))))
+        searched, search_stats = run(
+            search_via(server, tmp_path, aoi, tuple(mercantile.bounds(CENTRE)))
+        )
         assert set(searched["image_id"]) == set(truth)
         assert server.stats()["search"] == search_stats.search_requests
 
@@ -277,7 +317,9 @@ def test_emulator_5xx_are_retried(tmp_path, world, aoi):
         server.set_faults(error_5xx_rate=0.3)
         frame, _ = run(discover_via(server, tmp_path, aoi, CENTRE, DataLayout(tmp_path / "data")))
         assert server.stats()["faulted"] > 0
-    assert_same_ids_up_to_quantisation(frame["image_id"], partition_truth(world, aoi, CENTRE), world, aoi)
+    assert_same_ids_up_to_quantisation(
+        frame["image_id"], partition_truth(world, aoi, CENTRE), world, aoi
+    )
 
 
 async def sequences_via(server, tmp_path, aoi, sequence_ids, existing=None):
@@ -285,20 +327,28 @@ async def sequences_via(server, tmp_path, aoi, sequence_ids, existing=None):
         return await discover_by_sequences(client, aoi, sequence_ids, existing)
 
 
-def test_sequence_route_finds_the_sequences_images_inside_the_area_and_resumes(tmp_path, world, aoi):
+def test_sequence_route_finds_the_sequences_images_inside_the_area_and_resumes(
+    tmp_path, world, aoi
+):
     records = world.images_in_polygon(aoi.geometry)
     sequences = sorted({r.sequence_id for r in records})[::25][:6]
     truth = {r.id: r for r in records if r.sequence_id in sequences}
     with EmulatorServer(world) as server:
-        frame, failures, stats = run(sequences_via(server, tmp_path, aoi, [*sequences, "NoSuchSequence1"]))
+        frame, failures, stats = run(
+            sequences_via(server, tmp_path, aoi, [*sequences, "NoSuchSequence1"])
+        )
         assert set(frame["image_id"]) == set(truth) and len(truth) > 50
         assert failures.empty
         assert {k: str(v) for k, v in frame.dtypes.items()} == DISCOVERY_COLUMNS
         row = frame.iloc[0]
         record = truth[row["image_id"]]
-        assert row["sequence_id"] == record.sequence_id and row["captured_at_ms"] == record.captured_at
+        assert (
+            row["sequence_id"] == record.sequence_id and row["captured_at_ms"] == record.captured_at
+        )
         assert (row["lon"], row["lat"]) == pytest.approx(tuple(record.geometry))
-        assert row["tile_z14"] == "14/{}/{}".format(*mercantile.tile(row["lon"], row["lat"], 14)[:2])
+        assert row["tile_z14"] == "14/{}/{}".format(
+            *mercantile.tile(row["lon"], row["lat"], 14)[:2]
+        )
 
         # A re-run lists the sequences again but looks up none of the images it already holds.
         server.reset_stats()

@@ -19,7 +19,9 @@ from mapillary_assets.pipeline.download import (
 from mapillary_assets.storage import TEMP_MARKER, DataLayout
 
 
-def make_jpeg(seed: int = 0, height: int = 96, width: int = 128, progressive: bool = False) -> bytes:
+def make_jpeg(
+    seed: int = 0, height: int = 96, width: int = 128, progressive: bool = False
+) -> bytes:
     rng = np.random.default_rng(seed)
     image = cv2.GaussianBlur(rng.integers(0, 256, (height, width, 3), dtype=np.uint8), (0, 0), 1.5)
     params = [cv2.IMWRITE_JPEG_QUALITY, 85, cv2.IMWRITE_JPEG_PROGRESSIVE, int(progressive)]
@@ -33,6 +35,7 @@ JPEG = make_jpeg()
 
 # is_complete_jpeg / verify_jpeg (pure)
 
+
 def test_complete_jpeg_accepted():
     assert is_complete_jpeg(JPEG)
     assert is_complete_jpeg(make_jpeg(seed=3, progressive=True))
@@ -44,12 +47,12 @@ def test_complete_jpeg_accepted():
     [
         b"",
         b"\xff\xd8\xff\xd9",
-        JPEG[: len(JPEG) // 2],                 # truncated transfer
-        JPEG[:-2],                              # only the EOI missing
-        JPEG[:200] + b"\xff\xd9",               # cut inside the headers, EOI appended
-        b"GIF89a" + JPEG[6:],                   # not a JPEG
+        JPEG[: len(JPEG) // 2],  # truncated transfer
+        JPEG[:-2],  # only the EOI missing
+        JPEG[:200] + b"\xff\xd9",  # cut inside the headers, EOI appended
+        b"GIF89a" + JPEG[6:],  # not a JPEG
         b"<html>403 URL signature expired</html>",
-        bytes(range(256)) * 10,                 # garbage
+        bytes(range(256)) * 10,  # garbage
         b"\xff\xd8" + bytes(range(256)) * 4 + b"\xff\xd9",  # SOI + garbage + EOI
     ],
 )
@@ -61,7 +64,9 @@ def test_incomplete_or_foreign_data_rejected(data):
 def test_stray_markers_in_scan_data_are_caught_without_decoding():
     damaged = bytearray(JPEG)
     middle = len(damaged) // 2
-    damaged[middle : middle + 300] = np.random.default_rng(1).integers(0, 256, 300, dtype=np.uint8).tobytes()
+    damaged[middle : middle + 300] = (
+        np.random.default_rng(1).integers(0, 256, 300, dtype=np.uint8).tobytes()
+    )
     assert not is_complete_jpeg(bytes(damaged))
     assert "stray marker" in verify_jpeg(bytes(damaged))
     premature_end = JPEG[:middle] + b"\xff\xd9" + JPEG[middle:]
@@ -84,10 +89,14 @@ def test_thumbnail_fields_and_paths(tmp_path):
         thumbnail_field(512)
     layout = DataLayout(tmp_path)
     assert layout.thumbnail_path("1234567", 256) == tmp_path / "thumbnails/256/567/1234567.jpg"
-    assert layout.thumbnail_path("1234567", "original") == tmp_path / "thumbnails/original/567/1234567.jpg"
+    assert (
+        layout.thumbnail_path("1234567", "original")
+        == tmp_path / "thumbnails/original/567/1234567.jpg"
+    )
 
 
 # download_thumbnails against a scripted client (no network)
+
 
 class FakeClient:
     """get_images/get_thumbnail with scripted misbehaviour; URLs carry a generation counter."""
@@ -96,8 +105,10 @@ class FakeClient:
         self.known = known
         self.bodies = bodies or {}
         self.generation: Counter = Counter()
-        self.expire_first: Counter = Counter()     # id -> how many fresh URLs still answer "expired"
-        self.bad_bodies: Counter = Counter()       # id -> how many downloads still return a truncated body
+        self.expire_first: Counter = Counter()  # id -> how many fresh URLs still answer "expired"
+        self.bad_bodies: Counter = (
+            Counter()
+        )  # id -> how many downloads still return a truncated body
         self.no_url: set[str] = set()
         self.thumbnail_errors: dict[str, Exception] = {}
         self.lookups: list[list[str]] = []
@@ -108,7 +119,9 @@ class FakeClient:
         self.lookups.append(list(image_ids))
         (field,) = fields
         if any(i not in self.known for i in image_ids):
-            raise PermanentError("unknown id or field (HTTP 400, code 100/33)", code=100, subcode=33, status=400)
+            raise PermanentError(
+                "unknown id or field (HTTP 400, code 100/33)", code=100, subcode=33, status=400
+            )
         out = {}
         for image_id in image_ids:
             self.generation[image_id] += 1
@@ -147,11 +160,18 @@ def test_downloads_are_verified_sharded_and_atomic(tmp_path):
     ids = [str(10_000 + i) for i in range(120)]
     client = FakeClient(set(ids), {i: make_jpeg(int(i)) for i in ids})
     seen = []
-    frame = run(download_thumbnails(client, layout, ids + ids[:5], concurrency=8,
-                                    progress=lambda *a: seen.append(a)))
+    frame = run(
+        download_thumbnails(
+            client, layout, ids + ids[:5], concurrency=8, progress=lambda *a: seen.append(a)
+        )
+    )
     assert frame["image_id"].tolist() == ids
     assert list(frame.columns) == download.COLUMNS
-    assert (frame["status"] == "ok").all() and frame["reason"].isna().all() and not frame["transient"].any()
+    assert (
+        (frame["status"] == "ok").all()
+        and frame["reason"].isna().all()
+        and not frame["transient"].any()
+    )
     assert frame["bytes"].dtype == np.int64 and frame["transient"].dtype == bool
     for row in frame.itertuples():
         path = tmp_path / row.path
@@ -189,13 +209,15 @@ def test_unknown_ids_are_isolated_by_bisection(tmp_path):
     assert "no thumb_1024_url" in failed.loc["101", "reason"]
     assert failed["path"].isna().all() and (failed["bytes"] == 0).all()
     assert (frame.drop(index=failed.index)["status"] == "ok").all()
-    assert len(client.lookups) <= 1 + 2 * 2 * 6  # two bad ids: two bisection paths of depth ceil(log2 50)
+    assert (
+        len(client.lookups) <= 1 + 2 * 2 * 6
+    )  # two bad ids: two bisection paths of depth ceil(log2 50)
 
 
 def test_expired_urls_are_re_resolved_a_bounded_number_of_times(tmp_path):
     client = FakeClient({"1", "2"})
-    client.expire_first["1"] = 2                      # recovers on the third URL
-    client.expire_first["2"] = 100                    # never recovers
+    client.expire_first["1"] = 2  # recovers on the third URL
+    client.expire_first["2"] = 100  # never recovers
     frame = run(download_thumbnails(client, DataLayout(tmp_path), ["1", "2"])).set_index("image_id")
     assert frame.loc["1", "status"] == "ok"
     assert client.generation["1"] == 3
@@ -208,9 +230,11 @@ def test_expired_urls_are_re_resolved_a_bounded_number_of_times(tmp_path):
 def test_truncated_bodies_are_retried_then_recorded_transient(tmp_path, decode_check):
     layout = DataLayout(tmp_path)
     client = FakeClient({"5", "6"})
-    client.bad_bodies["5"] = download.MAX_JPEG_ATTEMPTS - 1   # last attempt succeeds
+    client.bad_bodies["5"] = download.MAX_JPEG_ATTEMPTS - 1  # last attempt succeeds
     client.bad_bodies["6"] = 100
-    frame = run(download_thumbnails(client, layout, ["5", "6"], decode_check=decode_check)).set_index("image_id")
+    frame = run(
+        download_thumbnails(client, layout, ["5", "6"], decode_check=decode_check)
+    ).set_index("image_id")
     assert frame.loc["5", "status"] == "ok"
     assert frame.loc["6", "status"] == "failed" and frame.loc["6", "transient"]
     assert "truncated JPEG" in frame.loc["6", "reason"]
@@ -224,7 +248,9 @@ def test_download_errors_recorded_with_their_transience(tmp_path):
     client = FakeClient({"7", "8", "9"})
     client.thumbnail_errors["7"] = TransientError("server error (HTTP 503)", status=503)
     client.thumbnail_errors["8"] = PermanentError("request rejected (HTTP 404)", status=404)
-    frame = run(download_thumbnails(client, DataLayout(tmp_path), ["7", "8", "9"])).set_index("image_id")
+    frame = run(download_thumbnails(client, DataLayout(tmp_path), ["7", "8", "9"])).set_index(
+        "image_id"
+    )
     assert frame["status"].tolist() == ["failed", "failed", "ok"]
     assert frame["transient"].tolist() == [True, False, False]
 
@@ -233,7 +259,11 @@ def test_auth_error_propagates(tmp_path):
     client = FakeClient({str(i) for i in range(1, 30)})
     client.thumbnail_errors["13"] = AuthError("token rejected (code 190)", code=190)
     with pytest.raises(AuthError):
-        run(download_thumbnails(client, DataLayout(tmp_path), [str(i) for i in range(1, 30)], concurrency=4))
+        run(
+            download_thumbnails(
+                client, DataLayout(tmp_path), [str(i) for i in range(1, 30)], concurrency=4
+            )
+        )
 
 
 @pytest.mark.parametrize("bad_id", ["../../etc/passwd", "12a", "", " 12", "1" * 21])
@@ -290,8 +320,14 @@ def world_ids(world, count: int) -> list[str]:
 def emulator_client(server):
     from mapillary_assets.api.client import ClientSettings, MapillaryClient
 
-    settings = ClientSettings(token=EMULATOR_TOKEN, graph_url=server.graph_url, tiles_url=server.tiles_url,
-                              max_retries=2, backoff_base_s=0.01, backoff_max_s=0.05)
+    settings = ClientSettings(
+        token=EMULATOR_TOKEN,
+        graph_url=server.graph_url,
+        tiles_url=server.tiles_url,
+        max_retries=2,
+        backoff_base_s=0.01,
+        backoff_max_s=0.05,
+    )
     return MapillaryClient(settings)
 
 
@@ -361,7 +397,7 @@ def test_emulator_expired_urls_are_re_resolved(server, tmp_path):
     assert (frame["status"] == "ok").all(), frame["reason"].dropna().tolist()
     stats = server.stats()
     assert stats["family:cdn"] == 2 * len(ids)  # one 403 and one good download each
-    assert stats["batch"] == 1 + len(ids)       # the batch lookup, then one fresh URL per id
+    assert stats["batch"] == 1 + len(ids)  # the batch lookup, then one fresh URL per id
 
 
 def test_emulator_always_expired_urls_fail_transient_after_bounded_refreshes(server, tmp_path):
@@ -383,7 +419,10 @@ def test_emulator_damaged_jpegs_recorded_then_fixed_by_a_rerun(server, tmp_path)
     assert failed["transient"].all()
     reasons = failed["reason"].tolist()
     assert any("truncated JPEG" in r for r in reasons) and any("corrupt JPEG" in r for r in reasons)
-    assert server.stats()["family:cdn"] == (len(ids) - len(failed)) + len(failed) * download.MAX_JPEG_ATTEMPTS
+    assert (
+        server.stats()["family:cdn"]
+        == (len(ids) - len(failed)) + len(failed) * download.MAX_JPEG_ATTEMPTS
+    )
     for image_id in failed.index:
         assert not layout.thumbnail_path(image_id, 1024).exists()
 

@@ -22,21 +22,30 @@ import pytest
 import requests
 from shapely.geometry import box, shape
 
-from mapillary_assets.emulator import EmulatorServer, Faults, ImageRecord, World
-from mapillary_assets.emulator import thumbnails
+from mapillary_assets.emulator import EmulatorServer, Faults, ImageRecord, World, thumbnails
 from mapillary_assets.emulator.world import (
-    IMAGE_ID_BASE, LAKE, decode_image_id, decode_sequence_id, encode_image_id, encode_sequence_id,
+    IMAGE_ID_BASE,
+    LAKE,
+    decode_image_id,
+    decode_sequence_id,
+    encode_image_id,
+    encode_sequence_id,
 )
 
 TOKEN = "MLY|test-token"
 AUTH = {"Authorization": f"OAuth {TOKEN}"}
-CORE_TILE = (8580, 5737)          # contains Zurich HB
-LAKE_TILE = (8581, 5740)          # wholly inside the lake polygon
-ZURICH = shape(json.loads((Path(__file__).parents[1] / "mapillary_assets/data/zurich.geojson").read_text())
-               ["features"][0]["geometry"])
-ALL_FIELDS = ("id,altitude,atomic_scale,camera_parameters,camera_type,captured_at,compass_angle,computed_altitude,"
-              "computed_compass_angle,computed_geometry,computed_rotation,creator,exif_orientation,geometry,height,"
-              "is_pano,make,merge_cc,mesh,model,quality_score,sequence,sfm_cluster,width")
+CORE_TILE = (8580, 5737)  # contains Zurich HB
+LAKE_TILE = (8581, 5740)  # wholly inside the lake polygon
+ZURICH = shape(
+    json.loads((Path(__file__).parents[1] / "mapillary_assets/data/zurich.geojson").read_text())[
+        "features"
+    ][0]["geometry"]
+)
+ALL_FIELDS = (
+    "id,altitude,atomic_scale,camera_parameters,camera_type,captured_at,compass_angle,computed_altitude,"
+    "computed_compass_angle,computed_geometry,computed_rotation,creator,exif_orientation,geometry,height,"
+    "is_pano,make,merge_cc,mesh,model,quality_score,sequence,sfm_cluster,width"
+)
 
 
 @pytest.fixture(scope="module")
@@ -85,7 +94,9 @@ def laplacian_variance(data: bytes) -> float:
 def test_same_seed_same_world_and_other_seed_differs():
     a, b, c = World(seed=3, scale=0.02), World(seed=3, scale=0.02), World(seed=4, scale=0.02)
     assert a.images_in_z14_tile(*CORE_TILE) == b.images_in_z14_tile(*CORE_TILE)
-    assert [r.id for r in a.images_in_z14_tile(*CORE_TILE)] != [r.id for r in c.images_in_z14_tile(*CORE_TILE)]
+    assert [r.id for r in a.images_in_z14_tile(*CORE_TILE)] != [
+        r.id for r in c.images_in_z14_tile(*CORE_TILE)
+    ]
 
 
 def test_scale_one_has_dense_core_sparse_edge_and_empty_lake():
@@ -93,8 +104,8 @@ def test_scale_one_has_dense_core_sparse_edge_and_empty_lake():
     assert len(full.tile_images(*CORE_TILE)) > 50_000
     assert len(full.tile_images(8581, 5737)) > 10_000
     assert full.images_in_z14_tile(*LAKE_TILE) == []
-    assert full.expected_images(8600, 5700) < 2_000        # ~10 km out
-    assert full.tile_sequence_count(8300, 5737) == 0        # > 25 km from the centre
+    assert full.expected_images(8600, 5700) < 2_000  # ~10 km out
+    assert full.tile_sequence_count(8300, 5737) == 0  # > 25 km from the centre
     per_tile = [full.expected_images(*t) for t in full.nonempty_z14_tiles(ZURICH)]
     assert 900_000 < sum(per_tile) < 2_000_000
 
@@ -117,7 +128,7 @@ def test_polygon_ground_truth_matches_tiles(world):
 def test_image_ids_are_float_unsafe_and_round_trip(core_images, world):
     record = core_images[5]
     value = int(record.id)
-    assert 2**53 <= value < 10**16             # beyond exact float64 integers
+    assert 2**53 <= value < 10**16  # beyond exact float64 integers
     assert len(record.id) == 16 and record.id.isdigit()
     x, y, seq, img = decode_image_id(record.id)
     assert (x, y) == CORE_TILE == record.tile
@@ -159,7 +170,13 @@ def test_sequences_are_street_like_and_stay_in_their_tile(core_images):
 
 
 def test_record_fields_have_the_documented_types(core_images):
-    assert {r.camera_type for r in core_images} <= {"perspective", "fisheye", "equirectangular", "spherical", "brown"}
+    assert {r.camera_type for r in core_images} <= {
+        "perspective",
+        "fisheye",
+        "equirectangular",
+        "spherical",
+        "brown",
+    }
     assert any(r.computed_geometry is None for r in core_images)
     assert any(r.altitude < 0 for r in core_images)
     assert any(r.atomic_scale == 1 and isinstance(r.atomic_scale, int) for r in core_images)
@@ -218,7 +235,7 @@ def test_z14_tile_layers_match_the_world(emulator, http, core_images):
         px, py = feature["geometry"]["coordinates"]
         assert 0 <= px < 4096 and 0 <= py < 4096
         assert west + (east - west) * px / 4096 == pytest.approx(record.lon, abs=1e-5)
-        assert abs(py - 4096 * (north - record.lat) / (north - south)) < 30    # y grows downward
+        assert abs(py - 4096 * (north - record.lat) / (north - south)) < 30  # y grows downward
     lines = decoded["sequence"]["features"]
     assert {f["properties"]["id"] for f in lines} == {r.sequence for r in core_images}
     assert all(f["geometry"]["type"] == "LineString" for f in lines)
@@ -227,22 +244,30 @@ def test_z14_tile_layers_match_the_world(emulator, http, core_images):
 
 def test_low_zoom_tiles_cover_nonempty_z14_tiles(emulator, http, world):
     z13 = mercantile.parent(mercantile.Tile(*CORE_TILE, 14), zoom=13)
-    decoded = mapbox_vector_tile.decode(http.get(tile_url(emulator, 13, z13.x, z13.y),
-                                                 params={"access_token": TOKEN}).content)
+    decoded = mapbox_vector_tile.decode(
+        http.get(tile_url(emulator, 13, z13.x, z13.y), params={"access_token": TOKEN}).content
+    )
     assert list(decoded) == ["sequence"]
     children = [(c.x, c.y) for c in mercantile.children(z13)]
-    assert len(decoded["sequence"]["features"]) == sum(1 for c in children if world.tile_sequence_count(*c))
+    assert len(decoded["sequence"]["features"]) == sum(
+        1 for c in children if world.tile_sequence_count(*c)
+    )
     z5 = mercantile.parent(mercantile.Tile(*CORE_TILE, 14), zoom=5)
-    decoded = mapbox_vector_tile.decode(http.get(tile_url(emulator, 5, z5.x, z5.y),
-                                                 params={"access_token": TOKEN}).content)
+    decoded = mapbox_vector_tile.decode(
+        http.get(tile_url(emulator, 5, z5.x, z5.y), params={"access_token": TOKEN}).content
+    )
     assert list(decoded) == ["overview"]
     assert len(decoded["overview"]["features"]) == len(world.nonempty_tiles())
-    assert {"captured_at", "id", "sequence_id", "is_pano"} <= set(decoded["overview"]["features"][0]["properties"])
+    assert {"captured_at", "id", "sequence_id", "is_pano"} <= set(
+        decoded["overview"]["features"][0]["properties"]
+    )
 
 
 def test_computed_tileset_uses_computed_positions(emulator, http, core_images):
-    response = http.get(tile_url(emulator, 14, *CORE_TILE, tileset="mly1_computed_public"),
-                        params={"access_token": TOKEN})
+    response = http.get(
+        tile_url(emulator, 14, *CORE_TILE, tileset="mly1_computed_public"),
+        params={"access_token": TOKEN},
+    )
     decoded = mapbox_vector_tile.decode(response.content)
     ids = {f["properties"]["id"] for f in decoded["image"]["features"]}
     original = {int(r.id) for r in core_images}
@@ -252,7 +277,9 @@ def test_computed_tileset_uses_computed_positions(emulator, http, core_images):
 def test_empty_tile_unknown_tileset_and_bad_token(emulator, http):
     empty = http.get(tile_url(emulator, 14, *LAKE_TILE), params={"access_token": TOKEN})
     assert empty.status_code == 204 and empty.content == b""
-    unknown = http.get(tile_url(emulator, 14, *CORE_TILE, tileset="nope"), params={"access_token": TOKEN})
+    unknown = http.get(
+        tile_url(emulator, 14, *CORE_TILE, tileset="nope"), params={"access_token": TOKEN}
+    )
     assert unknown.status_code == 404 and unknown.json()["error"]["code"] == 100
     bad = http.get(tile_url(emulator, 14, *CORE_TILE), params={"access_token": "MLY|wrong"})
     assert bad.status_code == 401 and bad.json()["error"]["code"] == 190
@@ -264,7 +291,9 @@ def test_empty_tile_unknown_tileset_and_bad_token(emulator, http):
 
 def test_entity_returns_requested_fields_with_api_types(emulator, http, core_images):
     wrapped = next(r for r in core_images if r.altitude < 0)
-    body = http.get(f"{emulator.graph_url}/{wrapped.id}", params={"fields": ALL_FIELDS}, headers=AUTH).json()
+    body = http.get(
+        f"{emulator.graph_url}/{wrapped.id}", params={"fields": ALL_FIELDS}, headers=AUTH
+    ).json()
     assert body["id"] == wrapped.id
     assert body["altitude"] == 2**32 + int(wrapped.altitude)
     assert body["geometry"] == {"type": "Point", "coordinates": list(wrapped.geometry)}
@@ -272,59 +301,98 @@ def test_entity_returns_requested_fields_with_api_types(emulator, http, core_ima
     assert body["creator"] == {"username": wrapped.creator_username, "id": str(wrapped.creator_id)}
     assert isinstance(body["merge_cc"], float) and len(body["computed_rotation"]) == 3
     assert None not in body.values()
-    small = http.get(f"{emulator.graph_url}/{wrapped.id}", params={"fields": "captured_at"}, headers=AUTH).json()
+    small = http.get(
+        f"{emulator.graph_url}/{wrapped.id}", params={"fields": "captured_at"}, headers=AUTH
+    ).json()
     assert small == {"id": wrapped.id, "captured_at": wrapped.captured_at}
     missing = next(r for r in core_images if r.computed_geometry is None)
-    body = http.get(f"{emulator.graph_url}/{missing.id}", params={"fields": "computed_geometry"}, headers=AUTH)
+    body = http.get(
+        f"{emulator.graph_url}/{missing.id}", params={"fields": "computed_geometry"}, headers=AUTH
+    )
     assert body.json() == {"id": missing.id}
 
 
 def test_entity_auth_via_query_parameter_and_failures(emulator, http, core_images):
     image_id = core_images[0].id
-    assert http.get(f"{emulator.graph_url}/{image_id}", params={"access_token": TOKEN}).status_code == 200
+    assert (
+        http.get(f"{emulator.graph_url}/{image_id}", params={"access_token": TOKEN}).status_code
+        == 200
+    )
     for headers in ({}, {"Authorization": "OAuth MLY|wrong"}):
         response = http.get(f"{emulator.graph_url}/{image_id}", headers=headers)
         error = response.json()["error"]
         assert response.status_code == 500
-        assert (error["code"], error["type"], error["message"]) == (190, "OAuthException",
-                                                                   "Invalid OAuth 2.0 Access Token")
+        assert (error["code"], error["type"], error["message"]) == (
+            190,
+            "OAuthException",
+            "Invalid OAuth 2.0 Access Token",
+        )
         assert error["fbtrace_id"]
 
 
 def test_unknown_id_and_unknown_field(emulator, http, core_images):
     response = http.get(f"{emulator.graph_url}/{IMAGE_ID_BASE + 12345}", headers=AUTH)
     assert response.status_code == 400
-    assert (response.json()["error"]["code"], response.json()["error"]["error_subcode"]) == (100, 33)
-    response = http.get(f"{emulator.graph_url}/{core_images[0].id}", params={"fields": "id,colour"}, headers=AUTH)
+    assert (response.json()["error"]["code"], response.json()["error"]["error_subcode"]) == (
+        100,
+        33,
+    )
+    response = http.get(
+        f"{emulator.graph_url}/{core_images[0].id}", params={"fields": "id,colour"}, headers=AUTH
+    )
     assert response.status_code == 400
-    assert response.json()["error"]["message"] == "Tried accessing nonexisting field (colour) on node type (Image)"
+    assert (
+        response.json()["error"]["message"]
+        == "Tried accessing nonexisting field (colour) on node type (Image)"
+    )
 
 
 def test_batch_lookup(emulator, http, core_images):
     ids = [r.id for r in core_images[:50]]
-    response = http.get(f"{emulator.graph_url}/", params={"ids": ",".join(ids), "fields": "captured_at,sequence"},
-                        headers=AUTH)
+    response = http.get(
+        f"{emulator.graph_url}/",
+        params={"ids": ",".join(ids), "fields": "captured_at,sequence"},
+        headers=AUTH,
+    )
     body = response.json()
     assert list(body) == ids
-    assert body[ids[3]] == {"id": ids[3], "captured_at": core_images[3].captured_at, "sequence": core_images[3].sequence}
+    assert body[ids[3]] == {
+        "id": ids[3],
+        "captured_at": core_images[3].captured_at,
+        "sequence": core_images[3].sequence,
+    }
     assert "x-app-usage" in response.headers
-    too_many = http.get(f"{emulator.graph_url}/", params={"ids": ",".join(r.id for r in core_images[:51])}, headers=AUTH)
+    too_many = http.get(
+        f"{emulator.graph_url}/",
+        params={"ids": ",".join(r.id for r in core_images[:51])},
+        headers=AUTH,
+    )
     assert too_many.status_code == 400 and too_many.json()["error"]["code"] == 100
-    poisoned = http.get(f"{emulator.graph_url}/", params={"ids": ",".join(ids[:5] + [str(IMAGE_ID_BASE + 1)])},
-                        headers=AUTH)
+    poisoned = http.get(
+        f"{emulator.graph_url}/",
+        params={"ids": ",".join(ids[:5] + [str(IMAGE_ID_BASE + 1)])},
+        headers=AUTH,
+    )
     assert poisoned.status_code == 400
     assert poisoned.json()["error"]["error_subcode"] == 33
 
 
 def test_images_by_ids_and_sequence_listing(emulator, http, core_images, world):
     ids = [r.id for r in core_images[:3]]
-    body = http.get(f"{emulator.graph_url}/images", params={"image_ids": ",".join(ids), "fields": "is_pano"},
-                    headers=AUTH).json()
+    body = http.get(
+        f"{emulator.graph_url}/images",
+        params={"image_ids": ",".join(ids), "fields": "is_pano"},
+        headers=AUTH,
+    ).json()
     assert [row["id"] for row in body["data"]] == ids
     sequence = core_images[0].sequence
-    body = http.get(f"{emulator.graph_url}/image_ids", params={"sequence_id": sequence}, headers=AUTH).json()
+    body = http.get(
+        f"{emulator.graph_url}/image_ids", params={"sequence_id": sequence}, headers=AUTH
+    ).json()
     assert [row["id"] for row in body["data"]] == world.sequence_image_ids(sequence)
-    unknown = http.get(f"{emulator.graph_url}/image_ids", params={"sequence_id": "A" * 22}, headers=AUTH)
+    unknown = http.get(
+        f"{emulator.graph_url}/image_ids", params={"sequence_id": "A" * 22}, headers=AUTH
+    )
     assert unknown.status_code == 400 and unknown.json()["error"]["code"] == 100
 
 
@@ -332,17 +400,28 @@ def test_bbox_search(emulator, http, world, core_images):
     lon, lat = core_images[100].geometry
     small = (lon - 0.0008, lat - 0.0006, lon + 0.0008, lat + 0.0006)
     truth = {r.id for r in world.images_in_polygon(box(*small))}
-    body = http.get(f"{emulator.graph_url}/images",
-                    params={"bbox": ",".join(map(str, small)), "fields": "id,geometry"}, headers=AUTH).json()
+    body = http.get(
+        f"{emulator.graph_url}/images",
+        params={"bbox": ",".join(map(str, small)), "fields": "id,geometry"},
+        headers=AUTH,
+    ).json()
     assert {row["id"] for row in body["data"]} == truth and truth
-    limited = http.get(f"{emulator.graph_url}/images",
-                       params={"bbox": ",".join(map(str, small)), "limit": 2}, headers=AUTH).json()
+    limited = http.get(
+        f"{emulator.graph_url}/images",
+        params={"bbox": ",".join(map(str, small)), "limit": 2},
+        headers=AUTH,
+    ).json()
     assert len(limited["data"]) == 2 and len(truth) > 2
-    dense = http.get(f"{emulator.graph_url}/images", params={"bbox": "8.53,47.37,8.55,47.385", "limit": 10},
-                     headers=AUTH)
+    dense = http.get(
+        f"{emulator.graph_url}/images",
+        params={"bbox": "8.53,47.37,8.55,47.385", "limit": 10},
+        headers=AUTH,
+    )
     assert dense.status_code == 500 and dense.json()["error"]["code"] == 1
     assert "reduce the amount of data" in dense.json()["error"]["message"]
-    huge = http.get(f"{emulator.graph_url}/images", params={"bbox": "8.4,47.3,8.6,47.4"}, headers=AUTH)
+    huge = http.get(
+        f"{emulator.graph_url}/images", params={"bbox": "8.4,47.3,8.6,47.4"}, headers=AUTH
+    )
     assert huge.status_code == 400 and huge.json()["error"]["code"] == 100
 
 
@@ -356,14 +435,16 @@ def test_thumbnails_are_real_baseline_jpegs_and_blur_is_measurable(emulator, htt
     fields = "thumb_256_url,thumb_1024_url"
     scores = {}
     for record in (sharp, blurred):
-        urls = http.get(f"{emulator.graph_url}/{record.id}", params={"fields": fields}, headers=AUTH).json()
+        urls = http.get(
+            f"{emulator.graph_url}/{record.id}", params={"fields": fields}, headers=AUTH
+        ).json()
         assert "stp=s1024x768" in urls["thumb_1024_url"] and "&oh=" in urls["thumb_1024_url"]
         for field, width in (("thumb_256_url", 256), ("thumb_1024_url", 1024)):
             response = http.get(urls[field])
             assert response.status_code == 200 and response.headers["Content-Type"] == "image/jpeg"
             data = response.content
             assert data[:2] == b"\xff\xd8" and data[-2:] == b"\xff\xd9"
-            assert b"\xff\xc0" in data and b"\xff\xc2" not in data      # baseline, not progressive
+            assert b"\xff\xc0" in data and b"\xff\xc2" not in data  # baseline, not progressive
             image = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR)
             assert image.shape[:2] == (width * 3 // 4, width)
             if width == 1024:
@@ -375,11 +456,15 @@ def test_thumbnails_are_real_baseline_jpegs_and_blur_is_measurable(emulator, htt
 def test_expired_or_forged_urls_are_refused(emulator, http, core_images):
     image_id = core_images[0].id
     emulator.set_faults(thumbnail_ttl_s=-5)
-    url = http.get(f"{emulator.graph_url}/{image_id}", params={"fields": "thumb_1024_url"}, headers=AUTH).json()
+    url = http.get(
+        f"{emulator.graph_url}/{image_id}", params={"fields": "thumb_1024_url"}, headers=AUTH
+    ).json()
     expired = http.get(url["thumb_1024_url"])
     assert expired.status_code == 403 and expired.text == "URL signature expired"
     emulator.set_faults(thumbnail_ttl_s=3600)
-    url = http.get(f"{emulator.graph_url}/{image_id}", params={"fields": "thumb_1024_url"}, headers=AUTH).json()
+    url = http.get(
+        f"{emulator.graph_url}/{image_id}", params={"fields": "thumb_1024_url"}, headers=AUTH
+    ).json()
     expiry = int(url["thumb_1024_url"].split("oe=")[1][:8], 16)
     assert 3590 < expiry - time.time() <= 3600
     forged = url["thumb_1024_url"].replace("/1024/", "/2048/")
@@ -402,14 +487,15 @@ def test_rate_limit_answers_code_4_with_retry_after(emulator, http, core_images)
     assert json.loads(responses[0].headers["x-app-usage"])["call_count"] == 20
     assert len(emulator.request_times("entity")) == 5
     tiles = http.get(tile_url(emulator, 14, *CORE_TILE), params={"access_token": TOKEN})
-    assert tiles.status_code == 200                     # another family, another budget
+    assert tiles.status_code == 200  # another family, another budget
     stats = emulator.stats()
     assert stats["rate_limited"] == 2 and stats["entity"] == 7
 
 
 def test_rate_limit_status_403_is_selectable(world, core_images):
-    with EmulatorServer(world, Faults(rate_limit_per_minute={"search": 1}), token=TOKEN,
-                        rate_limit_status=403) as server:
+    with EmulatorServer(
+        world, Faults(rate_limit_per_minute={"search": 1}), token=TOKEN, rate_limit_status=403
+    ) as server:
         url = f"{server.graph_url}/images"
         params = {"bbox": "8.536,47.374,8.5362,47.3742"}
         assert requests.get(url, params=params, headers=AUTH).status_code == 200
@@ -431,7 +517,10 @@ def test_outage_window_answers_503(emulator, http, core_images):
     now = time.time()
     emulator.set_faults(outage_start=now - 1, outage_end=now + 60)
     assert http.get(f"{emulator.graph_url}/{core_images[0].id}", headers=AUTH).status_code == 503
-    assert http.get(tile_url(emulator, 14, *CORE_TILE), params={"access_token": TOKEN}).status_code == 503
+    assert (
+        http.get(tile_url(emulator, 14, *CORE_TILE), params={"access_token": TOKEN}).status_code
+        == 503
+    )
     emulator.set_faults(outage_start=now - 100, outage_end=now - 50)
     assert http.get(f"{emulator.graph_url}/{core_images[0].id}", headers=AUTH).status_code == 200
 
@@ -439,8 +528,11 @@ def test_outage_window_answers_503(emulator, http, core_images):
 def test_omit_optional_fields(emulator, http, core_images):
     record = next(r for r in core_images if r.computed_geometry is not None)
     emulator.set_faults(omit_optional_fields=True)
-    body = http.get(f"{emulator.graph_url}/{record.id}", params={"fields": "computed_geometry,creator,geometry"},
-                    headers=AUTH).json()
+    body = http.get(
+        f"{emulator.graph_url}/{record.id}",
+        params={"fields": "computed_geometry,creator,geometry"},
+        headers=AUTH,
+    ).json()
     assert set(body) == {"id", "geometry"}
 
 
@@ -449,7 +541,9 @@ def test_truncated_and_corrupt_jpegs_are_predictable(emulator, http, core_images
     kinds = {r.id: thumbnails.jpeg_fault(r.id, 0.2, 0.3) for r in core_images[:40]}
     assert {"truncated", "corrupt", None} <= set(kinds.values())
     for image_id, kind in list(kinds.items())[:15]:
-        url = http.get(f"{emulator.graph_url}/{image_id}", params={"fields": "thumb_256_url"}, headers=AUTH).json()
+        url = http.get(
+            f"{emulator.graph_url}/{image_id}", params={"fields": "thumb_256_url"}, headers=AUTH
+        ).json()
         data = http.get(url["thumb_256_url"]).content
         if kind == "truncated":
             assert data[:2] == b"\xff\xd8" and data[-2:] != b"\xff\xd9"
@@ -469,16 +563,36 @@ def test_latency_is_added(emulator, http, core_images):
 def test_stats_count_every_request_exactly(emulator, http, core_images):
     ids = ",".join(r.id for r in core_images[:3])
     http.get(f"{emulator.graph_url}/{core_images[0].id}", headers=AUTH)
-    http.get(f"{emulator.graph_url}/{core_images[0].id}")                              # auth failure
+    http.get(f"{emulator.graph_url}/{core_images[0].id}")  # auth failure
     http.get(f"{emulator.graph_url}/", params={"ids": ids}, headers=AUTH)
     http.get(f"{emulator.graph_url}/images", params={"image_ids": ids}, headers=AUTH)
-    http.get(f"{emulator.graph_url}/images", params={"bbox": "8.536,47.374,8.537,47.375"}, headers=AUTH)
-    http.get(f"{emulator.graph_url}/image_ids", params={"sequence_id": core_images[0].sequence}, headers=AUTH)
+    http.get(
+        f"{emulator.graph_url}/images", params={"bbox": "8.536,47.374,8.537,47.375"}, headers=AUTH
+    )
+    http.get(
+        f"{emulator.graph_url}/image_ids",
+        params={"sequence_id": core_images[0].sequence},
+        headers=AUTH,
+    )
     http.get(tile_url(emulator, 14, *CORE_TILE), params={"access_token": TOKEN})
     stats = emulator.stats()
-    expected = {"entity": 2, "batch": 1, "images_by_ids": 1, "search": 1, "sequence": 1, "tile": 1, "thumbnail": 0,
-                "family:entity": 5, "family:search": 1, "family:tiles": 1, "family:cdn": 0,
-                "auth_failed": 1, "rate_limited": 0, "faulted": 0, "requests": 7}
+    expected = {
+        "entity": 2,
+        "batch": 1,
+        "images_by_ids": 1,
+        "search": 1,
+        "sequence": 1,
+        "tile": 1,
+        "thumbnail": 0,
+        "family:entity": 5,
+        "family:search": 1,
+        "family:tiles": 1,
+        "family:cdn": 0,
+        "auth_failed": 1,
+        "rate_limited": 0,
+        "faulted": 0,
+        "requests": 7,
+    }
     assert {k: stats[k] for k in expected} == expected
     assert len(emulator.request_times("entity")) == 4
     assert http.get(f"{emulator.base_url}/_emulator/stats").json() == stats
@@ -488,7 +602,9 @@ def test_control_endpoints(emulator, http, core_images):
     response = http.post(f"{emulator.base_url}/_emulator/faults", json={"error_5xx_rate": 1.0})
     assert response.status_code == 200 and emulator.faults.error_5xx_rate == 1.0
     assert http.get(f"{emulator.graph_url}/{core_images[0].id}", headers=AUTH).status_code >= 500
-    assert http.post(f"{emulator.base_url}/_emulator/faults", json={"nonsense": 1}).status_code == 400
+    assert (
+        http.post(f"{emulator.base_url}/_emulator/faults", json={"nonsense": 1}).status_code == 400
+    )
 
 
 def test_advance_endpoint_reveals_new_images():
@@ -497,9 +613,12 @@ def test_advance_endpoint_reveals_new_images():
         before = len(world.nonempty_tiles())
         counts = {t: world.tile_sequence_count(*t) for t in world.candidate_tiles()}
         assert requests.post(f"{server.base_url}/_emulator/advance").json() == {"epoch": 1}
-        grown = next(t for t in world.candidate_tiles() if world.tile_sequence_count(*t) > counts[t])
-        decoded = mapbox_vector_tile.decode(requests.get(tile_url(server, 14, *grown),
-                                                         params={"access_token": TOKEN}).content)
+        grown = next(
+            t for t in world.candidate_tiles() if world.tile_sequence_count(*t) > counts[t]
+        )
+        decoded = mapbox_vector_tile.decode(
+            requests.get(tile_url(server, 14, *grown), params={"access_token": TOKEN}).content
+        )
         assert len(decoded["image"]["features"]) == len(world.images_in_z14_tile(*grown))
         assert len(world.nonempty_tiles()) >= before
 
@@ -511,18 +630,37 @@ def test_advance_endpoint_reveals_new_images():
 def test_cli_serves_until_sigterm_without_printing_the_token():
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     process = subprocess.Popen(
-        [sys.executable, "-m", "mapillary_assets.emulator", "--port", "0", "--scale", "0.002",
-         "--token", "MLY|secret-cli-token", "--rate-limit", "entity=600"],
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env,
-        cwd=Path(__file__).parents[1])
+        [
+            sys.executable,
+            "-m",
+            "mapillary_assets.emulator",
+            "--port",
+            "0",
+            "--scale",
+            "0.002",
+            "--token",
+            "MLY|secret-cli-token",
+            "--rate-limit",
+            "entity=600",
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        env=env,
+        cwd=Path(__file__).parents[1],
+    )
     try:
         lines = []
         while not any(line.startswith("MAPILLARY_TILES_URL=") for line in lines):
             line = process.stdout.readline()
             assert line, "".join(lines)
             lines.append(line.strip())
-        graph = next(line.split("=", 1)[1] for line in lines if line.startswith("MAPILLARY_GRAPH_URL="))
-        response = requests.get(f"{graph}/{IMAGE_ID_BASE}", headers={"Authorization": "OAuth MLY|secret-cli-token"})
+        graph = next(
+            line.split("=", 1)[1] for line in lines if line.startswith("MAPILLARY_GRAPH_URL=")
+        )
+        response = requests.get(
+            f"{graph}/{IMAGE_ID_BASE}", headers={"Authorization": "OAuth MLY|secret-cli-token"}
+        )
         assert response.json()["error"]["code"] == 100
         process.send_signal(signal.SIGTERM)
         output, _ = process.communicate(timeout=20)

@@ -33,7 +33,9 @@ def test_tag_in_polygons_is_exact():
 
 def test_load_filter_polygons_geojson_and_reprojected_gpkg(tmp_path):
     features = geopandas.GeoDataFrame(
-        {"name": ["a", "b"]}, geometry=[box(8.5, 47.3, 8.6, 47.4), box(8.6, 47.3, 8.7, 47.4)], crs="EPSG:4326"
+        {"name": ["a", "b"]},
+        geometry=[box(8.5, 47.3, 8.6, 47.4), box(8.6, 47.3, 8.7, 47.4)],
+        crs="EPSG:4326",
     )
     features.to_file(tmp_path / "filter.geojson", driver="GeoJSON", engine="pyogrio")
     merged = load_filter_polygons(tmp_path / "filter.geojson")
@@ -54,14 +56,16 @@ def test_load_filter_polygons_rejects_bad_input(tmp_path):
     with pytest.raises(FilterPolygonError, match="not a readable"):
         load_filter_polygons(garbage)
     lines = tmp_path / "lines.geojson"
-    geopandas.GeoDataFrame(geometry=[LineString([(0, 0), (1, 1)]), Point(0, 0)], crs="EPSG:4326").to_file(
-        lines, driver="GeoJSON", engine="pyogrio"
-    )
+    geopandas.GeoDataFrame(
+        geometry=[LineString([(0, 0), (1, 1)]), Point(0, 0)], crs="EPSG:4326"
+    ).to_file(lines, driver="GeoJSON", engine="pyogrio")
     with pytest.raises(FilterPolygonError, match="LineString, Point geometries"):
         load_filter_polygons(lines)
 
 
-def _walk(sequence_id: str, metres: list[float], inside: list[bool] | bool = False, start_ms: int = 0) -> list[dict]:
+def _walk(
+    sequence_id: str, metres: list[float], inside: list[bool] | bool = False, start_ms: int = 0
+) -> list[dict]:
     """Images walking north from (8.5, 47.0), `metres` along the meridian, one second apart."""
     flags = inside if isinstance(inside, list) else [inside] * len(metres)
     return [
@@ -90,7 +94,17 @@ def test_spacing_uses_the_last_kept_image_and_the_applicable_threshold():
     )
     # Shuffled rows: the filter orders by capture time itself and answers in row order.
     frame = frame.sample(frac=1.0, random_state=7).reset_index(drop=True)
-    assert _kept(frame) == ["in00", "in03", "in05", "mix00", "mix01", "mix03", "out00", "out03", "out05"]
+    assert _kept(frame) == [
+        "in00",
+        "in03",
+        "in05",
+        "mix00",
+        "mix01",
+        "mix03",
+        "out00",
+        "out03",
+        "out05",
+    ]
     assert _kept(frame, inside_m=10.0, outside_m=500.0) == [
         "in00", "in01", "in02", "in04", "in05", "mix00", "mix01", "mix03", "out00", "out02", "out04", "out05",
     ]  # fmt: skip

@@ -59,10 +59,14 @@ def test_layers_crs_counts_and_spatial_index(layout):
         ).fetchall()
         assert indexed == [(layer,) for layer in sorted(LAYERS)]
         assert db.execute("SELECT count(*) FROM rtree_images_geom").fetchone() == (8,)
-        assert db.execute("SELECT DISTINCT srs_id FROM gpkg_geometry_columns").fetchall() == [(4326,)]
+        assert db.execute("SELECT DISTINCT srs_id FROM gpkg_geometry_columns").fetchall() == [
+            (4326,)
+        ]
     assert sorted(p.name for p in path.parent.iterdir()) == [path.name]
     if shutil.which("ogrinfo"):
-        result = subprocess.run(["ogrinfo", "-ro", "-so", "-al", str(path)], capture_output=True, text=True)
+        result = subprocess.run(
+            ["ogrinfo", "-ro", "-so", "-al", str(path)], capture_output=True, text=True
+        )
         assert result.returncode == 0, result.stderr
 
 
@@ -78,7 +82,8 @@ def test_image_columns_are_typed_and_never_urls(layout):
     assert str(images["captured_at"].dt.tz) == "UTC"
     info = pyogrio.read_info(layout.geopackage_path, layer="images")
     field_types = {
-        name: (kind, subtype) for name, kind, subtype in zip(info["fields"], info["ogr_types"], info["ogr_subtypes"])
+        name: (kind, subtype)
+        for name, kind, subtype in zip(info["fields"], info["ogr_types"], info["ogr_subtypes"])
     }
     expected = {
         "image_id": ("OFTString", "OFSTNone"),
@@ -100,7 +105,9 @@ def test_image_columns_are_typed_and_never_urls(layout):
     first = images.set_index("image_id").loc["1"]
     assert first["captured_at"] == pd.Timestamp(1_600_000_000_500, unit="ms", tz="UTC")
     assert first["creator_id"] == "999" and first.geometry.x == pytest.approx(8.50001)
-    filtered = geopandas.read_file(layout.geopackage_path, layer="images_filtered", engine="pyogrio")
+    filtered = geopandas.read_file(
+        layout.geopackage_path, layer="images_filtered", engine="pyogrio"
+    )
     assert list(filtered.columns) == list(images.columns)
     assert sorted(filtered["image_id"]) == sorted(images.loc[images["keep_spacing"], "image_id"])
 
@@ -116,7 +123,9 @@ def test_sequences_follow_capture_time(layout):
     assert sorted(sequences["sequence_id"]) == ["sA", "sC"]
     assert isinstance(sequences["first_captured_at"].dtype, pd.DatetimeTZDtype)
     for row in sequences.itertuples():
-        members = images[images["sequence_id"] == row.sequence_id].sort_values(["captured_at", "image_id"])
+        members = images[images["sequence_id"] == row.sequence_id].sort_values(
+            ["captured_at", "image_id"]
+        )
         assert row.image_count == len(members)
         assert list(row.geometry.coords) == [(p.x, p.y) for p in members.geometry]
 
@@ -144,28 +153,42 @@ def test_failed_write_keeps_previous_file_and_leaves_no_temporary(layout, tmp_pa
     finally:
         broken.close()
     assert layout.geopackage_path.read_bytes() == before
-    assert sorted(p.name for p in layout.geopackage_path.parent.iterdir()) == [layout.geopackage_path.name]
+    assert sorted(p.name for p in layout.geopackage_path.parent.iterdir()) == [
+        layout.geopackage_path.name
+    ]
 
 
 def _debian_validator() -> Path:
     found = next((path for path in DEBIAN_VALIDATORS if path.is_file()), None)
     if found is None or not SYSTEM_PYTHON.exists():
-        pytest.skip("Debian's validate_gpkg.py is missing: apt-get install python3-gdal (scripts/test.sh does)")
-    probe = subprocess.run([str(SYSTEM_PYTHON), "-c", "from osgeo import gdal"], capture_output=True, text=True)
+        pytest.skip(
+            "Debian's validate_gpkg.py is missing: apt-get install python3-gdal (scripts/test.sh does)"
+        )
+    probe = subprocess.run(
+        [str(SYSTEM_PYTHON), "-c", "from osgeo import gdal"], capture_output=True, text=True
+    )
     if probe.returncode != 0:
-        pytest.skip(f"the system Python lacks GDAL's bindings (python3-gdal): {probe.stderr.strip()[-200:]}")
+        pytest.skip(
+            f"the system Python lacks GDAL's bindings (python3-gdal): {probe.stderr.strip()[-200:]}"
+        )
     return found
 
 
 def _validate(path: Path) -> subprocess.CompletedProcess:
     return subprocess.run(
-        [str(SYSTEM_PYTHON), str(_debian_validator()), "-k", str(path)], capture_output=True, text=True, timeout=120
+        [str(SYSTEM_PYTHON), str(_debian_validator()), "-k", str(path)],
+        capture_output=True,
+        text=True,
+        timeout=120,
     )
 
 
 def _write(layout: DataLayout, path: Path, **options) -> dict[str, int]:
-    con = _staging(layout) if not layout.staging_db_path.exists() else connect_staging(
-        layout.staging_db_path, read_only=True)
+    con = (
+        _staging(layout)
+        if not layout.staging_db_path.exists()
+        else connect_staging(layout.staging_db_path, read_only=True)
+    )
     try:
         return write_geopackage(con, path, **options)
     finally:
@@ -185,13 +208,19 @@ def test_debian_gdal36_validator_passes_the_default_and_older_versions(layout, v
     assert result.returncode == 0, result.stdout + result.stderr
     assert _user_version(path) == {"1.2": 10200, "1.3": 10300, None: 10300}[version]
     with sqlite3.connect(path) as db:
-        triggers = {name for (name,) in db.execute("SELECT name FROM sqlite_master WHERE type = 'trigger'")}
+        triggers = {
+            name for (name,) in db.execute("SELECT name FROM sqlite_master WHERE type = 'trigger'")
+        }
     assert {f"rtree_{layer}_geom_update{n}" for layer in LAYERS for n in (1, 3)} <= triggers
 
 
 def test_version_14_is_an_option_the_old_validator_rejects(layout):
     path = layout.geopackage_path
-    assert _write(layout, path, version="1.4") == {"images": 8, "images_filtered": 4, "sequences": 2}
+    assert _write(layout, path, version="1.4") == {
+        "images": 8,
+        "images_filtered": 4,
+        "sequences": 2,
+    }
     assert _user_version(path) == 10400
     result = _validate(path)
     assert result.returncode == 1

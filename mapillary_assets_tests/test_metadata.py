@@ -29,16 +29,27 @@ from mapillary_assets.storage import read_parquet, write_parquet_atomic
 
 def entity(image_id: str) -> dict:
     n = int(image_id)
-    return {"id": image_id, "captured_at": 1_600_000_000_000 + n, "geometry": {"type": "Point",
-            "coordinates": [8.5 + n * 1e-6, 47.3]}, "sequence": f"seq{n % 7}", "width": 4000, "is_pano": n % 2 == 0,
-            "creator": {"id": "1001", "username": "someone"}}
+    return {
+        "id": image_id,
+        "captured_at": 1_600_000_000_000 + n,
+        "geometry": {"type": "Point", "coordinates": [8.5 + n * 1e-6, 47.3]},
+        "sequence": f"seq{n % 7}",
+        "width": 4000,
+        "is_pano": n % 2 == 0,
+        "creator": {"id": "1001", "username": "someone"},
+    }
 
 
 class FakeClient:
     """`get_images` as the API answers it: a batch with an unknown id fails as a whole (code 100/33)."""
 
     def __init__(self, known, omitted=(), flaky=(), auth_fail=False):
-        self.known, self.omitted, self.flaky, self.auth_fail = set(known), set(omitted), set(flaky), auth_fail
+        self.known, self.omitted, self.flaky, self.auth_fail = (
+            set(known),
+            set(omitted),
+            set(flaky),
+            auth_fail,
+        )
         self.batches: list[list[str]] = []
 
     async def get_images(self, image_ids, fields):
@@ -50,7 +61,9 @@ class FakeClient:
         if self.flaky & set(image_ids):
             raise TransientError("server error (HTTP 503)", status=503)
         if set(image_ids) - self.known - self.omitted:
-            raise PermanentError("unknown id or field (HTTP 400, code 100/33)", code=100, subcode=33, status=400)
+            raise PermanentError(
+                "unknown id or field (HTTP 400, code 100/33)", code=100, subcode=33, status=400
+            )
         return {i: entity(i) for i in image_ids if i not in self.omitted}
 
     async def get_sequence_image_ids(self, sequence_id):
@@ -74,14 +87,18 @@ def run_async(coroutine):
 def test_batches_of_50_and_rows_in_schema_columns():
     wanted = ids(230)
     client = FakeClient(wanted)
-    result = fetch(client, wanted + wanted[:10])          # duplicates fetched once
+    result = fetch(client, wanted + wanted[:10])  # duplicates fetched once
     assert result.requests == math.ceil(230 / 50) == len(client.batches)
     assert sorted(map(len, client.batches)) == [30, 50, 50, 50, 50]
     assert list(result.rows.columns) == list(IMAGE_COLUMNS)
-    assert result.rows["image_id"].tolist() == wanted    # input order
+    assert result.rows["image_id"].tolist() == wanted  # input order
     assert result.failures.empty and result.transient_failures == 0
     row = result.rows.iloc[0]
-    assert row["lon"] == pytest.approx(8.5 + 1000e-6) and row["sequence_id"] == "seq6" and row["width"] == 4000
+    assert (
+        row["lon"] == pytest.approx(8.5 + 1000e-6)
+        and row["sequence_id"] == "seq6"
+        and row["width"] == 4000
+    )
     assert str(result.rows["captured_at"].dtype) == "datetime64[ms, UTC]"
 
 
@@ -111,7 +128,7 @@ def test_omitted_ids_fail_permanently_as_not_returned():
 
 def test_transient_errors_are_recorded_not_raised():
     wanted = ids(120)
-    client = FakeClient(wanted, flaky={"1060"})          # poisons the second batch
+    client = FakeClient(wanted, flaky={"1060"})  # poisons the second batch
     result = fetch(client, wanted)
     assert len(result.rows) == 70
     assert set(result.failures["image_id"]) == set(ids(50, start=1050))
@@ -127,8 +144,12 @@ def test_field_error_is_raised_not_bisected():
     class FieldError(FakeClient):
         async def get_images(self, image_ids, fields):
             self.batches.append(list(image_ids))
-            raise PermanentError("unknown id or field (HTTP 400, code 100): Tried accessing nonexisting field "
-                                 "(colour) on node type (Image)", code=100, status=400)
+            raise PermanentError(
+                "unknown id or field (HTTP 400, code 100): Tried accessing nonexisting field "
+                "(colour) on node type (Image)",
+                code=100,
+                status=400,
+            )
 
     client = FieldError(ids(100))
     with pytest.raises(PermanentError, match="nonexisting field"):
@@ -145,8 +166,12 @@ def test_invalid_ids_fail_without_a_request():
 
 def test_progress_reports_every_batch():
     calls = []
-    fetch(FakeClient(ids(140)), ids(140) + ["999999"], concurrency=2,
-          progress=lambda done, total, failed: calls.append((done, total, failed)))
+    fetch(
+        FakeClient(ids(140)),
+        ids(140) + ["999999"],
+        concurrency=2,
+        progress=lambda done, total, failed: calls.append((done, total, failed)),
+    )
     assert calls[-1] == (141, 141, 1)
     assert len(calls) == 3 and [c[0] for c in calls] == sorted(c[0] for c in calls)
 
@@ -193,11 +218,13 @@ def test_stored_schema_is_stable_even_when_columns_are_all_null(tmp_path):
     schema_a = pq.read_schema(tmp_path / "a.parquet").remove_metadata()
     schema_b = pq.read_schema(tmp_path / "b.parquet").remove_metadata()
     assert schema_a == schema_b
-    assert str(schema_a.field("altitude").type) == "double"       # all null here, still a double
+    assert str(schema_a.field("altitude").type) == "double"  # all null here, still a double
     assert str(schema_a.field("exif_orientation").type) == "int64"
     assert str(schema_a.field("has_mesh").type) == "bool"
     # a stored file read back with plain pandas dtypes conforms again
-    pd.testing.assert_frame_equal(conform_metadata(read_parquet(tmp_path / "a.parquet")), result.rows)
+    pd.testing.assert_frame_equal(
+        conform_metadata(read_parquet(tmp_path / "a.parquet")), result.rows
+    )
 
 
 def test_sequence_image_ids():
@@ -210,9 +237,16 @@ def test_sequence_image_ids():
 
 
 def emulator_client(server: EmulatorServer, tmp_path, **overrides) -> MapillaryClient:
-    return MapillaryClient(ClientSettings(
-        token=Secret(server.token), graph_url=server.graph_url, tiles_url=server.tiles_url,
-        rate_limit_store=tmp_path / "rate_limits.sqlite", backoff_base_s=0.01, **overrides))
+    return MapillaryClient(
+        ClientSettings(
+            token=Secret(server.token),
+            graph_url=server.graph_url,
+            tiles_url=server.tiles_url,
+            rate_limit_store=tmp_path / "rate_limits.sqlite",
+            backoff_base_s=0.01,
+            **overrides,
+        )
+    )
 
 
 async def fetch_via(server, tmp_path, image_ids, **overrides) -> MetadataResult:
@@ -227,14 +261,16 @@ def world() -> World:
 
 @pytest.fixture(scope="module")
 def records(world):
-    polygon = load_aoi(coordinates=[[8.530, 47.370], [8.550, 47.370], [8.550, 47.385], [8.530, 47.385]]).geometry
+    polygon = load_aoi(
+        coordinates=[[8.530, 47.370], [8.550, 47.370], [8.550, 47.385], [8.530, 47.385]]
+    ).geometry
     found = world.images_in_polygon(polygon)[:400]
     assert len(found) == 400
     return found
 
 
 def test_emulator_values_match_the_world(tmp_path, world, records):
-    unknown = str(2**53 + 12345)                      # well-formed, never issued
+    unknown = str(2**53 + 12345)  # well-formed, never issued
     wanted = [r.id for r in records] + [unknown]
     with EmulatorServer(world) as server:
         result = run_async(fetch_via(server, tmp_path, wanted))
@@ -249,7 +285,7 @@ def test_emulator_values_match_the_world(tmp_path, world, records):
         assert (row["lon"], row["lat"]) == pytest.approx(record.geometry)
         assert row["captured_at"].value // 10**6 == record.captured_at
         assert row["sequence_id"] == record.sequence and row["creator_id"] == str(record.creator_id)
-        assert row["altitude"] == pytest.approx(record.altitude)          # negatives unwrapped
+        assert row["altitude"] == pytest.approx(record.altitude)  # negatives unwrapped
         assert row["make"] == record.make and row["is_pano"] == record.is_pano
         assert (row["has_mesh"] == True) if record.mesh else pd.isna(row["has_mesh"])  # noqa: E712 (absent: omitted)
 
@@ -279,9 +315,15 @@ def test_emulator_5xx_are_retried_and_survivors_recorded_transient(tmp_path, wor
 
 def test_emulator_rejected_token_is_fatal(tmp_path, world, records):
     with EmulatorServer(world, token="MLY|the-real-one") as server:
+
         async def attempt():
-            async with MapillaryClient(ClientSettings(token=Secret("MLY|wrong"), graph_url=server.graph_url,
-                                                      tiles_url=server.tiles_url)) as client:
+            async with MapillaryClient(
+                ClientSettings(
+                    token=Secret("MLY|wrong"),
+                    graph_url=server.graph_url,
+                    tiles_url=server.tiles_url,
+                )
+            ) as client:
                 return await fetch_metadata(client, [r.id for r in records])
 
         with pytest.raises(AuthError, match="MAPILLARY_ACCESS_TOKEN"):

@@ -22,8 +22,12 @@ INSIDE_M, OUTSIDE_M = 40.0, 150.0
 
 @pytest.fixture(scope="module")
 def published(tmp_path_factory):
-    with pipeline_run(tmp_path_factory.mktemp("pipeline"), filter_areas_path=str(URBAN_AREA),
-                      inside_spacing_m=INSIDE_M, outside_spacing_m=OUTSIDE_M) as run:
+    with pipeline_run(
+        tmp_path_factory.mktemp("pipeline"),
+        filter_areas_path=str(URBAN_AREA),
+        inside_spacing_m=INSIDE_M,
+        outside_spacing_m=OUTSIDE_M,
+    ) as run:
         run.run()
         yield run, run.images().set_index("image_id", drop=False).rename_axis(None)
 
@@ -41,7 +45,9 @@ def test_geopackage_holds_exactly_the_images_inside_the_area(published):
 def test_metadata_values_equal_the_emulators(published):
     run, images = published
     assert pd.api.types.is_datetime64_any_dtype(images["captured_at"])
-    assert images["image_id"].map(type).eq(str).all() and images["sequence_id"].map(type).eq(str).all()
+    assert (
+        images["image_id"].map(type).eq(str).all() and images["sequence_id"].map(type).eq(str).all()
+    )
     for record in run.truth():
         row = images.loc[record.id]
         assert row["sequence_id"] == record.sequence
@@ -49,7 +55,11 @@ def test_metadata_values_equal_the_emulators(published):
         assert math.isclose(row.geometry.x, record.lon, abs_tol=1e-7)
         assert math.isclose(row.geometry.y, record.lat, abs_tol=1e-7)
         assert math.isclose(row["altitude"], record.altitude, abs_tol=1e-6)
-        assert (row["make"], row["model"], row["camera_type"]) == (record.make, record.model, record.camera_type)
+        assert (row["make"], row["model"], row["camera_type"]) == (
+            record.make,
+            record.model,
+            record.camera_type,
+        )
         assert row["creator_username"] == record.creator_username
 
 
@@ -68,7 +78,9 @@ def test_blur_flags_match_the_emulators_blurred_set(published):
 def test_filter_areas_tag_exactly_the_points_inside(published):
     _, images = published
     urban = load_filter_polygons(URBAN_AREA)
-    expected = shapely.contains_xy(urban, images.geometry.x.to_numpy(), images.geometry.y.to_numpy())
+    expected = shapely.contains_xy(
+        urban, images.geometry.x.to_numpy(), images.geometry.y.to_numpy()
+    )
     assert (images["in_filter_area"].astype(bool).to_numpy() == expected).all()
     assert expected.any() and (~expected).any()
 
@@ -100,8 +112,12 @@ def test_sequences_layer_orders_vertices_by_capture_time(published):
     counts = images.groupby("sequence_id").size()
     assert set(sequences["sequence_id"]) == set(counts[counts >= 2].index)
     for _, line in sequences.head(20).iterrows():
-        ordered = images[images["sequence_id"] == line["sequence_id"]].sort_values(["captured_at", "image_id"])
-        assert np.allclose(np.asarray(line.geometry.coords), np.c_[ordered.geometry.x, ordered.geometry.y])
+        ordered = images[images["sequence_id"] == line["sequence_id"]].sort_values(
+            ["captured_at", "image_id"]
+        )
+        assert np.allclose(
+            np.asarray(line.geometry.coords), np.c_[ordered.geometry.x, ordered.geometry.y]
+        )
 
 
 def test_a_second_run_is_idempotent_and_fetches_nothing(published):
@@ -117,7 +133,8 @@ def test_a_second_run_is_idempotent_and_fetches_nothing(published):
 
 def _latest_metadata(run, asset: str, partition: str) -> dict:
     records = run.instance.fetch_materializations(
-        dg.AssetRecordsFilter(asset_key=dg.AssetKey(asset), asset_partitions=[partition]), limit=1).records
+        dg.AssetRecordsFilter(asset_key=dg.AssetKey(asset), asset_partitions=[partition]), limit=1
+    ).records
     return records[0].asset_materialization.metadata
 
 
@@ -127,24 +144,35 @@ def test_each_partition_shows_its_own_numbers_never_the_whole_runs(published):
     assert len(keys) > 1, "the pipeline runs discovery as one ranged run over several partitions"
     for key in keys:
         metadata = _latest_metadata(run, "discovered_images", key)
-        assert "images" not in metadata, "a ranged run's total would be shown as this partition's count"
+        assert "images" not in metadata, (
+            "a ranged run's total would be shown as this partition's count"
+        )
         assert metadata["partitions_in_run"].value == len(keys)
         assert f"| {key} " in metadata["per_partition"].value
     key = max(keys, key=lambda k: len(read_parquet(run.layout.discovery_path(k))))
-    result = run.defs.resolve_job_def("discovery_job").execute_in_process(instance=run.instance, partition_key=key)
+    result = run.defs.resolve_job_def("discovery_job").execute_in_process(
+        instance=run.instance, partition_key=key
+    )
     assert result.success
-    assert _latest_metadata(run, "discovered_images", key)["images"].value == len(read_parquet(run.layout.discovery_path(key)))
+    assert _latest_metadata(run, "discovered_images", key)["images"].value == len(
+        read_parquet(run.layout.discovery_path(key))
+    )
 
 
 def test_every_picture_asset_shows_its_pictures(published):
     run, _ = published
     tiles = tile_partitions.get_partition_keys()
     chunk = run.instance.get_dynamic_partitions(CHUNK_PARTITIONS_NAME)[0]
-    pictures = {("discovered_images", tiles[0]): ["tile_map"], ("blur_scores", chunk): ["histogram", "contact_sheet"],
-                ("mapillary_geopackage", None): ["map"]}
+    pictures = {
+        ("discovered_images", tiles[0]): ["tile_map"],
+        ("blur_scores", chunk): ["histogram", "contact_sheet"],
+        ("mapillary_geopackage", None): ["map"],
+    }
     for (asset, partition), names in pictures.items():
         if partition is None:
-            metadata = run.instance.get_latest_materialization_event(dg.AssetKey(asset)).asset_materialization.metadata
+            metadata = run.instance.get_latest_materialization_event(
+                dg.AssetKey(asset)
+            ).asset_materialization.metadata
         else:
             metadata = _latest_metadata(run, asset, partition)
         for name in names:
@@ -153,9 +181,13 @@ def test_every_picture_asset_shows_its_pictures(published):
 
 def test_publishing_removes_what_an_interrupted_publish_left(published):
     run, _ = published
-    leftovers = [run.layout.geopackage_path.with_name(run.layout.geopackage_path.name + ".tmp-k1ll3d.gpkg"),
-                 run.layout.geopackage_path.with_name(run.layout.geopackage_path.name + ".tmp-k1ll3d.gpkg-journal"),
-                 run.layout.filter_areas_path.with_name(run.layout.filter_areas_path.name + ".tmp-k1ll3d")]
+    leftovers = [
+        run.layout.geopackage_path.with_name(run.layout.geopackage_path.name + ".tmp-k1ll3d.gpkg"),
+        run.layout.geopackage_path.with_name(
+            run.layout.geopackage_path.name + ".tmp-k1ll3d.gpkg-journal"
+        ),
+        run.layout.filter_areas_path.with_name(run.layout.filter_areas_path.name + ".tmp-k1ll3d"),
+    ]
     for path in leftovers:
         path.write_bytes(b"half written")
     assert run.defs.resolve_job_def("publish_job").execute_in_process(instance=run.instance).success

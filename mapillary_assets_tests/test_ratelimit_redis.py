@@ -19,8 +19,10 @@ from mapillary_assets_tests.test_api_ratelimit import max_in_window
 
 REPO = Path(__file__).resolve().parents[1]
 
-pytestmark = pytest.mark.skipif(shutil.which("redis-server") is None,
-                                reason="redis-server is not installed (scripts/install_services.sh installs it)")
+pytestmark = pytest.mark.skipif(
+    shutil.which("redis-server") is None,
+    reason="redis-server is not installed (scripts/install_services.sh installs it)",
+)
 
 
 @pytest.fixture(scope="module")
@@ -62,7 +64,10 @@ WORKER = textwrap.dedent(
 def start_worker(url: str, family: str, count: int, skew: float = 0.0) -> subprocess.Popen:
     return subprocess.Popen(
         [sys.executable, "-c", WORKER, url, family, str(count), str(skew)],
-        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env={**os.environ, "PYTHONPATH": str(REPO)},
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+        env={**os.environ, "PYTHONPATH": str(REPO)},
         cwd=REPO,
     )
 
@@ -74,7 +79,9 @@ def acquisition_times(worker: subprocess.Popen) -> list[float]:
 
 def test_four_processes_one_killed_one_skewed_share_one_budget(redis_url):
     # 4 processes want 60 acquisitions of a 30-per-2-s budget; one clock runs 30 s ahead, one process is killed.
-    workers = [start_worker(redis_url, "entity-4", 15, skew=30.0 if i == 3 else 0.0) for i in range(4)]
+    workers = [
+        start_worker(redis_url, "entity-4", 15, skew=30.0 if i == 3 else 0.0) for i in range(4)
+    ]
     for worker in workers:
         assert worker.stdout.readline().strip() == "ready"
     started = time.time()
@@ -96,7 +103,9 @@ def test_four_processes_one_killed_one_skewed_share_one_budget(redis_url):
 def test_pause_is_shared_and_measured_on_the_redis_clock(redis_url):
     worker = start_worker(redis_url, "search-pause", 1, skew=-50.0)  # its clock is 50 s behind
     assert worker.stdout.readline().strip() == "ready"
-    pauser = SharedRateLimiter("search-pause", per_minute=30, burst=6, window_s=2.0, redis_url=redis_url)
+    pauser = SharedRateLimiter(
+        "search-pause", per_minute=30, burst=6, window_s=2.0, redis_url=redis_url
+    )
     pauser.pause_until(time.time() + 1.0)
     assert 0.5 < pauser.paused_for() <= 1.0
     began = time.time()
@@ -117,8 +126,18 @@ def test_usage_report_slows_every_process(redis_url):
 
 def test_backend_is_chosen_by_one_variable(redis_url):
     assert redis_url_from_env({}) is None
-    assert redis_url_from_env({"MAPILLARY_RATE_LIMIT_BACKEND": "sqlite", "MAPILLARY_REDIS_URL": redis_url}) is None
-    assert redis_url_from_env({"MAPILLARY_RATE_LIMIT_BACKEND": "redis", "MAPILLARY_REDIS_URL": redis_url}) == redis_url
+    assert (
+        redis_url_from_env(
+            {"MAPILLARY_RATE_LIMIT_BACKEND": "sqlite", "MAPILLARY_REDIS_URL": redis_url}
+        )
+        is None
+    )
+    assert (
+        redis_url_from_env(
+            {"MAPILLARY_RATE_LIMIT_BACKEND": "redis", "MAPILLARY_REDIS_URL": redis_url}
+        )
+        == redis_url
+    )
     with pytest.raises(ValueError, match="needs MAPILLARY_REDIS_URL"):
         redis_url_from_env({"MAPILLARY_RATE_LIMIT_BACKEND": "redis"})
     with pytest.raises(ValueError, match="sqlite or redis"):
@@ -126,7 +145,9 @@ def test_backend_is_chosen_by_one_variable(redis_url):
 
 
 def test_unreachable_redis_is_a_clear_error_without_the_password():
-    with pytest.raises(RuntimeError, match=r"redis://:\*\*\*@127.0.0.1:1/0 is not usable") as caught:
+    with pytest.raises(
+        RuntimeError, match=r"redis://:\*\*\*@127.0.0.1:1/0 is not usable"
+    ) as caught:
         SharedRateLimiter("tiles", per_minute=60, redis_url="redis://:hunter2@127.0.0.1:1/0")
     assert "hunter2" not in str(caught.value)
 
@@ -138,9 +159,16 @@ def test_the_resource_passes_the_redis_backend_to_the_client(redis_url, monkeypa
     monkeypatch.setenv("MAPILLARY_REDIS_URL", redis_url)
     resource = MapillaryApiResource.from_env(default_rate_limit_store=tmp_path / "limits.sqlite")
     assert (resource.rate_limit_backend, resource.redis_url) == ("redis", redis_url)
-    configured = MapillaryApiResource(access_token="MLY|test", rate_limit_backend="redis", redis_url=redis_url)
+    configured = MapillaryApiResource(
+        access_token="MLY|test", rate_limit_backend="redis", redis_url=redis_url
+    )
     assert configured.client_settings().rate_limit_redis_url == redis_url
-    assert MapillaryApiResource(access_token="MLY|test", redis_url=redis_url).client_settings().rate_limit_redis_url is None
+    assert (
+        MapillaryApiResource(access_token="MLY|test", redis_url=redis_url)
+        .client_settings()
+        .rate_limit_redis_url
+        is None
+    )
     monkeypatch.delenv("MAPILLARY_REDIS_URL")
     with pytest.raises(ConfigError, match="needs MAPILLARY_REDIS_URL"):
         MapillaryApiResource.from_env(default_rate_limit_store=tmp_path / "limits.sqlite")

@@ -23,7 +23,7 @@ EXERCISED_BY = {
     "export MAPILLARY_": "test_definitions.py / resources_from_env (environment configuration)",
     "DAGSTER_HOME=$PWD .venv/bin/dagster dev": "test_ui.py (dagster dev -m mapillary_assets.definitions)",
     "scripts/stack.sh": "test_scaleout.py (the stack module the script runs: start, the pipeline, stop; "
-                        "`status` through the script itself)",
+    "`status` through the script itself)",
 }
 
 
@@ -34,7 +34,9 @@ def readme_commands() -> list[str]:
 
 
 def test_every_readme_command_is_exercised():
-    unexercised = [c for c in readme_commands() if not any(c.startswith(prefix) for prefix in EXERCISED_BY)]
+    unexercised = [
+        c for c in readme_commands() if not any(c.startswith(prefix) for prefix in EXERCISED_BY)
+    ]
     assert not unexercised, f"README commands with no test or CI step: {unexercised}"
     ci = (ROOT / ".ci" / "run").read_text()
     assert "scripts/test.sh" in ci and "scripts/demo.sh" in ci
@@ -49,21 +51,47 @@ def test_scripts_exist_and_are_executable():
 @pytest.mark.slow
 def test_sample_command_keeps_its_own_data_and_instance(tmp_path, monkeypatch):
     monkeypatch.setenv("DAGSTER_HOME", str(tmp_path / "main_home"))
-    assert cli.main(["sample", "--limit", "60", "--scale", "0.003", "--data-dir", str(tmp_path / "data")]) == 0
+    assert (
+        cli.main(
+            ["sample", "--limit", "60", "--scale", "0.003", "--data-dir", str(tmp_path / "data")]
+        )
+        == 0
+    )
     sample_root = tmp_path / "data" / "sample-60"
     assert (sample_root / "output" / "mapillary_images.gpkg").exists()
     assert (sample_root / "dagster_home" / "dagster.yaml").exists()
-    assert not (tmp_path / "main_home").exists(), "a sample run must not touch the main Dagster instance"
-    assert not (tmp_path / "data" / "output").exists(), "a sample run must not touch the full run's data"
+    assert not (tmp_path / "main_home").exists(), (
+        "a sample run must not touch the main Dagster instance"
+    )
+    assert not (tmp_path / "data" / "output").exists(), (
+        "a sample run must not touch the full run's data"
+    )
     import pyogrio
 
-    assert pyogrio.read_info(sample_root / "output" / "mapillary_images.gpkg", layer="images")["features"] <= 60
+    assert (
+        pyogrio.read_info(sample_root / "output" / "mapillary_images.gpkg", layer="images")[
+            "features"
+        ]
+        <= 60
+    )
 
 
 def test_benchmark_harness_runs_a_benchmark(tmp_path):
     result = subprocess.run(
-        [sys.executable, "-m", "benchmarks.run", "--quick", "--only", "nonexistent", "--output", str(tmp_path / "R.md")],
-        cwd=ROOT, capture_output=True, text=True, timeout=120,
+        [
+            sys.executable,
+            "-m",
+            "benchmarks.run",
+            "--quick",
+            "--only",
+            "nonexistent",
+            "--output",
+            str(tmp_path / "R.md"),
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
     )
     assert result.returncode == 0, result.stderr
     assert (tmp_path / "R.md").read_text().startswith("# Benchmark results")

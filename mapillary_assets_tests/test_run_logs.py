@@ -25,7 +25,7 @@ SUMMARIES = {
     "discovered_images": rf"discovered (?P<images>{NUMBER}) images in \d+ partition\(s\) with {NUMBER} tile requests",
     "image_chunks": rf"(?P<images>{NUMBER}) ids in \d+ chunks; \d+ new chunk\(s\)",
     "image_metadata": rf"metadata: (?P<images>{NUMBER}) images stored, {NUMBER} fetched with {NUMBER} requests, "
-                      rf"0 failed \(0 transient\)",
+    rf"0 failed \(0 transient\)",
     "thumbnail_downloads": rf"downloads: (?P<images>{NUMBER})/(?P=images) thumbnails on disk, 0 failed",
     "blur_scores": rf"blur: (?P<images>{NUMBER}) images scored, {NUMBER} blurry \(threshold [\d.]+\)",
     "filter_areas": r"filter areas: (none configured .+|[\d,]+ polygon\(s\) from .+)",
@@ -41,14 +41,18 @@ def user_log_lines_by_run(instance: dg.DagsterInstance) -> dict[str, dict[str, l
     for run in instance.get_runs():
         for entry in instance.all_logs(run.run_id):
             if entry.dagster_event is None and entry.step_key:
-                lines.setdefault(entry.step_key, {}).setdefault(run.run_id, []).append(entry.user_message)
+                lines.setdefault(entry.step_key, {}).setdefault(run.run_id, []).append(
+                    entry.user_message
+                )
     return lines
 
 
 def user_log_lines(instance: dg.DagsterInstance) -> dict[str, list[str]]:
     """The same lines by step, every run's together."""
-    return {step: [line for run_lines in by_run.values() for line in run_lines]
-            for step, by_run in user_log_lines_by_run(instance).items()}
+    return {
+        step: [line for run_lines in by_run.values() for line in run_lines]
+        for step, by_run in user_log_lines_by_run(instance).items()
+    }
 
 
 def as_int(text: str) -> int:
@@ -78,7 +82,11 @@ def test_every_chunk_logs_its_progress_to_completion(completed):
         for chunk, size in sizes.items():
             # e.g. "chunk-000000: 200/200 ids, 9,340 ids/s, 0 failed"
             done = rf"{chunk}: {size:,}/{size:,} {unit}, {NUMBER} {unit}/s, 0 failed"
-            assert any(re.fullmatch(done, line) for line in lines[asset]), (asset, chunk, lines[asset])
+            assert any(re.fullmatch(done, line) for line in lines[asset]), (
+                asset,
+                chunk,
+                lines[asset],
+            )
 
 
 def test_every_tile_partition_logs_what_it_found(completed):
@@ -107,38 +115,55 @@ def test_every_asset_logs_a_one_line_summary(completed, asset):
 
 def everything_logged(instance: dg.DagsterInstance) -> str:
     """Every event of every run, serialised: messages, metadata, errors with their causes and stacks."""
-    return "\n".join(serialize_value(entry) for run in instance.get_runs() for entry in instance.all_logs(run.run_id))
+    return "\n".join(
+        serialize_value(entry)
+        for run in instance.get_runs()
+        for entry in instance.all_logs(run.run_id)
+    )
 
 
 def files_containing(roots: list[Path], secret: str) -> list[Path]:
     needle = secret.encode()
-    return [path for root in roots for path in Path(root).rglob("*")
-            if path.is_file() and needle in path.read_bytes()]
+    return [
+        path
+        for root in roots
+        for path in Path(root).rglob("*")
+        if path.is_file() and needle in path.read_bytes()
+    ]
 
 
 def assert_fails_with_the_fix(run, job: str, keys: list[str]) -> None:
     result = run.execute(job, keys)
     assert not result.success, job
     messages = failure_messages(run.instance, result.run_id)
-    assert any("token rejected (code 190): set MAPILLARY_ACCESS_TOKEN" in m for m in messages), (job, messages)
+    assert any("token rejected (code 190): set MAPILLARY_ACCESS_TOKEN" in m for m in messages), (
+        job,
+        messages,
+    )
 
 
-def test_a_rejected_token_fails_with_the_fix_in_the_message_and_is_never_shown(tmp_path, monkeypatch):
+def test_a_rejected_token_fails_with_the_fix_in_the_message_and_is_never_shown(
+    tmp_path, monkeypatch
+):
     # The token comes from the environment, as in production (an EnvVar is resolved inside the run only);
     # the emulator accepts TEST_TOKEN only.
     with emulated_run(tmp_path, token=dg.EnvVar("MAPILLARY_ACCESS_TOKEN")) as run:
         tiles = tile_partitions.get_partition_keys()
         monkeypatch.setenv("MAPILLARY_ACCESS_TOKEN", WRONG_TOKEN)
-        assert_fails_with_the_fix(run, "discovery_job", tiles)            # tile requests (token in the URL)
+        assert_fails_with_the_fix(run, "discovery_job", tiles)  # tile requests (token in the URL)
 
         monkeypatch.setenv("MAPILLARY_ACCESS_TOKEN", TEST_TOKEN)
         assert run.execute("discovery_job", tiles).success and run.execute("chunking_job").success
-        monkeypatch.setenv("MAPILLARY_ACCESS_TOKEN", WRONG_TOKEN)        # e.g. the token was revoked since
-        assert_fails_with_the_fix(run, "chunk_job", sorted(run.instance.get_dynamic_partitions("image_chunks")))
+        monkeypatch.setenv(
+            "MAPILLARY_ACCESS_TOKEN", WRONG_TOKEN
+        )  # e.g. the token was revoked since
+        assert_fails_with_the_fix(
+            run, "chunk_job", sorted(run.instance.get_dynamic_partitions("image_chunks"))
+        )
 
         logged = everything_logged(run.instance)
         assert "token rejected (code 190)" in logged
         for secret in (WRONG_TOKEN, TEST_TOKEN):
-            distinctive = secret.split("|")[-1]   # also catches URL-encoded forms (MLY%7C...)
+            distinctive = secret.split("|")[-1]  # also catches URL-encoded forms (MLY%7C...)
             assert distinctive not in logged
             assert files_containing([run.home, run.data_dir], distinctive) == []

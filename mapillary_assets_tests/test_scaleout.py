@@ -22,9 +22,9 @@ import redis
 from dagster._core.storage.tags import AUTO_RETRY_RUN_ID_TAG, PARTITION_NAME_TAG
 
 from mapillary_assets.emulator import EmulatorServer, Faults, World
+from mapillary_assets_tests.dagster_server import free_port
 from mapillary_assets_tests.harness import TEST_SCALE, TEST_TOKEN, pipeline_run
 from mapillary_assets_tests.test_api_ratelimit import max_in_window
-from mapillary_assets_tests.dagster_server import free_port
 
 REPO = Path(__file__).resolve().parents[1]
 ENTITY_BUDGET = 20  # per minute; the pipeline sends ~24 entity requests, so the budget binds
@@ -44,50 +44,85 @@ def _services_missing() -> str | None:
     return None
 
 
-needs_services = pytest.mark.skipif(_services_missing() is not None, reason=str(_services_missing()))
+needs_services = pytest.mark.skipif(
+    _services_missing() is not None, reason=str(_services_missing())
+)
 
 
 def geopackage_summary(path: Path) -> dict:
-    layers = {name: pyogrio.read_info(path, layer=name)["features"] for name, _ in pyogrio.list_layers(path)}
-    images = pyogrio.read_dataframe(path, layer="images", columns=["image_id", "blur_value"], read_geometry=False)
+    layers = {
+        name: pyogrio.read_info(path, layer=name)["features"]
+        for name, _ in pyogrio.list_layers(path)
+    }
+    images = pyogrio.read_dataframe(
+        path, layer="images", columns=["image_id", "blur_value"], read_geometry=False
+    )
     rows = sorted(f"{i}:{v!r}" for i, v in zip(images["image_id"], images["blur_value"]))
-    return {"layers": layers, "image_blur_sha256": hashlib.sha256("\n".join(rows).encode()).hexdigest()}
+    return {
+        "layers": layers,
+        "image_blur_sha256": hashlib.sha256("\n".join(rows).encode()).hexdigest(),
+    }
 
 
 def celery_app():
     from dagster_celery.make_app import make_app
 
     broker = os.environ["MAPILLARY_CELERY_BROKER"]
-    return make_app({"broker": broker, "backend": broker, "include": [], "task_default_queue": "dagster",
-                     "config_source": {"result_extended": True}})
+    return make_app(
+        {
+            "broker": broker,
+            "backend": broker,
+            "include": [],
+            "task_default_queue": "dagster",
+            "config_source": {"result_extended": True},
+        }
+    )
 
 
-def kill_first_chunk_run_on(worker: str, instance: dg.DagsterInstance, app, stop: threading.Event,
-                            killed: dict) -> None:
+def kill_first_chunk_run_on(
+    worker: str, instance: dg.DagsterInstance, app, stop: threading.Event, killed: dict
+) -> None:
     """SIGKILL the process running the first fetch run that `worker` starts, once it is fetching metadata."""
     while not stop.is_set():
-        for run in instance.get_runs(dg.RunsFilter(job_name="fetch_job", statuses=[dg.DagsterRunStatus.STARTED])):
+        for run in instance.get_runs(
+            dg.RunsFilter(job_name="fetch_job", statuses=[dg.DagsterRunStatus.STARTED])
+        ):
             result = app.AsyncResult(run.tags.get("dagster-celery/task_id"))
             info = result.info if result.state == "STARTED" else None
-            if not isinstance(info, dict) or not str(info.get("hostname", "")).startswith(f"{worker}@"):
+            if not isinstance(info, dict) or not str(info.get("hostname", "")).startswith(
+                f"{worker}@"
+            ):
                 continue
             if not instance.all_logs(run.run_id, of_type=dg.DagsterEventType.STEP_START):
                 continue
             time.sleep(1.0)  # mid-chunk: its metadata requests are being paced by the shared budget
             # The buckets now, while they are in use: an idle bucket's key expires (a minute after its last
             # request), which on a loaded machine comes before the pipeline ends.
-            buckets = sorted(key.decode() for key in
-                             redis.Redis.from_url(os.environ["MAPILLARY_REDIS_URL"]).keys("mapillary:ratelimit:*"))
+            buckets = sorted(
+                key.decode()
+                for key in redis.Redis.from_url(os.environ["MAPILLARY_REDIS_URL"]).keys(
+                    "mapillary:ratelimit:*"
+                )
+            )
             os.kill(int(info["pid"]), signal.SIGKILL)
-            killed.update(run_id=run.run_id, pid=int(info["pid"]), partition=run.tags.get(PARTITION_NAME_TAG),
-                          buckets=buckets)
+            killed.update(
+                run_id=run.run_id,
+                pid=int(info["pid"]),
+                partition=run.tags.get(PARTITION_NAME_TAG),
+                buckets=buckets,
+            )
             return
         stop.wait(0.3)
 
 
 def test_stack_script_status_reports_what_runs(tmp_path):
-    result = subprocess.run(["bash", str(REPO / "scripts" / "stack.sh"), "status"], capture_output=True, text=True,
-                            env={**os.environ, "MAPILLARY_STACK_DIR": str(tmp_path / "stack")}, timeout=120)
+    result = subprocess.run(
+        ["bash", str(REPO / "scripts" / "stack.sh"), "status"],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "MAPILLARY_STACK_DIR": str(tmp_path / "stack")},
+        timeout=120,
+    )
     assert result.returncode == 3, result.stderr  # nothing started here
     assert json.loads(result.stdout) == {"redis": False, "postgres": False}
 
@@ -99,14 +134,14 @@ def test_worker_command_listens_on_its_queues_one_run_at_a_time():
     assert first[first.index("-q") + 1] == "dagster,publish,gpu" and first.count("-q") == 1
     assert second[second.index("-q") + 1] == "dagster"
     assert worker_command(2, gpu_workers=2)[second.index("-q") + 1] == "dagster,gpu"
-    assert "--concurrency=1" in first[first.index("--"):]
+    assert "--concurrency=1" in first[first.index("--") :]
 
 
 @pytest.mark.slow
 @needs_services
 def test_two_workers_one_killed_equal_the_single_machine_run(tmp_path, monkeypatch):
-    from mapillary_assets.scaleout import stack
     from mapillary_assets.defs.pipeline_runs import run_pipeline
+    from mapillary_assets.scaleout import stack
     from mapillary_assets.scaleout.runner import ClusterRunner
 
     with pipeline_run(tmp_path / "single", World(seed=7, scale=TEST_SCALE)) as single:
@@ -116,45 +151,87 @@ def test_two_workers_one_killed_equal_the_single_machine_run(tmp_path, monkeypat
     # PostgreSQL runs as the `postgres` user when we are root: its folder must not sit under pytest's 0700 tmp.
     root = Path(tempfile.mkdtemp(prefix="mapillary-stack-", dir="/tmp"))
     os.chmod(root, 0o755)
-    config = stack.StackConfig(root=root, workers=2, pg_port=free_port(), redis_port=free_port(), webserver=False,
-                               automation=False, data_dir=root / "data")
+    config = stack.StackConfig(
+        root=root,
+        workers=2,
+        pg_port=free_port(),
+        redis_port=free_port(),
+        webserver=False,
+        automation=False,
+        data_dir=root / "data",
+    )
     faults = Faults(rate_limit_per_minute={"entity": ENTITY_BUDGET})
-    with EmulatorServer(world=World(seed=7, scale=TEST_SCALE), faults=faults, token=TEST_TOKEN) as server:
-        for name, value in {"MAPILLARY_ACCESS_TOKEN": TEST_TOKEN, "MAPILLARY_GRAPH_URL": server.graph_url,
-                            "MAPILLARY_TILES_URL": server.tiles_url, "MAPILLARY_CHUNK_SIZE": "200",
-                            "MAPILLARY_ENTITY_PER_MINUTE": str(ENTITY_BUDGET)}.items():
+    with EmulatorServer(
+        world=World(seed=7, scale=TEST_SCALE), faults=faults, token=TEST_TOKEN
+    ) as server:
+        for name, value in {
+            "MAPILLARY_ACCESS_TOKEN": TEST_TOKEN,
+            "MAPILLARY_GRAPH_URL": server.graph_url,
+            "MAPILLARY_TILES_URL": server.tiles_url,
+            "MAPILLARY_CHUNK_SIZE": "200",
+            "MAPILLARY_ENTITY_PER_MINUTE": str(ENTITY_BUDGET),
+        }.items():
             monkeypatch.setenv(name, value)
         try:
             env = stack.start(config, log=lambda *_: None)
-            for name in ("DAGSTER_HOME", "MAPILLARY_CELERY_BROKER", "DAGSTER_PG_HOST", "DAGSTER_PG_PORT",
-                         "DAGSTER_PG_USER", "DAGSTER_PG_PASSWORD", "DAGSTER_PG_DB", "MAPILLARY_DATA_DIR",
-                         "MAPILLARY_RATE_LIMIT_BACKEND", "MAPILLARY_REDIS_URL", "MAPILLARY_RUN_EXECUTOR"):
+            for name in (
+                "DAGSTER_HOME",
+                "MAPILLARY_CELERY_BROKER",
+                "DAGSTER_PG_HOST",
+                "DAGSTER_PG_PORT",
+                "DAGSTER_PG_USER",
+                "DAGSTER_PG_PASSWORD",
+                "DAGSTER_PG_DB",
+                "MAPILLARY_DATA_DIR",
+                "MAPILLARY_RATE_LIMIT_BACKEND",
+                "MAPILLARY_REDIS_URL",
+                "MAPILLARY_RUN_EXECUTOR",
+            ):
                 monkeypatch.setenv(name, env[name])
             with dg.DagsterInstance.get() as instance:
                 app, stop, killed = celery_app(), threading.Event(), {}
-                killer = threading.Thread(target=kill_first_chunk_run_on, args=("w2", instance, app, stop, killed))
+                killer = threading.Thread(
+                    target=kill_first_chunk_run_on, args=("w2", instance, app, stop, killed)
+                )
                 killer.start()
                 try:
-                    summary = run_pipeline(instance, runner=ClusterRunner(instance, poll_s=0.5), log=lambda *_: None,
-                                               tiles_per_run=64)
+                    summary = run_pipeline(
+                        instance,
+                        runner=ClusterRunner(instance, poll_s=0.5),
+                        log=lambda *_: None,
+                        tiles_per_run=64,
+                    )
                 finally:
                     stop.set()
                     killer.join()
                 chunk_runs = instance.get_runs(dg.RunsFilter(job_name="fetch_job"))
                 blur_runs = instance.get_runs(dg.RunsFilter(job_name="blur_job"))
                 placement = {
-                    run.run_id: (run.tags.get(PARTITION_NAME_TAG), run.status.value,
-                                 (app.AsyncResult(run.tags["dagster-celery/task_id"]).worker or "?").split("@")[0],
-                                 {e.step_key: e.dagster_event.pid for e in
-                                  instance.all_logs(run.run_id, of_type=dg.DagsterEventType.STEP_START)})
+                    run.run_id: (
+                        run.tags.get(PARTITION_NAME_TAG),
+                        run.status.value,
+                        (app.AsyncResult(run.tags["dagster-celery/task_id"]).worker or "?").split(
+                            "@"
+                        )[0],
+                        {
+                            e.step_key: e.dagster_event.pid
+                            for e in instance.all_logs(
+                                run.run_id, of_type=dg.DagsterEventType.STEP_START
+                            )
+                        },
+                    )
                     for run in [*chunk_runs, *blur_runs]
                 }
                 blur_queues = {run.tags.get("dagster-celery/queue") for run in blur_runs}
                 for run_id, (partition, status, worker, step_pids) in placement.items():
-                    print(f"{partition} {run_id[:8]} {status:8} worker={worker} step pids={step_pids}")
+                    print(
+                        f"{partition} {run_id[:8]} {status:8} worker={worker} step pids={step_pids}"
+                    )
                 killed_run = instance.get_run_by_id(killed["run_id"]) if killed else None
-                slots = {pool: instance.event_log_storage.get_concurrency_info(pool).slot_count
-                         for pool in ("mapillary_api", "duckdb_writer", "gpu")}
+                slots = {
+                    pool: instance.event_log_storage.get_concurrency_info(pool).slot_count
+                    for pool in ("mapillary_api", "duckdb_writer", "gpu")
+                }
         finally:
             stack.stop(config, log=lambda *_: None)
         entity_times = server.request_times("entity")
@@ -172,11 +249,16 @@ def test_two_workers_one_killed_equal_the_single_machine_run(tmp_path, monkeypat
     retry = killed_run.tags.get(AUTO_RETRY_RUN_ID_TAG)
     assert retry and placement[retry][1] == "SUCCESS" and placement[retry][0] == killed["partition"]
     # Each chunk is fetch_job then blur_job; the summary holds each chunk's last (blur) run.
-    assert sorted(placement[run_id][0] for run_id in summary["runs"]["fetch_job -> blur_job"]) == \
-        sorted(run.tags[PARTITION_NAME_TAG] for run in blur_runs)
+    assert sorted(
+        placement[run_id][0] for run_id in summary["runs"]["fetch_job -> blur_job"]
+    ) == sorted(run.tags[PARTITION_NAME_TAG] for run in blur_runs)
     # Fetch steps ran in both workers (the killed run's included: it ran image_metadata on w2) ...
     fetch_ids = {run.run_id for run in chunk_runs}
-    assert {worker for run_id, (_, _, worker, steps) in placement.items() if steps and run_id in fetch_ids} == {"w1", "w2"}
+    assert {
+        worker
+        for run_id, (_, _, worker, steps) in placement.items()
+        if steps and run_id in fetch_ids
+    } == {"w1", "w2"}
     # ... and every blur run went to the `gpu` queue, which only w1 serves.
     assert len(blur_runs) == 3 and blur_queues == {"gpu"}
     assert {placement[run.run_id][2] for run in blur_runs} == {"w1"}
@@ -211,12 +293,19 @@ def test_runner_follows_a_retry_that_is_still_being_created():
     from mapillary_assets.scaleout.runner import ClusterRunner
 
     failed = dg.DagsterRunStatus.FAILURE
-    instance = _Runs([
-        {"a": (dg.DagsterRunStatus.STARTED, {})},
-        {"a": (failed, {"dagster/will_retry": "true"})},  # the daemon has not created the retry yet
-        {"a": (failed, {"dagster/will_retry": "true", AUTO_RETRY_RUN_ID_TAG: "b"}), "b": (dg.DagsterRunStatus.QUEUED, {})},
-        {"a": (failed, {AUTO_RETRY_RUN_ID_TAG: "b"}), "b": (dg.DagsterRunStatus.SUCCESS, {})},
-    ])
+    instance = _Runs(
+        [
+            {"a": (dg.DagsterRunStatus.STARTED, {})},
+            {
+                "a": (failed, {"dagster/will_retry": "true"})
+            },  # the daemon has not created the retry yet
+            {
+                "a": (failed, {"dagster/will_retry": "true", AUTO_RETRY_RUN_ID_TAG: "b"}),
+                "b": (dg.DagsterRunStatus.QUEUED, {}),
+            },
+            {"a": (failed, {AUTO_RETRY_RUN_ID_TAG: "b"}), "b": (dg.DagsterRunStatus.SUCCESS, {})},
+        ]
+    )
     assert ClusterRunner(instance, poll_s=0, log=lambda *_: None).wait("a") == ("b", True)
 
 

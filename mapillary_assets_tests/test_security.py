@@ -44,7 +44,7 @@ from mapillary_assets_tests.run_partition import (
 )
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
-CANARY = TEST_TOKEN.rsplit("|", 1)[-1]          # survives URL-encoding: "MLY%7C4242%7Cleak-canary-..."
+CANARY = TEST_TOKEN.rsplit("|", 1)[-1]  # survives URL-encoding: "MLY%7C4242%7Cleak-canary-..."
 FORMS = (CANARY, base64.b64encode(TEST_TOKEN.encode()).decode())
 REJECTED_TOKEN = "MLY|9999|the-emulator-wants-this-one"
 
@@ -84,7 +84,9 @@ def _sqlite_leaks(path: Path) -> list[str]:
     """Every value of every table, blobs also zlib-inflated (Dagster stores snapshots compressed)."""
     where = []
     with sqlite3.connect(f"file:{path}?mode=ro", uri=True) as con:
-        tables = [row[0] for row in con.execute("SELECT name FROM sqlite_master WHERE type = 'table'")]
+        tables = [
+            row[0] for row in con.execute("SELECT name FROM sqlite_master WHERE type = 'table'")
+        ]
         for table in tables:
             for row in con.execute(f'SELECT * FROM "{table}"'):
                 for value in row:
@@ -108,18 +110,30 @@ def _value_leaks(value) -> bool:
 
 def _parquet_leaks(path: Path) -> list[str]:
     table = pq.read_table(path)
-    return [f"column {name}" for name in table.column_names
-            if any(_value_leaks(v) for v in table[name].cast("string", safe=False).to_pylist() if v is not None)]
+    return [
+        f"column {name}"
+        for name in table.column_names
+        if any(
+            _value_leaks(v)
+            for v in table[name].cast("string", safe=False).to_pylist()
+            if v is not None
+        )
+    ]
 
 
 def _duckdb_leaks(path: Path) -> list[str]:
     where = []
     with duckdb.connect(str(path), read_only=True) as con:
-        columns = con.execute("SELECT table_name, column_name FROM information_schema.columns "
-                              "WHERE data_type = 'VARCHAR'").fetchall()
+        columns = con.execute(
+            "SELECT table_name, column_name FROM information_schema.columns "
+            "WHERE data_type = 'VARCHAR'"
+        ).fetchall()
         for table, column in columns:
-            hits = con.execute(f'SELECT count(*) FROM "{table}" WHERE ' + " OR ".join(
-                f"position(? IN \"{column}\") > 0" for _ in FORMS), list(FORMS)).fetchone()[0]
+            hits = con.execute(
+                f'SELECT count(*) FROM "{table}" WHERE '
+                + " OR ".join(f'position(? IN "{column}") > 0' for _ in FORMS),
+                list(FORMS),
+            ).fetchone()[0]
             if hits:
                 where.append(f"{table}.{column}")
     return where
@@ -130,11 +144,19 @@ def test_the_scanner_finds_the_token_where_it_hides(tmp_path):
     (tmp_path / "plain.log").write_text(f"Authorization: OAuth {TEST_TOKEN}")
     with sqlite3.connect(tmp_path / "compressed.db") as con:
         con.execute("CREATE TABLE snapshots (body BLOB)")
-        con.execute("INSERT INTO snapshots VALUES (?)", (zlib.compress(f'{{"token": "{TEST_TOKEN}"}}'.encode() * 50),))
-    pq.write_table(pa.table({"reason": [f"GET /tiles?access_token={TEST_TOKEN}"] * 100}),
-                   tmp_path / "failures.parquet", compression="zstd")
+        con.execute(
+            "INSERT INTO snapshots VALUES (?)",
+            (zlib.compress(f'{{"token": "{TEST_TOKEN}"}}'.encode() * 50),),
+        )
+    pq.write_table(
+        pa.table({"reason": [f"GET /tiles?access_token={TEST_TOKEN}"] * 100}),
+        tmp_path / "failures.parquet",
+        compression="zstd",
+    )
     with duckdb.connect(str(tmp_path / "staging.duckdb")) as con:
-        con.execute("CREATE TABLE t AS SELECT ? || range::VARCHAR AS reason FROM range(5000)", [TEST_TOKEN])
+        con.execute(
+            "CREATE TABLE t AS SELECT ? || range::VARCHAR AS reason FROM range(5000)", [TEST_TOKEN]
+        )
     (tmp_path / "tile.mvt.gz").write_bytes(gzip.compress(TEST_TOKEN.encode() * 10))
     (tmp_path / "clean.txt").write_text("nothing to see")
     found = files_holding_the_token(tmp_path)
@@ -148,7 +170,10 @@ def test_the_scanner_finds_a_literal_token_in_dagster_storage(tmp_path):
     (as the tests' harness does), Dagster keeps it in the job snapshot, zlib-compressed in runs.db."""
     with emulated_run(tmp_path) as run:
         assert run.execute("chunking_job").success
-    assert any(entry.startswith("history/runs.db: table snapshots") for entry in files_holding_the_token(run.home))
+    assert any(
+        entry.startswith("history/runs.db: table snapshots")
+        for entry in files_holding_the_token(run.home)
+    )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -167,15 +192,20 @@ def _configure(monkeypatch, server: EmulatorServer, data_dir: Path, **extra: str
 
 
 @pytest.mark.slow
-def test_the_token_appears_in_no_log_event_run_exception_or_file(tmp_path, monkeypatch, caplog, capfd):
+def test_the_token_appears_in_no_log_event_run_exception_or_file(
+    tmp_path, monkeypatch, caplog, capfd
+):
     caplog.set_level(logging.DEBUG)
     home, data_dir = tmp_path / "dagster_home", tmp_path / "data"
     layout = DataLayout(data_dir)
     monkeypatch.setenv("DAGSTER_HOME", str(home))
     errors: list[str] = []
     world = reference_world()
-    with EmulatorServer(world, token=TEST_TOKEN) as server, \
-            EmulatorServer(world, token=REJECTED_TOKEN) as rejecting, open_instance(home) as instance:
+    with (
+        EmulatorServer(world, token=TEST_TOKEN) as server,
+        EmulatorServer(world, token=REJECTED_TOKEN) as rejecting,
+        open_instance(home) as instance,
+    ):
         _configure(monkeypatch, server, data_dir)
         run_pipeline(instance, build_definitions(), log=lambda *_: None)
         assert layout.geopackage_path.exists()
@@ -201,14 +231,19 @@ def test_the_token_appears_in_no_log_event_run_exception_or_file(tmp_path, monke
         runs = instance.get_runs()
         event_leaks = [
             f"run {run.run_id[:8]} ({run.job_name}): {entry.dagster_event_type or 'log'}"
-            for run in runs for entry in instance.all_logs(run.run_id) if leaks_in_text(serialize_value(entry))
+            for run in runs
+            for entry in instance.all_logs(run.run_id)
+            if leaks_in_text(serialize_value(entry))
         ]
         run_leaks = [run.run_id for run in runs if leaks_in_text(serialize_value(run))]
         assert len(runs) >= 8
 
     captured = capfd.readouterr()
-    record_leaks = [f"{record.name}: {record.getMessage()[:200]}" for record in caplog.records
-                    if leaks_in_text(record.getMessage()) or leaks_in_text(str(record.exc_text or ""))]
+    record_leaks = [
+        f"{record.name}: {record.getMessage()[:200]}"
+        for record in caplog.records
+        if leaks_in_text(record.getMessage()) or leaks_in_text(str(record.exc_text or ""))
+    ]
     assert not event_leaks, event_leaks
     assert not run_leaks, run_leaks
     assert not record_leaks, record_leaks
@@ -218,7 +253,9 @@ def test_the_token_appears_in_no_log_event_run_exception_or_file(tmp_path, monke
     assert files_holding_the_token(data_dir) == []
     # The searches saw what they had to: the client's log lines about failed tile requests (whose URL
     # carries the token, redacted) and the run's console output.
-    assert any("access_token=***" in record.getMessage() for record in caplog.records), "no tile request logged"
+    assert any("access_token=***" in record.getMessage() for record in caplog.records), (
+        "no tile request logged"
+    )
     assert captured.err, "no console output captured"
 
 
@@ -226,8 +263,11 @@ def _failing_runs(instance, defs) -> list[str]:
     """Discovery, the metadata of chunk-000000 and the thumbnails of chunk-000001, each failing; their
     error messages and stack traces as a person sees them in the UI."""
     texts = []
-    for job, keys in (("discovery_job", tile_partitions.get_partition_keys()[:1]), ("chunk_job", ("chunk-000000",)),
-                      ("chunk_job", ("chunk-000001",))):
+    for job, keys in (
+        ("discovery_job", tile_partitions.get_partition_keys()[:1]),
+        ("chunk_job", ("chunk-000000",)),
+        ("chunk_job", ("chunk-000001",)),
+    ):
         result = execute(defs, instance, job, keys)
         assert not result.success, f"{job} {keys} was meant to fail"
         texts += failure_messages(instance, result.run_id)
@@ -243,8 +283,13 @@ def _client_exceptions(server: EmulatorServer, rejecting: EmulatorServer) -> lis
     route (token in the query string) and on the Graph API, and an outage that outlasts the retries."""
 
     async def failure(target: EmulatorServer, call) -> str:
-        settings = ClientSettings(token=TEST_TOKEN, graph_url=target.graph_url, tiles_url=target.tiles_url,
-                                  max_retries=1, backoff_base_s=0.01)
+        settings = ClientSettings(
+            token=TEST_TOKEN,
+            graph_url=target.graph_url,
+            tiles_url=target.tiles_url,
+            max_retries=1,
+            backoff_base_s=0.01,
+        )
         async with MapillaryClient(settings) as client:
             try:
                 await call(client)
@@ -289,7 +334,7 @@ def test_ui_listens_on_localhost_unless_told_otherwise(monkeypatch, tmp_path):
     command = launched[-1]
     assert command[command.index("-h") + 1] == "127.0.0.1"
     assert "0.0.0.0" not in command and "::" not in command
-    assert cli.main(["ui", "--host", "10.1.2.3"]) == 0   # exposing it is a deliberate choice
+    assert cli.main(["ui", "--host", "10.1.2.3"]) == 0  # exposing it is a deliberate choice
     assert launched[-1][launched[-1].index("-h") + 1] == "10.1.2.3"
 
     from mapillary_assets.emulator.__main__ import build_parser

@@ -20,8 +20,11 @@ def test_configured_sequences_alone_reach_the_geopackage(tmp_path):
     sequences = sorted({r.sequence_id for r in records})[::10][:8]
     truth = {r.id for r in records if r.sequence_id in sequences}
     with pipeline_run(tmp_path, world=world, sequence_ids=", ".join(sequences)) as run:
+
         def execute(job: str, partition_key: str | None = None) -> None:
-            result = run.defs.resolve_job_def(job).execute_in_process(instance=run.instance, partition_key=partition_key)
+            result = run.defs.resolve_job_def(job).execute_in_process(
+                instance=run.instance, partition_key=partition_key
+            )
             assert result.success, job
 
         execute("chunking_job")
@@ -33,12 +36,16 @@ def test_configured_sequences_alone_reach_the_geopackage(tmp_path):
 
 
 def test_invalid_sequence_ids_are_named_with_the_fix(tmp_path):
-    with pytest.raises(ConfigError, match=r"MAPILLARY_SEQUENCE_IDS holds 1 invalid sequence id\(s\) \('a/b'\)"):
+    with pytest.raises(
+        ConfigError, match=r"MAPILLARY_SEQUENCE_IDS holds 1 invalid sequence id\(s\) \('a/b'\)"
+    ):
         PipelineSettings(sequence_ids="Abc_1, a/b").validated()
     assert PipelineSettings(sequence_ids="Abc_1, x-2\nAbc_1").sequence_id_list() == ["Abc_1", "x-2"]
     listed = tmp_path / "sequences.txt"
     listed.write_text("Abc_1\nx-2, Abc_1\n")
     assert PipelineSettings(sequence_ids=str(listed)).sequence_id_list() == ["Abc_1", "x-2"]
     listed.write_bytes(b"\xff\xfe not text")
-    with pytest.raises(ConfigError, match=r"MAPILLARY_SEQUENCE_IDS=.* cannot be read .*UTF-8 text file"):
+    with pytest.raises(
+        ConfigError, match=r"MAPILLARY_SEQUENCE_IDS=.* cannot be read .*UTF-8 text file"
+    ):
         PipelineSettings(sequence_ids=str(listed)).validated()

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 
 import pandas as pd
 import pyarrow as pa
@@ -18,12 +18,14 @@ METRES_PER_DEGREE_LAT = 111_195.08
 
 
 def _ms(value_ms: int) -> datetime:
-    return datetime.fromtimestamp(value_ms / 1000, tz=timezone.utc)
+    return datetime.fromtimestamp(value_ms / 1000, tz=UTC)
 
 
 def discovery_table(rows: list[tuple]) -> pa.Table:
     """rows: (image_id, sequence_id, lon, lat, captured_at_ms)."""
-    ids, sequences, lons, lats, times = (list(column) for column in zip(*rows)) if rows else ([],) * 5
+    ids, sequences, lons, lats, times = (
+        (list(column) for column in zip(*rows)) if rows else ([],) * 5
+    )
     return pa.table(
         {
             "image_id": pa.array(ids, pa.string()),
@@ -53,7 +55,9 @@ def metadata_table(rows: list[dict]) -> pa.Table:
         "quality_score": pa.float64(),
         "has_mesh": pa.bool_(),
     }
-    return pa.table({name: pa.array([row.get(name) for row in rows], kind) for name, kind in columns.items()})
+    return pa.table(
+        {name: pa.array([row.get(name) for row in rows], kind) for name, kind in columns.items()}
+    )
 
 
 def write_sample_stages(layout: DataLayout) -> None:
@@ -65,7 +69,8 @@ def write_sample_stages(layout: DataLayout) -> None:
     step = 300 / METRES_PER_DEGREE_LAT
     seq_a = [(str(i), "sA", 8.5, 47.0 + (i - 1) * step, T0_MS + i * 1000) for i in (3, 1, 5, 2, 4)]
     write_parquet_atomic(
-        discovery_table(seq_a + [("6", "sB", 8.6, 47.1, T0_MS)]), layout.discovery_path("12-2145-1434")
+        discovery_table(seq_a + [("6", "sB", 8.6, 47.1, T0_MS)]),
+        layout.discovery_path("12-2145-1434"),
     )
     write_parquet_atomic(
         discovery_table(
@@ -81,10 +86,30 @@ def write_sample_stages(layout: DataLayout) -> None:
         metadata_table(
             [
                 # image 1: the metadata position and time must win over discovery's
-                {"image_id": "1", "captured_at": _ms(T0_MS + 500), "lon": 8.50001, "lat": 47.0, "sequence_id": "sA",
-                 "creator_id": "999", "make": "Canon", "width": 2048, "quality_score": 0.9, "has_mesh": True},
-                {"image_id": "2", "captured_at": _ms(T0_MS + 2000), "lon": None, "lat": None, "sequence_id": "sA",
-                 "creator_id": "999", "make": None, "width": 1024, "quality_score": None, "has_mesh": False},
+                {
+                    "image_id": "1",
+                    "captured_at": _ms(T0_MS + 500),
+                    "lon": 8.50001,
+                    "lat": 47.0,
+                    "sequence_id": "sA",
+                    "creator_id": "999",
+                    "make": "Canon",
+                    "width": 2048,
+                    "quality_score": 0.9,
+                    "has_mesh": True,
+                },
+                {
+                    "image_id": "2",
+                    "captured_at": _ms(T0_MS + 2000),
+                    "lon": None,
+                    "lat": None,
+                    "sequence_id": "sA",
+                    "creator_id": "999",
+                    "make": None,
+                    "width": 1024,
+                    "quality_score": None,
+                    "has_mesh": False,
+                },
             ]
         ),
         layout.metadata_path("chunk-000000"),
@@ -142,7 +167,10 @@ def _rows(con, sql: str) -> list[tuple]:
 
 
 def _column_types(con, table: str) -> dict[str, str]:
-    return {name: kind for name, kind in _rows(con, f"SELECT column_name, column_type FROM (DESCRIBE {table})")}
+    return {
+        name: kind
+        for name, kind in _rows(con, f"SELECT column_name, column_type FROM (DESCRIBE {table})")
+    }
 
 
 def test_extension_path_and_connection_load_spatial_offline(tmp_path):
@@ -175,8 +203,12 @@ def test_load_staging_builds_joined_tables(layout):
     con = connect_staging(layout.staging_db_path, read_only=True)
     try:
         assert _rows(con, "SELECT count(DISTINCT image_id), count(*) FROM images") == [(8, 8)]
-        assert _rows(con, "SELECT DISTINCT ST_GeometryType(geom)::VARCHAR FROM images") == [("POINT",)]
-        assert _rows(con, "SELECT DISTINCT ST_GeometryType(geom)::VARCHAR FROM discovered_images") == [("POINT",)]
+        assert _rows(con, "SELECT DISTINCT ST_GeometryType(geom)::VARCHAR FROM images") == [
+            ("POINT",)
+        ]
+        assert _rows(
+            con, "SELECT DISTINCT ST_GeometryType(geom)::VARCHAR FROM discovered_images"
+        ) == [("POINT",)]
         image = dict(
             zip(
                 ["lon", "captured_at", "creator_id", "make", "download_status", "thumbnail_path", "blur_value",
@@ -198,15 +230,17 @@ def test_load_staging_builds_joined_tables(layout):
             "metadata_status": "ok",
         }
         # metadata without a position falls back to discovery's; no metadata at all -> discovery values
-        assert _rows(con, "SELECT lon, download_status, creator_id FROM images WHERE image_id = '2'") == [
-            (8.5, "failed", "999")
-        ]
+        assert _rows(
+            con, "SELECT lon, download_status, creator_id FROM images WHERE image_id = '2'"
+        ) == [(8.5, "failed", "999")]
         assert _rows(
             con,
             "SELECT captured_at, creator_id, download_status, metadata_status, metadata_failure_reason, blur_value "
             "FROM images WHERE image_id = '4'",
         ) == [(_ms(T0_MS + 4000), "555", "pending", "failed", "unknown image (code 100)", None)]
-        assert _rows(con, "SELECT image_id, reason, transient, code, chunk FROM metadata_failures ORDER BY 1") == [
+        assert _rows(
+            con, "SELECT image_id, reason, transient, code, chunk FROM metadata_failures ORDER BY 1"
+        ) == [
             ("4", "unknown image (code 100)", False, 100, "chunk-000000"),
             ("8", "timeout", True, None, "chunk-000000"),
         ]
@@ -252,7 +286,9 @@ def test_sequences_are_lines_in_capture_order(layout):
             )
         ]
         assert line_lats == sorted(line_lats) and len(line_lats) == 5
-        assert _rows(con, "SELECT ST_X(ST_StartPoint(geom)) FROM sequences WHERE sequence_id = 'sC'") == [(8.71,)]
+        assert _rows(
+            con, "SELECT ST_X(ST_StartPoint(geom)) FROM sequences WHERE sequence_id = 'sC'"
+        ) == [(8.71,)]
     finally:
         con.close()
 
@@ -279,7 +315,10 @@ def test_empty_and_partial_stages_keep_typed_schemas(layout):
         assert metadata_types["has_sfm_cluster"] == "BOOLEAN"
         assert metadata_types["width"] == "BIGINT"
         assert _column_types(con, "blur_scores")["blur_value"] == "DOUBLE"
-        assert _rows(con, "SELECT download_status, metadata_status, keep_spacing FROM images ORDER BY image_id") == [
+        assert _rows(
+            con,
+            "SELECT download_status, metadata_status, keep_spacing FROM images ORDER BY image_id",
+        ) == [
             ("pending", "pending", True),
             ("pending", "pending", True),  # ~7.6 km apart, more than the 1000 m outside threshold
         ]
@@ -303,10 +342,14 @@ def test_corrupt_parquet_names_the_file_and_keeps_previous_db(layout, damage):
         load_staging(layout)
     con = connect_staging(layout.staging_db_path, read_only=True)
     try:
-        assert {table: _rows(con, f"SELECT count(*) FROM {table}")[0][0] for table in staging.TABLES} == before
+        assert {
+            table: _rows(con, f"SELECT count(*) FROM {table}")[0][0] for table in staging.TABLES
+        } == before
     finally:
         con.close()
-    assert sorted(p.name for p in layout.staging_db_path.parent.iterdir()) == [layout.staging_db_path.name]
+    assert sorted(p.name for p in layout.staging_db_path.parent.iterdir()) == [
+        layout.staging_db_path.name
+    ]
 
 
 def test_filter_polygons_from_file(layout, tmp_path):
@@ -317,10 +360,15 @@ def test_filter_polygons_from_file(layout, tmp_path):
         '{"type": "Polygon", "coordinates": [[[8.69, 47.19], [8.72, 47.19], [8.72, 47.21], [8.69, 47.21], '
         "[8.69, 47.19]]]}}]}"
     )
-    load_staging(layout, filter_polygons=polygon_file, inside_spacing_m=100.0, outside_spacing_m=5000.0)
+    load_staging(
+        layout, filter_polygons=polygon_file, inside_spacing_m=100.0, outside_spacing_m=5000.0
+    )
     con = connect_staging(layout.staging_db_path, read_only=True)
     try:
-        assert _rows(con, "SELECT image_id FROM images WHERE in_filter_area ORDER BY 1") == [("7",), ("8",)]
+        assert _rows(con, "SELECT image_id FROM images WHERE in_filter_area ORDER BY 1") == [
+            ("7",),
+            ("8",),
+        ]
         # sA (outside, 300 m steps, 1200 m long) keeps only its first image at 5000 m spacing
         assert _rows(con, "SELECT image_id FROM images WHERE keep_spacing ORDER BY 1") == [
             ("1",), ("6",), ("7",), ("8",)
@@ -338,15 +386,21 @@ def test_metadata_columns_cover_the_decoder_schema():
 
 
 def test_contract_mismatch_is_a_storage_error(layout):
-    bad = discovery_table([("1", "s", 8.5, 47.0, T0_MS)]).set_column(2, "lon", pa.array(["east"], pa.string()))
+    bad = discovery_table([("1", "s", 8.5, 47.0, T0_MS)]).set_column(
+        2, "lon", pa.array(["east"], pa.string())
+    )
     write_parquet_atomic(bad, layout.discovery_path("12-0-0"))
     with pytest.raises(StorageError, match="do not match their data contract"):
         load_staging(layout)
-    assert not layout.staging_db_path.parent.exists() or not any(layout.staging_db_path.parent.iterdir())
+    assert not layout.staging_db_path.parent.exists() or not any(
+        layout.staging_db_path.parent.iterdir()
+    )
 
 
 def test_open_readers_keep_their_snapshot_while_staging_is_replaced(layout):
-    write_parquet_atomic(discovery_table([("1", "s", 8.5, 47.0, T0_MS)]), layout.discovery_path("12-0-0"))
+    write_parquet_atomic(
+        discovery_table([("1", "s", 8.5, 47.0, T0_MS)]), layout.discovery_path("12-0-0")
+    )
     load_staging(layout)
     reader = connect_staging(layout.staging_db_path, read_only=True)
     try:
@@ -389,7 +443,10 @@ def test_all_null_object_columns_from_pandas_are_unified(layout):
         assert _column_types(con, "downloads")["path"] == "VARCHAR"
         rows = _rows(con, "SELECT image_id, download_status, thumbnail_path, blur_failure_reason FROM images "
                           "ORDER BY image_id")  # fmt: skip
-        assert rows == [("1", "failed", None, None), ("2", "ok", "thumbnails/2.jpg", "unreadable jpeg")]
+        assert rows == [
+            ("1", "failed", None, None),
+            ("2", "ok", "thumbnails/2.jpg", "unreadable jpeg"),
+        ]
     finally:
         con.close()
 
@@ -403,9 +460,12 @@ def test_sequences_built_in_batches_equal_one_batch():
                CASE WHEN i % 97 = 0 THEN NULL WHEN i = 4999 THEN 'single' ELSE 'seq' || (i % 53) END AS sequence_id,
                (i % 7 = 0) AS keep_spacing, TIMESTAMP '2020-01-01' + to_seconds((5000 - i) * 3) AS captured_at,
                ST_Point(8 + i / 1e5, 47 + (i % 53) / 1e3) AS geom
-           FROM range(5000) t(i)""")
-    query = ("SELECT sequence_id, image_count, kept_count, first_captured_at, last_captured_at, ST_AsText(geom) "
-             "FROM sequences")
+           FROM range(5000) t(i)"""
+    )
+    query = (
+        "SELECT sequence_id, image_count, kept_count, first_captured_at, last_captured_at, ST_AsText(geom) "
+        "FROM sequences"
+    )
     staging._build_sequences(con, batch_images=10**9)
     one_batch = con.execute(query).fetchall()
     con.execute("DROP TABLE sequences")

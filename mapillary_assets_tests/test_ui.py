@@ -20,15 +20,30 @@ from mapillary_assets_tests.harness import TEST_SCALE, TEST_TOKEN, make_resource
 pytestmark = pytest.mark.slow
 
 CHROMIUM = Path("/usr/bin/chromium")
-CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--disable-background-networking",
-                 "--disable-component-update", "--disable-sync", "--no-first-run"]
+CHROMIUM_ARGS = [
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-dev-shm-usage",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--no-first-run",
+]
 ARTIFACTS = REPO_ROOT / "test-artifacts" / "ui"
-ASSETS = ["discovered_images", "image_chunks", "image_metadata", "thumbnail_downloads", "blur_scores",
-          "filter_areas", "staging_tables", "mapillary_geopackage"]
+ASSETS = [
+    "discovered_images",
+    "image_chunks",
+    "image_metadata",
+    "thumbnail_downloads",
+    "blur_scores",
+    "filter_areas",
+    "staging_tables",
+    "mapillary_geopackage",
+]
 GROUPS = ["discovery", "metadata", "images", "filters", "staging", "publish"]
 # Wide enough for the graph to fit at a zoom where nodes show full names (zoomed out, they are abbreviated).
 VIEWPORT = {"width": 3200, "height": 1600}
-LOAD_TIMEOUT_MS = 120_000   # a shared, busy machine
+LOAD_TIMEOUT_MS = 120_000  # a shared, busy machine
 
 
 @pytest.fixture(scope="module")
@@ -36,11 +51,15 @@ def webserver(tmp_path_factory):
     """The webserver alone (no daemon: nothing is launched from the UI here), with the whole pipeline
     materialised in its instance (discovery as one ranged run) so the asset pages have something to show."""
     if not CHROMIUM.exists():
-        pytest.skip(f"{CHROMIUM} is not installed (apt-get install chromium): the browser test needs it")
+        pytest.skip(
+            f"{CHROMIUM} is not installed (apt-get install chromium): the browser test needs it"
+        )
     pytest.importorskip("playwright.sync_api", reason="playwright (python) is not installed")
     root = tmp_path_factory.mktemp("ui")
-    with EmulatorServer(World(seed=7, scale=TEST_SCALE), token=TEST_TOKEN) as emulator, \
-            dagster_server(root / "home", daemon=False) as server:
+    with (
+        EmulatorServer(World(seed=7, scale=TEST_SCALE), token=TEST_TOKEN) as emulator,
+        dagster_server(root / "home", daemon=False) as server,
+    ):
         defs = build_definitions(make_resources(emulator, root / "data"))
         with server.open_instance() as instance:
             run_pipeline(instance, defs, log=lambda *_: None)
@@ -70,10 +89,10 @@ def page(browser):
 
 def open_page(page, url: str) -> None:
     page.goto(url, wait_until="networkidle")
-    skip = page.get_by_role("button", name="Skip")   # the first-visit "join the community" dialog
+    skip = page.get_by_role("button", name="Skip")  # the first-visit "join the community" dialog
     try:
         skip.click(timeout=5_000)
-    except Exception:   # noqa: BLE001 - not shown (already dismissed in this instance)
+    except Exception:  # noqa: BLE001 - not shown (already dismissed in this instance)
         pass
 
 
@@ -89,7 +108,7 @@ def test_global_lineage_shows_every_asset_in_its_group(webserver, page):
     assert "Global asset lineage" in page.title()
     for group in GROUPS:
         page.get_by_text(group, exact=True).first.wait_for()
-    page.keyboard.press("Alt+KeyE")   # "Expand all groups" (graph settings menu, shortcut ⌥E)
+    page.keyboard.press("Alt+KeyE")  # "Expand all groups" (graph settings menu, shortcut ⌥E)
     for asset in ASSETS:
         node = page.get_by_text(asset, exact=True)
         node.first.wait_for()
@@ -105,9 +124,11 @@ def test_partitions_page_of_discovered_images_shows_every_tile_materialised(webs
     page.get_by_text(f"Materialized ({len(keys)})").wait_for()
     for key in keys:
         assert page.get_by_text(key, exact=True).first.is_visible(), key
-    page.get_by_text(keys[0], exact=True).first.click()   # the partition's latest materialisation ...
+    page.get_by_text(
+        keys[0], exact=True
+    ).first.click()  # the partition's latest materialisation ...
     page.get_by_text("View all historical events (1)").wait_for()
-    for metadata in ("images", "tile_requests", "tileset"):   # ... with what the asset reported
+    for metadata in ("images", "tile_requests", "tileset"):  # ... with what the asset reported
         page.get_by_text(metadata, exact=True).first.wait_for()
     screenshot(page, "discovered-images-partitions")
 
@@ -119,8 +140,14 @@ def test_asset_pages_show_the_pictures(webserver, page):
     with webserver.open_instance() as instance:
         chunk = instance.get_dynamic_partitions(CHUNK_PARTITIONS_NAME)[0]
     pages = {
-        "discovered_images": (tile_partitions.get_partition_keys()[0], {"tile_map": "partition tiles by image count"}),
-        "blur_scores": (chunk, {"histogram": "blur_value histogram", "contact_sheet": "blurriest and sharpest"}),
+        "discovered_images": (
+            tile_partitions.get_partition_keys()[0],
+            {"tile_map": "partition tiles by image count"},
+        ),
+        "blur_scores": (
+            chunk,
+            {"histogram": "blur_value histogram", "contact_sheet": "blurriest and sharpest"},
+        ),
         "mapillary_geopackage": (None, {"map": "published images and sequences"}),
     }
     for asset, (partition, pictures) in pages.items():
@@ -133,7 +160,9 @@ def test_asset_pages_show_the_pictures(webserver, page):
             image = dialog.locator(f'img[alt="{alt}"]')
             image.wait_for()
             assert image.get_attribute("src").startswith("data:image/png;base64,"), alt
-            width = page.wait_for_function("i => i.complete && i.naturalWidth", arg=image.element_handle())
+            width = page.wait_for_function(
+                "i => i.complete && i.naturalWidth", arg=image.element_handle()
+            )
             assert width.json_value() >= 200, alt
             screenshot(page, f"picture-{asset}-{name}")
             dialog.get_by_role("button", name="Close").click()
@@ -170,8 +199,20 @@ def test_mapillary_assets_ui_serves_the_pipeline_with_its_pools_and_automation(t
     emulator_port = free_port()
 
     def ui_command(port: int) -> list[str]:
-        return [sys.executable, "-m", "mapillary_assets.cli", "ui", "--port", str(port),
-                "--emulator-port", str(emulator_port), "--data-dir", str(tmp_path / "data"), "--scale", "0.001"]
+        return [
+            sys.executable,
+            "-m",
+            "mapillary_assets.cli",
+            "ui",
+            "--port",
+            str(port),
+            "--emulator-port",
+            str(emulator_port),
+            "--data-dir",
+            str(tmp_path / "data"),
+            "--scale",
+            "0.001",
+        ]
 
     with dagster_server(tmp_path / "home", command=ui_command) as server:
         assert server.url.startswith("http://127.0.0.1:")
@@ -186,12 +227,16 @@ def test_mapillary_assets_ui_serves_the_pipeline_with_its_pools_and_automation(t
         assert states["scheduleOrError"]["scheduleState"]["status"] == "RUNNING"
         assert states["sensorOrError"]["sensorState"]["status"] == "RUNNING"
 
-        monday = dt.datetime(2026, 11, 23, 3, tzinfo=dt.timezone.utc).timestamp()
-        tick = server.graphql(SCHEDULE_DRY_RUN, {"selector": schedule, "timestamp": monday})["scheduleDryRun"]
+        monday = dt.datetime(2026, 11, 23, 3, tzinfo=dt.UTC).timestamp()
+        tick = server.graphql(SCHEDULE_DRY_RUN, {"selector": schedule, "timestamp": monday})[
+            "scheduleDryRun"
+        ]
         evaluation = tick["evaluationResult"]
         assert evaluation["error"] is None, evaluation["error"]
         assert [r["runKey"] for r in evaluation["runRequests"]] == [
-            f"refresh-20261123T0300:{keys[0]}..{keys[-1]}" for keys in [tile_partitions.get_partition_keys()]]
+            f"refresh-20261123T0300:{keys[0]}..{keys[-1]}"
+            for keys in [tile_partitions.get_partition_keys()]
+        ]
         assert "tile_cache_max_age_hours: 24.0" in evaluation["runRequests"][0]["runConfigYaml"]
 
         tick = server.graphql(SENSOR_DRY_RUN, {"selector": sensor, "cursor": None})["sensorDryRun"]
@@ -199,4 +244,6 @@ def test_mapillary_assets_ui_serves_the_pipeline_with_its_pools_and_automation(t
         assert tick["evaluationResult"]["skipReason"].startswith("nothing new")
 
         # SIGTERM to `mapillary-assets ui` stops dagster dev and everything it started, then the emulator.
-        assert server.stop(), f"processes were left behind and had to be killed\n{server.log_tail()}"
+        assert server.stop(), (
+            f"processes were left behind and had to be killed\n{server.log_tail()}"
+        )

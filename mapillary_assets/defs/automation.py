@@ -10,11 +10,13 @@ only), launches the per-chunk job for chunks that have never completed (ranged r
 chunks), and re-publishes once every chunk is complete and something changed since the last GeoPackage.
 """
 
-
 import os
 
 import dagster as dg
-from dagster._core.storage.tags import ASSET_PARTITION_RANGE_END_TAG, ASSET_PARTITION_RANGE_START_TAG
+from dagster._core.storage.tags import (
+    ASSET_PARTITION_RANGE_END_TAG,
+    ASSET_PARTITION_RANGE_START_TAG,
+)
 from dagster._utils.schedules import get_smallest_cron_interval
 
 from mapillary_assets.defs.jobs import chunk_job, chunking_job, discovery_job, publish_job
@@ -26,8 +28,9 @@ TILES_PER_RUN = 64
 CHUNKS_PER_RUN = 4
 
 
-def ranged_requests(keys: list[str], batch: int, run_key_prefix: str,
-                    ordered_keys: list[str] | None = None) -> list[dg.RunRequest]:
+def ranged_requests(
+    keys: list[str], batch: int, run_key_prefix: str, ordered_keys: list[str] | None = None
+) -> list[dg.RunRequest]:
     """Run requests for `keys`, each a partition range of at most `batch` keys. A range covers every key
     between its ends, so ranges never span a key that is not asked for: with `ordered_keys` (every key of
     the partitioning, in its order), `keys` are first split into runs of consecutive keys."""
@@ -67,12 +70,18 @@ def refresh_tile_cache_max_age_hours(configured_hours: float, cron: str = REFRES
     default_status=dg.DefaultScheduleStatus.RUNNING,
     description="Rediscover every tile partition (raw tiles fetched by the previous refresh are fetched again).",
 )
-def refresh_schedule(context: dg.ScheduleEvaluationContext, settings: PipelineSettings) -> list[dg.RunRequest]:
+def refresh_schedule(
+    context: dg.ScheduleEvaluationContext, settings: PipelineSettings
+) -> list[dg.RunRequest]:
     tick = context.scheduled_execution_time.strftime("%Y%m%dT%H%M")
     max_age = refresh_tile_cache_max_age_hours(settings.tile_cache_max_age_hours)
     run_config = {"resources": {"settings": {"config": {"tile_cache_max_age_hours": max_age}}}}
-    return [request.with_replaced_attrs(run_config=run_config)
-            for request in ranged_requests(tile_partitions.get_partition_keys(), TILES_PER_RUN, f"refresh-{tick}")]
+    return [
+        request.with_replaced_attrs(run_config=run_config)
+        for request in ranged_requests(
+            tile_partitions.get_partition_keys(), TILES_PER_RUN, f"refresh-{tick}"
+        )
+    ]
 
 
 def _latest_storage_id(instance: dg.DagsterInstance, asset: str) -> int:
@@ -91,16 +100,26 @@ def new_images_sensor(context: dg.SensorEvaluationContext) -> dg.SensorResult | 
     instance = context.instance
     discovery_id = _latest_storage_id(instance, "discovered_images")
     if discovery_id > _latest_storage_id(instance, "image_chunks"):
-        return dg.SensorResult(run_requests=[dg.RunRequest(job_name=chunking_job.name, run_key=f"chunks:{discovery_id}")])
+        return dg.SensorResult(
+            run_requests=[
+                dg.RunRequest(job_name=chunking_job.name, run_key=f"chunks:{discovery_id}")
+            ]
+        )
 
-    chunks = instance.get_dynamic_partitions(CHUNK_PARTITIONS_NAME)   # in the order they were added
+    chunks = instance.get_dynamic_partitions(CHUNK_PARTITIONS_NAME)  # in the order they were added
     complete = instance.get_materialized_partitions(dg.AssetKey("blur_scores"))
     incomplete = [chunk for chunk in chunks if chunk not in complete]
     if incomplete:
         requests = ranged_requests(incomplete, CHUNKS_PER_RUN, "chunk", ordered_keys=list(chunks))
-        return dg.SensorResult(run_requests=[r.with_replaced_attrs(job_name=chunk_job.name) for r in requests])
+        return dg.SensorResult(
+            run_requests=[r.with_replaced_attrs(job_name=chunk_job.name) for r in requests]
+        )
 
     newest_input = max(discovery_id, _latest_storage_id(instance, "blur_scores"))
     if chunks and newest_input > _latest_storage_id(instance, "mapillary_geopackage"):
-        return dg.SensorResult(run_requests=[dg.RunRequest(job_name=publish_job.name, run_key=f"publish:{newest_input}")])
+        return dg.SensorResult(
+            run_requests=[
+                dg.RunRequest(job_name=publish_job.name, run_key=f"publish:{newest_input}")
+            ]
+        )
     return dg.SkipReason("nothing new: every chunk is complete and the GeoPackage is current")

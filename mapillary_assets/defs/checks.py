@@ -1,6 +1,5 @@
 """Asset checks on the staged data and the published GeoPackage."""
 
-
 import dagster as dg
 import pyogrio
 import shapely
@@ -16,25 +15,36 @@ def _scalar(storage: DataStorageResource, sql: str):
         return con.execute(sql).fetchone()[0]
 
 
-@dg.asset_check(asset=staging_tables, description="Every image id appears once in the images table.")
+@dg.asset_check(
+    asset=staging_tables, description="Every image id appears once in the images table."
+)
 def image_ids_unique(storage: DataStorageResource) -> dg.AssetCheckResult:
     duplicates = _scalar(storage, "SELECT count(*) - count(DISTINCT image_id) FROM images")
     return dg.AssetCheckResult(passed=duplicates == 0, metadata={"duplicate_rows": int(duplicates)})
 
 
-@dg.asset_check(asset=staging_tables, description="Every image point lies inside the area of interest.")
+@dg.asset_check(
+    asset=staging_tables, description="Every image point lies inside the area of interest."
+)
 def images_inside_area(storage: DataStorageResource) -> dg.AssetCheckResult:
     with connect_staging(storage.layout.staging_db_path, read_only=True) as con:
         lon, lat = con.execute("SELECT lon, lat FROM images").fetchnumpy().values()
     outside = int((~shapely.contains_xy(current_aoi().geometry, lon, lat)).sum()) if len(lon) else 0
-    return dg.AssetCheckResult(passed=outside == 0, metadata={"outside": outside, "images": len(lon)})
+    return dg.AssetCheckResult(
+        passed=outside == 0, metadata={"outside": outside, "images": len(lon)}
+    )
 
 
-@dg.asset_check(asset=staging_tables, description="Failed metadata ids stay under MAPILLARY_MAX_FAILED_RATIO.")
-def failed_id_ratio(storage: DataStorageResource, settings: PipelineSettings) -> dg.AssetCheckResult:
+@dg.asset_check(
+    asset=staging_tables, description="Failed metadata ids stay under MAPILLARY_MAX_FAILED_RATIO."
+)
+def failed_id_ratio(
+    storage: DataStorageResource, settings: PipelineSettings
+) -> dg.AssetCheckResult:
     ratio = _scalar(
         storage,
-        "SELECT coalesce((SELECT count(DISTINCT image_id) FROM metadata_failures) / nullif(count(*), 0), 0) FROM images",
+        "SELECT coalesce((SELECT count(DISTINCT image_id) FROM metadata_failures)"
+        " / nullif(count(*), 0), 0) FROM images",
     )
     return dg.AssetCheckResult(
         passed=ratio <= settings.max_failed_ratio,
@@ -42,7 +52,9 @@ def failed_id_ratio(storage: DataStorageResource, settings: PipelineSettings) ->
     )
 
 
-@dg.asset_check(asset=staging_tables, description="Every stored blur score is finite and non-negative.")
+@dg.asset_check(
+    asset=staging_tables, description="Every stored blur score is finite and non-negative."
+)
 def blur_values_valid(storage: DataStorageResource) -> dg.AssetCheckResult:
     invalid = _scalar(
         storage,
@@ -52,11 +64,21 @@ def blur_values_valid(storage: DataStorageResource) -> dg.AssetCheckResult:
     return dg.AssetCheckResult(passed=invalid == 0, metadata={"invalid": int(invalid)})
 
 
-@dg.asset_check(asset=mapillary_geopackage, description="The GeoPackage holds exactly the staged images.")
+@dg.asset_check(
+    asset=mapillary_geopackage, description="The GeoPackage holds exactly the staged images."
+)
 def geopackage_matches_staging(storage: DataStorageResource) -> dg.AssetCheckResult:
     staged = int(_scalar(storage, "SELECT count(*) FROM images"))
     published = int(pyogrio.read_info(storage.layout.geopackage_path, layer="images")["features"])
-    return dg.AssetCheckResult(passed=staged == published, metadata={"staged": staged, "published": published})
+    return dg.AssetCheckResult(
+        passed=staged == published, metadata={"staged": staged, "published": published}
+    )
 
 
-asset_checks = [image_ids_unique, images_inside_area, failed_id_ratio, blur_values_valid, geopackage_matches_staging]
+asset_checks = [
+    image_ids_unique,
+    images_inside_area,
+    failed_id_ratio,
+    blur_values_valid,
+    geopackage_matches_staging,
+]

@@ -27,8 +27,9 @@ def release_dead_runs(instance: dg.DagsterInstance) -> list[str]:
     released = []
     if not isinstance(instance.run_launcher, DefaultRunLauncher):
         return released  # a cluster instance: its runs' pids belong to other machines
-    active = instance.get_runs(filters=dg.RunsFilter(statuses=[dg.DagsterRunStatus.STARTED,
-                                                               dg.DagsterRunStatus.STARTING]))
+    active = instance.get_runs(
+        filters=dg.RunsFilter(statuses=[dg.DagsterRunStatus.STARTED, dg.DagsterRunStatus.STARTING])
+    )
     for run in active:
         if any(tag in run.tags for tag in REMOTE_LAUNCHER_TAGS):
             continue

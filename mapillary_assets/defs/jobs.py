@@ -19,27 +19,34 @@ GPU_QUEUE = "gpu"
 PUBLISH_QUEUE = "publish"
 
 discovery_job = dg.define_asset_job(
-    "discovery_job", selection=[discovered_images],
+    "discovery_job",
+    selection=[discovered_images],
     description="Discover images in tile partitions.",
 )
 chunking_job = dg.define_asset_job(
-    "chunking_job", selection=[sequence_images, image_chunks],
+    "chunking_job",
+    selection=[sequence_images, image_chunks],
     description="List the configured sequences' images, then assign newly discovered ids to new chunks.",
 )
 chunk_job = dg.define_asset_job(
-    "chunk_job", selection=[image_metadata, thumbnail_downloads, blur_scores],
+    "chunk_job",
+    selection=[image_metadata, thumbnail_downloads, blur_scores],
     description="Metadata, thumbnails and blur scores of id chunks.",
 )
 fetch_job = dg.define_asset_job(
-    "fetch_job", selection=[image_metadata, thumbnail_downloads],
+    "fetch_job",
+    selection=[image_metadata, thumbnail_downloads],
     description="Metadata and thumbnails of id chunks (a cluster's first half of chunk_job).",
 )
 blur_job = dg.define_asset_job(
-    "blur_job", selection=[blur_scores], run_tags={CELERY_QUEUE_TAG: GPU_QUEUE},
+    "blur_job",
+    selection=[blur_scores],
+    run_tags={CELERY_QUEUE_TAG: GPU_QUEUE},
     description="Blur scores of id chunks whose thumbnails are on disk, on the `gpu` queue's workers.",
 )
 publish_job = dg.define_asset_job(
-    "publish_job", selection=[filter_areas, staging_tables, mapillary_geopackage],
+    "publish_job",
+    selection=[filter_areas, staging_tables, mapillary_geopackage],
     run_tags={CELERY_QUEUE_TAG: PUBLISH_QUEUE},
     description="Rebuild the staging tables and the GeoPackage.",
 )

@@ -59,11 +59,16 @@ class MapillaryApiResource(dg.ConfigurableResource):
         return MapillaryClient(self.client_settings())
 
     @classmethod
-    def from_env(cls, default_rate_limit_store: Path) -> "MapillaryApiResource":
+    def from_env(cls, default_rate_limit_store: Path) -> MapillaryApiResource:
         """URLs and budgets from MAPILLARY_* variables; the token stays an EnvVar, resolved only inside a run."""
         values = _values_from_env(cls, os.environ, skip={"access_token"})
         values.setdefault("rate_limit_store", str(default_rate_limit_store))
-        for name in ("entity_per_minute", "search_per_minute", "tiles_per_minute", "max_connections"):
+        for name in (
+            "entity_per_minute",
+            "search_per_minute",
+            "tiles_per_minute",
+            "max_connections",
+        ):
             _at_least(_env_name(name), values.get(name, 1), 1)
         try:
             values["rate_limit_backend"] = "redis" if redis_url_from_env() else "sqlite"
@@ -108,19 +113,22 @@ class PipelineSettings(dg.ConfigurableResource):
             try:
                 text = Path(text).read_text()
             except (OSError, UnicodeDecodeError) as exc:
-                raise ConfigError(f"MAPILLARY_SEQUENCE_IDS={self.sequence_ids!r} cannot be read ({exc}): point it at "
-                                  "a UTF-8 text file of sequence ids, or list the ids themselves") from None
+                raise ConfigError(
+                    f"MAPILLARY_SEQUENCE_IDS={self.sequence_ids!r} cannot be read ({exc}): point it at "
+                    "a UTF-8 text file of sequence ids, or list the ids themselves"
+                ) from None
         ids = list(dict.fromkeys(text.replace(",", " ").split()))
         invalid = [i for i in ids if not _SEQUENCE_ID.match(i)]
         if invalid:
             raise ConfigError(
-                f"MAPILLARY_SEQUENCE_IDS holds {len(invalid)} invalid sequence id(s) ({', '.join(map(repr, invalid[:3]))}): "
+                f"MAPILLARY_SEQUENCE_IDS holds {len(invalid)} invalid sequence id(s) "
+                f"({', '.join(map(repr, invalid[:3]))}): "
                 "Mapillary sequence ids are letters, digits, '_' and '-', separated by commas or spaces "
                 "(or a file of them)"
             )
         return ids
 
-    def validated(self) -> "PipelineSettings":
+    def validated(self) -> PipelineSettings:
         _choice("MAPILLARY_TILESET", self.tileset, TILESETS)
         _choice("MAPILLARY_DISCOVERY_ROUTE", self.discovery_route, DISCOVERY_ROUTES)
         _choice("MAPILLARY_BLUR_BACKEND", self.blur_backend, BLUR_BACKENDS)
@@ -143,7 +151,7 @@ class PipelineSettings(dg.ConfigurableResource):
         return self
 
     @classmethod
-    def from_env(cls, environ: dict[str, str] | None = None) -> "PipelineSettings":
+    def from_env(cls, environ: dict[str, str] | None = None) -> PipelineSettings:
         return cls(**_values_from_env(cls, os.environ if environ is None else environ)).validated()
 
 
@@ -171,7 +179,9 @@ def _values_from_env(cls, env, skip: set[str] = frozenset()) -> dict[str, object
 
 def _choice(variable: str, value: object, allowed: tuple) -> None:
     if value not in allowed:
-        raise ConfigError(f"{variable}={value!r} is not supported: use one of {', '.join(map(str, allowed))}")
+        raise ConfigError(
+            f"{variable}={value!r} is not supported: use one of {', '.join(map(str, allowed))}"
+        )
 
 
 def _at_least(variable: str, value: float, lower: float, upper: float | None = None) -> None:

@@ -13,9 +13,9 @@ import pandas as pd
 
 T = TypeVar("T")
 
-API_POOL = "mapillary_api"      # runs that call the API (the shared token bucket paces them)
-DUCKDB_POOL = "duckdb_writer"   # DuckDB allows one writer process per file
-GPU_POOL = "gpu"                # one blur run owns the GPU at a time
+API_POOL = "mapillary_api"  # runs that call the API (the shared token bucket paces them)
+DUCKDB_POOL = "duckdb_writer"  # DuckDB allows one writer process per file
+GPU_POOL = "gpu"  # one blur run owns the GPU at a time
 
 
 def run_async(coroutine: Coroutine[Any, Any, T]) -> T:
@@ -56,7 +56,9 @@ def partition_counts_metadata(counts: dict[str, dict[str, int]]) -> dict[str, An
     if len(counts) <= 1:
         return dict(next(iter(counts.values()), {}))
     names = list(next(iter(counts.values())))
-    table = pd.DataFrame.from_dict(counts, orient="index")[names].rename_axis("partition").reset_index()
+    table = (
+        pd.DataFrame.from_dict(counts, orient="index")[names].rename_axis("partition").reset_index()
+    )
     return {
         "partitions_in_run": len(counts),
         **{f"run_{name}": int(table[name].sum()) for name in names},

@@ -16,7 +16,9 @@ def partition_zoom() -> int:
     try:
         zoom = int(raw)
     except ValueError:
-        raise AoiError(f"MAPILLARY_PARTITION_ZOOM={raw!r} is not an integer: use a zoom from 0 to 13") from None
+        raise AoiError(
+            f"MAPILLARY_PARTITION_ZOOM={raw!r} is not an integer: use a zoom from 0 to 13"
+        ) from None
     if not 0 <= zoom <= 13:
         raise AoiError(f"MAPILLARY_PARTITION_ZOOM={zoom} is out of range: use a zoom from 0 to 13")
     return zoom

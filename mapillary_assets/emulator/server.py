@@ -40,9 +40,9 @@ import random
 import threading
 import time
 from array import array
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
-from typing import Awaitable, Callable
+from datetime import UTC, datetime
 
 import mercantile
 import numpy as np
@@ -58,16 +58,47 @@ MAX_BATCH_IDS = 50
 MAX_SEARCH_LIMIT = 2000
 MAX_BBOX_AREA = 0.01
 
-ENTITY_FIELDS = frozenset({
-    "id", "altitude", "atomic_scale", "camera_parameters", "camera_type", "captured_at", "compass_angle",
-    "computed_altitude", "computed_compass_angle", "computed_geometry", "computed_rotation", "creator",
-    "exif_orientation", "geometry", "height", "is_pano", "make", "merge_cc", "mesh", "model",
-    "quality_score", "sequence", "sfm_cluster", "width",
-    "thumb_256_url", "thumb_1024_url", "thumb_2048_url", "thumb_original_url",
-})
-THUMB_FIELDS = {"thumb_256_url": "256", "thumb_1024_url": "1024", "thumb_2048_url": "2048",
-                "thumb_original_url": "original"}
-OPTIONAL_FIELDS = frozenset({"computed_geometry", "creator"})   # dropped by Faults.omit_optional_fields
+ENTITY_FIELDS = frozenset(
+    {
+        "id",
+        "altitude",
+        "atomic_scale",
+        "camera_parameters",
+        "camera_type",
+        "captured_at",
+        "compass_angle",
+        "computed_altitude",
+        "computed_compass_angle",
+        "computed_geometry",
+        "computed_rotation",
+        "creator",
+        "exif_orientation",
+        "geometry",
+        "height",
+        "is_pano",
+        "make",
+        "merge_cc",
+        "mesh",
+        "model",
+        "quality_score",
+        "sequence",
+        "sfm_cluster",
+        "width",
+        "thumb_256_url",
+        "thumb_1024_url",
+        "thumb_2048_url",
+        "thumb_original_url",
+    }
+)
+THUMB_FIELDS = {
+    "thumb_256_url": "256",
+    "thumb_1024_url": "1024",
+    "thumb_2048_url": "2048",
+    "thumb_original_url": "original",
+}
+OPTIONAL_FIELDS = frozenset(
+    {"computed_geometry", "creator"}
+)  # dropped by Faults.omit_optional_fields
 _STP = {"256": "s256x192", "1024": "s1024x768", "2048": "s2048x1536", "original": "original"}
 KINDS = ("tile", "entity", "batch", "images_by_ids", "search", "sequence", "thumbnail")
 FAMILIES = ("tiles", "entity", "search", "cdn")
@@ -78,22 +109,25 @@ class Faults:
     latency_s: float = 0.0
     latency_jitter_s: float = 0.0
     error_5xx_rate: float = 0.0
-    rate_limit_per_minute: dict[str, int] = field(default_factory=dict)   # "tiles" / "entity" / "search"
+    rate_limit_per_minute: dict[str, int] = field(
+        default_factory=dict
+    )  # "tiles" / "entity" / "search"
     corrupt_jpeg_rate: float = 0.0
     truncated_jpeg_rate: float = 0.0
     omit_optional_fields: bool = False
-    outage_start: float | None = None      # unix seconds: every request answers 503 inside the window
+    outage_start: float | None = None  # unix seconds: every request answers 503 inside the window
     outage_end: float | None = None
     thumbnail_ttl_s: float = 3600.0
 
-    def replace(self, **changes) -> "Faults":
+    def replace(self, **changes) -> Faults:
         names = {f.name for f in dataclasses.fields(self)}
         unknown = set(changes) - names
         if unknown:
             raise ValueError(f"unknown fault setting(s): {', '.join(sorted(unknown))}")
         if "rate_limit_per_minute" in changes:
-            changes["rate_limit_per_minute"] = {str(k): int(v) for k, v in
-                                                (changes["rate_limit_per_minute"] or {}).items()}
+            changes["rate_limit_per_minute"] = {
+                str(k): int(v) for k, v in (changes["rate_limit_per_minute"] or {}).items()
+            }
         return dataclasses.replace(self, **changes)
 
     def in_outage(self, now: float) -> bool:
@@ -105,8 +139,16 @@ class Faults:
 
 
 class ApiError(Exception):
-    def __init__(self, status: int, message: str, code: int, subcode: int | None = None,
-                 kind: str = "MLYApiException", transient: bool | None = None, headers: dict | None = None):
+    def __init__(
+        self,
+        status: int,
+        message: str,
+        code: int,
+        subcode: int | None = None,
+        kind: str = "MLYApiException",
+        transient: bool | None = None,
+        headers: dict | None = None,
+    ):
         super().__init__(message)
         self.status, self.message, self.code, self.subcode = status, message, code, subcode
         self.kind, self.transient, self.headers = kind, transient, headers or {}
@@ -115,16 +157,27 @@ class ApiError(Exception):
 class EmulatorState:
     """Everything the handlers share: world, faults, counters, rate windows, caches."""
 
-    def __init__(self, world: World, faults: Faults, token: str, *, rate_limit_status: int = 429,
-                 search_max_matches: int = 5 * MAX_SEARCH_LIMIT, fault_seed: int = 0, signing_key: bytes | None = None,
-                 max_cached_tile_bytes: int = 512 * 2**20):
+    def __init__(
+        self,
+        world: World,
+        faults: Faults,
+        token: str,
+        *,
+        rate_limit_status: int = 429,
+        search_max_matches: int = 5 * MAX_SEARCH_LIMIT,
+        fault_seed: int = 0,
+        signing_key: bytes | None = None,
+        max_cached_tile_bytes: int = 512 * 2**20,
+    ):
         self.world = world
         self.faults = faults
         self.token = token
         self.rate_limit_status = rate_limit_status
         self.search_max_matches = search_max_matches
         self.base_url = ""
-        self._signing_key = signing_key or hashlib.sha256(f"emulator:{world.seed}".encode()).digest()
+        self._signing_key = (
+            signing_key or hashlib.sha256(f"emulator:{world.seed}".encode()).digest()
+        )
         self._fault_rng = random.Random(fault_seed)
         self._lock = threading.Lock()
         self._counts: collections.Counter = collections.Counter()
@@ -177,7 +230,7 @@ class EmulatorState:
             while window and window[0] <= now - WINDOW_S:
                 window.popleft()
             if budget is None:
-                window.clear()      # unlimited: nothing to remember; a budget set later starts afresh
+                window.clear()  # unlimited: nothing to remember; a budget set later starts afresh
             elif len(window) >= budget:
                 return max(0.0, window[0] + WINDOW_S - now) if window else WINDOW_S
             else:
@@ -221,7 +274,8 @@ class EmulatorState:
         pending = self._rendering.get(key)
         if pending is None:
             pending = self._rendering[key] = asyncio.ensure_future(
-                asyncio.to_thread(self.tile_bytes, tileset, z, x, y))
+                asyncio.to_thread(self.tile_bytes, tileset, z, x, y)
+            )
             pending.add_done_callback(lambda _: self._rendering.pop(key, None))
         return await asyncio.shield(pending)
 
@@ -237,7 +291,10 @@ class EmulatorState:
             if key not in self._tile_cache:
                 self._tile_cache[key] = data
                 self._tile_cache_bytes += len(data)
-                while self._tile_cache_bytes > self.max_cached_tile_bytes and len(self._tile_cache) > 1:
+                while (
+                    self._tile_cache_bytes > self.max_cached_tile_bytes
+                    and len(self._tile_cache) > 1
+                ):
                     _, dropped = self._tile_cache.popitem(last=False)
                     self._tile_cache_bytes -= len(dropped)
         return data
@@ -252,14 +309,18 @@ class EmulatorState:
             names = [f.strip() for f in key.split(",") if f.strip()]
             for name in names:
                 if name not in ENTITY_FIELDS:
-                    raise ApiError(400, f"Tried accessing nonexisting field ({name}) on node type (Image)", 100)
+                    raise ApiError(
+                        400, f"Tried accessing nonexisting field ({name}) on node type (Image)", 100
+                    )
             ordered = tuple(dict.fromkeys(["id", *names]))
             cached = (ordered, any(n in THUMB_FIELDS for n in ordered))
             if len(self._fields_cache) < 1000:
                 self._fields_cache[key] = cached
         return cached
 
-    def entity_json(self, image_id: str, fields: tuple[str, ...], has_urls: bool, now: float) -> bytes | None:
+    def entity_json(
+        self, image_id: str, fields: tuple[str, ...], has_urls: bool, now: float
+    ) -> bytes | None:
         """The JSON object of one image (bytes), or None when the id is unknown."""
         omit = self.faults.omit_optional_fields
         cache = None
@@ -298,7 +359,13 @@ class EmulatorState:
                 parts.append(f'"{name}":{text}')
         return ("{" + ",".join(parts) + "}").encode()
 
-    def entity(self, record: ImageRecord, fields: tuple[str, ...], omit: bool = False, now: float | None = None) -> dict:
+    def entity(
+        self,
+        record: ImageRecord,
+        fields: tuple[str, ...],
+        omit: bool = False,
+        now: float | None = None,
+    ) -> dict:
         return json.loads(self.render(record, fields, omit, time.time() if now is None else now))
 
     # -- signed URLs --------------------------------------------------------------------------------
@@ -306,14 +373,18 @@ class EmulatorState:
     def thumbnail_url(self, image_id: str, size: str, now: float) -> str:
         expiry = f"{int(now + self.faults.thumbnail_ttl_s):08x}"
         stp = _STP[size]
-        return (f"{self.base_url}/cdn/thumb/{size}/{image_id}.jpg?stp={stp}&oe={expiry}"
-                f"&oh={self._sign(size, image_id, stp, expiry)}")
+        return (
+            f"{self.base_url}/cdn/thumb/{size}/{image_id}.jpg?stp={stp}&oe={expiry}"
+            f"&oh={self._sign(size, image_id, stp, expiry)}"
+        )
 
     def _sign(self, size: str, image_id: str, stp: str, expiry: str) -> str:
         message = f"{size}/{image_id}/{stp}/{expiry}".encode()
         return "00_" + hmac.new(self._signing_key, message, hashlib.sha256).hexdigest()[:40]
 
-    def check_signature(self, size: str, image_id: str, stp: str, expiry: str, signature: str, now: float) -> bool:
+    def check_signature(
+        self, size: str, image_id: str, stp: str, expiry: str, signature: str, now: float
+    ) -> bool:
         if not hmac.compare_digest(self._sign(size, image_id, stp, expiry), signature):
             return False
         try:
@@ -330,7 +401,9 @@ def _point(g: tuple[float, float] | None) -> str | None:
 
 
 def _altitude(value: float) -> str:
-    return str((1 << 32) + int(value)) if value < 0 else repr(value)   # the API's unsigned wrap of negatives
+    return (
+        str((1 << 32) + int(value)) if value < 0 else repr(value)
+    )  # the API's unsigned wrap of negatives
 
 
 def _link(value: dict | None) -> str | None:
@@ -382,8 +455,12 @@ def _error_response(state: EmulatorState, error: ApiError) -> web.Response:
     if error.transient is not None:
         body["is_transient"] = error.transient
     body["fbtrace_id"] = state.trace_id()
-    return web.Response(status=error.status, body=json.dumps({"error": body}).encode(),
-                        content_type="application/json", headers=error.headers)
+    return web.Response(
+        status=error.status,
+        body=json.dumps({"error": body}).encode(),
+        content_type="application/json",
+        headers=error.headers,
+    )
 
 
 def _invalid_token() -> ApiError:
@@ -391,8 +468,13 @@ def _invalid_token() -> ApiError:
 
 
 def _unknown_id(image_id: str) -> ApiError:
-    return ApiError(400, f"Unsupported get request. Object with ID '{image_id}' does not exist, cannot be loaded "
-                         "due to missing permissions, or does not support this operation", 100, 33)
+    return ApiError(
+        400,
+        f"Unsupported get request. Object with ID '{image_id}' does not exist, cannot be loaded "
+        "due to missing permissions, or does not support this operation",
+        100,
+        33,
+    )
 
 
 Handler = Callable[[web.Request, EmulatorState, float], Awaitable[web.StreamResponse]]
@@ -420,14 +502,21 @@ def _endpoint(state: EmulatorState, kind: str, family: str, auth: str | None, ha
                 wait = state.admit(family, now)
                 if wait is not None:
                     state.count("rate_limited")
-                    raise ApiError(state.rate_limit_status, "Application request limit reached", 4,
-                                   transient=True, headers={"Retry-After": str(max(1, math.ceil(wait)))})
+                    raise ApiError(
+                        state.rate_limit_status,
+                        "Application request limit reached",
+                        4,
+                        transient=True,
+                        headers={"Retry-After": str(max(1, math.ceil(wait)))},
+                    )
                 response = await handler(request, state, now)
             except ApiError as error:
                 response = _error_response(state, error)
         if graph:
-            response.headers["x-app-usage"] = (f'{{"call_count": {state.usage_percent(family, time.time())}, '
-                                               f'"total_cputime": 0, "total_time": 0}}')
+            response.headers["x-app-usage"] = (
+                f'{{"call_count": {state.usage_percent(family, time.time())}, '
+                f'"total_cputime": 0, "total_time": 0}}'
+            )
         return response
 
     return wrapped
@@ -437,15 +526,21 @@ def _injected_failure(state: EmulatorState, faults: Faults, now: float) -> web.R
     """The outage or random 5xx answer for this request, if any."""
     if faults.in_outage(now):
         state.count("faulted")
-        return web.Response(status=503, text="<html><body><h1>503 Service Unavailable</h1></body></html>",
-                            content_type="text/html")
+        return web.Response(
+            status=503,
+            text="<html><body><h1>503 Service Unavailable</h1></body></html>",
+            content_type="text/html",
+        )
     if faults.error_5xx_rate and state.fault_draw() < faults.error_5xx_rate:
         state.count("faulted")
         status = state.fault_choice((500, 502, 503))
         if state.fault_draw() < 0.5:
             return web.Response(status=status, body=b"")
-        return web.Response(status=status, text=f"<html><body><h1>{status} Server Error</h1></body></html>",
-                            content_type="text/html")
+        return web.Response(
+            status=status,
+            text=f"<html><body><h1>{status} Server Error</h1></body></html>",
+            content_type="text/html",
+        )
     return None
 
 
@@ -453,7 +548,9 @@ def _authorised(request: web.Request, token: str) -> bool:
     header = request.headers.get("Authorization")
     if header is not None:
         scheme, _, value = header.partition(" ")
-        return scheme.lower() == "oauth" and hmac.compare_digest(value.strip().encode(), token.encode())
+        return scheme.lower() == "oauth" and hmac.compare_digest(
+            value.strip().encode(), token.encode()
+        )
     supplied = request.query.get("access_token")
     return supplied is not None and hmac.compare_digest(supplied.encode(), token.encode())
 
@@ -513,8 +610,11 @@ async def _images(request: web.Request, state: EmulatorState, now: float) -> web
     ids = _split_ids(request.query.get("image_ids"))
     if len(ids) > MAX_BATCH_IDS:
         raise ApiError(400, f"Too many IDs. Maximum: {MAX_BATCH_IDS}.", 100)
-    parts = [body for body in (state.entity_json(i, fields, has_urls, now) for i in dict.fromkeys(ids))
-             if body is not None]
+    parts = [
+        body
+        for body in (state.entity_json(i, fields, has_urls, now) for i in dict.fromkeys(ids))
+        if body is not None
+    ]
     return _json(b'{"data":[' + b",".join(parts) + b"]}")
 
 
@@ -524,11 +624,24 @@ async def _search(request: web.Request, state: EmulatorState, now: float) -> web
     try:
         west, south, east, north = (float(v) for v in query["bbox"].split(","))
     except (KeyError, ValueError):
-        raise ApiError(400, "Invalid parameter (bbox): expected minLon,minLat,maxLon,maxLat", 100) from None
-    if not (west < east and south < north and -180 <= west and east <= 180 and -85.06 <= south and north <= 85.06):
+        raise ApiError(
+            400, "Invalid parameter (bbox): expected minLon,minLat,maxLon,maxLat", 100
+        ) from None
+    if not (
+        west < east
+        and south < north
+        and -180 <= west
+        and east <= 180
+        and -85.06 <= south
+        and north <= 85.06
+    ):
         raise ApiError(400, "Invalid parameter (bbox): expected minLon,minLat,maxLon,maxLat", 100)
     if (east - west) * (north - south) >= MAX_BBOX_AREA:
-        raise ApiError(400, "Invalid parameter (bbox): the bounding box area must be below 0.01 square degrees", 100)
+        raise ApiError(
+            400,
+            "Invalid parameter (bbox): the bounding box area must be below 0.01 square degrees",
+            100,
+        )
     try:
         limit = int(query.get("limit", MAX_SEARCH_LIMIT))
     except ValueError:
@@ -537,8 +650,12 @@ async def _search(request: web.Request, state: EmulatorState, now: float) -> web
     matches = _bbox_rows(state.world, west, south, east, north)
     total = sum(len(rows) for _, rows in matches)
     if total > state.search_max_matches:
-        raise ApiError(500, "Please reduce the amount of data you're asking for, then retry your request", 1,
-                       transient=False)
+        raise ApiError(
+            500,
+            "Please reduce the amount of data you're asking for, then retry your request",
+            1,
+            transient=False,
+        )
     keep = _search_filter(query)
     world = state.world
     parts: list[bytes] = []
@@ -570,7 +687,11 @@ def _search_filter(query) -> Callable[[ImageRecord], bool] | None:
     for name, op in (("start_captured_at", "ge"), ("end_captured_at", "le")):
         if name in query:
             ms = _iso_ms(query[name], name)
-            checks.append((lambda r, ms=ms: r.captured_at >= ms) if op == "ge" else (lambda r, ms=ms: r.captured_at <= ms))
+            checks.append(
+                (lambda r, ms=ms: r.captured_at >= ms)
+                if op == "ge"
+                else (lambda r, ms=ms: r.captured_at <= ms)
+            )
     if "organization_id" in query:
         orgs = set(_split_ids(query["organization_id"]))
         checks.append(lambda r: r.organization_id is not None and str(r.organization_id) in orgs)
@@ -594,7 +715,7 @@ def _iso_ms(text: str, name: str) -> int:
     except ValueError:
         raise ApiError(400, f"Invalid parameter ({name}): expected ISO 8601", 100) from None
     if moment.tzinfo is None:
-        moment = moment.replace(tzinfo=timezone.utc)
+        moment = moment.replace(tzinfo=UTC)
     return int(moment.timestamp() * 1000)
 
 
@@ -612,8 +733,13 @@ async def _thumbnail(request: web.Request, state: EmulatorState, now: float) -> 
     name = request.match_info["name"]
     image_id = name[:-4] if name.endswith(".jpg") else name
     query = request.query
-    if size not in thumbnails.SIZES or decode_image_id(image_id) is None or not state.check_signature(
-            size, image_id, query.get("stp", ""), query.get("oe", ""), query.get("oh", ""), now):
+    if (
+        size not in thumbnails.SIZES
+        or decode_image_id(image_id) is None
+        or not state.check_signature(
+            size, image_id, query.get("stp", ""), query.get("oe", ""), query.get("oh", ""), now
+        )
+    ):
         return web.Response(status=403, text="URL signature expired")
     record = state.world.image(image_id)
     if record is None:
@@ -653,12 +779,23 @@ def _control_routes(state: EmulatorState) -> list[web.RouteDef]:
         state.reset_stats()
         return web.json_response(state.stats())
 
-    return [web.get("/_emulator/stats", stats), web.post("/_emulator/faults", faults),
-            web.post("/_emulator/advance", advance), web.post("/_emulator/reset_stats", reset)]
+    return [
+        web.get("/_emulator/stats", stats),
+        web.post("/_emulator/faults", faults),
+        web.post("/_emulator/advance", advance),
+        web.post("/_emulator/reset_stats", reset),
+    ]
 
 
-def create_app(world: World, faults: Faults | None = None, token: str = DEFAULT_TOKEN, *,
-               base_url: str = "", state: EmulatorState | None = None, **options) -> web.Application:
+def create_app(
+    world: World,
+    faults: Faults | None = None,
+    token: str = DEFAULT_TOKEN,
+    *,
+    base_url: str = "",
+    state: EmulatorState | None = None,
+    **options,
+) -> web.Application:
     """The aiohttp application. ``options`` go to ``EmulatorState`` (rate_limit_status=429|403,
     search_max_matches=10000, fault_seed=0, ...). ``base_url`` prefixes signed thumbnail URLs; when
     empty it is taken from the first request's host."""
@@ -680,18 +817,20 @@ def create_app(world: World, faults: Faults | None = None, token: str = DEFAULT_
 
     tile = ep("tile", "tiles", "tiles", _tile)
     entity = ep("entity", "entity", "graph", _entity)
-    app.add_routes([
-        web.get("/tiles/maps/vtp/{tileset}/2/{z}/{x}/{y}", tile),
-        web.get("/tiles/maps/vtp/{tileset}/2/{z}/{x}/{y}/", tile),
-        web.get("/graph/images", _dispatch_images(state)),
-        web.get("/graph/image_ids", ep("sequence", "entity", "graph", _sequence)),
-        web.get("/graph", ep("batch", "entity", "graph", _batch)),
-        web.get("/graph/", ep("batch", "entity", "graph", _batch)),
-        web.get("/graph/{image_id}", entity),
-        web.get("/graph/{image_id}/", entity),
-        web.get("/cdn/thumb/{size}/{name}", ep("thumbnail", "cdn", None, _thumbnail)),
-        *_control_routes(state),
-    ])
+    app.add_routes(
+        [
+            web.get("/tiles/maps/vtp/{tileset}/2/{z}/{x}/{y}", tile),
+            web.get("/tiles/maps/vtp/{tileset}/2/{z}/{x}/{y}/", tile),
+            web.get("/graph/images", _dispatch_images(state)),
+            web.get("/graph/image_ids", ep("sequence", "entity", "graph", _sequence)),
+            web.get("/graph", ep("batch", "entity", "graph", _batch)),
+            web.get("/graph/", ep("batch", "entity", "graph", _batch)),
+            web.get("/graph/{image_id}", entity),
+            web.get("/graph/{image_id}/", entity),
+            web.get("/cdn/thumb/{size}/{name}", ep("thumbnail", "cdn", None, _thumbnail)),
+            *_control_routes(state),
+        ]
+    )
     return app
 
 
@@ -715,8 +854,15 @@ class EmulatorServer:
     ``with EmulatorServer(World(scale=0.01)) as server: ... server.graph_url ...``
     """
 
-    def __init__(self, world: World | None = None, faults: Faults | None = None,
-                 token: str = DEFAULT_TOKEN, host: str = "127.0.0.1", port: int = 0, **options):
+    def __init__(
+        self,
+        world: World | None = None,
+        faults: Faults | None = None,
+        token: str = DEFAULT_TOKEN,
+        host: str = "127.0.0.1",
+        port: int = 0,
+        **options,
+    ):
         self.world = world if world is not None else World()
         self.token = token
         self.host = host
@@ -754,7 +900,7 @@ class EmulatorServer:
     def reset_stats(self) -> None:
         self._state.reset_stats()
 
-    def start(self) -> "EmulatorServer":
+    def start(self) -> EmulatorServer:
         if self._thread is not None:
             return self
         ready = threading.Event()
@@ -785,7 +931,9 @@ class EmulatorServer:
 
     async def _serve(self) -> None:
         app = create_app(self.world, token=self.token, state=self._state)
-        self._runner = web.AppRunner(app, access_log=None, handle_signals=False, shutdown_timeout=2.0)
+        self._runner = web.AppRunner(
+            app, access_log=None, handle_signals=False, shutdown_timeout=2.0
+        )
         await self._runner.setup()
         site = web.TCPSite(self._runner, self.host, self.port, backlog=1024, reuse_address=True)
         await site.start()
@@ -802,7 +950,7 @@ class EmulatorServer:
         self._thread.join(30)
         self._thread = None
 
-    def __enter__(self) -> "EmulatorServer":
+    def __enter__(self) -> EmulatorServer:
         return self.start()
 
     def __exit__(self, *exc) -> None:

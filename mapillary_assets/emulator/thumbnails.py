@@ -46,7 +46,7 @@ def thumbnail_bytes(image_id: str | int, size: str | int, blurred: bool) -> byte
 
 
 def jpeg_fault(image_id: str | int, corrupt_rate: float, truncated_rate: float) -> str | None:
-    """"corrupt", "truncated" or None: fixed per image id for given rates, so tests can predict it."""
+    """ "corrupt", "truncated" or None: fixed per image id for given rates, so tests can predict it."""
     u = unit_hash(int(image_id), 0xBAD_1E6)
     if u < corrupt_rate:
         return "corrupt"
@@ -63,7 +63,7 @@ def damage(data: bytes, image_id: str | int, kind: str) -> bytes:
         return data[: int(len(data) * (0.4 + 0.4 * u))]
     rng = np.random.default_rng(int(u * 2**32))
     noise = rng.integers(0, 256, len(data) - 4, dtype=np.uint8)
-    noise[noise == 0xFF] = 0x00          # no stray markers: the decoder finds no frame at all
+    noise[noise == 0xFF] = 0x00  # no stray markers: the decoder finds no frame at all
     return b"\xff\xd8" + noise.tobytes() + b"\xff\xd9"
 
 
@@ -75,8 +75,9 @@ def scene_jpeg(variant: int, width: int, blurred: bool) -> bytes:
         if blurred:
             sigma = width / 110.0
             image = cv2.GaussianBlur(image, (0, 0), sigmaX=sigma, sigmaY=sigma)
-        ok, encoded = cv2.imencode(".jpg", image, [cv2.IMWRITE_JPEG_QUALITY, JPEG_QUALITY,
-                                                   cv2.IMWRITE_JPEG_PROGRESSIVE, 0])
+        ok, encoded = cv2.imencode(
+            ".jpg", image, [cv2.IMWRITE_JPEG_QUALITY, JPEG_QUALITY, cv2.IMWRITE_JPEG_PROGRESSIVE, 0]
+        )
         if not ok:  # pragma: no cover - OpenCV always encodes a uint8 BGR image
             raise RuntimeError("JPEG encoding failed")
         data = encoded.tobytes()
@@ -122,15 +123,28 @@ def render_scene(variant: int, width: int) -> np.ndarray:
 
     # road: a trapezoid to the vanishing point with dashed lane marks
     vanish = int(width * rng.uniform(0.35, 0.65))
-    road = np.array([[vanish - 4 * s, horizon], [vanish + 4 * s, horizon], [width * 1.1, height], [-width * 0.1, height]],
-                    dtype=np.int32)
+    road = np.array(
+        [
+            [vanish - 4 * s, horizon],
+            [vanish + 4 * s, horizon],
+            [width * 1.1, height],
+            [-width * 0.1, height],
+        ],
+        dtype=np.int32,
+    )
     cv2.fillPoly(image, [road], (float(rng.uniform(60, 90)),) * 3)
     for k in range(12):
         a, b = k / 12, (k + 0.5) / 12
         y0, y1 = horizon + (height - horizon) * a * a, horizon + (height - horizon) * b * b
         x0 = vanish + (width / 2 - vanish) * a * a
         x1 = vanish + (width / 2 - vanish) * b * b
-        cv2.line(image, (int(x0), int(y0)), (int(x1), int(y1)), (235.0, 235.0, 235.0), max(1, int(6 * s * b)))
+        cv2.line(
+            image,
+            (int(x0), int(y0)),
+            (int(x1), int(y1)),
+            (235.0, 235.0, 235.0),
+            max(1, int(6 * s * b)),
+        )
 
     # fine texture: sensor noise and asphalt grain
     image += rng.normal(0, 7.0, image.shape[:2])[:, :, None].astype(np.float32)

@@ -32,7 +32,14 @@ TILESETS = ("mly1_public", "mly1_computed_public")
 
 # protobuf keys (field << 3 | wire type)
 _TILE_LAYER = 0x1A
-_LAYER_NAME, _LAYER_FEATURE, _LAYER_KEY, _LAYER_VALUE, _LAYER_EXTENT, _LAYER_VERSION = 0x0A, 0x12, 0x1A, 0x22, 0x28, 0x78
+_LAYER_NAME, _LAYER_FEATURE, _LAYER_KEY, _LAYER_VALUE, _LAYER_EXTENT, _LAYER_VERSION = (
+    0x0A,
+    0x12,
+    0x1A,
+    0x22,
+    0x28,
+    0x78,
+)
 _FEATURE_ID, _FEATURE_TAGS, _FEATURE_TYPE, _FEATURE_GEOMETRY = 0x08, 0x12, 0x18, 0x22
 _VALUE_STRING, _VALUE_DOUBLE, _VALUE_INT, _VALUE_BOOL = 0x0A, 0x19, 0x20, 0x38
 _POINT, _LINESTRING = 1, 2
@@ -111,8 +118,15 @@ class _Values:
         """Table indices of many non-negative ints."""
         unique, inverse = np.unique(values.astype(np.uint64), return_inverse=True)
         inner_len = 1 + _varint_lengths(unique)
-        tokens = np.stack([np.full(len(unique), _LAYER_VALUE, np.uint64), inner_len.astype(np.uint64),
-                           np.full(len(unique), _VALUE_INT, np.uint64), unique], axis=1)
+        tokens = np.stack(
+            [
+                np.full(len(unique), _LAYER_VALUE, np.uint64),
+                inner_len.astype(np.uint64),
+                np.full(len(unique), _VALUE_INT, np.uint64),
+                unique,
+            ],
+            axis=1,
+        )
         self._blocks.append(_encode_varints(tokens).tobytes())
         return self._reserve(len(unique)) + inverse
 
@@ -160,13 +174,17 @@ def _layer(name: str, keys: list[str], values: _Values, features: bytes) -> byte
     return bytes((_TILE_LAYER,)) + _varint(len(body)) + bytes(body)
 
 
-def _point_features(first_id: int, tags: np.ndarray, present: np.ndarray, px: np.ndarray, py: np.ndarray) -> bytes:
+def _point_features(
+    first_id: int, tags: np.ndarray, present: np.ndarray, px: np.ndarray, py: np.ndarray
+) -> bytes:
     """Point features, vectorised. ``tags`` is (n, 2k) of key/value indices, ``present`` its mask."""
     n = len(px)
     if n == 0:
         return b""
     ntags = tags.shape[1]
-    cols = 2 + 2 + 2 + ntags + 2 + 2 + 3     # feature hdr, id, tags hdr, tags, type, geometry hdr, geometry
+    cols = (
+        2 + 2 + 2 + ntags + 2 + 2 + 3
+    )  # feature hdr, id, tags hdr, tags, type, geometry hdr, geometry
     tokens = np.zeros((n, cols), dtype=np.uint64)
     mask = np.ones((n, cols), dtype=bool)
     t0 = 6
@@ -174,8 +192,8 @@ def _point_features(first_id: int, tags: np.ndarray, present: np.ndarray, px: np
     tokens[:, 2] = _FEATURE_ID
     tokens[:, 3] = np.arange(first_id, first_id + n, dtype=np.uint64)
     tokens[:, 4] = _FEATURE_TAGS
-    tokens[:, t0:t0 + ntags] = tags
-    mask[:, t0:t0 + ntags] = present
+    tokens[:, t0 : t0 + ntags] = tags
+    mask[:, t0 : t0 + ntags] = present
     g = t0 + ntags
     tokens[:, g] = _FEATURE_TYPE
     tokens[:, g + 1] = _POINT
@@ -185,7 +203,7 @@ def _point_features(first_id: int, tags: np.ndarray, present: np.ndarray, px: np
     tokens[:, g + 6] = _zigzag(py)
     lengths = np.where(mask, _varint_lengths(tokens), 0)
     tokens[:, 5] = lengths[:, t0:g].sum(axis=1)
-    tokens[:, g + 3] = lengths[:, g + 4:].sum(axis=1)
+    tokens[:, g + 3] = lengths[:, g + 4 :].sum(axis=1)
     lengths[:, 5] = _varint_lengths(tokens[:, 5])
     lengths[:, g + 3] = _varint_lengths(tokens[:, g + 3])
     tokens[:, 1] = lengths[:, 2:].sum(axis=1)
@@ -196,16 +214,23 @@ def _line_feature(feature_id: int, tags: list[int], px: np.ndarray, py: np.ndarr
     dx = np.diff(px, prepend=0)
     dy = np.diff(py, prepend=0)
     pairs = np.stack([_zigzag(dx), _zigzag(dy)], axis=1).astype(np.uint64)
-    if len(px) == 1:    # a one-image sequence still needs a LineTo: a zero-length segment
+    if len(px) == 1:  # a one-image sequence still needs a LineTo: a zero-length segment
         pairs = np.vstack([pairs, np.zeros((1, 2), np.uint64)])
     head = np.array([_MOVE_TO_1], np.uint64)
     line_to = np.array([_LINESTRING | ((len(pairs) - 1) << 3)], np.uint64)
     geometry = np.concatenate([head, pairs[0], line_to, pairs[1:].ravel()])
     geometry_bytes = _encode_varints(geometry).tobytes()
     tag_bytes = _encode_varints(np.array(tags, np.uint64)).tobytes()
-    body = (bytes((_FEATURE_ID,)) + _varint(feature_id) + bytes((_FEATURE_TAGS,)) + _varint(len(tag_bytes))
-            + tag_bytes + bytes((_FEATURE_TYPE, _LINESTRING, _FEATURE_GEOMETRY)) + _varint(len(geometry_bytes))
-            + geometry_bytes)
+    body = (
+        bytes((_FEATURE_ID,))
+        + _varint(feature_id)
+        + bytes((_FEATURE_TAGS,))
+        + _varint(len(tag_bytes))
+        + tag_bytes
+        + bytes((_FEATURE_TYPE, _LINESTRING, _FEATURE_GEOMETRY))
+        + _varint(len(geometry_bytes))
+        + geometry_bytes
+    )
     return bytes((_LAYER_FEATURE,)) + _varint(len(body)) + body
 
 
@@ -213,7 +238,9 @@ def _line_feature(feature_id: int, tags: list[int], px: np.ndarray, py: np.ndarr
 # projection
 
 
-def _pixels(lon: np.ndarray, lat: np.ndarray, z: int, x: int, y: int) -> tuple[np.ndarray, np.ndarray]:
+def _pixels(
+    lon: np.ndarray, lat: np.ndarray, z: int, x: int, y: int
+) -> tuple[np.ndarray, np.ndarray]:
     n = 2.0**z
     gx = (np.asarray(lon) + 180.0) / 360.0 * n
     phi = np.radians(np.asarray(lat))
@@ -240,8 +267,15 @@ def render_tile(world: World, tileset: str, z: int, x: int, y: int) -> bytes:
     return _low_zoom_tile(world, z, x, y)
 
 
-def _z14_tile(world: World, tile: TileImages, rows: np.ndarray | None, x: int, y: int,
-              lon: np.ndarray | None = None, lat: np.ndarray | None = None) -> bytes:
+def _z14_tile(
+    world: World,
+    tile: TileImages,
+    rows: np.ndarray | None,
+    x: int,
+    y: int,
+    lon: np.ndarray | None = None,
+    lat: np.ndarray | None = None,
+) -> bytes:
     """The two z14 layers for ``rows`` of ``tile`` (all rows when None), at positions lon/lat."""
     if rows is None:
         rows = np.arange(len(tile))
@@ -261,27 +295,52 @@ def _z14_tile(world: World, tile: TileImages, rows: np.ndarray | None, x: int, y
     for fid, (a, b) in enumerate(zip(starts.tolist(), ends.tolist()), start=1):
         seq = sequences[int(seq_rows[a])]
         first = int(rows[a])
-        tags = [0, values.add(int(tile.captured_at[first])), 1, values.add(seq.id),
-                2, values.add(int(tile.ids[first])), 3, values.add(bool(world.camera(seq)[3]))]
+        tags = [
+            0,
+            values.add(int(tile.captured_at[first])),
+            1,
+            values.add(seq.id),
+            2,
+            values.add(int(tile.ids[first])),
+            3,
+            values.add(bool(world.camera(seq)[3])),
+        ]
         if seq.organization_id is not None:
             tags += [4, values.add(int(seq.organization_id))]
         features.append(_line_feature(fid, tags, px[a:b], py[a:b]))
-    sequence_layer = _layer("sequence", ["captured_at", "id", "image_id", "is_pano", "organization_id"],
-                            values, b"".join(features))
+    sequence_layer = _layer(
+        "sequence",
+        ["captured_at", "id", "image_id", "is_pano", "organization_id"],
+        values,
+        b"".join(features),
+    )
 
     # image layer, vectorised per property column
     values = _Values()
     n = len(rows)
     seq_ids = np.array([values.add(s.id) for s in sequences], dtype=np.int64)
     pano = np.array([values.add(bool(world.camera(s)[3])) for s in sequences], dtype=np.int64)
-    org_index = np.array([values.add(int(s.organization_id)) if s.organization_id is not None else -1
-                          for s in sequences], dtype=np.int64)
+    org_index = np.array(
+        [
+            values.add(int(s.organization_id)) if s.organization_id is not None else -1
+            for s in sequences
+        ],
+        dtype=np.int64,
+    )
     creators = np.array([world.creator_of(s)[1] for s in sequences], dtype=np.uint64)
     captured = values.add_ints(tile.captured_at[rows])
     compass = values.add_doubles(tile.compass[rows])
     image_ids = values.add_ints(tile.ids[rows])
     creator_values = values.add_ints(creators[seq_rows])
-    keys = ["captured_at", "compass_angle", "id", "sequence_id", "organization_id", "is_pano", "creator_id"]
+    keys = [
+        "captured_at",
+        "compass_angle",
+        "id",
+        "sequence_id",
+        "organization_id",
+        "is_pano",
+        "creator_id",
+    ]
     tags = np.zeros((n, 14), dtype=np.uint64)
     for k in range(7):
         tags[:, 2 * k] = k
@@ -293,7 +352,9 @@ def _z14_tile(world: World, tile: TileImages, rows: np.ndarray | None, x: int, y
     tags[:, 13] = creator_values
     present = np.ones((n, 14), dtype=bool)
     present[:, 8] = present[:, 9] = org >= 0
-    image_layer = _layer("image", keys, values, _point_features(len(starts) + 1, tags, present, px, py))
+    image_layer = _layer(
+        "image", keys, values, _point_features(len(starts) + 1, tags, present, px, py)
+    )
     return sequence_layer + image_layer
 
 
@@ -323,7 +384,9 @@ def _z14_computed_tile(world: World, x: int, y: int) -> bytes:
 def _merge_z14(world: World, parts, x: int, y: int) -> bytes:
     """Images from several generated tiles in one computed tile: build a combined view."""
     sequences = []
-    columns: dict[str, list[np.ndarray]] = {k: [] for k in ("captured_at", "compass", "ids", "sequence_row")}
+    columns: dict[str, list[np.ndarray]] = {
+        k: [] for k in ("captured_at", "compass", "ids", "sequence_row")
+    }
     lons, lats = [], []
     for tile, rows, lon, lat in parts:
         base = len(sequences)
@@ -350,8 +413,7 @@ class _MergedTile:
 
 def _low_zoom_tile(world: World, z: int, x: int, y: int) -> bytes:
     shift = ZOOM - z
-    below = [(tx, ty) for tx, ty in world.nonempty_tiles()
-             if tx >> shift == x and ty >> shift == y]
+    below = [(tx, ty) for tx, ty in world.nonempty_tiles() if tx >> shift == x and ty >> shift == y]
     if not below:
         return b""
     summaries = [world.tile_summary(tx, ty) for tx, ty in below]
@@ -359,19 +421,54 @@ def _low_zoom_tile(world: World, z: int, x: int, y: int) -> bytes:
     features = []
     if z >= 6:
         for fid, s in enumerate(summaries, start=1):
-            px, py = _pixels(np.array([s["first_lon"], s["last_lon"]]), np.array([s["first_lat"], s["last_lat"]]),
-                             z, x, y)
-            tags = [0, values.add(s["captured_at"]), 1, values.add(s["sequence_id"]),
-                    2, values.add(s["image_id"]), 3, values.add(s["is_pano"])]
+            px, py = _pixels(
+                np.array([s["first_lon"], s["last_lon"]]),
+                np.array([s["first_lat"], s["last_lat"]]),
+                z,
+                x,
+                y,
+            )
+            tags = [
+                0,
+                values.add(s["captured_at"]),
+                1,
+                values.add(s["sequence_id"]),
+                2,
+                values.add(s["image_id"]),
+                3,
+                values.add(s["is_pano"]),
+            ]
             if s["organization_id"] is not None:
                 tags += [4, values.add(s["organization_id"])]
             features.append(_line_feature(fid, tags, px, py))
-        return _layer("sequence", ["captured_at", "id", "image_id", "is_pano", "organization_id"],
-                      values, b"".join(features))
-    px, py = _pixels(np.array([s["first_lon"] for s in summaries]), np.array([s["first_lat"] for s in summaries]),
-                     z, x, y)
-    tags = np.array([[0, values.add(s["captured_at"]), 1, values.add(s["image_id"]),
-                      2, values.add(s["sequence_id"]), 3, values.add(s["is_pano"])] for s in summaries],
-                    dtype=np.uint64)
+        return _layer(
+            "sequence",
+            ["captured_at", "id", "image_id", "is_pano", "organization_id"],
+            values,
+            b"".join(features),
+        )
+    px, py = _pixels(
+        np.array([s["first_lon"] for s in summaries]),
+        np.array([s["first_lat"] for s in summaries]),
+        z,
+        x,
+        y,
+    )
+    tags = np.array(
+        [
+            [
+                0,
+                values.add(s["captured_at"]),
+                1,
+                values.add(s["image_id"]),
+                2,
+                values.add(s["sequence_id"]),
+                3,
+                values.add(s["is_pano"]),
+            ]
+            for s in summaries
+        ],
+        dtype=np.uint64,
+    )
     features = _point_features(1, tags, np.ones(tags.shape, bool), px, py)
     return _layer("overview", ["captured_at", "id", "sequence_id", "is_pano"], values, features)

@@ -52,35 +52,52 @@ _LEGACY = _BASE62 + "-_"
 _SEQ_PAYLOAD_CHARS = 7
 _SEQ_ID_LENGTH = 22
 
-CENTRE = (8.540, 47.378)          # Zurich HB
+CENTRE = (8.540, 47.378)  # Zurich HB
 _KM_PER_DEG_LAT = 110.57
 _KM_PER_DEG_LON = 111.32 * math.cos(math.radians(CENTRE[1]))
 WORLD_RADIUS_KM = 25.0
 # (lon, lat, peak images per km2 at scale 1, sigma km)
 _CENTRES = (
-    (8.540, 47.378, 26_000.0, 0.85),    # HB / Altstadt
-    (8.545, 47.411, 12_000.0, 0.7),     # Oerlikon
-    (8.487, 47.390, 10_000.0, 0.7),     # Altstetten
-    (8.540, 47.378, 18_500.0, 4.0),     # the city around them
+    (8.540, 47.378, 26_000.0, 0.85),  # HB / Altstadt
+    (8.545, 47.411, 12_000.0, 0.7),  # Oerlikon
+    (8.487, 47.390, 10_000.0, 0.7),  # Altstetten
+    (8.540, 47.378, 18_500.0, 4.0),  # the city around them
 )
 _OUTSKIRTS_PER_KM2 = 70.0
-_GRID = 8                           # density samples per tile side
-_EPOCH_GROWTH = 0.05                # a later epoch adds ~5% of a tile's base images (Poisson)
+_GRID = 8  # density samples per tile side
+_EPOCH_GROWTH = 0.05  # a later epoch adds ~5% of a tile's base images (Poisson)
 _MEAN_SEQUENCE_LENGTH = (MAX_SEQUENCE_LENGTH - MIN_SEQUENCE_LENGTH) / math.log(
-    MAX_SEQUENCE_LENGTH / MIN_SEQUENCE_LENGTH)
+    MAX_SEQUENCE_LENGTH / MIN_SEQUENCE_LENGTH
+)
 
 # The northern end of Lake Zurich (crude), widening to the south so whole z14 tiles lie in it.
-LAKE = Polygon([
-    (8.5405, 47.3665), (8.5445, 47.3670), (8.5487, 47.3656), (8.5515, 47.3590), (8.5545, 47.3540),
-    (8.5610, 47.3470), (8.5740, 47.3370), (8.5930, 47.3230), (8.6150, 47.3050), (8.6450, 47.2800),
-    (8.6200, 47.2600), (8.5800, 47.2750), (8.5550, 47.2950), (8.5430, 47.3150), (8.5390, 47.3300),
-    (8.5365, 47.3460), (8.5368, 47.3560), (8.5385, 47.3630),
-])
+LAKE = Polygon(
+    [
+        (8.5405, 47.3665),
+        (8.5445, 47.3670),
+        (8.5487, 47.3656),
+        (8.5515, 47.3590),
+        (8.5545, 47.3540),
+        (8.5610, 47.3470),
+        (8.5740, 47.3370),
+        (8.5930, 47.3230),
+        (8.6150, 47.3050),
+        (8.6450, 47.2800),
+        (8.6200, 47.2600),
+        (8.5800, 47.2750),
+        (8.5550, 47.2950),
+        (8.5430, 47.3150),
+        (8.5390, 47.3300),
+        (8.5365, 47.3460),
+        (8.5368, 47.3560),
+        (8.5385, 47.3630),
+    ]
+)
 _LAKE_PREPARED = prep(LAKE)
 
-_EPOCH0_START_MS = 1_388_534_400_000   # 2014-01-01
-_EPOCH0_END_MS = 1_735_689_600_000     # 2025-01-01
-_EPOCH_SPAN_MS = 7 * 86_400_000        # sequences of epoch k are captured in week k after that
+_EPOCH0_START_MS = 1_388_534_400_000  # 2014-01-01
+_EPOCH0_END_MS = 1_735_689_600_000  # 2025-01-01
+_EPOCH_SPAN_MS = 7 * 86_400_000  # sequences of epoch k are captured in week k after that
 
 # make, model, camera_type, is_pano, width, height, weight
 _CAMERAS = (
@@ -98,7 +115,23 @@ _CAMERAS = (
 _CAMERA_P = np.array([c[6] for c in _CAMERAS], dtype=float) / sum(c[6] for c in _CAMERAS)
 _N_CREATORS = 400
 _N_ORGANIZATIONS = 12
-_SYLLABLES = ("ka", "ri", "mo", "zu", "le", "na", "to", "shi", "ber", "al", "vin", "dor", "es", "pa", "lu")
+_SYLLABLES = (
+    "ka",
+    "ri",
+    "mo",
+    "zu",
+    "le",
+    "na",
+    "to",
+    "shi",
+    "ber",
+    "al",
+    "vin",
+    "dor",
+    "es",
+    "pa",
+    "lu",
+)
 
 
 @dataclass(frozen=True, slots=True)
@@ -173,7 +206,10 @@ def unit_hash(value: int, salt: int) -> float:
 
 
 def encode_image_id(x: int, y: int, sequence_index: int, image_index: int) -> str:
-    return str(IMAGE_ID_BASE + ((x << _X_SHIFT) | (y << _Y_SHIFT) | (sequence_index << _SEQ_SHIFT) | image_index))
+    return str(
+        IMAGE_ID_BASE
+        + ((x << _X_SHIFT) | (y << _Y_SHIFT) | (sequence_index << _SEQ_SHIFT) | image_index)
+    )
 
 
 def decode_image_id(image_id: str | int) -> tuple[int, int, int, int] | None:
@@ -187,20 +223,30 @@ def decode_image_id(image_id: str | int) -> tuple[int, int, int, int] | None:
     if not IMAGE_ID_BASE <= value < _IMAGE_ID_MAX:
         return None
     packed = value - IMAGE_ID_BASE
-    return (packed >> _X_SHIFT, (packed >> _Y_SHIFT) & ((1 << _TILE_BITS) - 1),
-            (packed >> _SEQ_SHIFT) & ((1 << _SEQ_BITS) - 1), packed & ((1 << _IMG_BITS) - 1))
+    return (
+        packed >> _X_SHIFT,
+        (packed >> _Y_SHIFT) & ((1 << _TILE_BITS) - 1),
+        (packed >> _SEQ_SHIFT) & ((1 << _SEQ_BITS) - 1),
+        packed & ((1 << _IMG_BITS) - 1),
+    )
 
 
 def _image_id_ints(x: int, y: int, seq_index: np.ndarray, image_index: np.ndarray) -> np.ndarray:
-    packed = (np.int64(x) << _X_SHIFT) | (np.int64(y) << _Y_SHIFT) | (seq_index.astype(np.int64) << _SEQ_SHIFT)
+    packed = (
+        (np.int64(x) << _X_SHIFT)
+        | (np.int64(y) << _Y_SHIFT)
+        | (seq_index.astype(np.int64) << _SEQ_SHIFT)
+    )
     return IMAGE_ID_BASE + (packed | image_index.astype(np.int64))
 
 
 def encode_sequence_id(seed: int, x: int, y: int, sequence_index: int) -> str:
     payload = (x << (_TILE_BITS + _SEQ_BITS)) | (y << _SEQ_BITS) | sequence_index
     digest = hashlib.blake2b(f"{seed}:{payload}".encode(), digest_size=16).digest()
-    alphabet = _LEGACY if digest[0] < 13 else _BASE62     # ~5% legacy-style keys
-    prefix = "".join(alphabet[b % len(alphabet)] for b in digest[1:_SEQ_ID_LENGTH - _SEQ_PAYLOAD_CHARS + 1])
+    alphabet = _LEGACY if digest[0] < 13 else _BASE62  # ~5% legacy-style keys
+    prefix = "".join(
+        alphabet[b % len(alphabet)] for b in digest[1 : _SEQ_ID_LENGTH - _SEQ_PAYLOAD_CHARS + 1]
+    )
     tail = []
     for _ in range(_SEQ_PAYLOAD_CHARS):
         payload, digit = divmod(payload, 62)
@@ -286,10 +332,10 @@ def _tile_area_km2(x: np.ndarray, y: np.ndarray) -> np.ndarray:
 
 @dataclass(slots=True)
 class SequenceInfo:
-    index: int                 # index within the tile, stable across epochs
+    index: int  # index within the tile, stable across epochs
     id: str
     epoch: int
-    offset: int                # first row in the tile arrays
+    offset: int  # first row in the tile arrays
     length: int
     camera: int
     creator: int
@@ -305,11 +351,36 @@ class SequenceInfo:
 class TileImages:
     """All images of one z14 tile at one epoch, as column arrays (rows in sequence/capture order)."""
 
-    __slots__ = ("x", "y", "epoch", "sequences", "lon", "lat", "computed_lon", "computed_lat", "captured_at",
-                 "compass", "computed_compass", "altitude", "computed_altitude", "quality", "rotation",
-                 "sequence_row", "image_index", "ids", "blurred")
+    __slots__ = (
+        "x",
+        "y",
+        "epoch",
+        "sequences",
+        "lon",
+        "lat",
+        "computed_lon",
+        "computed_lat",
+        "captured_at",
+        "compass",
+        "computed_compass",
+        "altitude",
+        "computed_altitude",
+        "quality",
+        "rotation",
+        "sequence_row",
+        "image_index",
+        "ids",
+        "blurred",
+    )
 
-    def __init__(self, x: int, y: int, epoch: int, sequences: list[SequenceInfo], columns: dict[str, np.ndarray]):
+    def __init__(
+        self,
+        x: int,
+        y: int,
+        epoch: int,
+        sequences: list[SequenceInfo],
+        columns: dict[str, np.ndarray],
+    ):
         self.x, self.y, self.epoch, self.sequences = x, y, epoch, sequences
         for name, values in columns.items():
             setattr(self, name, values)
@@ -320,16 +391,31 @@ class TileImages:
 
 def _empty_columns() -> dict[str, np.ndarray]:
     f = np.zeros(0)
-    return {"lon": f, "lat": f, "computed_lon": f, "computed_lat": f, "captured_at": np.zeros(0, np.int64),
-            "compass": f, "computed_compass": f, "altitude": f, "computed_altitude": f, "quality": f,
-            "rotation": np.zeros((0, 3)), "sequence_row": np.zeros(0, np.int32),
-            "image_index": np.zeros(0, np.int32), "ids": np.zeros(0, np.int64), "blurred": np.zeros(0, bool)}
+    return {
+        "lon": f,
+        "lat": f,
+        "computed_lon": f,
+        "computed_lat": f,
+        "captured_at": np.zeros(0, np.int64),
+        "compass": f,
+        "computed_compass": f,
+        "altitude": f,
+        "computed_altitude": f,
+        "quality": f,
+        "rotation": np.zeros((0, 3)),
+        "sequence_row": np.zeros(0, np.int32),
+        "image_index": np.zeros(0, np.int32),
+        "ids": np.zeros(0, np.int64),
+        "blurred": np.zeros(0, bool),
+    }
 
 
 class World:
     """The synthetic world. Thread-safe: the emulator serves it from another thread."""
 
-    def __init__(self, seed: int = 42, scale: float = 0.005, epoch: int = 0, blurred_fraction: float = 0.1):
+    def __init__(
+        self, seed: int = 42, scale: float = 0.005, epoch: int = 0, blurred_fraction: float = 0.1
+    ):
         if scale < 0:
             raise ValueError("scale must be >= 0")
         if not 0.0 <= blurred_fraction <= 1.0:
@@ -343,7 +429,9 @@ class World:
         self._cached_images = 0
         self.max_cached_images = 2_000_000
         self._creators = self._make_creators()
-        self._organizations = [10_000_000_000_000 + 7919 * k * k + 31 * k for k in range(1, _N_ORGANIZATIONS + 1)]
+        self._organizations = [
+            10_000_000_000_000 + 7919 * k * k + 31 * k for k in range(1, _N_ORGANIZATIONS + 1)
+        ]
         self._expected: dict[tuple[int, int], float] | None = None
         self._weights: dict[tuple[int, int], np.ndarray] = {}
         self._counts: dict[tuple[int, int, int], tuple[int, ...]] = {}
@@ -377,16 +465,20 @@ class World:
         if index >= len(tile.sequences):
             return None
         seq = tile.sequences[index]
-        return [str(v) for v in tile.ids[seq.offset:seq.offset + seq.length].tolist()]
+        return [str(v) for v in tile.ids[seq.offset : seq.offset + seq.length].tolist()]
 
     def nonempty_z14_tiles(self, polygon) -> list[tuple[int, int]]:
         """z14 tiles that intersect ``polygon`` and hold at least one image (anywhere in the tile)."""
         prepared = prep(polygon)
         west, south, east, north = polygon.bounds
         first, last = mercantile.tile(west, north, ZOOM), mercantile.tile(east, south, ZOOM)
-        return [(x, y) for x, y in self.nonempty_tiles()
-                if first.x <= x <= last.x and first.y <= y <= last.y
-                and prepared.intersects(box(*mercantile.bounds(x, y, ZOOM)))]
+        return [
+            (x, y)
+            for x, y in self.nonempty_tiles()
+            if first.x <= x <= last.x
+            and first.y <= y <= last.y
+            and prepared.intersects(box(*mercantile.bounds(x, y, ZOOM)))
+        ]
 
     def images_in_polygon(self, polygon) -> list[ImageRecord]:
         out = []
@@ -511,12 +603,17 @@ class World:
         rng = np.random.default_rng([self.seed, x, y, e, 1])
         info, cols = self._generate_sequence(rng, x, y, e, 0, lengths[0], *_tile_geometry(x, y))
         summary = {
-            "sequence_id": info.id, "image_id": int(_image_id_ints(x, y, cols["sequence_row"][:1],
-                                                                  cols["image_index"][:1])[0]),
-            "captured_at": int(cols["captured_at"][0]), "is_pano": bool(_CAMERAS[info.camera][3]),
+            "sequence_id": info.id,
+            "image_id": int(
+                _image_id_ints(x, y, cols["sequence_row"][:1], cols["image_index"][:1])[0]
+            ),
+            "captured_at": int(cols["captured_at"][0]),
+            "is_pano": bool(_CAMERAS[info.camera][3]),
             "organization_id": info.organization_id,
-            "first_lon": float(cols["lon"][0]), "first_lat": float(cols["lat"][0]),
-            "last_lon": float(cols["lon"][-1]), "last_lat": float(cols["lat"][-1]),
+            "first_lon": float(cols["lon"][0]),
+            "first_lat": float(cols["lat"][0]),
+            "last_lon": float(cols["lon"][-1]),
+            "last_lat": float(cols["lat"][-1]),
         }
         self._summaries[key] = summary
         return summary
@@ -532,7 +629,9 @@ class World:
                 if index >= MAX_SEQUENCES_PER_TILE:
                     break
                 rng = np.random.default_rng([self.seed, x, y, e, local + 1])
-                info, cols = self._generate_sequence(rng, x, y, e, index, length, bounds, touches_lake)
+                info, cols = self._generate_sequence(
+                    rng, x, y, e, index, length, bounds, touches_lake
+                )
                 info.offset = offset
                 offset += info.length
                 sequences.append(info)
@@ -543,12 +642,23 @@ class World:
         columns = {name: np.concatenate([p[name] for p in parts]) for name in parts[0]}
         columns["ids"] = _image_id_ints(x, y, columns["sequence_row"], columns["image_index"])
         salt = self.seed * 1_000_003 + 17
-        columns["blurred"] = np.array([unit_hash(int(v), salt) < self.blurred_fraction
-                                       for v in columns["ids"].tolist()], dtype=bool)
+        columns["blurred"] = np.array(
+            [unit_hash(int(v), salt) < self.blurred_fraction for v in columns["ids"].tolist()],
+            dtype=bool,
+        )
         return TileImages(x, y, epoch, sequences, columns)
 
-    def _generate_sequence(self, rng: np.random.Generator, x: int, y: int, epoch: int, index: int, length: int,
-                           bounds: tuple[float, float, float, float], touches_lake: bool):
+    def _generate_sequence(
+        self,
+        rng: np.random.Generator,
+        x: int,
+        y: int,
+        epoch: int,
+        index: int,
+        length: int,
+        bounds: tuple[float, float, float, float],
+        touches_lake: bool,
+    ):
         west, south, east, north = bounds
         km_lon = 111.32 * math.cos(math.radians((north + south) / 2))
         camera = int(rng.choice(len(_CAMERAS), p=_CAMERA_P))
@@ -581,7 +691,9 @@ class World:
         margin_lon = (east - west) * 0.01
         margin_lat = (north - south) * 0.01
         lon = _fold(lon0 + east_m / (km_lon * 1000), west + margin_lon, east - margin_lon)
-        lat = _fold(lat0 + north_m / (_KM_PER_DEG_LAT * 1000), south + margin_lat, north - margin_lat)
+        lat = _fold(
+            lat0 + north_m / (_KM_PER_DEG_LAT * 1000), south + margin_lat, north - margin_lat
+        )
         if touches_lake:
             wet = shapely.contains_xy(LAKE, lon, lat)
             if wet.any():
@@ -590,7 +702,11 @@ class World:
 
         d_e = np.diff(lon) * km_lon * 1000
         d_n = np.diff(lat) * _KM_PER_DEG_LAT * 1000
-        travel = np.degrees(np.arctan2(d_e, d_n)) % 360.0 if length > 1 else np.array([rng.uniform(0, 360)])
+        travel = (
+            np.degrees(np.arctan2(d_e, d_n)) % 360.0
+            if length > 1
+            else np.array([rng.uniform(0, 360)])
+        )
         travel = np.append(travel, travel[-1])[:length]
         if is_pano:
             compass = (travel + rng.uniform(0, 360)) % 360.0
@@ -609,7 +725,11 @@ class World:
         if epoch == 0:
             start_ms = int(rng.integers(_EPOCH0_START_MS, _EPOCH0_END_MS))
         else:
-            start_ms = _EPOCH0_END_MS + (epoch - 1) * _EPOCH_SPAN_MS + int(rng.integers(0, _EPOCH_SPAN_MS - 3_600_000))
+            start_ms = (
+                _EPOCH0_END_MS
+                + (epoch - 1) * _EPOCH_SPAN_MS
+                + int(rng.integers(0, _EPOCH_SPAN_MS - 3_600_000))
+            )
         speed = rng.uniform(1.2, 12.0)
         interval_ms = np.maximum(200, (step[:length] / speed * 1000).astype(np.int64))
         interval_ms[0] = 0
@@ -626,15 +746,28 @@ class World:
         quality = np.clip(rng.uniform(0.3, 1.0) + rng.normal(0, 0.05, length), 0.0, 1.0).round(4)
         rotation = rng.normal(0, 0.6, (length, 3)).round(6)
 
-        organization = self._organizations[int(rng.integers(0, _N_ORGANIZATIONS))] if rng.random() < 0.25 else None
+        organization = (
+            self._organizations[int(rng.integers(0, _N_ORGANIZATIONS))]
+            if rng.random() < 0.25
+            else None
+        )
         if is_pano:
             camera_parameters = None
         else:
-            camera_parameters = (round(rng.uniform(0.5, 1.1), 6), round(rng.normal(0, 0.05), 6),
-                                 round(rng.normal(0, 0.01), 6))
+            camera_parameters = (
+                round(rng.uniform(0.5, 1.1), 6),
+                round(rng.normal(0, 0.05), 6),
+                round(rng.normal(0, 0.01), 6),
+            )
         info = SequenceInfo(
-            index=index, id=encode_sequence_id(self.seed, x, y, index), epoch=epoch, offset=0, length=length,
-            camera=camera, creator=int(rng.integers(0, _N_CREATORS)), organization_id=organization,
+            index=index,
+            id=encode_sequence_id(self.seed, x, y, index),
+            epoch=epoch,
+            offset=0,
+            length=length,
+            camera=camera,
+            creator=int(rng.integers(0, _N_CREATORS)),
+            organization_id=organization,
             exif_orientation=int(rng.choice((1, 1, 1, 1, 1, 1, 1, 3, 6, 8))),
             atomic_scale=1 if rng.random() < 0.1 else round(float(rng.uniform(0.85, 1.15)), 6),
             merge_cc=float(int(rng.integers(10**17, 9 * 10**18))),
@@ -643,11 +776,19 @@ class World:
             sfm_cluster_id=int(rng.integers(10**14, 10**15)) if rng.random() < 0.92 else None,
         )
         cols = {
-            "lon": lon, "lat": lat, "computed_lon": computed_lon, "computed_lat": computed_lat,
-            "captured_at": captured_at.astype(np.int64), "compass": compass.round(6),
-            "computed_compass": computed_compass.round(6), "altitude": altitude,
-            "computed_altitude": computed_altitude, "quality": quality, "rotation": rotation,
-            "sequence_row": np.full(length, index, np.int32), "image_index": np.arange(length, dtype=np.int32),
+            "lon": lon,
+            "lat": lat,
+            "computed_lon": computed_lon,
+            "computed_lat": computed_lat,
+            "captured_at": captured_at.astype(np.int64),
+            "compass": compass.round(6),
+            "computed_compass": computed_compass.round(6),
+            "altitude": altitude,
+            "computed_altitude": computed_altitude,
+            "quality": quality,
+            "rotation": rotation,
+            "sequence_row": np.full(length, index, np.int32),
+            "image_index": np.arange(length, dtype=np.int32),
         }
         return info, cols
 
@@ -677,7 +818,10 @@ class World:
             mesh_id = str(seq.mesh_base + int(tile.image_index[row]))
             mesh = {"id": mesh_id, "url": f"https://mly-emulator.invalid/mesh/{mesh_id}"}
         if seq.sfm_cluster_id is not None:
-            sfm = {"id": str(seq.sfm_cluster_id), "url": f"https://mly-emulator.invalid/sfm/{seq.sfm_cluster_id}"}
+            sfm = {
+                "id": str(seq.sfm_cluster_id),
+                "url": f"https://mly-emulator.invalid/sfm/{seq.sfm_cluster_id}",
+            }
         rot = tile.rotation[row]
         return ImageRecord(
             id=str(image_id),
@@ -728,7 +872,12 @@ class World:
 
 
 def _tile_geometry(x: int, y: int) -> tuple[tuple[float, float, float, float], bool]:
-    bounds = (float(tile_lon(x)), float(tile_lat(y + 1)), float(tile_lon(x + 1)), float(tile_lat(y)))
+    bounds = (
+        float(tile_lon(x)),
+        float(tile_lat(y + 1)),
+        float(tile_lon(x + 1)),
+        float(tile_lat(y)),
+    )
     return bounds, _LAKE_PREPARED.intersects(box(*bounds))
 
 

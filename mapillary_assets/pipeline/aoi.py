@@ -21,15 +21,19 @@ from shapely.validation import explain_validity
 
 DEFAULT_AOI_PATH = Path(__file__).resolve().parent.parent / "data" / "zurich.geojson"
 
-MAX_PARTITIONS = 100_000       # Dagster's recommended ceiling for one partitions definition
-MAX_PARTITION_ZOOM = 13        # z14 is the image layer itself: a partition must hold several z14 tiles
-MAX_AREA_KM2 = 20_000_000      # larger than any country: a world-spanning box or broken coordinates
+MAX_PARTITIONS = 100_000  # Dagster's recommended ceiling for one partitions definition
+MAX_PARTITION_ZOOM = 13  # z14 is the image layer itself: a partition must hold several z14 tiles
+MAX_AREA_KM2 = 20_000_000  # larger than any country: a world-spanning box or broken coordinates
 WEB_MERCATOR_MAX_LAT = 85.0511287798066
 
 _TILE_KEY = re.compile(r"^(\d{1,2})-(\d{1,9})-(\d{1,9})$")
 _ACCEPTED_CRS = {
-    "urn:ogc:def:crs:OGC:1.3:CRS84", "urn:ogc:def:crs:OGC::CRS84", "urn:ogc:def:crs:EPSG::4326",
-    "EPSG:4326", "epsg:4326", "CRS84",
+    "urn:ogc:def:crs:OGC:1.3:CRS84",
+    "urn:ogc:def:crs:OGC::CRS84",
+    "urn:ogc:def:crs:EPSG::4326",
+    "EPSG:4326",
+    "epsg:4326",
+    "CRS84",
 }
 
 
@@ -39,8 +43,8 @@ class AoiError(ValueError):
 
 @dataclass(frozen=True)
 class AreaOfInterest:
-    geometry: Polygon | MultiPolygon   # lon/lat (EPSG:4326)
-    source: str                        # file path, "coordinates" or the shipped default
+    geometry: Polygon | MultiPolygon  # lon/lat (EPSG:4326)
+    source: str  # file path, "coordinates" or the shipped default
 
     @property
     def bounds(self) -> tuple[float, float, float, float]:
@@ -71,11 +75,17 @@ def _read_json(path: Path) -> object:
     try:
         text = path.read_text(encoding="utf-8")
     except FileNotFoundError:
-        raise AoiError(f"AOI file {path} does not exist: set MAPILLARY_AOI to an existing GeoJSON file") from None
+        raise AoiError(
+            f"AOI file {path} does not exist: set MAPILLARY_AOI to an existing GeoJSON file"
+        ) from None
     except IsADirectoryError:
-        raise AoiError(f"AOI path {path} is a folder: point MAPILLARY_AOI at a GeoJSON file") from None
+        raise AoiError(
+            f"AOI path {path} is a folder: point MAPILLARY_AOI at a GeoJSON file"
+        ) from None
     except (OSError, UnicodeDecodeError) as exc:
-        raise AoiError(f"AOI file {path} cannot be read ({exc}): check the path and its permissions") from None
+        raise AoiError(
+            f"AOI file {path} cannot be read ({exc}): check the path and its permissions"
+        ) from None
     try:
         return json.loads(text)
     except json.JSONDecodeError as exc:
@@ -87,14 +97,18 @@ def _read_json(path: Path) -> object:
 
 def _geometry_from_geojson(document: object, label: str) -> Polygon | MultiPolygon:
     if not isinstance(document, dict) or "type" not in document:
-        raise AoiError(f"{label} is not GeoJSON: expected an object with a \"type\" member")
+        raise AoiError(f'{label} is not GeoJSON: expected an object with a "type" member')
     _check_crs(document, label)
     kind = document["type"]
     if kind == "FeatureCollection":
         features = document.get("features")
         if not isinstance(features, list) or not features:
-            raise AoiError(f"{label} is a FeatureCollection without features: add the AOI polygon as a feature")
-        parts = [_feature_geometry(feature, f"{label} feature {i}") for i, feature in enumerate(features)]
+            raise AoiError(
+                f"{label} is a FeatureCollection without features: add the AOI polygon as a feature"
+            )
+        parts = [
+            _feature_geometry(feature, f"{label} feature {i}") for i, feature in enumerate(features)
+        ]
         merged = shapely.union_all(parts) if len(parts) > 1 else parts[0]
         if not isinstance(merged, (Polygon, MultiPolygon)):
             raise AoiError(f"{label}: the features do not form a polygon area")
@@ -119,7 +133,9 @@ def _polygonal(geometry: object, label: str) -> Polygon | MultiPolygon:
     _check_crs(geometry, label)
     kind = geometry.get("type")
     if kind not in ("Polygon", "MultiPolygon"):
-        raise AoiError(f"{label} is a {kind}, not a polygon: the AOI must be a Polygon or MultiPolygon")
+        raise AoiError(
+            f"{label} is a {kind}, not a polygon: the AOI must be a Polygon or MultiPolygon"
+        )
     coordinates = geometry.get("coordinates")
     _check_coordinates(coordinates, depth=3 if kind == "Polygon" else 4, label=label)
     try:
@@ -148,9 +164,13 @@ def _check_coordinates(coordinates: object, depth: int, label: str) -> None:
         points = _flatten(coordinates, depth - 2)
         array = np.asarray(points, dtype=float)
     except (TypeError, ValueError):
-        raise AoiError(f"{label}: coordinates must be nested lists of [lon, lat] number pairs") from None
+        raise AoiError(
+            f"{label}: coordinates must be nested lists of [lon, lat] number pairs"
+        ) from None
     if not points:
-        raise AoiError(f"{label}: the polygon is empty: give it at least one ring of [lon, lat] positions")
+        raise AoiError(
+            f"{label}: the polygon is empty: give it at least one ring of [lon, lat] positions"
+        )
     if array.ndim != 2 or array.shape[1] not in (2, 3):
         raise AoiError(f"{label}: coordinates must be nested lists of [lon, lat] number pairs")
     if not np.isfinite(array).all():
@@ -171,12 +191,16 @@ def _polygon_from_ring(coordinates: list, label: str) -> Polygon:
     except (TypeError, ValueError):
         raise AoiError(f"{label}: expected [[lon, lat], ...] number pairs") from None
     if ring.ndim != 2 or ring.shape[1] != 2:
-        raise AoiError(f"{label}: expected [[lon, lat], ...] number pairs, got an array of shape {ring.shape}")
+        raise AoiError(
+            f"{label}: expected [[lon, lat], ...] number pairs, got an array of shape {ring.shape}"
+        )
     if not np.isfinite(ring).all():
         raise AoiError(f"{label}: coordinates contain NaN or infinite values")
     distinct = np.unique(ring, axis=0)
     if len(distinct) < 3:
-        raise AoiError(f"{label}: a polygon needs at least 3 distinct [lon, lat] points, got {len(distinct)}")
+        raise AoiError(
+            f"{label}: a polygon needs at least 3 distinct [lon, lat] points, got {len(distinct)}"
+        )
     return Polygon(ring)  # shapely closes an open ring
 
 
@@ -186,8 +210,11 @@ def _validate(geometry: Polygon | MultiPolygon, label: str) -> None:
     west, south, east, north = geometry.bounds
     if west < -180 or east > 180 or south < -90 or north > 90:
         swapped = -90 <= west and east <= 90 and -180 <= south and north <= 180
-        hint = (" The values fit if longitude and latitude are swapped: GeoJSON order is [longitude, latitude]."
-                if swapped else "")
+        hint = (
+            " The values fit if longitude and latitude are swapped: GeoJSON order is [longitude, latitude]."
+            if swapped
+            else ""
+        )
         raise AoiError(
             f"{label}: coordinates out of range (longitude {west:g}..{east:g}, latitude {south:g}..{north:g}): "
             f"longitude must lie in [-180, 180] and latitude in [-90, 90] degrees (EPSG:4326).{hint}"
@@ -198,13 +225,17 @@ def _validate(geometry: Polygon | MultiPolygon, label: str) -> None:
             "check that the coordinates are [longitude, latitude] and trim the polygon"
         )
     if geometry.convex_hull.area == 0:
-        raise AoiError(f"{label}: the polygon has zero area (its points lie on a line): give a ring enclosing an area")
+        raise AoiError(
+            f"{label}: the polygon has zero area (its points lie on a line): give a ring enclosing an area"
+        )
     if not geometry.is_valid:
         reason = explain_validity(geometry)
-        fix = ("remove the self-intersection, e.g. with `shapely.make_valid` or QGIS 'Fix geometries'"
-               if "intersection" in reason.lower() else
-               "every ring needs at least 4 [lon, lat] positions, the last equal to the first, and holes "
-               "must lie inside their shell")
+        fix = (
+            "remove the self-intersection, e.g. with `shapely.make_valid` or QGIS 'Fix geometries'"
+            if "intersection" in reason.lower()
+            else "every ring needs at least 4 [lon, lat] positions, the last equal to the first, and holes "
+            "must lie inside their shell"
+        )
         raise AoiError(f"{label}: the polygon is invalid ({reason}): {fix}")
     area = _area_km2(geometry)
     if area > MAX_AREA_KM2:
@@ -220,7 +251,10 @@ def _area_km2(geometry: Polygon | MultiPolygon) -> float:
     radius_km = 6371.0072
     dense = shapely.segmentize(geometry, 0.05)
     projected = shapely.transform(
-        dense, lambda xy: np.column_stack([np.radians(xy[:, 0]), np.sin(np.radians(xy[:, 1]))]) * radius_km
+        dense,
+        lambda xy: (
+            np.column_stack([np.radians(xy[:, 0]), np.sin(np.radians(xy[:, 1]))]) * radius_km
+        ),
     )
     return float(projected.area)
 
@@ -231,7 +265,11 @@ def partition_tiles(aoi: AreaOfInterest, zoom: int) -> list[mercantile.Tile]:
     Descends the tile pyramid level by level, keeping only tiles that overlap the polygon. Each level
     holds at least as many tiles as the one above, so once a level exceeds MAX_PARTITIONS the request
     fails without enumerating the finer levels."""
-    if isinstance(zoom, bool) or not isinstance(zoom, (int, np.integer)) or not 0 <= zoom <= MAX_PARTITION_ZOOM:
+    if (
+        isinstance(zoom, bool)
+        or not isinstance(zoom, (int, np.integer))
+        or not 0 <= zoom <= MAX_PARTITION_ZOOM
+    ):
         raise AoiError(
             f"partition zoom {zoom!r} is out of range: use an integer from 0 to {MAX_PARTITION_ZOOM} "
             "(z14 is the image tile level; MAPILLARY_PARTITION_ZOOM, default 12)"
@@ -243,7 +281,12 @@ def partition_tiles(aoi: AreaOfInterest, zoom: int) -> list[mercantile.Tile]:
         raise _too_many(aoi, zoom, f"at least {estimate:,}", _largest_fitting_zoom(geometry, zoom))
     xs, ys, exceeded_at = _descend(geometry, zoom)
     if exceeded_at is not None:
-        raise _too_many(aoi, zoom, f"more than {MAX_PARTITIONS:,} (already at zoom {exceeded_at})", exceeded_at - 1)
+        raise _too_many(
+            aoi,
+            zoom,
+            f"more than {MAX_PARTITIONS:,} (already at zoom {exceeded_at})",
+            exceeded_at - 1,
+        )
     order = np.lexsort((ys, xs))
     return [mercantile.Tile(int(xs[i]), int(ys[i]), zoom) for i in order]
 
@@ -252,7 +295,9 @@ def _descend(geometry, zoom: int) -> tuple[np.ndarray, np.ndarray, int | None]:
     """Overlapping tiles at `zoom`, or the first zoom whose count exceeds MAX_PARTITIONS."""
     start = _bbox_single_tile_zoom(*geometry.bounds, zoom)
     first = list(mercantile.tiles(*geometry.bounds, zooms=start))
-    xs, ys = _overlapping(geometry, np.array([t.x for t in first]), np.array([t.y for t in first]), start)
+    xs, ys = _overlapping(
+        geometry, np.array([t.x for t in first]), np.array([t.y for t in first]), start
+    )
     for z in range(start + 1, zoom + 1):
         # the four children of every kept tile
         xs = (np.repeat(xs * 2, 4) + np.tile([0, 1, 0, 1], len(xs))).astype(np.int64)
@@ -280,7 +325,9 @@ def _tile_area_lower_bound(geometry, zoom: int) -> int:
 def _largest_fitting_zoom(geometry, zoom: int) -> int:
     while zoom > 0 and _tile_area_lower_bound(geometry, zoom) > MAX_PARTITIONS:
         zoom -= 1
-    _, _, exceeded_at = _descend(geometry, zoom)  # the bound ignores edge tiles: check the candidate
+    _, _, exceeded_at = _descend(
+        geometry, zoom
+    )  # the bound ignores edge tiles: check the candidate
     return zoom if exceeded_at is None else exceeded_at - 1
 
 
@@ -304,10 +351,17 @@ def tile_bounds_arrays(xs: np.ndarray, ys: np.ndarray, zoom: int) -> tuple[np.nd
     def lat(y: np.ndarray) -> np.ndarray:
         return np.degrees(np.arctan(np.sinh(math.pi * (1.0 - 2.0 * y / n))))
 
-    return xs / n * 360.0 - 180.0, lat(ys + 1.0), (xs + 1.0) / n * 360.0 - 180.0, lat(ys.astype(float))
+    return (
+        xs / n * 360.0 - 180.0,
+        lat(ys + 1.0),
+        (xs + 1.0) / n * 360.0 - 180.0,
+        lat(ys.astype(float)),
+    )
 
 
-def _overlapping(geometry, xs: np.ndarray, ys: np.ndarray, zoom: int) -> tuple[np.ndarray, np.ndarray]:
+def _overlapping(
+    geometry, xs: np.ndarray, ys: np.ndarray, zoom: int
+) -> tuple[np.ndarray, np.ndarray]:
     if len(xs) == 0:
         return xs, ys
     boxes = shapely.box(*tile_bounds_arrays(xs, ys, zoom))
@@ -324,10 +378,14 @@ def tile_key(tile: mercantile.Tile | tuple[int, int, int]) -> str:
 def parse_tile_key(key: str) -> mercantile.Tile:
     match = _TILE_KEY.match(str(key))
     if not match:
-        raise AoiError(f"{key!r} is not a tile partition key: expected 'z-x-y', e.g. '12-2145-1434'")
+        raise AoiError(
+            f"{key!r} is not a tile partition key: expected 'z-x-y', e.g. '12-2145-1434'"
+        )
     z, x, y = (int(part) for part in match.groups())
     if z > MAX_PARTITION_ZOOM or x >= 2**z or y >= 2**z:
-        raise AoiError(f"{key!r} is not a valid tile: zoom 0-{MAX_PARTITION_ZOOM} and x, y below 2**zoom")
+        raise AoiError(
+            f"{key!r} is not a valid tile: zoom 0-{MAX_PARTITION_ZOOM} and x, y below 2**zoom"
+        )
     return mercantile.Tile(x, y, z)
 
 
@@ -339,11 +397,19 @@ def no_images_warning(aoi: AreaOfInterest, tileset: str = "mly1_public") -> str:
     centre = aoi.geometry.centroid
     causes = []
     if max(abs(west), abs(east)) <= WEB_MERCATOR_MAX_LAT:
-        causes.append(f"latitude and longitude swapped: read the other way round the area lies around "
-                      f"lat {centre.x:.4f}, lon {centre.y:.4f}; GeoJSON order is [longitude, latitude]")
-    causes.append("the wrong area, or one without Mapillary coverage: check the file MAPILLARY_AOI names")
-    causes.append(f"a token or tileset that sees no imagery (MAPILLARY_TILESET={tileset}, MAPILLARY_TILES_URL)")
+        causes.append(
+            f"latitude and longitude swapped: read the other way round the area lies around "
+            f"lat {centre.x:.4f}, lon {centre.y:.4f}; GeoJSON order is [longitude, latitude]"
+        )
+    causes.append(
+        "the wrong area, or one without Mapillary coverage: check the file MAPILLARY_AOI names"
+    )
+    causes.append(
+        f"a token or tileset that sees no imagery (MAPILLARY_TILESET={tileset}, MAPILLARY_TILES_URL)"
+    )
     listed = "; ".join(f"({number}) {cause}" for number, cause in enumerate(causes, start=1))
-    return (f"no images found anywhere in the area of interest {aoi.source}: it lies around lat {centre.y:.4f}, "
-            f"lon {centre.x:.4f} (longitude {west:.4f}..{east:.4f}, latitude {south:.4f}..{north:.4f}). "
-            f"Likely causes: {listed}")
+    return (
+        f"no images found anywhere in the area of interest {aoi.source}: it lies around lat {centre.y:.4f}, "
+        f"lon {centre.x:.4f} (longitude {west:.4f}..{east:.4f}, latitude {south:.4f}..{north:.4f}). "
+        f"Likely causes: {listed}"
+    )

@@ -108,7 +108,9 @@ class _Decoded:
     reason: str | None
 
 
-def decode_gray(path: Path, analysis_size: tuple[int, int] | None = DEFAULT_ANALYSIS_SIZE) -> _Decoded:
+def decode_gray(
+    path: Path, analysis_size: tuple[int, int] | None = DEFAULT_ANALYSIS_SIZE
+) -> _Decoded:
     """Read one file and decode it to 8-bit grayscale at the analysis size; never raises for bad files."""
     try:
         data = Path(path).read_bytes()
@@ -130,7 +132,9 @@ def resolve_backend(backend: str) -> str:
     if backend == "auto":
         return "kornia-cuda" if _cuda_available() else "opencv"
     if backend == "kornia-cuda" and not _cuda_available():
-        raise RuntimeError("blur backend 'kornia-cuda' needs CUDA, and torch.cuda.is_available() is False")
+        raise RuntimeError(
+            "blur backend 'kornia-cuda' needs CUDA, and torch.cuda.is_available() is False"
+        )
     return backend
 
 
@@ -149,7 +153,9 @@ def default_workers() -> int:
         return max(1, os.cpu_count() or 1)
 
 
-def _ordered_map(executor: ThreadPoolExecutor, fn: Callable, items: Sequence, ahead: int) -> Iterator:
+def _ordered_map(
+    executor: ThreadPoolExecutor, fn: Callable, items: Sequence, ahead: int
+) -> Iterator:
     """executor.map with at most `ahead` tasks in flight, so decoded images never pile up in memory."""
     pending: deque[Future] = deque()
     for item in items:
@@ -186,13 +192,16 @@ def score_images(
 
     with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="blur-decode") as executor:
         if resolved == "opencv":
+
             def decode_and_score(path: Path) -> tuple[float, float, str | None]:
                 decoded = decode_gray(path, analysis_size)
                 if decoded.gray is None:
                     return math.nan, math.nan, decoded.reason
                 return laplacian_variance(decoded.gray), tenengrad(decoded.gray), None
 
-            for index, (b, s, reason) in enumerate(_ordered_map(executor, decode_and_score, paths, 4 * workers)):
+            for index, (b, s, reason) in enumerate(
+                _ordered_map(executor, decode_and_score, paths, 4 * workers)
+            ):
                 blur[index], sobel[index], reasons[index] = b, s, reason
                 counter.advance(1, reason is not None)
         else:
@@ -297,7 +306,9 @@ class KorniaScorer:
         # float32 is exact here: integer pixels <= 255 and integer kernels keep every filter output and its
         # square below 2**24 (also under TF32 convolutions, whose inputs these integers fit).
         pixels = host.to(self.device, non_blocking=self.pinned).unsqueeze(1).to(torch.float32)
-        lap, gx, gy = (kornia.filters.filter2d(pixels, k, border_type="reflect") for k in self.kernels)
+        lap, gx, gy = (
+            kornia.filters.filter2d(pixels, k, border_type="reflect") for k in self.kernels
+        )
         dims = (1, 2, 3)
         n = float(pixels[0].numel())
         lap_sum = torch.sum(lap, dim=dims, dtype=torch.float64)
@@ -314,7 +325,9 @@ class KorniaScorer:
         self._pending.clear()
         return results
 
-    def submit(self, indices: list[int], images: list[np.ndarray]) -> list[tuple[int, tuple[float, float]]]:
+    def submit(
+        self, indices: list[int], images: list[np.ndarray]
+    ) -> list[tuple[int, tuple[float, float]]]:
         if not images:
             return []
         finished = self.drain() if self.asynchronous else []

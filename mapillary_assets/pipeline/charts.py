@@ -46,7 +46,9 @@ def _png(figure: Figure) -> bytes:
     canvas = FigureCanvasAgg(figure)
     canvas.draw()
     rgba = np.asarray(canvas.buffer_rgba())
-    image = Image.fromarray(rgba[..., :3]).quantize(colors=_PALETTE_COLOURS, method=Image.Quantize.MEDIANCUT)
+    image = Image.fromarray(rgba[..., :3]).quantize(
+        colors=_PALETTE_COLOURS, method=Image.Quantize.MEDIANCUT
+    )
     buffer = io.BytesIO()
     image.save(buffer, format="PNG", optimize=True)
     return buffer.getvalue()
@@ -67,10 +69,24 @@ def blur_histogram_png(values, threshold: float | None = None, bins: int = 40) -
     figure = Figure(figsize=(6, 2.8), dpi=_DPI, layout="constrained")
     axes = figure.add_subplot()
     colours = ["#d62728" if threshold and right <= threshold else "#1f77b4" for right in edges[1:]]
-    axes.bar(edges[:-1], counts, width=np.diff(edges), align="edge", color=colours, edgecolor="white", linewidth=0.3)
+    axes.bar(
+        edges[:-1],
+        counts,
+        width=np.diff(edges),
+        align="edge",
+        color=colours,
+        edgecolor="white",
+        linewidth=0.3,
+    )
     axes.set_xscale("log")
     if threshold and threshold > 0:
-        axes.axvline(threshold, color="black", linestyle="--", linewidth=1.2, label=f"threshold {threshold:g}")
+        axes.axvline(
+            threshold,
+            color="black",
+            linestyle="--",
+            linewidth=1.2,
+            label=f"threshold {threshold:g}",
+        )
         axes.legend(loc="upper right", fontsize=8, frameon=False)
     axes.set_xlabel("blur_value (variance of the Laplacian, log scale)", fontsize=8)
     axes.set_ylabel("images", fontsize=8)
@@ -79,7 +95,9 @@ def blur_histogram_png(values, threshold: float | None = None, bins: int = 40) -
     return _png(figure)
 
 
-def contact_sheet_png(paths: Sequence[Path], values, threshold: float, per_row: int = 6) -> bytes | None:
+def contact_sheet_png(
+    paths: Sequence[Path], values, threshold: float, per_row: int = 6
+) -> bytes | None:
     """Two rows of thumbnails with their scores, the blurriest on top and the sharpest below, to judge
     the threshold by eye; unreadable files show as a grey tile. None when nothing was scored."""
     data = np.asarray(values, dtype=float)
@@ -89,8 +107,10 @@ def contact_sheet_png(paths: Sequence[Path], values, threshold: float, per_row: 
     ordered = scored[np.argsort(data[scored], kind="stable")]
     blurriest = ordered[:per_row]
     sharpest = ordered[::-1][: min(per_row, max(ordered.size - blurriest.size, 0))]
-    rows = [("blurriest", [(paths[i], data[i]) for i in blurriest]),
-            ("sharpest", [(paths[i], data[i]) for i in sharpest])]
+    rows = [
+        ("blurriest", [(paths[i], data[i]) for i in blurriest]),
+        ("sharpest", [(paths[i], data[i]) for i in sharpest]),
+    ]
     columns = len(blurriest)
     figure = Figure(figsize=(max(1.25 * columns, 4.5), 2.6), dpi=_DPI, layout="constrained")
     grid = figure.subplots(2, columns, squeeze=False)
@@ -105,12 +125,18 @@ def contact_sheet_png(paths: Sequence[Path], values, threshold: float, per_row: 
             path, score = items[column]
             axes.imshow(_thumbnail(path))
             blurry = score < threshold
-            axes.set_title(f"{score:,.0f}" if score >= 10 else f"{score:.2f}", fontsize=8, color=_FAILED_COLOUR if blurry else "black")
+            axes.set_title(
+                f"{score:,.0f}" if score >= 10 else f"{score:.2f}",
+                fontsize=8,
+                color=_FAILED_COLOUR if blurry else "black",
+            )
             for spine in axes.spines.values():
                 spine.set_edgecolor(_FAILED_COLOUR if blurry else "#2ca02c")
                 spine.set_linewidth(2)
         grid[row][0].set_ylabel(label, fontsize=8)
-    figure.suptitle(f"blur_value of the extremes (red: below the threshold {threshold:g})", fontsize=9)
+    figure.suptitle(
+        f"blur_value of the extremes (red: below the threshold {threshold:g})", fontsize=9
+    )
     return _png(figure)
 
 
@@ -120,7 +146,9 @@ def _thumbnail(path: Path, width: int = 96) -> np.ndarray:
     if image is None:
         return np.full((width * 3 // 4, width, 3), 200, np.uint8)
     height = max(1, round(image.shape[0] * width / image.shape[1]))
-    return cv2.cvtColor(cv2.resize(image, (width, height), interpolation=cv2.INTER_AREA), cv2.COLOR_BGR2RGB)
+    return cv2.cvtColor(
+        cv2.resize(image, (width, height), interpolation=cv2.INTER_AREA), cv2.COLOR_BGR2RGB
+    )
 
 
 def _outline(axes, geometry) -> None:
@@ -135,7 +163,10 @@ def _geographic_aspect(axes, geometry) -> None:
 
 
 def tile_map_png(
-    aoi_geometry, image_counts: Mapping[str, int | None], failed: Sequence[str] = (), run_keys: Sequence[str] = ()
+    aoi_geometry,
+    image_counts: Mapping[str, int | None],
+    failed: Sequence[str] = (),
+    run_keys: Sequence[str] = (),
 ) -> bytes:
     """The AOI outline and its partition tiles coloured by image count: empty tiles white, tiles not
     discovered yet grey (count None), failed tiles crossed in red, the tiles of this run outlined."""
@@ -150,31 +181,48 @@ def tile_map_png(
         faces.append(_MISSING_COLOUR if count is None else _EMPTY_COLOUR if count == 0 else None)
     cmap = colormaps["viridis"]
     faces = [face or cmap(norm(image_counts[key])) for face, key in zip(faces, image_counts)]
-    axes.add_collection(PatchCollection(rectangles, facecolors=faces, edgecolors="#555555", linewidths=0.4))
+    axes.add_collection(
+        PatchCollection(rectangles, facecolors=faces, edgecolors="#555555", linewidths=0.4)
+    )
     run_keys = set(run_keys)
     run = [rectangles[i] for i, key in enumerate(image_counts) if key in run_keys]
     if run and len(run) < len(rectangles):
-        axes.add_collection(PatchCollection(
-            [Rectangle(r.get_xy(), r.get_width(), r.get_height()) for r in run],
-            facecolors="none", edgecolors="black", linewidths=1.4))
+        axes.add_collection(
+            PatchCollection(
+                [Rectangle(r.get_xy(), r.get_width(), r.get_height()) for r in run],
+                facecolors="none",
+                edgecolors="black",
+                linewidths=1.4,
+            )
+        )
     for key in failed:
         west, south, east, north = mercantile.bounds(parse_tile_key(key))
-        axes.plot([west, east, west, east], [south, north, north, south], color=_FAILED_COLOUR, linewidth=1.5)
+        axes.plot(
+            [west, east, west, east],
+            [south, north, north, south],
+            color=_FAILED_COLOUR,
+            linewidth=1.5,
+        )
     _outline(axes, aoi_geometry)
     axes.autoscale_view()
     _geographic_aspect(axes, aoi_geometry)
     if counted:
         figure.colorbar(ScalarMappable(norm=norm, cmap=cmap), ax=axes, shrink=0.8).set_label(
-            "images per tile", fontsize=8)
+            "images per tile", fontsize=8
+        )
     legend = [Patch(facecolor=_EMPTY_COLOUR, edgecolor="#555555", label="no images")]
     if any(count is None for count in image_counts.values()):
         legend.append(Patch(facecolor=_MISSING_COLOUR, edgecolor="#555555", label="not discovered"))
     if failed:
-        legend.append(Patch(facecolor="none", edgecolor=_FAILED_COLOUR, label=f"failed ({len(failed)})"))
+        legend.append(
+            Patch(facecolor="none", edgecolor=_FAILED_COLOUR, label=f"failed ({len(failed)})")
+        )
     axes.legend(handles=legend, loc="lower left", fontsize=7, framealpha=0.8)
     total = sum(counted.values())
-    axes.set_title(f"{total:,} images in {len(image_counts):,} partition tiles ({len(counted):,} non-empty)",
-                   fontsize=9)
+    axes.set_title(
+        f"{total:,} images in {len(image_counts):,} partition tiles ({len(counted):,} non-empty)",
+        fontsize=9,
+    )
     return _png(figure)
 
 
@@ -187,21 +235,38 @@ def published_map_png(aoi_geometry, overview: PublishedOverview) -> bytes:
     panels = figure.subplots(1, 2, sharex=True, sharey=True)
     west, south, east, north = extent
     for axes, counts, title in (
-        (panels[0], grid_counts, f"all {int(grid_counts.sum()):,} images, {sequences_total:,} sequences"),
+        (
+            panels[0],
+            grid_counts,
+            f"all {int(grid_counts.sum()):,} images, {sequences_total:,} sequences",
+        ),
         (panels[1], grid_kept, f"{int(grid_kept.sum()):,} kept by the spacing filter"),
     ):
         shown = np.ma.masked_equal(counts.T, 0)
         if shown.count():
-            axes.imshow(shown, origin="lower", extent=(west, east, south, north), cmap="viridis",
-                        norm=LogNorm(vmin=0.7, vmax=max(int(counts.max()), 2)), interpolation="nearest")
+            axes.imshow(
+                shown,
+                origin="lower",
+                extent=(west, east, south, north),
+                cmap="viridis",
+                norm=LogNorm(vmin=0.7, vmax=max(int(counts.max()), 2)),
+                interpolation="nearest",
+            )
         _outline(axes, aoi_geometry)
         axes.set_title(title, fontsize=9)
         _geographic_aspect(axes, aoi_geometry)
     if sequence_lines:
-        panels[0].add_collection(LineCollection(sequence_lines, colors="#ff7f0e", linewidths=0.6, alpha=0.5))
+        panels[0].add_collection(
+            LineCollection(sequence_lines, colors="#ff7f0e", linewidths=0.6, alpha=0.5)
+        )
         if len(sequence_lines) < sequences_total:
-            panels[0].text(0.01, 0.01, f"{len(sequence_lines):,} sequences drawn", transform=panels[0].transAxes,
-                           fontsize=7)
+            panels[0].text(
+                0.01,
+                0.01,
+                f"{len(sequence_lines):,} sequences drawn",
+                transform=panels[0].transAxes,
+                fontsize=7,
+            )
     margin_x, margin_y = (east - west) * 0.02 or 0.001, (north - south) * 0.02 or 0.001
     panels[0].set_xlim(west - margin_x, east + margin_x)
     panels[0].set_ylim(south - margin_y, north + margin_y)

@@ -14,7 +14,7 @@ import pandas as pd
 from mapillary_assets.storage import validate_image_id
 
 DEFAULT_CHUNK_SIZE = 5000
-MIN_CHUNK_SIZE = 50            # one metadata batch
+MIN_CHUNK_SIZE = 50  # one metadata batch
 MAX_CHUNK_SIZE = 100_000
 CHUNK_PREFIX = "chunk-"
 ASSIGNMENT_COLUMNS = ("image_id", "chunk", "position")
@@ -29,22 +29,26 @@ def chunk_key(index: int) -> str:
 
 
 def _chunk_index(key: str) -> int:
-    if not key.startswith(CHUNK_PREFIX) or not key[len(CHUNK_PREFIX):].isdigit():
+    if not key.startswith(CHUNK_PREFIX) or not key[len(CHUNK_PREFIX) :].isdigit():
         raise ChunkError(f"{key!r} is not a chunk key like 'chunk-000000'")
-    return int(key[len(CHUNK_PREFIX):])
+    return int(key[len(CHUNK_PREFIX) :])
 
 
 def empty_assignment() -> pd.DataFrame:
-    return pd.DataFrame({
-        "image_id": pd.Series([], dtype="str"),
-        "chunk": pd.Series([], dtype="str"),
-        "position": pd.Series([], dtype="int64"),
-    })
+    return pd.DataFrame(
+        {
+            "image_id": pd.Series([], dtype="str"),
+            "chunk": pd.Series([], dtype="str"),
+            "position": pd.Series([], dtype="int64"),
+        }
+    )
 
 
 def validate_chunk_size(chunk_size: int) -> int:
     if isinstance(chunk_size, bool) or not isinstance(chunk_size, (int, np.integer)):
-        raise ChunkError(f"chunk size {chunk_size!r} is not an integer: use {MIN_CHUNK_SIZE} to {MAX_CHUNK_SIZE:,}")
+        raise ChunkError(
+            f"chunk size {chunk_size!r} is not an integer: use {MIN_CHUNK_SIZE} to {MAX_CHUNK_SIZE:,}"
+        )
     if not MIN_CHUNK_SIZE <= chunk_size <= MAX_CHUNK_SIZE:
         raise ChunkError(
             f"chunk size {chunk_size:,} is out of range: use {MIN_CHUNK_SIZE} to {MAX_CHUNK_SIZE:,} "
@@ -53,7 +57,9 @@ def validate_chunk_size(chunk_size: int) -> int:
     return int(chunk_size)
 
 
-def assign_chunks(existing: pd.DataFrame | None, discovered_ids: Iterable[str], chunk_size: int) -> pd.DataFrame:
+def assign_chunks(
+    existing: pd.DataFrame | None, discovered_ids: Iterable[str], chunk_size: int
+) -> pd.DataFrame:
     """Existing rows unchanged, then ids not yet assigned, sorted numerically, in new chunks of
     `chunk_size` (the last one may be smaller; a later refresh starts a new chunk after it).
 
@@ -67,11 +73,15 @@ def assign_chunks(existing: pd.DataFrame | None, discovered_ids: Iterable[str], 
     first_chunk = max(map(_chunk_index, existing["chunk"].unique()), default=-1) + 1
     first_position = int(existing["position"].max()) + 1 if len(existing) else 0
     offsets = np.arange(len(new_ids))
-    added = pd.DataFrame({
-        "image_id": pd.Series(new_ids, dtype="str"),
-        "chunk": pd.Series([chunk_key(first_chunk + i) for i in offsets // chunk_size], dtype="str"),
-        "position": pd.Series(first_position + offsets, dtype="int64"),
-    })
+    added = pd.DataFrame(
+        {
+            "image_id": pd.Series(new_ids, dtype="str"),
+            "chunk": pd.Series(
+                [chunk_key(first_chunk + i) for i in offsets // chunk_size], dtype="str"
+            ),
+            "position": pd.Series(first_position + offsets, dtype="int64"),
+        }
+    )
     return pd.concat([existing, added], ignore_index=True)
 
 
@@ -80,10 +90,16 @@ def _checked_existing(existing: pd.DataFrame | None) -> pd.DataFrame:
         return empty_assignment()
     missing = [c for c in ASSIGNMENT_COLUMNS if c not in existing.columns]
     if missing:
-        raise ChunkError(f"existing chunk assignment lacks column(s) {missing}: delete it to start over")
-    frame = existing.loc[:, list(ASSIGNMENT_COLUMNS)].astype({"image_id": "str", "chunk": "str", "position": "int64"})
+        raise ChunkError(
+            f"existing chunk assignment lacks column(s) {missing}: delete it to start over"
+        )
+    frame = existing.loc[:, list(ASSIGNMENT_COLUMNS)].astype(
+        {"image_id": "str", "chunk": "str", "position": "int64"}
+    )
     if frame["image_id"].duplicated().any():
-        raise ChunkError("existing chunk assignment lists an image id twice: it is corrupt, delete it to start over")
+        raise ChunkError(
+            "existing chunk assignment lists an image id twice: it is corrupt, delete it to start over"
+        )
     return frame.reset_index(drop=True)
 
 
@@ -96,5 +112,7 @@ def chunk_image_ids(assignment: pd.DataFrame, chunk_key: str) -> list[str]:
     """The chunk's ids in their stable order; an unknown chunk key raises ChunkError."""
     rows = assignment[assignment["chunk"] == chunk_key]
     if rows.empty:
-        raise ChunkError(f"chunk {chunk_key!r} is not in the assignment: materialise image_chunks first")
+        raise ChunkError(
+            f"chunk {chunk_key!r} is not in the assignment: materialise image_chunks first"
+        )
     return rows.sort_values("position")["image_id"].astype(str).tolist()

@@ -33,7 +33,11 @@ import shapely
 from mapillary_assets.api.decoders import decode_image_layer, decode_sequence_lines, int_or_none
 from mapillary_assets.api.errors import RequestTooLargeError
 from mapillary_assets.pipeline.aoi import AreaOfInterest, tile_bounds_arrays
-from mapillary_assets.pipeline.metadata import conform_failures, fetch_metadata, fetch_sequence_image_ids
+from mapillary_assets.pipeline.metadata import (
+    conform_failures,
+    fetch_metadata,
+    fetch_sequence_image_ids,
+)
 from mapillary_assets.storage import IMAGE_ID_PATTERN, DataLayout, atomic_write_bytes
 
 log = logging.getLogger(__name__)
@@ -47,24 +51,26 @@ _TILESET_NAME = re.compile(r"^[A-Za-z0-9_]{1,64}$")
 DEFAULT_CACHE_MAX_AGE_S = 86400
 
 SEARCH_LIMIT = 2000
-MAX_SEARCH_BOX_DEG2 = 0.01             # the API rejects boxes this large
-_SEARCH_CELL_DEG = 0.09                 # start cells of at most 0.09 x 0.09 = 0.0081 deg2
-_MIN_SEARCH_BOX_DEG = 1e-6              # ~10 cm: below this a full box cannot be split further
+MAX_SEARCH_BOX_DEG2 = 0.01  # the API rejects boxes this large
+_SEARCH_CELL_DEG = 0.09  # start cells of at most 0.09 x 0.09 = 0.0081 deg2
+_MIN_SEARCH_BOX_DEG = 1e-6  # ~10 cm: below this a full box cannot be split further
 SEARCH_FIELDS = ("id", "geometry", "captured_at", "compass_angle", "sequence", "is_pano", "creator")
 
-DISCOVERY_SCHEMA = pa.schema([
-    ("image_id", pa.string()),
-    ("sequence_id", pa.string()),
-    ("lon", pa.float64()),
-    ("lat", pa.float64()),
-    ("captured_at_ms", pa.int64()),
-    ("compass_angle", pa.float64()),
-    ("is_pano", pa.bool_()),
-    ("organization_id", pa.int64()),
-    ("creator_id", pa.int64()),
-    ("tile_z14", pa.string()),
-    ("tileset", pa.string()),
-])
+DISCOVERY_SCHEMA = pa.schema(
+    [
+        ("image_id", pa.string()),
+        ("sequence_id", pa.string()),
+        ("lon", pa.float64()),
+        ("lat", pa.float64()),
+        ("captured_at_ms", pa.int64()),
+        ("compass_angle", pa.float64()),
+        ("is_pano", pa.bool_()),
+        ("organization_id", pa.int64()),
+        ("creator_id", pa.int64()),
+        ("tile_z14", pa.string()),
+        ("tileset", pa.string()),
+    ]
+)
 # the pandas dtypes of a discovery frame (nullable ints and bools keep the Parquet types stable)
 DISCOVERY_COLUMNS = {
     "image_id": "str",
@@ -87,13 +93,13 @@ class DiscoveryStats:
     image_tile_requests: int = 0
     cache_hits: int = 0
     corrupt_cache_tiles: int = 0
-    empty_z14_tiles: int = 0            # fetched (or cached) z14 tiles without any image
+    empty_z14_tiles: int = 0  # fetched (or cached) z14 tiles without any image
     nonempty_z14_tiles: int = 0
-    skipped_z14_tiles: int = 0          # z14 tiles of the AOI the coverage showed to be empty
-    images_in_tiles: int = 0            # image points decoded, before clipping to the AOI
-    images_in_aoi: int = 0              # rows returned
+    skipped_z14_tiles: int = 0  # z14 tiles of the AOI the coverage showed to be empty
+    images_in_tiles: int = 0  # image points decoded, before clipping to the AOI
+    images_in_aoi: int = 0  # rows returned
     duplicates_dropped: int = 0
-    invalid_ids_dropped: int = 0        # ids that are not decimal digits: never a path, never a row
+    invalid_ids_dropped: int = 0  # ids that are not decimal digits: never a path, never a row
     search_requests: int = 0
     seconds: float = 0.0
 
@@ -102,8 +108,11 @@ class DiscoveryStats:
         return self.coverage_requests + self.image_tile_requests + self.search_requests
 
     def __str__(self) -> str:
-        shown = [f"{f.name}={getattr(self, f.name):,}" for f in fields(self)
-                 if f.name != "seconds" and getattr(self, f.name)]
+        shown = [
+            f"{f.name}={getattr(self, f.name):,}"
+            for f in fields(self)
+            if f.name != "seconds" and getattr(self, f.name)
+        ]
         return ", ".join(shown + [f"seconds={self.seconds:.1f}"])
 
 
@@ -156,13 +165,19 @@ async def discover_partition(
 
     async def collect(x: int, y: int) -> None:
         async with limit:
-            points = await cache.decoded(IMAGE_ZOOM, x, y, decode_image_layer, counter="image_tile_requests")
+            points = await cache.decoded(
+                IMAGE_ZOOM, x, y, decode_image_layer, counter="image_tile_requests"
+            )
         stats.images_in_tiles += len(points)
         if not points:
             stats.empty_z14_tiles += 1
             return
         stats.nonempty_z14_tiles += 1
-        table = _valid_ids(_points_table(points, f"{IMAGE_ZOOM}/{x}/{y}", tileset), f"tile {IMAGE_ZOOM}/{x}/{y}", stats)
+        table = _valid_ids(
+            _points_table(points, f"{IMAGE_ZOOM}/{x}/{y}", tileset),
+            f"tile {IMAGE_ZOOM}/{x}/{y}",
+            stats,
+        )
         inside = shapely.intersects_xy(geometry, table["lon"].to_numpy(), table["lat"].to_numpy())
         parts.append(table.filter(pa.array(inside)))
 
@@ -175,8 +190,9 @@ async def discover_partition(
     return frame, stats
 
 
-async def _covered_z14_tiles(cache: "_TileCache", geometry, partition: mercantile.Tile,
-                             concurrency: int) -> list[tuple[int, int]]:
+async def _covered_z14_tiles(
+    cache: _TileCache, geometry, partition: mercantile.Tile, concurrency: int
+) -> list[tuple[int, int]]:
     """z14 tiles of the partition that overlap the AOI and that some sequence passes through."""
     if partition.z >= MIN_COVERAGE_ZOOM:
         coverage_tiles = [partition]
@@ -186,7 +202,9 @@ async def _covered_z14_tiles(cache: "_TileCache", geometry, partition: mercantil
 
     async def touched(tile: mercantile.Tile) -> set[tuple[int, int]]:
         async with limit:
-            lines = await cache.decoded(tile.z, tile.x, tile.y, decode_sequence_lines, counter="coverage_requests")
+            lines = await cache.decoded(
+                tile.z, tile.x, tile.y, decode_sequence_lines, counter="coverage_requests"
+            )
         # one MVT unit of slack: line vertices are quantised to the coverage tile's 4096 grid
         slack = 2.0 ** (IMAGE_ZOOM - tile.z) / MVT_EXTENT
         return touched_z14_tiles(lines, slack)
@@ -207,7 +225,9 @@ async def _covered_z14_tiles(cache: "_TileCache", geometry, partition: mercantil
     return list(zip(xs[keep].tolist(), ys[keep].tolist()))
 
 
-def touched_z14_tiles(lines: Sequence[Sequence[tuple[float, float]]], slack: float = 0.0) -> set[tuple[int, int]]:
+def touched_z14_tiles(
+    lines: Sequence[Sequence[tuple[float, float]]], slack: float = 0.0
+) -> set[tuple[int, int]]:
     """z14 tiles (x, y) that any line (lon/lat vertices; a single vertex is a point) passes within
     `slack` z14-tile units of."""
     segments = []
@@ -233,16 +253,20 @@ def touched_z14_tiles(lines: Sequence[Sequence[tuple[float, float]]], slack: flo
     if len(multi):
         seg_index, tx, ty = [], [], []
         for i in multi:
-            gx, gy = np.meshgrid(np.arange(low[i, 0], high[i, 0] + 1), np.arange(low[i, 1], high[i, 1] + 1))
+            gx, gy = np.meshgrid(
+                np.arange(low[i, 0], high[i, 0] + 1), np.arange(low[i, 1], high[i, 1] + 1)
+            )
             seg_index.append(np.full(gx.size, i))
             tx.append(gx.ravel())
             ty.append(gy.ravel())
         seg_index, tx, ty = np.concatenate(seg_index), np.concatenate(tx), np.concatenate(ty)
-        lines_geom = shapely.linestrings(
-            np.stack([start[seg_index], end[seg_index]], axis=1)
-        )
+        lines_geom = shapely.linestrings(np.stack([start[seg_index], end[seg_index]], axis=1))
         boxes = shapely.box(tx, ty, tx + 1, ty + 1)
-        near = shapely.dwithin(lines_geom, boxes, slack) if slack > 0 else shapely.intersects(lines_geom, boxes)
+        near = (
+            shapely.dwithin(lines_geom, boxes, slack)
+            if slack > 0
+            else shapely.intersects(lines_geom, boxes)
+        )
         tiles.update(zip(tx[near].tolist(), ty[near].tolist()))
     return tiles
 
@@ -263,7 +287,9 @@ def _overlaps(geometry, xs: np.ndarray, ys: np.ndarray, zoom: int) -> np.ndarray
 
 def _overlapping_descendants(geometry, tile: mercantile.Tile, zoom: int) -> list[mercantile.Tile]:
     span = 2 ** (zoom - tile.z)
-    gx, gy = np.meshgrid(np.arange(tile.x * span, (tile.x + 1) * span), np.arange(tile.y * span, (tile.y + 1) * span))
+    gx, gy = np.meshgrid(
+        np.arange(tile.x * span, (tile.x + 1) * span), np.arange(tile.y * span, (tile.y + 1) * span)
+    )
     xs, ys = gx.ravel(), gy.ravel()
     keep = _overlaps(geometry, xs, ys, zoom)
     return [mercantile.Tile(int(x), int(y), zoom) for x, y in zip(xs[keep], ys[keep])]
@@ -281,7 +307,9 @@ class _TileCache:
     """Raw tile bytes on disk (an empty tile is a zero-length file); fetched when absent or older
     than `max_age_s`. A cached tile that fails to decode is deleted and fetched again."""
 
-    def __init__(self, client, layout: DataLayout, tileset: str, max_age_s: float, stats: DiscoveryStats):
+    def __init__(
+        self, client, layout: DataLayout, tileset: str, max_age_s: float, stats: DiscoveryStats
+    ):
         self.client, self.layout, self.tileset = client, layout, tileset
         self.max_age_s, self.stats = max_age_s, stats
         self._decoding = asyncio.Semaphore(1)  # one decode at a time bounds decoded-tile memory
@@ -294,8 +322,15 @@ class _TileCache:
             try:
                 return await self._decode(decode, data, z, x, y)
             except Exception as exc:  # any decoder failure means the cached bytes are unusable
-                log.warning("cached tile %s/%s/%s/%s is corrupt (%s: %s); deleting it and fetching it again",
-                            self.tileset, z, x, y, type(exc).__name__, exc)
+                log.warning(
+                    "cached tile %s/%s/%s/%s is corrupt (%s: %s); deleting it and fetching it again",
+                    self.tileset,
+                    z,
+                    x,
+                    y,
+                    type(exc).__name__,
+                    exc,
+                )
                 self.stats.corrupt_cache_tiles += 1
                 path.unlink(missing_ok=True)
         data = await self.client.get_tile(z, x, y, tileset=self.tileset)
@@ -320,29 +355,39 @@ class _TileCache:
 
 def _points_table(points, tile_z14: str, tileset: str) -> pa.Table:
     n = len(points)
-    return pa.Table.from_arrays([
-        pa.array([p.image_id for p in points], pa.string()),
-        pa.array([p.sequence_id for p in points], pa.string()),
-        pa.array(np.fromiter((p.lon for p in points), float, n)),
-        pa.array(np.fromiter((p.lat for p in points), float, n)),
-        pa.array([p.captured_at_ms for p in points], pa.int64()),
-        pa.array([p.compass_angle for p in points], pa.float64()),
-        pa.array([p.is_pano for p in points], pa.bool_()),
-        pa.array([p.organization_id for p in points], pa.int64()),
-        pa.array([p.creator_id for p in points], pa.int64()),
-        pa.array([tile_z14] * n, pa.string()),
-        pa.array([tileset] * n, pa.string()),
-    ], schema=DISCOVERY_SCHEMA)
+    return pa.Table.from_arrays(
+        [
+            pa.array([p.image_id for p in points], pa.string()),
+            pa.array([p.sequence_id for p in points], pa.string()),
+            pa.array(np.fromiter((p.lon for p in points), float, n)),
+            pa.array(np.fromiter((p.lat for p in points), float, n)),
+            pa.array([p.captured_at_ms for p in points], pa.int64()),
+            pa.array([p.compass_angle for p in points], pa.float64()),
+            pa.array([p.is_pano for p in points], pa.bool_()),
+            pa.array([p.organization_id for p in points], pa.int64()),
+            pa.array([p.creator_id for p in points], pa.int64()),
+            pa.array([tile_z14] * n, pa.string()),
+            pa.array([tileset] * n, pa.string()),
+        ],
+        schema=DISCOVERY_SCHEMA,
+    )
 
 
 def _valid_ids(table: pa.Table, source: str, stats: DiscoveryStats) -> pa.Table:
     """Rows whose image id is decimal digits; the others are dropped with a warning naming `source`
     (an id becomes a file name and a number downstream, so a malformed one must stop here)."""
-    valid = pc.fill_null(pc.match_substring_regex(table["image_id"], IMAGE_ID_PATTERN.pattern), False)
+    valid = pc.fill_null(
+        pc.match_substring_regex(table["image_id"], IMAGE_ID_PATTERN.pattern), False
+    )
     dropped = table.num_rows - pc.sum(valid).as_py() if table.num_rows else 0
     if dropped:
         example = table.filter(pc.invert(valid))["image_id"][0].as_py()
-        log.warning("%s: dropped %d image id(s) that are not decimal digits (e.g. %r)", source, dropped, example)
+        log.warning(
+            "%s: dropped %d image id(s) that are not decimal digits (e.g. %r)",
+            source,
+            dropped,
+            example,
+        )
         stats.invalid_ids_dropped += dropped
         return table.filter(valid)
     return table
@@ -357,7 +402,9 @@ def _finish(parts: list[pa.Table]) -> tuple[pd.DataFrame, int]:
     duplicated = frame["image_id"].duplicated()
     frame = frame[~duplicated]
     # numeric order of digit strings without int64 (20-digit ids overflow it): by length, then text
-    order = np.lexsort((frame["image_id"].to_numpy(dtype=str), frame["image_id"].str.len().to_numpy()))
+    order = np.lexsort(
+        (frame["image_id"].to_numpy(dtype=str), frame["image_id"].str.len().to_numpy())
+    )
     return frame.iloc[order].reset_index(drop=True), int(duplicated.sum())
 
 
@@ -416,17 +463,27 @@ async def discover_by_bbox_search(
         children = _quarters(box)
         if box[2] - box[0] < _MIN_SEARCH_BOX_DEG:
             # cannot split further: keep what the capped answer holds rather than loop forever
-            log.warning("bbox %s still returns the %d cap at minimal size; some images may be missing",
-                        box, SEARCH_LIMIT)
+            log.warning(
+                "bbox %s still returns the %d cap at minimal size; some images may be missing",
+                box,
+                SEARCH_LIMIT,
+            )
             found.extend(rows or [])
             return
         await _run_all(search(child) for child in children if _box_overlaps(geometry, child))
 
-    await _run_all(search(box) for box in _start_boxes(west, south, east, north) if _box_overlaps(geometry, box))
+    await _run_all(
+        search(box)
+        for box in _start_boxes(west, south, east, north)
+        if _box_overlaps(geometry, box)
+    )
 
     table = _valid_ids(_search_table(found, tileset_label), "bbox search", stats)
     stats.images_in_tiles = table.num_rows
-    lon, lat = table["lon"].to_numpy(zero_copy_only=False), table["lat"].to_numpy(zero_copy_only=False)
+    lon, lat = (
+        table["lon"].to_numpy(zero_copy_only=False),
+        table["lat"].to_numpy(zero_copy_only=False),
+    )
     keep = shapely.intersects_xy(geometry, lon, lat)
     if bbox is not None:
         keep &= (lon >= bbox[0]) & (lon < bbox[2]) & (lat > bbox[1]) & (lat <= bbox[3])
@@ -437,19 +494,29 @@ async def discover_by_bbox_search(
     return frame, stats
 
 
-def _start_boxes(west: float, south: float, east: float, north: float) -> list[tuple[float, float, float, float]]:
+def _start_boxes(
+    west: float, south: float, east: float, north: float
+) -> list[tuple[float, float, float, float]]:
     nx = max(1, math.ceil((east - west) / _SEARCH_CELL_DEG))
     ny = max(1, math.ceil((north - south) / _SEARCH_CELL_DEG))
     xs = np.linspace(west, east, nx + 1)
     ys = np.linspace(south, north, ny + 1)
-    return [(float(xs[i]), float(ys[j]), float(xs[i + 1]), float(ys[j + 1])) for i in range(nx) for j in range(ny)]
+    return [
+        (float(xs[i]), float(ys[j]), float(xs[i + 1]), float(ys[j + 1]))
+        for i in range(nx)
+        for j in range(ny)
+    ]
 
 
 def _quarters(box: tuple[float, float, float, float]) -> list[tuple[float, float, float, float]]:
     west, south, east, north = box
     mid_x, mid_y = (west + east) / 2, (south + north) / 2
-    return [(west, south, mid_x, mid_y), (mid_x, south, east, mid_y),
-            (west, mid_y, mid_x, north), (mid_x, mid_y, east, north)]
+    return [
+        (west, south, mid_x, mid_y),
+        (mid_x, south, east, mid_y),
+        (west, mid_y, mid_x, north),
+        (mid_x, mid_y, east, north),
+    ]
 
 
 def _box_overlaps(geometry, box: tuple[float, float, float, float]) -> bool:
@@ -457,22 +524,29 @@ def _box_overlaps(geometry, box: tuple[float, float, float, float]) -> bool:
 
 
 def _search_table(rows: list[dict], tileset: str) -> pa.Table:
-    coords = [(row.get("geometry") or {}).get("coordinates") or (math.nan, math.nan) for row in rows]
+    coords = [
+        (row.get("geometry") or {}).get("coordinates") or (math.nan, math.nan) for row in rows
+    ]
     lon = np.array([c[0] for c in coords], dtype=float)
     lat = np.array([c[1] for c in coords], dtype=float)
-    return pa.Table.from_arrays([
-        pa.array([str(row["id"]) for row in rows], pa.string()),
-        pa.array([row.get("sequence") for row in rows], pa.string()),
-        pa.array(lon),
-        pa.array(lat),
-        pa.array([int_or_none(row.get("captured_at")) for row in rows], pa.int64()),
-        pa.array([row.get("compass_angle") for row in rows], pa.float64()),
-        pa.array([row.get("is_pano") for row in rows], pa.bool_()),
-        pa.array([int_or_none(row.get("organization_id")) for row in rows], pa.int64()),
-        pa.array([int_or_none((row.get("creator") or {}).get("id")) for row in rows], pa.int64()),
-        pa.array([_z14_key(a, b) for a, b in zip(lon, lat)], pa.string()),
-        pa.array([tileset] * len(rows), pa.string()),
-    ], schema=DISCOVERY_SCHEMA)
+    return pa.Table.from_arrays(
+        [
+            pa.array([str(row["id"]) for row in rows], pa.string()),
+            pa.array([row.get("sequence") for row in rows], pa.string()),
+            pa.array(lon),
+            pa.array(lat),
+            pa.array([int_or_none(row.get("captured_at")) for row in rows], pa.int64()),
+            pa.array([row.get("compass_angle") for row in rows], pa.float64()),
+            pa.array([row.get("is_pano") for row in rows], pa.bool_()),
+            pa.array([int_or_none(row.get("organization_id")) for row in rows], pa.int64()),
+            pa.array(
+                [int_or_none((row.get("creator") or {}).get("id")) for row in rows], pa.int64()
+            ),
+            pa.array([_z14_key(a, b) for a, b in zip(lon, lat)], pa.string()),
+            pa.array([tileset] * len(rows), pa.string()),
+        ],
+        schema=DISCOVERY_SCHEMA,
+    )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -496,28 +570,50 @@ async def discover_by_sequences(
     by_sequence = await fetch_sequence_image_ids(client, sequence_ids)
     stats.search_requests += len(by_sequence)
     wanted = list(dict.fromkeys(image_id for ids in by_sequence.values() for image_id in ids))
-    kept = existing[existing["image_id"].isin(wanted)] if existing is not None and len(existing) else None
+    kept = (
+        existing[existing["image_id"].isin(wanted)]
+        if existing is not None and len(existing)
+        else None
+    )
     known = set(kept["image_id"]) if kept is not None else set()
-    result = await fetch_metadata(client, [i for i in wanted if i not in known], fields=SEARCH_FIELDS)
+    result = await fetch_metadata(
+        client, [i for i in wanted if i not in known], fields=SEARCH_FIELDS
+    )
     stats.search_requests += result.requests
     rows = result.rows
-    table = _valid_ids(pa.Table.from_arrays([
-        pa.array(rows["image_id"], pa.string()),
-        pa.array(rows["sequence_id"], pa.string()),
-        pa.array(rows["lon"], pa.float64()),
-        pa.array(rows["lat"], pa.float64()),
-        pa.array(rows["captured_at"], pa.timestamp("ms", tz="UTC")).cast(pa.int64()),
-        pa.array(rows["compass_angle"], pa.float64()),
-        pa.array(rows["is_pano"], pa.bool_()),
-        pa.nulls(len(rows), pa.int64()),
-        pa.array([int_or_none(c) for c in rows["creator_id"]], pa.int64()),
-        pa.array([_z14_key(lon, lat) for lon, lat in zip(rows["lon"], rows["lat"])], pa.string()),
-        pa.array([tileset_label] * len(rows), pa.string()),
-    ], schema=DISCOVERY_SCHEMA), "sequence route", stats)
+    table = _valid_ids(
+        pa.Table.from_arrays(
+            [
+                pa.array(rows["image_id"], pa.string()),
+                pa.array(rows["sequence_id"], pa.string()),
+                pa.array(rows["lon"], pa.float64()),
+                pa.array(rows["lat"], pa.float64()),
+                pa.array(rows["captured_at"], pa.timestamp("ms", tz="UTC")).cast(pa.int64()),
+                pa.array(rows["compass_angle"], pa.float64()),
+                pa.array(rows["is_pano"], pa.bool_()),
+                pa.nulls(len(rows), pa.int64()),
+                pa.array([int_or_none(c) for c in rows["creator_id"]], pa.int64()),
+                pa.array(
+                    [_z14_key(lon, lat) for lon, lat in zip(rows["lon"], rows["lat"])], pa.string()
+                ),
+                pa.array([tileset_label] * len(rows), pa.string()),
+            ],
+            schema=DISCOVERY_SCHEMA,
+        ),
+        "sequence route",
+        stats,
+    )
     stats.images_in_tiles = table.num_rows + len(known)
-    lon, lat = table["lon"].to_numpy(zero_copy_only=False), table["lat"].to_numpy(zero_copy_only=False)
+    lon, lat = (
+        table["lon"].to_numpy(zero_copy_only=False),
+        table["lat"].to_numpy(zero_copy_only=False),
+    )
     inside = shapely.intersects_xy(aoi.geometry, lon, lat)
-    parts = [pa.Table.from_pandas(kept, schema=DISCOVERY_SCHEMA, preserve_index=False)] if kept is not None else []
+    parts = (
+        [pa.Table.from_pandas(kept, schema=DISCOVERY_SCHEMA, preserve_index=False)]
+        if kept is not None
+        else []
+    )
     frame, dropped = _finish(parts + [table.filter(pa.array(inside))])
     stats.duplicates_dropped = dropped
     stats.images_in_aoi = len(frame)

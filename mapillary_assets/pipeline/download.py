@@ -30,7 +30,6 @@ import asyncio
 from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -45,11 +44,11 @@ from mapillary_assets.api.errors import (
 from mapillary_assets.storage import DataLayout, atomic_write_bytes, validate_image_id
 
 THUMBNAIL_SIZES: tuple[int | str, ...] = (256, 1024, 2048, "original")
-RESOLVE_BATCH_SIZE = 50          # Graph API `?ids=` limit
-MAX_URL_REFRESHES = 3            # fresh URLs asked for one id after UrlExpiredError
-MAX_JPEG_ATTEMPTS = 3            # downloads of one id whose body fails verification (1 + 2 retries)
-IO_THREADS = 8                   # checks of files already on disk and optional decode checks
-_EXISTING_CHUNK = 256           # ids per thread task when checking files already on disk
+RESOLVE_BATCH_SIZE = 50  # Graph API `?ids=` limit
+MAX_URL_REFRESHES = 3  # fresh URLs asked for one id after UrlExpiredError
+MAX_JPEG_ATTEMPTS = 3  # downloads of one id whose body fails verification (1 + 2 retries)
+IO_THREADS = 8  # checks of files already on disk and optional decode checks
+_EXISTING_CHUNK = 256  # ids per thread task when checking files already on disk
 COLUMNS = ["image_id", "path", "bytes", "status", "reason", "transient"]
 
 Progress = Callable[[int, int, int], None]
@@ -58,13 +57,17 @@ _SOI = b"\xff\xd8"
 _EOI = b"\xff\xd9"
 _SOS = 0xDA
 # Start-of-frame markers (baseline, extended, progressive, lossless; Huffman and arithmetic).
-_SOF_MARKERS = frozenset({0xC0, 0xC1, 0xC2, 0xC3, 0xC5, 0xC6, 0xC7, 0xC9, 0xCA, 0xCB, 0xCD, 0xCE, 0xCF})
+_SOF_MARKERS = frozenset(
+    {0xC0, 0xC1, 0xC2, 0xC3, 0xC5, 0xC6, 0xC7, 0xC9, 0xCA, 0xCB, 0xCD, 0xCE, 0xCF}
+)
 # Markers without a length field; none of them may appear before the first scan.
 _STANDALONE_MARKERS = frozenset({0x01, 0xD8, 0xD9, *range(0xD0, 0xD8)})
 # 0xFF inside scan data may only be followed by stuffing (00), fill (FF), a restart marker (D0-D7), or, in
 # progressive files, the DHT/SOS/DQT/DNL/DRI/COM/APPn segments between scans (a lookup table of those).
 _ALLOWED_AFTER_FF = np.zeros(256, dtype=bool)
-_ALLOWED_AFTER_FF[[0x00, 0xFF, *range(0xD0, 0xD8), 0xC4, 0xDA, 0xDB, 0xDC, 0xDD, 0xFE, *range(0xE0, 0xF0)]] = True
+_ALLOWED_AFTER_FF[
+    [0x00, 0xFF, *range(0xD0, 0xD8), 0xC4, 0xDA, 0xDB, 0xDC, 0xDD, 0xFE, *range(0xE0, 0xF0)]
+] = True
 
 
 def thumbnail_field(size: int | str) -> str:
@@ -168,12 +171,25 @@ class _Outcome:
 def _describe(exc: BaseException) -> str:
     code = getattr(exc, "code", None)
     detail = str(exc) or type(exc).__name__
-    return f"{type(exc).__name__} (code {code}): {detail}" if code is not None else f"{type(exc).__name__}: {detail}"
+    return (
+        f"{type(exc).__name__} (code {code}): {detail}"
+        if code is not None
+        else f"{type(exc).__name__}: {detail}"
+    )
 
 
 class _ThumbnailDownloader:
-    def __init__(self, client, layout: DataLayout, size: int | str, concurrency: int, progress: Progress | None,
-                 total: int, executor: ThreadPoolExecutor, decode_check: bool) -> None:
+    def __init__(
+        self,
+        client,
+        layout: DataLayout,
+        size: int | str,
+        concurrency: int,
+        progress: Progress | None,
+        total: int,
+        executor: ThreadPoolExecutor,
+        decode_check: bool,
+    ) -> None:
         self.client = client
         self.layout = layout
         self.size = size
@@ -213,8 +229,14 @@ class _ThumbnailDownloader:
         def sizes_of(chunk: list[str]) -> list[int | None]:
             return [self._existing_size(i) for i in chunk]
 
-        chunks = [image_ids[i : i + _EXISTING_CHUNK] for i in range(0, len(image_ids), _EXISTING_CHUNK)]
-        sizes = [size for part in await asyncio.gather(*(self.in_thread(sizes_of, c) for c in chunks)) for size in part]
+        chunks = [
+            image_ids[i : i + _EXISTING_CHUNK] for i in range(0, len(image_ids), _EXISTING_CHUNK)
+        ]
+        sizes = [
+            size
+            for part in await asyncio.gather(*(self.in_thread(sizes_of, c) for c in chunks))
+            for size in part
+        ]
         missing = []
         for image_id, size in zip(image_ids, sizes):
             if size is None:
@@ -238,10 +260,16 @@ class _ThumbnailDownloader:
                 right_urls, right_failures = await self.resolve(image_ids[middle:])
                 return {**left_urls, **right_urls}, left_failures + right_failures
             transient = isinstance(exc, RequestTooLargeError)
-            return {}, [_Outcome(image_ids[0], reason=f"URL lookup failed: {_describe(exc)}", transient=transient)]
+            return {}, [
+                _Outcome(
+                    image_ids[0], reason=f"URL lookup failed: {_describe(exc)}", transient=transient
+                )
+            ]
         except MapillaryError as exc:
             reason = f"URL lookup failed: {_describe(exc)}"
-            return {}, [_Outcome(i, reason=reason, transient=bool(exc.transient)) for i in image_ids]
+            return {}, [
+                _Outcome(i, reason=reason, transient=bool(exc.transient)) for i in image_ids
+            ]
         urls: dict[str, str] = {}
         failures: list[_Outcome] = []
         for image_id in image_ids:
@@ -249,7 +277,9 @@ class _ThumbnailDownloader:
             if url:
                 urls[image_id] = url
             else:
-                failures.append(_Outcome(image_id, reason=f"no {self.field} for this image", transient=False))
+                failures.append(
+                    _Outcome(image_id, reason=f"no {self.field} for this image", transient=False)
+                )
         return urls, failures
 
     async def resolver(self, batches: Iterable[list[str]], queue: asyncio.Queue) -> None:
@@ -278,8 +308,11 @@ class _ThumbnailDownloader:
                 data = await self.client.get_thumbnail(url)
             except UrlExpiredError as exc:
                 if refreshes >= MAX_URL_REFRESHES:
-                    return _Outcome(image_id, reason=f"thumbnail URL expired {refreshes + 1} times: {_describe(exc)}",
-                                    transient=True)
+                    return _Outcome(
+                        image_id,
+                        reason=f"thumbnail URL expired {refreshes + 1} times: {_describe(exc)}",
+                        transient=True,
+                    )
                 refreshes += 1
                 urls, failures = await self.resolve([image_id])
                 if failures:
@@ -289,14 +322,22 @@ class _ThumbnailDownloader:
             except AuthError:
                 raise
             except MapillaryError as exc:
-                return _Outcome(image_id, reason=f"download failed: {_describe(exc)}", transient=bool(exc.transient))
+                return _Outcome(
+                    image_id,
+                    reason=f"download failed: {_describe(exc)}",
+                    transient=bool(exc.transient),
+                )
             problem = await self.verify(data)
             if problem is None:
-                atomic_write_bytes(path, data, durable=False)  # on the loop (see above); re-verified every run
+                atomic_write_bytes(
+                    path, data, durable=False
+                )  # on the loop (see above); re-verified every run
                 return _Outcome(image_id, relative, len(data), "ok")
             bad_bodies += 1
             if bad_bodies >= MAX_JPEG_ATTEMPTS:
-                return _Outcome(image_id, reason=f"{problem}, {bad_bodies} downloads", transient=True)
+                return _Outcome(
+                    image_id, reason=f"{problem}, {bad_bodies} downloads", transient=True
+                )
 
     async def downloader(self, queue: asyncio.Queue) -> None:
         while True:
@@ -309,7 +350,12 @@ class _ThumbnailDownloader:
         missing = await self.skip_existing(image_ids)
         if not missing:
             return
-        batches = iter([missing[i : i + RESOLVE_BATCH_SIZE] for i in range(0, len(missing), RESOLVE_BATCH_SIZE)])
+        batches = iter(
+            [
+                missing[i : i + RESOLVE_BATCH_SIZE]
+                for i in range(0, len(missing), RESOLVE_BATCH_SIZE)
+            ]
+        )
         # one download in flight per worker: the workers bound the requests to `concurrency`
         workers = max(1, min(self.concurrency, len(missing)))
         # A bounded queue keeps URLs fresh: a URL waits for at most one round of downloads.
@@ -358,9 +404,12 @@ async def download_thumbnails(
     ids = list(dict.fromkeys(validate_image_id(i) for i in image_ids))
     if concurrency < 1:
         raise ValueError(f"concurrency must be >= 1, got {concurrency}")
-    with ThreadPoolExecutor(max_workers=min(IO_THREADS, concurrency), thread_name_prefix="thumbnail-io") as executor:
-        downloader = _ThumbnailDownloader(client, layout, size, concurrency, progress, len(ids), executor,
-                                          decode_check)
+    with ThreadPoolExecutor(
+        max_workers=min(IO_THREADS, concurrency), thread_name_prefix="thumbnail-io"
+    ) as executor:
+        downloader = _ThumbnailDownloader(
+            client, layout, size, concurrency, progress, len(ids), executor, decode_check
+        )
         await downloader.run(ids)
     outcomes = [downloader.outcomes[i] for i in ids]
     return pd.DataFrame(

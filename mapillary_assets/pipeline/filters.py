@@ -32,7 +32,9 @@ def load_filter_polygons(path: str | Path, layer: str | int | None = None) -> Ba
 
     path = Path(path)
     if not path.is_file():
-        raise FilterPolygonError(f"filter polygon file {path} does not exist: pass a GeoJSON or GPKG path")
+        raise FilterPolygonError(
+            f"filter polygon file {path} does not exist: pass a GeoJSON or GPKG path"
+        )
     try:
         frame = geopandas.read_file(path, layer=layer, engine="pyogrio")
     except Exception as exc:  # pyogrio raises several unrelated types for unreadable files
@@ -41,7 +43,9 @@ def load_filter_polygons(path: str | Path, layer: str | int | None = None) -> Ba
         ) from None
     geometries = frame.geometry[frame.geometry.notna() & ~frame.geometry.is_empty]
     if geometries.empty:
-        raise FilterPolygonError(f"filter polygon file {path} holds no geometries: add at least one polygon")
+        raise FilterPolygonError(
+            f"filter polygon file {path} holds no geometries: add at least one polygon"
+        )
     bad_types = sorted(set(geometries.geom_type) - _POLYGON_TYPES)
     if bad_types:
         raise FilterPolygonError(
@@ -57,7 +61,9 @@ def load_filter_polygons(path: str | Path, layer: str | int | None = None) -> Ba
     if merged.geom_type == "GeometryCollection":
         merged = shapely.union_all([g for g in merged.geoms if g.geom_type in _POLYGON_TYPES])
     if merged.is_empty:
-        raise FilterPolygonError(f"filter polygon file {path} holds only empty or degenerate polygons")
+        raise FilterPolygonError(
+            f"filter polygon file {path} holds only empty or degenerate polygons"
+        )
     return merged
 
 
@@ -78,7 +84,9 @@ def _capture_times_ms(frame: pd.DataFrame) -> np.ndarray:
     if "captured_at" in frame.columns:
         times = pd.to_datetime(frame["captured_at"], utc=True)
         missing = times.isna().to_numpy()
-        values = times.to_numpy(dtype="datetime64[ms]", na_value=np.datetime64("NaT")).astype("int64")
+        values = times.to_numpy(dtype="datetime64[ms]", na_value=np.datetime64("NaT")).astype(
+            "int64"
+        )
     elif "captured_at_ms" in frame.columns:
         numbers = pd.to_numeric(frame["captured_at_ms"])
         missing = numbers.isna().to_numpy()
@@ -88,7 +96,9 @@ def _capture_times_ms(frame: pd.DataFrame) -> np.ndarray:
     return np.where(missing, np.iinfo("int64").max, values)
 
 
-def spacing_filter(frame: pd.DataFrame, inside_m: float = 100.0, outside_m: float = 1000.0) -> np.ndarray:
+def spacing_filter(
+    frame: pd.DataFrame, inside_m: float = 100.0, outside_m: float = 1000.0
+) -> np.ndarray:
     """Keep flags (aligned with `frame`'s rows) thinning each sequence by distance.
 
     Per sequence, ordered by capture time (ties by image_id), the first image is kept; each later
@@ -140,7 +150,9 @@ def spacing_filter(frame: pd.DataFrame, inside_m: float = 100.0, outside_m: floa
     return keep
 
 
-def _greedy_walk(lat: list, lon: list, cos_lat: list, threshold_hav: list, starts: list) -> list[bool]:
+def _greedy_walk(
+    lat: list, lon: list, cos_lat: list, threshold_hav: list, starts: list
+) -> list[bool]:
     """The inherently sequential part, on plain lists (several times faster than numpy scalars)."""
     sin = math.sin
     kept = [False] * len(lat)

@@ -45,7 +45,9 @@ _SQLITE_SIDECARS = ("-journal", "-wal", "-shm")
 
 
 def write_geopackage(
-    con: duckdb.DuckDBPyConnection, path: str | Path, version: str = DEFAULT_GPKG_VERSION,
+    con: duckdb.DuckDBPyConnection,
+    path: str | Path,
+    version: str = DEFAULT_GPKG_VERSION,
     batch_rows: int = BATCH_ROWS,
 ) -> dict[str, int]:
     """Write the `images`, `images_filtered` and `sequences` layers; returns layer -> feature count.
@@ -53,12 +55,18 @@ def write_geopackage(
     `con` is a staging connection (spatial loaded, e.g. `staging.connect_staging(path, read_only=True)`).
     """
     if version not in GPKG_VERSIONS:
-        raise ValueError(f"GeoPackage version {version!r} is not supported: use one of {', '.join(GPKG_VERSIONS)}")
+        raise ValueError(
+            f"GeoPackage version {version!r} is not supported: use one of {', '.join(GPKG_VERSIONS)}"
+        )
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     image_columns = _image_columns(con)
     layers = (
-        (IMAGES_LAYER, f"SELECT {image_columns} FROM images ORDER BY sequence_id, captured_at, image_id", "Point"),
+        (
+            IMAGES_LAYER,
+            f"SELECT {image_columns} FROM images ORDER BY sequence_id, captured_at, image_id",
+            "Point",
+        ),
         (
             FILTERED_LAYER,
             f"SELECT {image_columns} FROM images WHERE keep_spacing ORDER BY sequence_id, captured_at, image_id",
@@ -83,7 +91,10 @@ def write_geopackage(
             counts[layer] = _write_layer(con, sql, temporary, layer, kind, batch_rows, creation)
         os.replace(temporary, path)
     finally:
-        for leftover in (temporary, *(temporary.with_name(temporary.name + s) for s in _SQLITE_SIDECARS)):
+        for leftover in (
+            temporary,
+            *(temporary.with_name(temporary.name + s) for s in _SQLITE_SIDECARS),
+        ):
             leftover.unlink(missing_ok=True)
     return counts
 
@@ -91,7 +102,9 @@ def write_geopackage(
 def _image_columns(con: duckdb.DuckDBPyConnection) -> str:
     """The select list of the image layers: ids as strings, no URL columns, geometry last."""
     selected = []
-    for name, kind in con.execute("SELECT column_name, column_type FROM (DESCRIBE images)").fetchall():
+    for name, kind in con.execute(
+        "SELECT column_name, column_type FROM (DESCRIBE images)"
+    ).fetchall():
         if name == _GEOMETRY or "url" in name.lower():
             continue
         if name.endswith("_id") and kind != "VARCHAR":
@@ -104,14 +117,22 @@ def _image_columns(con: duckdb.DuckDBPyConnection) -> str:
 def _utc_schema(schema: pa.Schema) -> pa.Schema:
     """Timestamps labelled UTC whatever the connection's TimeZone (same instants, metadata only)."""
     fields = [
-        field.with_type(pa.timestamp(field.type.unit, tz="UTC")) if pa.types.is_timestamp(field.type) else field
+        field.with_type(pa.timestamp(field.type.unit, tz="UTC"))
+        if pa.types.is_timestamp(field.type)
+        else field
         for field in schema
     ]
     return pa.schema(fields, metadata=schema.metadata)
 
 
 def _write_layer(
-    con, sql: str, path: Path, layer: str, geometry_type: str, batch_rows: int, dataset_options: dict | None
+    con,
+    sql: str,
+    path: Path,
+    layer: str,
+    geometry_type: str,
+    batch_rows: int,
+    dataset_options: dict | None,
 ) -> int:
     reader = con.execute(sql).to_arrow_reader(batch_rows)
     schema = _utc_schema(reader.schema)
@@ -157,7 +178,9 @@ class PublishedOverview:
 
 
 def published_overview(
-    con: duckdb.DuckDBPyConnection, extent: tuple[float, float, float, float], cells: int = 100,
+    con: duckdb.DuckDBPyConnection,
+    extent: tuple[float, float, float, float],
+    cells: int = 100,
     max_sequences: int = 500,
 ) -> PublishedOverview:
     west, south, east, north = extent
@@ -175,7 +198,11 @@ def published_overview(
     total = con.execute("SELECT count(*) FROM sequences").fetchone()[0]
     # A stable sample (by id hash) when there are more sequences than a small map can show.
     blobs = con.execute(
-        f"SELECT ST_AsWKB({_GEOMETRY}) FROM sequences ORDER BY hash(sequence_id) LIMIT ?", [max_sequences]
+        f"SELECT ST_AsWKB({_GEOMETRY}) FROM sequences ORDER BY hash(sequence_id) LIMIT ?",
+        [max_sequences],
     ).fetchall()
-    lines = [shapely.get_coordinates(geometry) for geometry in shapely.from_wkb([bytes(b) for (b,) in blobs])]
+    lines = [
+        shapely.get_coordinates(geometry)
+        for geometry in shapely.from_wkb([bytes(b) for (b,) in blobs])
+    ]
     return PublishedOverview((west, south, east, north), counts, kept, lines, int(total))

@@ -18,13 +18,23 @@ from dataclasses import dataclass
 import pandas as pd
 import pyarrow as pa
 
-from mapillary_assets.api.decoders import DEFAULT_IMAGE_FIELDS, IMAGE_SCHEMA, decode_image_entity, entities_to_table
-from mapillary_assets.api.errors import AuthError, MapillaryError, PermanentError, RequestTooLargeError
+from mapillary_assets.api.decoders import (
+    DEFAULT_IMAGE_FIELDS,
+    IMAGE_SCHEMA,
+    decode_image_entity,
+    entities_to_table,
+)
+from mapillary_assets.api.errors import (
+    AuthError,
+    MapillaryError,
+    PermanentError,
+    RequestTooLargeError,
+)
 from mapillary_assets.storage import validate_image_id
 
 log = logging.getLogger(__name__)
 
-BATCH_SIZE = 50                       # the API's maximum for `?ids=`
+BATCH_SIZE = 50  # the API's maximum for `?ids=`
 UNKNOWN_ID_SUBCODE = 33
 FAILURE_COLUMNS = {"image_id": "str", "reason": "str", "transient": "bool", "code": "Int64"}
 NOT_RETURNED = "not returned by the API"
@@ -34,9 +44,9 @@ Progress = Callable[[int, int, int], None]
 
 @dataclass
 class MetadataResult:
-    rows: pd.DataFrame        # IMAGE_SCHEMA columns, one row per fetched id
-    failures: pd.DataFrame    # FAILURE_COLUMNS, one row per failed id
-    requests: int             # `?ids=` calls made (the client's own retries not counted)
+    rows: pd.DataFrame  # IMAGE_SCHEMA columns, one row per fetched id
+    failures: pd.DataFrame  # FAILURE_COLUMNS, one row per failed id
+    requests: int  # `?ids=` calls made (the client's own retries not counted)
     seconds: float = 0.0
 
     @property
@@ -82,12 +92,14 @@ def conform_metadata(frame: pd.DataFrame | None) -> pd.DataFrame:
 
 def failures_frame(records: Sequence[tuple[str, str, bool, int | None]] = ()) -> pd.DataFrame:
     ids, reasons, transient, codes = zip(*records) if records else ((), (), (), ())
-    return pd.DataFrame({
-        "image_id": pd.Series(ids, dtype="str"),
-        "reason": pd.Series(reasons, dtype="str"),
-        "transient": pd.Series(transient, dtype="bool"),
-        "code": pd.Series(codes, dtype="Int64"),
-    })
+    return pd.DataFrame(
+        {
+            "image_id": pd.Series(ids, dtype="str"),
+            "reason": pd.Series(reasons, dtype="str"),
+            "transient": pd.Series(transient, dtype="bool"),
+            "code": pd.Series(codes, dtype="Int64"),
+        }
+    )
 
 
 def conform_failures(frame: pd.DataFrame | None) -> pd.DataFrame:
@@ -117,7 +129,7 @@ async def fetch_metadata(
             ids.append(validate_image_id(image_id))
         except ValueError as exc:
             fetcher.failures.append((image_id, str(exc), False, None))
-    batches = [ids[i:i + BATCH_SIZE] for i in range(0, len(ids), BATCH_SIZE)]
+    batches = [ids[i : i + BATCH_SIZE] for i in range(0, len(ids), BATCH_SIZE)]
     total = len(ids) + len(fetcher.failures)
     done = len(fetcher.failures)
     queue = iter(batches)
@@ -164,7 +176,9 @@ class _BatchFetcher:
             await self.fetch(batch[:middle])
             await self.fetch(batch[middle:])
             return
-        except MapillaryError as exc:  # transient errors that outlasted the client's retries, and the like
+        except (
+            MapillaryError
+        ) as exc:  # transient errors that outlasted the client's retries, and the like
             self._fail(batch, str(exc), exc.transient, exc.code)
             return
         for image_id in batch:
@@ -182,8 +196,12 @@ class _BatchFetcher:
 
 def _is_field_error(exc: MapillaryError) -> bool:
     """Code 100 without the unknown-id subcode, naming a field ("Tried accessing nonexisting field")."""
-    return (isinstance(exc, PermanentError) and exc.code == 100 and exc.subcode != UNKNOWN_ID_SUBCODE
-            and "field" in str(exc).lower())
+    return (
+        isinstance(exc, PermanentError)
+        and exc.code == 100
+        and exc.subcode != UNKNOWN_ID_SUBCODE
+        and "field" in str(exc).lower()
+    )
 
 
 async def _run_all(coroutines: Iterable) -> None:
@@ -203,7 +221,9 @@ def _first_leaf(error: BaseException) -> BaseException:
     return error
 
 
-async def fetch_sequence_image_ids(client, sequence_ids: Iterable[str], concurrency: int = 16) -> dict[str, list[str]]:
+async def fetch_sequence_image_ids(
+    client, sequence_ids: Iterable[str], concurrency: int = 16
+) -> dict[str, list[str]]:
     """Image ids of each sequence in capture order. An unknown sequence maps to [] (with a
     warning); transient errors that outlast the client's retries and AuthError propagate."""
     unique = list(dict.fromkeys(str(s) for s in sequence_ids))
@@ -213,7 +233,9 @@ async def fetch_sequence_image_ids(client, sequence_ids: Iterable[str], concurre
     async def worker() -> None:
         for sequence_id in queue:
             try:
-                result[sequence_id] = [str(i) for i in await client.get_sequence_image_ids(sequence_id)]
+                result[sequence_id] = [
+                    str(i) for i in await client.get_sequence_image_ids(sequence_id)
+                ]
             except PermanentError as exc:
                 log.warning("sequence %s: %s; treating it as empty", sequence_id, exc)
                 result[sequence_id] = []
@@ -226,8 +248,11 @@ async def fetch_sequence_image_ids(client, sequence_ids: Iterable[str], concurre
 # resuming a chunk
 
 
-def ids_to_fetch(chunk_ids: Iterable[str], existing_rows: pd.DataFrame | None,
-                 existing_failures: pd.DataFrame | None) -> list[str]:
+def ids_to_fetch(
+    chunk_ids: Iterable[str],
+    existing_rows: pd.DataFrame | None,
+    existing_failures: pd.DataFrame | None,
+) -> list[str]:
     """The chunk's ids still missing: neither fetched already nor failed permanently (ids that
     failed transiently are fetched again). Order kept, duplicates dropped."""
     skip: set[str] = set()
@@ -239,13 +264,18 @@ def ids_to_fetch(chunk_ids: Iterable[str], existing_rows: pd.DataFrame | None,
     return [image_id for image_id in dict.fromkeys(map(str, chunk_ids)) if image_id not in skip]
 
 
-def merge_with_existing(existing_rows: pd.DataFrame | None, existing_failures: pd.DataFrame | None,
-                        new: MetadataResult) -> tuple[pd.DataFrame, pd.DataFrame]:
+def merge_with_existing(
+    existing_rows: pd.DataFrame | None, existing_failures: pd.DataFrame | None, new: MetadataResult
+) -> tuple[pd.DataFrame, pd.DataFrame]:
     """(rows, failures) of a chunk after a re-run: each id at most once in either frame; a newer
     outcome replaces an older one, and an id that now has a row has no failure."""
-    rows = pd.concat([conform_metadata(existing_rows), conform_metadata(new.rows)], ignore_index=True)
+    rows = pd.concat(
+        [conform_metadata(existing_rows), conform_metadata(new.rows)], ignore_index=True
+    )
     rows = rows.drop_duplicates("image_id", keep="last").reset_index(drop=True)
-    failures = pd.concat([conform_failures(existing_failures), conform_failures(new.failures)], ignore_index=True)
+    failures = pd.concat(
+        [conform_failures(existing_failures), conform_failures(new.failures)], ignore_index=True
+    )
     failures = failures.drop_duplicates("image_id", keep="last")
     failures = failures[~failures["image_id"].isin(set(rows["image_id"]))].reset_index(drop=True)
     return rows, failures

@@ -12,9 +12,9 @@ from __future__ import annotations
 import importlib.util
 import os
 import tempfile
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 import duckdb
 import numpy as np
@@ -24,7 +24,6 @@ from shapely.geometry.base import BaseGeometry
 
 from mapillary_assets.pipeline.filters import load_filter_polygons, spacing_filter, tag_in_polygons
 from mapillary_assets.storage import TEMP_MARKER, DataLayout, StorageError, read_parquet
-
 
 # DuckDB spills to disk beyond this instead of growing with the image count (its default is 80 % of RAM).
 # Some of its allocations bypass the limit (DuckDB's OOM guide), so it sits well under the 2 GB budget of
@@ -146,8 +145,12 @@ def spatial_extension_path() -> Path:
             f"the DuckDB spatial extension package is not installed: pip install "
             f"duckdb-extension-spatial=={duckdb.__version__} (never `INSTALL spatial`: it needs internet)"
         )
-    version_dir = Path(list(spec.submodule_search_locations)[0]) / "extensions" / f"v{duckdb.__version__}"
-    candidates = sorted(version_dir.rglob("spatial.duckdb_extension")) if version_dir.is_dir() else []
+    version_dir = (
+        Path(list(spec.submodule_search_locations)[0]) / "extensions" / f"v{duckdb.__version__}"
+    )
+    candidates = (
+        sorted(version_dir.rglob("spatial.duckdb_extension")) if version_dir.is_dir() else []
+    )
     if not candidates:
         raise SpatialExtensionError(
             f"no spatial.duckdb_extension under {version_dir}: install duckdb-extension-spatial=="
@@ -202,10 +205,15 @@ def load_staging(
             for stage in _STAGES:
                 _load_stage(con, layout, stage)
             assigned = _load_chunk_assignment(con, layout)
-            _build_images(con, filter_polygons, inside_spacing_m, outside_spacing_m, only_assigned=assigned)
+            _build_images(
+                con, filter_polygons, inside_spacing_m, outside_spacing_m, only_assigned=assigned
+            )
             _build_sequences(con)
             con.execute("COMMIT")
-            counts = {table: con.execute(f"SELECT count(*) FROM {table}").fetchone()[0] for table in TABLES}
+            counts = {
+                table: con.execute(f"SELECT count(*) FROM {table}").fetchone()[0]
+                for table in TABLES
+            }
             con.execute("CHECKPOINT")
         finally:
             con.close()
@@ -249,9 +257,14 @@ def _load_stage(con: duckdb.DuckDBPyConnection, layout: DataLayout, stage: _Stag
     source = "read_parquet($files, union_by_name = true, filename = 'source_file')"
     parameters = {"files": [str(path) for path in files]}
     try:
-        present = {row[0]: row[1] for row in con.execute(f"DESCRIBE SELECT * FROM {source}", parameters).fetchall()}
+        present = {
+            row[0]: row[1]
+            for row in con.execute(f"DESCRIBE SELECT * FROM {source}", parameters).fetchall()
+        }
         selected = [
-            f"CAST({name} AS {kind}) AS {name}" if name in present else f"CAST(NULL AS {kind}) AS {name}"
+            f"CAST({name} AS {kind}) AS {name}"
+            if name in present
+            else f"CAST(NULL AS {kind}) AS {name}"
             for name, kind in stage.columns.items()
         ]
         reserved = {*stage.columns, "source_file", stage.source_column, "geom"}
@@ -286,17 +299,27 @@ def _load_chunk_assignment(con: duckdb.DuckDBPyConnection, layout: DataLayout) -
     if not path.exists():
         return False
     try:
-        con.execute("CREATE TEMP TABLE chunk_assignment AS SELECT CAST(image_id AS VARCHAR) AS image_id "
-                    "FROM read_parquet($path)", {"path": str(path)})
+        con.execute(
+            "CREATE TEMP TABLE chunk_assignment AS SELECT CAST(image_id AS VARCHAR) AS image_id "
+            "FROM read_parquet($path)",
+            {"path": str(path)},
+        )
     except duckdb.Error as exc:
         raise _diagnose([path], exc) from None
     return True
 
 
-def _build_images(con, filter_polygons, inside_spacing_m: float, outside_spacing_m: float,
-                  only_assigned: bool = False) -> None:
+def _build_images(
+    con,
+    filter_polygons,
+    inside_spacing_m: float,
+    outside_spacing_m: float,
+    only_assigned: bool = False,
+) -> None:
     metadata_only = ", ".join(f"m.{name}" for name in _METADATA_ONLY)
-    assigned_only = "WHERE image_id IN (SELECT image_id FROM chunk_assignment)" if only_assigned else ""
+    assigned_only = (
+        "WHERE image_id IN (SELECT image_id FROM chunk_assignment)" if only_assigned else ""
+    )
     con.execute(
         f"""
         CREATE TEMP TABLE images_base AS
@@ -362,7 +385,9 @@ def _build_images(con, filter_polygons, inside_spacing_m: float, outside_spacing
     con.execute("DROP TABLE images_base")
 
 
-def _image_flags(con, filter_polygons, inside_spacing_m: float, outside_spacing_m: float) -> pa.Table:
+def _image_flags(
+    con, filter_polygons, inside_spacing_m: float, outside_spacing_m: float
+) -> pa.Table:
     """`in_filter_area` and `keep_spacing` per `images_base` row, walking the sequences a batch at a time
     (whole sequences per batch) so memory stays bounded whatever the image count."""
     reader = con.execute(
@@ -384,17 +409,27 @@ def _image_flags(con, filter_polygons, inside_spacing_m: float, outside_spacing_
         if carried is not None:
             frame = pd.concat([carried, frame], ignore_index=True)
         last = frame["sequence_id"].iloc[-1]
-        tail = frame["sequence_id"].eq(last) if pd.notna(last) else pd.Series(False, index=frame.index)
+        tail = (
+            frame["sequence_id"].eq(last) if pd.notna(last) else pd.Series(False, index=frame.index)
+        )
         carried = frame[tail]
         if (~tail).any():
             walk(frame[~tail])
     if carried is not None and len(carried):
         walk(carried)
-    return pa.table({
-        "row_id": pa.array(np.concatenate(row_ids) if row_ids else np.zeros(0, "int64"), pa.int64()),
-        "in_filter_area": pa.array(np.concatenate(inside) if inside else np.zeros(0, bool), pa.bool_()),
-        "keep_spacing": pa.array(np.concatenate(keep) if keep else np.zeros(0, bool), pa.bool_()),
-    })
+    return pa.table(
+        {
+            "row_id": pa.array(
+                np.concatenate(row_ids) if row_ids else np.zeros(0, "int64"), pa.int64()
+            ),
+            "in_filter_area": pa.array(
+                np.concatenate(inside) if inside else np.zeros(0, bool), pa.bool_()
+            ),
+            "keep_spacing": pa.array(
+                np.concatenate(keep) if keep else np.zeros(0, bool), pa.bool_()
+            ),
+        }
+    )
 
 
 SEQUENCE_BATCH_IMAGES = 200_000
@@ -404,14 +439,19 @@ def _build_sequences(con, batch_images: int = SEQUENCE_BATCH_IMAGES) -> None:
     """One line per sequence, built a range of sequence ids at a time (about `batch_images` points each):
     DuckDB cannot spill list() aggregates, and all 1.2 M points at once ran out of the 1 GB memory limit."""
     where = "sequence_id IS NOT NULL AND geom IS NOT NULL"
-    bounds = [row[0] for row in con.execute(
-        f"""
+    bounds = [
+        row[0]
+        for row in con.execute(
+            f"""
         SELECT sequence_id FROM (
             SELECT sequence_id, sum(count(*)) OVER (ORDER BY sequence_id) AS running
             FROM images WHERE {where} GROUP BY sequence_id)
-        QUALIFY running // {int(batch_images)} > coalesce(lag(running) OVER (ORDER BY sequence_id), 0) // {int(batch_images)}
+        QUALIFY running // {int(batch_images)}
+              > coalesce(lag(running) OVER (ORDER BY sequence_id), 0) // {int(batch_images)}
         ORDER BY sequence_id
-        """).fetchall()]
+        """
+        ).fetchall()
+    ]
     select = f"""
         SELECT
             sequence_id,
@@ -436,5 +476,7 @@ def read_table(con: duckdb.DuckDBPyConnection, table: str) -> pd.DataFrame:
     if table not in TABLES:
         raise ValueError(f"unknown staging table {table!r}; expected one of {', '.join(TABLES)}")
     columns = [row[0] for row in con.execute(f"DESCRIBE {table}").fetchall()]
-    select = ", ".join(f"ST_AsWKB({name}) AS {name}" if name == "geom" else name for name in columns)
+    select = ", ".join(
+        f"ST_AsWKB({name}) AS {name}" if name == "geom" else name for name in columns
+    )
     return con.execute(f"SELECT {select} FROM {table}").to_arrow_table().to_pandas()

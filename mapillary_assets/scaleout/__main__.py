@@ -12,16 +12,26 @@ import sys
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m mapillary_assets.scaleout", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="python -m mapillary_assets.scaleout",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     parser.add_argument("action", choices=("run",))
-    parser.add_argument("--chunks-per-run", type=int, default=1, help="chunk partitions per run (default 1)")
-    parser.add_argument("--tiles-per-run", type=int, default=64, help="tile partitions per discovery run")
+    parser.add_argument(
+        "--chunks-per-run", type=int, default=1, help="chunk partitions per run (default 1)"
+    )
+    parser.add_argument(
+        "--tiles-per-run", type=int, default=64, help="tile partitions per discovery run"
+    )
     args = parser.parse_args(argv)
     if not os.environ.get("DAGSTER_HOME") or not os.environ.get("MAPILLARY_CELERY_BROKER"):
-        print("error: no scaled-out instance configured (DAGSTER_HOME, MAPILLARY_CELERY_BROKER): "
-              "run `source .stack/env.sh` after scripts/stack.sh start, or set the variables of README's "
-              "'Scaling beyond one machine'", file=sys.stderr)
+        print(
+            "error: no scaled-out instance configured (DAGSTER_HOME, MAPILLARY_CELERY_BROKER): "
+            "run `source .stack/env.sh` after scripts/stack.sh start, or set the variables of README's "
+            "'Scaling beyond one machine'",
+            file=sys.stderr,
+        )
         return 2
     import dagster as dg
 
@@ -30,8 +40,12 @@ def main(argv: list[str] | None = None) -> int:
 
     with dg.DagsterInstance.get() as instance:
         try:
-            summary = run_pipeline(instance, runner=ClusterRunner(instance), tiles_per_run=args.tiles_per_run,
-                                   chunks_per_run=args.chunks_per_run)
+            summary = run_pipeline(
+                instance,
+                runner=ClusterRunner(instance),
+                tiles_per_run=args.tiles_per_run,
+                chunks_per_run=args.chunks_per_run,
+            )
         except PipelineFailed as failure:
             print(f"error: {failure}", file=sys.stderr)
             return 1

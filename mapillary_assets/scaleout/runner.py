@@ -30,9 +30,16 @@ class ClusterRunner:
 
     chunk_jobs = ("fetch_job", "blur_job")
 
-    def __init__(self, instance: dg.DagsterInstance, *, module: str = CODE_MODULE,
-                 working_directory: Path = REPO_ROOT, poll_s: float = 1.0, timeout_s: float = 6 * 3600.0,
-                 log: Callable[[str], None] = print) -> None:
+    def __init__(
+        self,
+        instance: dg.DagsterInstance,
+        *,
+        module: str = CODE_MODULE,
+        working_directory: Path = REPO_ROOT,
+        poll_s: float = 1.0,
+        timeout_s: float = 6 * 3600.0,
+        log: Callable[[str], None] = print,
+    ) -> None:
         self.instance = instance
         self.module = module
         self.working_directory = Path(working_directory)
@@ -40,8 +47,9 @@ class ClusterRunner:
         self.timeout_s = timeout_s
         self.log = log
 
-    def run_many(self, job_name: str, tag_sets: list[dict[str, str]],
-                 then: Sequence[str] = ()) -> list[tuple[str, bool]]:
+    def run_many(
+        self, job_name: str, tag_sets: list[dict[str, str]], then: Sequence[str] = ()
+    ) -> list[tuple[str, bool]]:
         chain = [job_name, *then]
         with self._submitter() as submit:
             current = {index: (0, submit(job_name, tags)) for index, tags in enumerate(tag_sets)}
@@ -49,14 +57,19 @@ class ClusterRunner:
             deadline = time.monotonic() + self.timeout_s
             while current:
                 if time.monotonic() > deadline:
-                    raise TimeoutError(f"{len(current)} {' -> '.join(chain)} run(s) did not finish within "
-                                       f"{self.timeout_s:.0f} s")
+                    raise TimeoutError(
+                        f"{len(current)} {' -> '.join(chain)} run(s) did not finish within "
+                        f"{self.timeout_s:.0f} s"
+                    )
                 for index, (position, run_id) in list(current.items()):
                     outcome = self.poll(run_id)
                     if isinstance(outcome, str):  # a retry of the run: follow it
                         current[index] = (position, outcome)
                     elif outcome is not None and outcome[1] and position + 1 < len(chain):
-                        current[index] = (position + 1, submit(chain[position + 1], tag_sets[index]))
+                        current[index] = (
+                            position + 1,
+                            submit(chain[position + 1], tag_sets[index]),
+                        )
                     elif outcome is not None:
                         results[index] = outcome
                         del current[index]
@@ -78,16 +91,27 @@ class ClusterRunner:
         )
         from dagster.version import __version__
 
-        opts = WorkspaceOpts(module_name=(self.module,), working_directory=str(self.working_directory))
-        with get_workspace_from_cli_opts(self.instance, version=__version__, workspace_opts=opts) as workspace:
+        opts = WorkspaceOpts(
+            module_name=(self.module,), working_directory=str(self.working_directory)
+        )
+        with get_workspace_from_cli_opts(
+            self.instance, version=__version__, workspace_opts=opts
+        ) as workspace:
             location = get_code_location_from_workspace(workspace, None)
             repository = get_remote_repository_from_code_location(location, None)
 
             def submit(job_name: str, tags: dict[str, str]) -> str:
                 job = get_remote_job_from_remote_repo(repository, job_name)
-                run = _create_run(instance=self.instance, code_location=location, remote_repo=repository,
-                                  remote_job=job, run_config={}, tags={**job.run_tags, **tags}, op_selection=None,
-                                  run_id=None)
+                run = _create_run(
+                    instance=self.instance,
+                    code_location=location,
+                    remote_repo=repository,
+                    remote_job=job,
+                    run_config={},
+                    tags={**job.run_tags, **tags},
+                    op_selection=None,
+                    run_id=None,
+                )
                 self.instance.submit_run(run.run_id, workspace)
                 return run.run_id
 

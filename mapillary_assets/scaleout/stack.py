@@ -72,27 +72,36 @@ def worker_queues(index: int, gpu_workers: int = 1) -> list[str]:
     """Every worker serves `dagster` (discovery, chunking, fetch runs). Worker 1 also serves `publish`:
     staging and the GeoPackage stay on the one disk that holds DuckDB. Workers 1..`gpu_workers` also serve
     `gpu` (blur runs): on a real cluster those are the machines with a GPU."""
-    return ["dagster", *([PUBLISH_QUEUE] if index == 1 else []), *([GPU_QUEUE] if index <= gpu_workers else [])]
+    return [
+        "dagster",
+        *([PUBLISH_QUEUE] if index == 1 else []),
+        *([GPU_QUEUE] if index <= gpu_workers else []),
+    ]
 
 
 def stack_env(config: StackConfig, base: dict[str, str] | None = None) -> dict[str, str]:
     """What every process of the stack (and a driver submitting runs to it) needs in its environment."""
     env = dict(os.environ if base is None else base)
     data_dir = config.data_dir or config.root / "data"
-    env.update({
-        "DAGSTER_HOME": str(config.dagster_home),
-        "DAGSTER_PG_HOST": "127.0.0.1", "DAGSTER_PG_PORT": str(config.pg_port),
-        "DAGSTER_PG_USER": PG_USER, "DAGSTER_PG_PASSWORD": env.get("DAGSTER_PG_PASSWORD", ""), "DAGSTER_PG_DB": PG_DB,
-        "MAPILLARY_CELERY_BROKER": f"redis://127.0.0.1:{config.redis_port}/0",
-        "MAPILLARY_RATE_LIMIT_BACKEND": "redis",
-        # A chunk run is a chain (metadata -> thumbnails -> blur): its steps run one after another in the
-        # worker's pool process (see definitions._executor_from_env).
-        "MAPILLARY_RUN_EXECUTOR": "in_process",
-        "MAPILLARY_REDIS_URL": f"redis://127.0.0.1:{config.redis_port}/1",
-        "MAPILLARY_DATA_DIR": str(Path(data_dir).resolve()),
-        "PYTHONPATH": str(REPO_ROOT),
-        "PATH": f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}",
-    })
+    env.update(
+        {
+            "DAGSTER_HOME": str(config.dagster_home),
+            "DAGSTER_PG_HOST": "127.0.0.1",
+            "DAGSTER_PG_PORT": str(config.pg_port),
+            "DAGSTER_PG_USER": PG_USER,
+            "DAGSTER_PG_PASSWORD": env.get("DAGSTER_PG_PASSWORD", ""),
+            "DAGSTER_PG_DB": PG_DB,
+            "MAPILLARY_CELERY_BROKER": f"redis://127.0.0.1:{config.redis_port}/0",
+            "MAPILLARY_RATE_LIMIT_BACKEND": "redis",
+            # A chunk run is a chain (metadata -> thumbnails -> blur): its steps run one after another in the
+            # worker's pool process (see definitions._executor_from_env).
+            "MAPILLARY_RUN_EXECUTOR": "in_process",
+            "MAPILLARY_REDIS_URL": f"redis://127.0.0.1:{config.redis_port}/1",
+            "MAPILLARY_DATA_DIR": str(Path(data_dir).resolve()),
+            "PYTHONPATH": str(REPO_ROOT),
+            "PATH": f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}",
+        }
+    )
     return env
 
 
@@ -100,13 +109,17 @@ def stack_env(config: StackConfig, base: dict[str, str] | None = None) -> dict[s
 
 
 def postgres_bin(name: str) -> str:
-    versions = sorted(Path("/usr/lib/postgresql").glob("*/bin"), key=lambda p: int(p.parent.name), reverse=True)
+    versions = sorted(
+        Path("/usr/lib/postgresql").glob("*/bin"), key=lambda p: int(p.parent.name), reverse=True
+    )
     for folder in versions:
         if (folder / name).exists():
             return str(folder / name)
     found = shutil.which(name)
     if found is None:
-        raise StackError(f"PostgreSQL's {name} not found: apt-get install postgresql (scripts/stack.sh does)")
+        raise StackError(
+            f"PostgreSQL's {name} not found: apt-get install postgresql (scripts/stack.sh does)"
+        )
     return found
 
 
@@ -124,30 +137,71 @@ def start_postgres(folder: Path, port: int, log: Path) -> None:
         for path in (folder, log.parent):
             os.chown(path, postgres.pw_uid, postgres.pw_gid)
     if not (folder / "PG_VERSION").exists():
-        _check(_as_postgres_user([postgres_bin("initdb"), "-D", str(folder), "-U", PG_USER, "--auth=trust",
-                                  "-E", "UTF8"]), "initdb")
+        _check(
+            _as_postgres_user(
+                [
+                    postgres_bin("initdb"),
+                    "-D",
+                    str(folder),
+                    "-U",
+                    PG_USER,
+                    "--auth=trust",
+                    "-E",
+                    "UTF8",
+                ]
+            ),
+            "initdb",
+        )
     if _postgres_running(folder):
         return
     options = f"-c listen_addresses=127.0.0.1 -p {port} -c unix_socket_directories={folder} -c max_connections=200"
-    _check(_as_postgres_user([postgres_bin("pg_ctl"), "-D", str(folder), "-l", str(log), "-o", options, "-w",
-                              "-t", "60", "start"]), f"PostgreSQL on port {port} (log: {log})")
-    created = subprocess.run([postgres_bin("createdb"), "-h", "127.0.0.1", "-p", str(port), "-U", PG_USER, PG_DB],
-                             capture_output=True, text=True)
+    _check(
+        _as_postgres_user(
+            [
+                postgres_bin("pg_ctl"),
+                "-D",
+                str(folder),
+                "-l",
+                str(log),
+                "-o",
+                options,
+                "-w",
+                "-t",
+                "60",
+                "start",
+            ]
+        ),
+        f"PostgreSQL on port {port} (log: {log})",
+    )
+    created = subprocess.run(
+        [postgres_bin("createdb"), "-h", "127.0.0.1", "-p", str(port), "-U", PG_USER, PG_DB],
+        capture_output=True,
+        text=True,
+    )
     if created.returncode != 0 and "already exists" not in created.stderr:
         raise StackError(f"createdb {PG_DB} failed: {created.stderr.strip()}")
 
 
 def stop_postgres(folder: Path) -> None:
     if _postgres_running(folder):
-        subprocess.run(_as_postgres_user([postgres_bin("pg_ctl"), "-D", str(folder), "-m", "fast", "-w", "stop"]),
-                       capture_output=True)
+        subprocess.run(
+            _as_postgres_user(
+                [postgres_bin("pg_ctl"), "-D", str(folder), "-m", "fast", "-w", "stop"]
+            ),
+            capture_output=True,
+        )
 
 
 def _postgres_running(folder: Path) -> bool:
     if not (folder / "PG_VERSION").exists():
         return False
-    return subprocess.run(_as_postgres_user([postgres_bin("pg_ctl"), "-D", str(folder), "status"]),
-                          capture_output=True).returncode == 0
+    return (
+        subprocess.run(
+            _as_postgres_user([postgres_bin("pg_ctl"), "-D", str(folder), "status"]),
+            capture_output=True,
+        ).returncode
+        == 0
+    )
 
 
 def start_redis(folder: Path, port: int, log: Path) -> None:
@@ -158,10 +212,31 @@ def start_redis(folder: Path, port: int, log: Path) -> None:
         return
     binary = shutil.which("redis-server")
     if binary is None:
-        raise StackError("redis-server not found: apt-get install redis-server (scripts/stack.sh does)")
-    _check([binary, "--bind", "127.0.0.1", "--port", str(port), "--dir", str(folder), "--daemonize", "yes",
-            "--pidfile", str(pidfile), "--logfile", str(log), "--save", "", "--appendonly", "no"],
-           f"redis-server on port {port}")
+        raise StackError(
+            "redis-server not found: apt-get install redis-server (scripts/stack.sh does)"
+        )
+    _check(
+        [
+            binary,
+            "--bind",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--dir",
+            str(folder),
+            "--daemonize",
+            "yes",
+            "--pidfile",
+            str(pidfile),
+            "--logfile",
+            str(log),
+            "--save",
+            "",
+            "--appendonly",
+            "no",
+        ],
+        f"redis-server on port {port}",
+    )
     _wait_for_port(port, f"redis-server (log: {log})")
 
 
@@ -182,11 +257,27 @@ def start(config: StackConfig, log=print) -> dict[str, str]:
     log(f"postgres 127.0.0.1:{config.pg_port}, redis 127.0.0.1:{config.redis_port}")
     env = stack_env(config)
     if not env.get("MAPILLARY_ACCESS_TOKEN"):
-        env.update({"MAPILLARY_ACCESS_TOKEN": DEMO_TOKEN,
-                    "MAPILLARY_GRAPH_URL": f"http://127.0.0.1:{config.emulator_port}/graph",
-                    "MAPILLARY_TILES_URL": f"http://127.0.0.1:{config.emulator_port}/tiles"})
-        _spawn(config, "emulator", [sys.executable, "-m", "mapillary_assets.emulator", "--port",
-                                    str(config.emulator_port), "--scale", str(config.emulator_scale)], env)
+        env.update(
+            {
+                "MAPILLARY_ACCESS_TOKEN": DEMO_TOKEN,
+                "MAPILLARY_GRAPH_URL": f"http://127.0.0.1:{config.emulator_port}/graph",
+                "MAPILLARY_TILES_URL": f"http://127.0.0.1:{config.emulator_port}/tiles",
+            }
+        )
+        _spawn(
+            config,
+            "emulator",
+            [
+                sys.executable,
+                "-m",
+                "mapillary_assets.emulator",
+                "--port",
+                str(config.emulator_port),
+                "--scale",
+                str(config.emulator_scale),
+            ],
+            env,
+        )
         _wait_for_port(config.emulator_port, f"the emulator (log: {config.logs / 'emulator.log'})")
     _write_env_file(config, env)
     configure_pools(env, config)
@@ -198,8 +289,19 @@ def start(config: StackConfig, log=print) -> dict[str, str]:
     for index in range(1, config.workers + 1):
         _spawn(config, f"w{index}", worker_command(index, config.gpu_workers), env)
     if config.webserver:
-        _spawn(config, "webserver", [_tool("dagster-webserver"), "-h", "127.0.0.1", "-p",
-                                     str(config.webserver_port), *code], env)
+        _spawn(
+            config,
+            "webserver",
+            [
+                _tool("dagster-webserver"),
+                "-h",
+                "127.0.0.1",
+                "-p",
+                str(config.webserver_port),
+                *code,
+            ],
+            env,
+        )
         log(f"UI: http://127.0.0.1:{config.webserver_port}")
     log(f"{config.workers} worker(s); environment for drivers: source {config.env_file}")
     return env
@@ -208,17 +310,34 @@ def start(config: StackConfig, log=print) -> dict[str, str]:
 def worker_command(index: int, gpu_workers: int = 1) -> list[str]:
     # One -q with commas: dagster-celery turns each -q into a `celery -Q`, and Celery keeps only the last.
     # One run at a time per worker process: a run is already a process tree of its own.
-    return [_tool("dagster-celery"), "worker", "start", "-A", "dagster_celery.app",
-            "-y", str(REPO_ROOT / "deploy" / "celery.yaml"), "--name", f"w{index}",
-            "-q", ",".join(worker_queues(index, gpu_workers)),
-            "--", "--concurrency=1", "--without-gossip", "--without-mingle"]
+    return [
+        _tool("dagster-celery"),
+        "worker",
+        "start",
+        "-A",
+        "dagster_celery.app",
+        "-y",
+        str(REPO_ROOT / "deploy" / "celery.yaml"),
+        "--name",
+        f"w{index}",
+        "-q",
+        ",".join(worker_queues(index, gpu_workers)),
+        "--",
+        "--concurrency=1",
+        "--without-gossip",
+        "--without-mingle",
+    ]
 
 
 def configure_pools(env: dict[str, str], config: StackConfig) -> None:
     """Pool limits live in the instance (Postgres): one value for the whole cluster."""
     limits = {"mapillary_api": config.api_slots, GPU_POOL: config.gpu_workers}
     for pool, limit in limits.items():
-        _check([_tool("dagster"), "instance", "concurrency", "set", pool, str(limit)], f"pool {pool}", env=env)
+        _check(
+            [_tool("dagster"), "instance", "concurrency", "set", pool, str(limit)],
+            f"pool {pool}",
+            env=env,
+        )
 
 
 def stop(config: StackConfig, log=print) -> None:
@@ -232,8 +351,11 @@ def stop(config: StackConfig, log=print) -> None:
 
 
 def status(config: StackConfig) -> dict[str, bool]:
-    states = {name.stem: process_alive(_read_pid(name)) for name in sorted(config.pids.glob("*.pid"))} \
-        if config.pids.exists() else {}
+    states = (
+        {name.stem: process_alive(_read_pid(name)) for name in sorted(config.pids.glob("*.pid"))}
+        if config.pids.exists()
+        else {}
+    )
     states["redis"] = process_alive(_read_pid(config.root / "redis" / "redis.pid"))
     states["postgres"] = _postgres_running(config.root / "postgres")
     return states
@@ -248,8 +370,15 @@ def _spawn(config: StackConfig, name: str, argv: list[str], env: dict[str, str])
     if process_alive(pid):
         return pid
     with open(config.logs / f"{name}.log", "ab") as out:
-        process = subprocess.Popen(argv, env=env, cwd=REPO_ROOT, stdout=out, stderr=subprocess.STDOUT,
-                                   stdin=subprocess.DEVNULL, start_new_session=True)
+        process = subprocess.Popen(
+            argv,
+            env=env,
+            cwd=REPO_ROOT,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            start_new_session=True,
+        )
     pidfile.write_text(str(process.pid))
     return process.pid
 
@@ -292,7 +421,9 @@ def _wait_for_port(port: int, what: str, timeout_s: float = 30.0) -> None:
 def _check(argv: list[str], what: str, env: dict[str, str] | None = None) -> None:
     result = subprocess.run(argv, capture_output=True, text=True, env=env, cwd=REPO_ROOT)
     if result.returncode != 0:
-        raise StackError(f"{what} failed ({shlex.join(argv[:3])} ...): {(result.stderr or result.stdout).strip()[-800:]}")
+        raise StackError(
+            f"{what} failed ({shlex.join(argv[:3])} ...): {(result.stderr or result.stdout).strip()[-800:]}"
+        )
 
 
 def _tool(name: str) -> str:
@@ -300,7 +431,9 @@ def _tool(name: str) -> str:
 
 
 def _write_env_file(config: StackConfig, env: dict[str, str]) -> None:
-    names = [n for n in sorted(env) if n.startswith(("DAGSTER_", "MAPILLARY_")) or n == "PYTHONPATH"]
+    names = [
+        n for n in sorted(env) if n.startswith(("DAGSTER_", "MAPILLARY_")) or n == "PYTHONPATH"
+    ]
     # A real token is never written to disk; the emulator's demo token is no secret.
     names = [n for n in names if n != "MAPILLARY_ACCESS_TOKEN" or env[n] == DEMO_TOKEN]
     config.env_file.write_text("".join(f"export {n}={shlex.quote(env[n])}\n" for n in names))
@@ -309,21 +442,42 @@ def _write_env_file(config: StackConfig, env: dict[str, str]) -> None:
 def main(argv: list[str] | None = None) -> int:
     import argparse
 
-    parser = argparse.ArgumentParser(prog="scripts/stack.sh", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="scripts/stack.sh",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     parser.add_argument("action", choices=("start", "stop", "status"))
-    parser.add_argument("--workers", type=int, default=int(os.environ.get("MAPILLARY_STACK_WORKERS", "2")))
-    parser.add_argument("--root", type=Path, default=Path(os.environ.get("MAPILLARY_STACK_DIR", REPO_ROOT / ".stack")))
-    parser.add_argument("--gpu-workers", type=int, default=int(os.environ.get("MAPILLARY_STACK_GPU_WORKERS", "1")),
-                        help="workers 1..N also take blur runs (the `gpu` queue); default 1")
-    parser.add_argument("--scale", type=float, default=0.005, help="emulator world (when no token is set)")
+    parser.add_argument(
+        "--workers", type=int, default=int(os.environ.get("MAPILLARY_STACK_WORKERS", "2"))
+    )
+    parser.add_argument(
+        "--root",
+        type=Path,
+        default=Path(os.environ.get("MAPILLARY_STACK_DIR", REPO_ROOT / ".stack")),
+    )
+    parser.add_argument(
+        "--gpu-workers",
+        type=int,
+        default=int(os.environ.get("MAPILLARY_STACK_GPU_WORKERS", "1")),
+        help="workers 1..N also take blur runs (the `gpu` queue); default 1",
+    )
+    parser.add_argument(
+        "--scale", type=float, default=0.005, help="emulator world (when no token is set)"
+    )
     args = parser.parse_args(argv)
     if args.workers < 1:
         parser.error("--workers must be >= 1")
     if not 1 <= args.gpu_workers <= args.workers:
-        parser.error(f"--gpu-workers must be between 1 and --workers ({args.workers}): blur runs need a worker")
-    config = StackConfig(root=args.root.resolve(), workers=args.workers, gpu_workers=args.gpu_workers,
-                         emulator_scale=args.scale)
+        parser.error(
+            f"--gpu-workers must be between 1 and --workers ({args.workers}): blur runs need a worker"
+        )
+    config = StackConfig(
+        root=args.root.resolve(),
+        workers=args.workers,
+        gpu_workers=args.gpu_workers,
+        emulator_scale=args.scale,
+    )
     try:
         if args.action == "start":
             start(config)

@@ -6,13 +6,16 @@ does only what is missing, and rewrites its file atomically. Transient failures 
 then fail the partition so "backfill failed partitions" retries exactly those.
 """
 
-
 import dagster as dg
 import pandas as pd
 
 from mapillary_assets.defs.assets.discovery import image_chunks
 from mapillary_assets.defs.partitions import chunk_partitions
-from mapillary_assets.defs.resources import DataStorageResource, MapillaryApiResource, PipelineSettings
+from mapillary_assets.defs.resources import (
+    DataStorageResource,
+    MapillaryApiResource,
+    PipelineSettings,
+)
 from mapillary_assets.defs.runtime import (
     API_POOL,
     GPU_POOL,
@@ -39,7 +42,9 @@ CHUNK_BACKFILL = dg.BackfillPolicy.multi_run(max_partitions_per_run=4)
 
 def _chunk_ids(layout: DataLayout, chunk_key: str) -> list[str]:
     # only this chunk's rows: the assignment holds every id (1.2 M at full scale), read by every chunk run
-    return chunk_image_ids(read_parquet(layout.chunk_assignment_path, filters=[("chunk", "==", chunk_key)]), chunk_key)
+    return chunk_image_ids(
+        read_parquet(layout.chunk_assignment_path, filters=[("chunk", "==", chunk_key)]), chunk_key
+    )
 
 
 def _read_if_exists(path) -> pd.DataFrame | None:
@@ -84,7 +89,9 @@ def _fail_if_transient(kind: str, transient_by_chunk: dict[str, int]) -> None:
     "recorded as permanent or transient.",
 )
 def image_metadata(
-    context: dg.AssetExecutionContext, mapillary_api: MapillaryApiResource, storage: DataStorageResource
+    context: dg.AssetExecutionContext,
+    mapillary_api: MapillaryApiResource,
+    storage: DataStorageResource,
 ) -> dg.MaterializeResult:
     layout = storage.layout
 
@@ -92,11 +99,16 @@ def image_metadata(
         outcome = {}
         async with mapillary_api.client() as client:
             for key in context.partition_keys:
-                rows_path, failures_path = layout.metadata_path(key), layout.metadata_failures_path(key)
+                rows_path, failures_path = (
+                    layout.metadata_path(key),
+                    layout.metadata_failures_path(key),
+                )
                 _remove_leftovers(context.log, key, [rows_path, failures_path])
                 rows, failures = _read_if_exists(rows_path), _read_if_exists(failures_path)
                 todo = ids_to_fetch(_chunk_ids(layout, key), rows, failures)
-                result = await fetch_metadata(client, todo, progress=progress_logger(context.log, key))
+                result = await fetch_metadata(
+                    client, todo, progress=progress_logger(context.log, key)
+                )
                 rows, failures = merge_with_existing(rows, failures, result)
                 write_parquet_atomic(rows, rows_path)
                 write_parquet_atomic(failures, failures_path)
@@ -107,14 +119,25 @@ def image_metadata(
     rows = pd.concat([r for r, *_ in outcome.values()])
     failures = pd.concat([f for _, f, *_ in outcome.values()])
     fetched, requests = sum(o[2] for o in outcome.values()), sum(o[3] for o in outcome.values())
-    context.log.info(f"metadata: {len(rows):,} images stored, {fetched:,} fetched with {requests:,} requests, "
-                     f"{len(failures):,} failed ({int(failures['transient'].sum()) if len(failures) else 0} transient)")
+    context.log.info(
+        f"metadata: {len(rows):,} images stored, {fetched:,} fetched with {requests:,} requests, "
+        f"{len(failures):,} failed ({int(failures['transient'].sum()) if len(failures) else 0} transient)"
+    )
     _fail_if_transient("ids", {k: int(o[1]["transient"].sum()) for k, o in outcome.items()})
-    counts = {key: {"images": len(r), "fetched_now": todo, "requests": n,
-                    "failed_permanent": int((~f["transient"]).sum()) if len(f) else 0}
-              for key, (r, f, todo, n) in outcome.items()}
+    counts = {
+        key: {
+            "images": len(r),
+            "fetched_now": todo,
+            "requests": n,
+            "failed_permanent": int((~f["transient"]).sum()) if len(f) else 0,
+        }
+        for key, (r, f, todo, n) in outcome.items()
+    }
     return dg.MaterializeResult(
-        metadata={**partition_counts_metadata(counts), "preview": dg.MetadataValue.md(preview_markdown(rows))}
+        metadata={
+            **partition_counts_metadata(counts),
+            "preview": dg.MetadataValue.md(preview_markdown(rows)),
+        }
     )
 
 
@@ -141,13 +164,27 @@ def thumbnail_downloads(
         async with mapillary_api.client() as client:
             for key in context.partition_keys:
                 failures = _read_if_exists(layout.metadata_failures_path(key))
-                unknown = set(failures.loc[~failures["transient"], "image_id"]) if failures is not None else set()
+                unknown = (
+                    set(failures.loc[~failures["transient"], "image_id"])
+                    if failures is not None
+                    else set()
+                )
                 chunk_ids = _chunk_ids(layout, key)
-                _remove_leftovers(context.log, key, [layout.downloads_path(key),
-                                                     *_thumbnail_paths(layout, chunk_ids, settings.thumbnail_size)])
+                _remove_leftovers(
+                    context.log,
+                    key,
+                    [
+                        layout.downloads_path(key),
+                        *_thumbnail_paths(layout, chunk_ids, settings.thumbnail_size),
+                    ],
+                )
                 ids = [i for i in chunk_ids if i not in unknown]
                 frame = await download_thumbnails(
-                    client, layout, ids, size=settings.thumbnail_size, concurrency=settings.download_concurrency,
+                    client,
+                    layout,
+                    ids,
+                    size=settings.thumbnail_size,
+                    concurrency=settings.download_concurrency,
                     progress=progress_logger(context.log, key, unit="images"),
                 )
                 write_parquet_atomic(frame, layout.downloads_path(key))
@@ -157,11 +194,21 @@ def thumbnail_downloads(
     outcome = run_async(download_all())
     frame = pd.concat(outcome.values())
     ok = int((frame["status"] == "ok").sum())
-    context.log.info(f"downloads: {ok:,}/{len(frame):,} thumbnails on disk, {len(frame) - ok:,} failed")
+    context.log.info(
+        f"downloads: {ok:,}/{len(frame):,} thumbnails on disk, {len(frame) - ok:,} failed"
+    )
     _fail_if_transient("downloads", {k: int(f["transient"].sum()) for k, f in outcome.items()})
-    counts = {key: {"thumbnails": int((f["status"] == "ok").sum()), "failed": int((f["status"] != "ok").sum()),
-                    "bytes": int(f["bytes"].sum())} for key, f in outcome.items()}
-    return dg.MaterializeResult(metadata={**partition_counts_metadata(counts), "size_px": settings.thumbnail_size})
+    counts = {
+        key: {
+            "thumbnails": int((f["status"] == "ok").sum()),
+            "failed": int((f["status"] != "ok").sum()),
+            "bytes": int(f["bytes"].sum()),
+        }
+        for key, f in outcome.items()
+    }
+    return dg.MaterializeResult(
+        metadata={**partition_counts_metadata(counts), "size_px": settings.thumbnail_size}
+    )
 
 
 @dg.asset(
@@ -185,7 +232,10 @@ def blur_scores(
         downloads = read_parquet(layout.downloads_path(key))
         ok = [layout.root / path for path in downloads.loc[downloads["status"] == "ok", "path"]]
         scores = score_images(
-            ok, backend=settings.blur_backend, threshold=settings.blur_threshold, analysis_size=box,
+            ok,
+            backend=settings.blur_backend,
+            threshold=settings.blur_threshold,
+            analysis_size=box,
             progress=progress_logger(context.log, key, unit="images"),
         )
         write_parquet_atomic(scores, layout.blur_path(key))
@@ -193,16 +243,30 @@ def blur_scores(
         paths.extend(ok)  # scores come one row per path, in input order
     scores = pd.concat(frames.values())
     blurry = int(scores["is_blurry"].sum())
-    context.log.info(f"blur: {len(scores):,} images scored, {blurry:,} blurry (threshold {settings.blur_threshold})")
+    context.log.info(
+        f"blur: {len(scores):,} images scored, {blurry:,} blurry (threshold {settings.blur_threshold})"
+    )
     return dg.MaterializeResult(
         metadata={
-            **partition_counts_metadata({key: {"scored": len(f), "blurry": int(f["is_blurry"].sum())}
-                                         for key, f in frames.items()}),
+            **partition_counts_metadata(
+                {
+                    key: {"scored": len(f), "blurry": int(f["is_blurry"].sum())}
+                    for key, f in frames.items()
+                }
+            ),
             "backend": str(scores["backend"].iloc[0]) if len(scores) else settings.blur_backend,
             "analysis_size": f"{box[0]}x{box[1]}",  # the threshold applies at this size
-            "histogram": dg.MetadataValue.md(png_markdown(
-                blur_histogram_png(scores["blur_value"], settings.blur_threshold), "blur_value histogram")),
-            "contact_sheet": dg.MetadataValue.md(png_markdown(
-                contact_sheet_png(paths, scores["blur_value"], settings.blur_threshold), "blurriest and sharpest")),
+            "histogram": dg.MetadataValue.md(
+                png_markdown(
+                    blur_histogram_png(scores["blur_value"], settings.blur_threshold),
+                    "blur_value histogram",
+                )
+            ),
+            "contact_sheet": dg.MetadataValue.md(
+                png_markdown(
+                    contact_sheet_png(paths, scores["blur_value"], settings.blur_threshold),
+                    "blurriest and sharpest",
+                )
+            ),
         }
     )

@@ -1,14 +1,22 @@
 """Discovery: which images exist in each tile partition, and their stable assignment to id chunks."""
 
-
 import dagster as dg
 import mercantile
 import pandas as pd
 import pyarrow.parquet as pq
 
 from mapillary_assets.defs.partitions import CHUNK_PARTITIONS_NAME, tile_partitions
-from mapillary_assets.defs.resources import DataStorageResource, MapillaryApiResource, PipelineSettings
-from mapillary_assets.defs.runtime import API_POOL, partition_counts_metadata, preview_markdown, run_async
+from mapillary_assets.defs.resources import (
+    DataStorageResource,
+    MapillaryApiResource,
+    PipelineSettings,
+)
+from mapillary_assets.defs.runtime import (
+    API_POOL,
+    partition_counts_metadata,
+    preview_markdown,
+    run_async,
+)
 from mapillary_assets.defs.settings import current_aoi
 from mapillary_assets.pipeline.aoi import no_images_warning, parse_tile_key
 from mapillary_assets.pipeline.charts import png_markdown, tile_map_png
@@ -35,7 +43,9 @@ _INVALID_IDS_SHOWN = 3
 SEQUENCE_ROUTE_KEY = "sequences"
 
 
-async def _discover(api: MapillaryApiResource, layout: DataLayout, settings: PipelineSettings, keys, log):
+async def _discover(
+    api: MapillaryApiResource, layout: DataLayout, settings: PipelineSettings, keys, log
+):
     aoi = current_aoi()
     results = {}
     async with api.client() as client:
@@ -43,30 +53,51 @@ async def _discover(api: MapillaryApiResource, layout: DataLayout, settings: Pip
             tile = parse_tile_key(key)
             removed = remove_leftovers_of(_partition_files(layout, settings.tileset, tile, key))
             if removed:
-                log.info(f"{key}: removed {removed} temporary file(s) left by an interrupted attempt")
+                log.info(
+                    f"{key}: removed {removed} temporary file(s) left by an interrupted attempt"
+                )
             if settings.discovery_route == "bbox_search":
-                frame, stats = await discover_by_bbox_search(client, aoi, bbox=tuple(mercantile.bounds(tile)))
+                frame, stats = await discover_by_bbox_search(
+                    client, aoi, bbox=tuple(mercantile.bounds(tile))
+                )
             else:
                 frame, stats = await discover_partition(
-                    client, aoi, tile, layout, tileset=settings.tileset,
+                    client,
+                    aoi,
+                    tile,
+                    layout,
+                    tileset=settings.tileset,
                     cache_max_age_s=settings.tile_cache_max_age_hours * 3600,
                 )
             write_parquet_atomic(frame, layout.discovery_path(key))
-            log.info(f"{key}: {len(frame):,} images in the area from {stats.nonempty_z14_tiles} non-empty z14 "
-                     f"tiles, {stats.requests} requests, {stats.cache_hits} cached tiles")
+            log.info(
+                f"{key}: {len(frame):,} images in the area from {stats.nonempty_z14_tiles} non-empty z14 "
+                f"tiles, {stats.requests} requests, {stats.cache_hits} cached tiles"
+            )
             results[key] = (frame, stats)
     return results
 
 
-def _tile_map_png(context: dg.AssetExecutionContext, layout: DataLayout, run_counts: dict[str, int]) -> bytes:
+def _tile_map_png(
+    context: dg.AssetExecutionContext, layout: DataLayout, run_counts: dict[str, int]
+) -> bytes:
     """Every partition tile of the AOI: this run's counts, earlier runs' from their files (row counts from
     the Parquet footer), None where no file exists; partitions whose last attempt failed are marked."""
     keys = tile_partitions.get_partition_keys()
-    statuses = context.instance.get_status_by_partition(context.asset_key, keys, tile_partitions) or {}
-    failed = [k for k, status in statuses.items() if status == dg.AssetPartitionStatus.FAILED and k not in run_counts]
+    statuses = (
+        context.instance.get_status_by_partition(context.asset_key, keys, tile_partitions) or {}
+    )
+    failed = [
+        k
+        for k, status in statuses.items()
+        if status == dg.AssetPartitionStatus.FAILED and k not in run_counts
+    ]
     counts = {
-        key: run_counts[key] if key in run_counts
-        else pq.read_metadata(path).num_rows if (path := layout.discovery_path(key)).exists() else None
+        key: run_counts[key]
+        if key in run_counts
+        else pq.read_metadata(path).num_rows
+        if (path := layout.discovery_path(key)).exists()
+        else None
         for key in keys
     }
     return tile_map_png(current_aoi().geometry, counts, failed, list(run_counts))
@@ -98,21 +129,37 @@ def discovered_images(
     storage: DataStorageResource,
     settings: PipelineSettings,
 ) -> dg.MaterializeResult:
-    results = run_async(_discover(mapillary_api, storage.layout, settings, context.partition_keys, context.log))
+    results = run_async(
+        _discover(mapillary_api, storage.layout, settings, context.partition_keys, context.log)
+    )
     frames = [frame for frame, _ in results.values()]
     total = sum(len(frame) for frame in frames)
     requests = sum(stats.requests for _, stats in results.values())
-    context.log.info(f"discovered {total:,} images in {len(results)} partition(s) with {requests:,} tile requests")
-    counts = {key: {"images": len(frame), "tile_requests": stats.requests} for key, (frame, stats) in results.items()}
+    context.log.info(
+        f"discovered {total:,} images in {len(results)} partition(s) with {requests:,} tile requests"
+    )
+    counts = {
+        key: {"images": len(frame), "tile_requests": stats.requests}
+        for key, (frame, stats) in results.items()
+    }
     return dg.MaterializeResult(
         metadata={
             **partition_counts_metadata(counts),
             "tileset": settings.tileset,
             "route": settings.discovery_route,
-            "preview": dg.MetadataValue.md(preview_markdown(pd.concat(frames) if frames else pd.DataFrame())),
-            "tile_map": dg.MetadataValue.md(png_markdown(
-                _tile_map_png(context, storage.layout, {key: len(frame) for key, (frame, _) in results.items()}),
-                "partition tiles by image count")),
+            "preview": dg.MetadataValue.md(
+                preview_markdown(pd.concat(frames) if frames else pd.DataFrame())
+            ),
+            "tile_map": dg.MetadataValue.md(
+                png_markdown(
+                    _tile_map_png(
+                        context,
+                        storage.layout,
+                        {key: len(frame) for key, (frame, _) in results.items()},
+                    ),
+                    "partition tiles by image count",
+                )
+            ),
         }
     )
 
@@ -143,20 +190,31 @@ def sequence_images(
     async def discover():
         async with mapillary_api.client() as client:
             existing = read_parquet(path) if path.exists() else None
-            return await discover_by_sequences(client, current_aoi(), sequence_ids, existing, settings.tileset)
+            return await discover_by_sequences(
+                client, current_aoi(), sequence_ids, existing, settings.tileset
+            )
 
     frame, failures, stats = run_async(discover())
     write_parquet_atomic(frame, path)
     write_parquet_atomic(failures, failures_path)
     transient = int(failures["transient"].sum())
-    context.log.info(f"sequence route: {len(frame):,} images in the area from {len(sequence_ids)} sequence(s), "
-                     f"{stats.requests} requests, {len(failures):,} failed ({transient} transient)")
+    context.log.info(
+        f"sequence route: {len(frame):,} images in the area from {len(sequence_ids)} sequence(s), "
+        f"{stats.requests} requests, {len(failures):,} failed ({transient} transient)"
+    )
     if transient:
-        raise dg.Failure(f"{transient} image lookups of the sequence route failed transiently; the rest is stored. "
-                         "Re-materialise sequence_images to retry only those.")
+        raise dg.Failure(
+            f"{transient} image lookups of the sequence route failed transiently; the rest is stored. "
+            "Re-materialise sequence_images to retry only those."
+        )
     return dg.MaterializeResult(
-        metadata={"sequences": len(sequence_ids), "images": len(frame), "requests": stats.requests,
-                  "failed_permanent": len(failures), "preview": dg.MetadataValue.md(preview_markdown(frame))}
+        metadata={
+            "sequences": len(sequence_ids),
+            "images": len(frame),
+            "requests": stats.requests,
+            "failed_permanent": len(failures),
+            "preview": dg.MetadataValue.md(preview_markdown(frame)),
+        }
     )
 
 
@@ -195,7 +253,7 @@ def image_chunks(
     discovered = read_discovered_ids(layout, [*tile_keys, SEQUENCE_ROUTE_KEY])
     warning = None
     if not discovered and all(layout.discovery_path(key).exists() for key in tile_keys):
-        warning = no_images_warning(current_aoi(), settings.tileset)   # the whole area was searched
+        warning = no_images_warning(current_aoi(), settings.tileset)  # the whole area was searched
         context.log.warning(warning)
     if settings.sample_limit:
         discovered = sorted(set(discovered), key=int)[: settings.sample_limit]
@@ -208,8 +266,14 @@ def image_chunks(
     new_keys = [key for key in chunk_keys(assignment) if key not in registered]
     if new_keys:
         context.instance.add_dynamic_partitions(CHUNK_PARTITIONS_NAME, new_keys)
-    context.log.info(f"{len(assignment):,} ids in {len(chunk_keys(assignment))} chunks; {len(new_keys)} new chunk(s)")
+    context.log.info(
+        f"{len(assignment):,} ids in {len(chunk_keys(assignment))} chunks; {len(new_keys)} new chunk(s)"
+    )
     return dg.MaterializeResult(
-        metadata={"ids": len(assignment), "chunks": len(chunk_keys(assignment)), "new_chunks": len(new_keys),
-                  **({"warning": warning} if warning else {})}
+        metadata={
+            "ids": len(assignment),
+            "chunks": len(chunk_keys(assignment)),
+            "new_chunks": len(new_keys),
+            **({"warning": warning} if warning else {}),
+        }
     )

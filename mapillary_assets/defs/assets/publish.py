@@ -1,6 +1,5 @@
 """Filters, DuckDB-spatial staging and the final GeoPackage (single writer: the `duckdb_writer` pool)."""
 
-
 import json
 
 import dagster as dg
@@ -31,15 +30,27 @@ def filter_areas(
     remove_leftovers_of([target])  # of an interrupted earlier run
     if not settings.filter_areas_path:
         target.unlink(missing_ok=True)  # no file: staging tags every image as outside
-        context.log.info("filter areas: none configured (MAPILLARY_FILTER_AREAS); every image counts as outside")
+        context.log.info(
+            "filter areas: none configured (MAPILLARY_FILTER_AREAS); every image counts as outside"
+        )
         return dg.MaterializeResult(metadata={"source": "(none)", "polygons": 0})
     geometry = load_filter_polygons(settings.filter_areas_path)
-    feature = {"type": "Feature", "properties": {}, "geometry": json.loads(shapely.to_geojson(geometry))}
-    atomic_write_bytes(target, json.dumps({"type": "FeatureCollection", "features": [feature]}).encode())
+    feature = {
+        "type": "Feature",
+        "properties": {},
+        "geometry": json.loads(shapely.to_geojson(geometry)),
+    }
+    atomic_write_bytes(
+        target, json.dumps({"type": "FeatureCollection", "features": [feature]}).encode()
+    )
     polygons = len(getattr(geometry, "geoms", [geometry]))
     context.log.info(f"filter areas: {polygons:,} polygon(s) from {settings.filter_areas_path}")
     return dg.MaterializeResult(
-        metadata={"source": settings.filter_areas_path, "polygons": polygons, "area_deg2": float(geometry.area)}
+        metadata={
+            "source": settings.filter_areas_path,
+            "polygons": polygons,
+            "area_deg2": float(geometry.area),
+        }
     )
 
 
@@ -55,19 +66,31 @@ def staging_tables(
     context: dg.AssetExecutionContext, storage: DataStorageResource, settings: PipelineSettings
 ) -> dg.MaterializeResult:
     layout = storage.layout
-    sweep_temporary_files(layout.staging_db_path.parent)  # leftovers of a killed load; this pool has one slot
-    polygons = load_filter_polygons(layout.filter_areas_path) if layout.filter_areas_path.exists() else None
+    sweep_temporary_files(
+        layout.staging_db_path.parent
+    )  # leftovers of a killed load; this pool has one slot
+    polygons = (
+        load_filter_polygons(layout.filter_areas_path)
+        if layout.filter_areas_path.exists()
+        else None
+    )
     counts = load_staging(
-        layout, filter_polygons=polygons,
-        inside_spacing_m=settings.inside_spacing_m, outside_spacing_m=settings.outside_spacing_m,
+        layout,
+        filter_polygons=polygons,
+        inside_spacing_m=settings.inside_spacing_m,
+        outside_spacing_m=settings.outside_spacing_m,
     )
     context.log.info("staging: " + ", ".join(f"{table} {rows:,}" for table, rows in counts.items()))
     with connect_staging(layout.staging_db_path, read_only=True) as con:
-        preview = con.execute("SELECT * EXCLUDE (geom) FROM images LIMIT 10").to_arrow_table().to_pandas()
+        preview = (
+            con.execute("SELECT * EXCLUDE (geom) FROM images LIMIT 10").to_arrow_table().to_pandas()
+        )
     return dg.MaterializeResult(
-        metadata={**{f"rows_{table}": rows for table, rows in counts.items()},
-                  "database": dg.MetadataValue.path(str(layout.staging_db_path)),
-                  "preview": dg.MetadataValue.md(preview_markdown(preview))}
+        metadata={
+            **{f"rows_{table}": rows for table, rows in counts.items()},
+            "database": dg.MetadataValue.path(str(layout.staging_db_path)),
+            "preview": dg.MetadataValue.md(preview_markdown(preview)),
+        }
     )
 
 
@@ -83,16 +106,22 @@ def mapillary_geopackage(
     context: dg.AssetExecutionContext, storage: DataStorageResource, settings: PipelineSettings
 ) -> dg.MaterializeResult:
     layout = storage.layout
-    remove_leftovers_of([layout.geopackage_path])  # of an interrupted earlier write (this pool has one slot)
+    remove_leftovers_of(
+        [layout.geopackage_path]
+    )  # of an interrupted earlier write (this pool has one slot)
     with connect_staging(layout.staging_db_path, read_only=True) as con:
         counts = write_geopackage(con, layout.geopackage_path, version=settings.gpkg_version)
         aoi = current_aoi().geometry
         picture = published_map_png(aoi, published_overview(con, aoi.bounds))
-    context.log.info(f"GeoPackage written to {layout.geopackage_path}: " +
-                     ", ".join(f"{layer} {rows:,}" for layer, rows in counts.items()))
+    context.log.info(
+        f"GeoPackage written to {layout.geopackage_path}: "
+        + ", ".join(f"{layer} {rows:,}" for layer, rows in counts.items())
+    )
     return dg.MaterializeResult(
-        metadata={**{f"features_{layer}": rows for layer, rows in counts.items()},
-                  "path": dg.MetadataValue.path(str(layout.geopackage_path)),
-                  "gpkg_version": settings.gpkg_version,
-                  "map": dg.MetadataValue.md(png_markdown(picture, "published images and sequences"))}
+        metadata={
+            **{f"features_{layer}": rows for layer, rows in counts.items()},
+            "path": dg.MetadataValue.path(str(layout.geopackage_path)),
+            "gpkg_version": settings.gpkg_version,
+            "map": dg.MetadataValue.md(png_markdown(picture, "published images and sequences")),
+        }
     )
