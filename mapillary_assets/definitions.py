@@ -13,11 +13,11 @@ from mapillary_assets.defs.assets.publish import filter_areas, mapillary_geopack
 from mapillary_assets.defs.automation import new_images_sensor, refresh_schedule
 from mapillary_assets.defs.checks import asset_checks
 from mapillary_assets.defs.jobs import (
+    assign_chunks_job,
     blur_job,
-    chunk_job,
-    chunking_job,
     discovery_job,
     fetch_job,
+    process_chunks_job,
     publish_job,
 )
 from mapillary_assets.defs.resources import (
@@ -56,7 +56,14 @@ def build_definitions(resources: dict | None = None) -> dg.Definitions:
     return dg.Definitions(
         assets=ASSETS,
         asset_checks=asset_checks,
-        jobs=[discovery_job, chunking_job, chunk_job, fetch_job, blur_job, publish_job],
+        jobs=[
+            discovery_job,
+            assign_chunks_job,
+            process_chunks_job,
+            fetch_job,
+            blur_job,
+            publish_job,
+        ],
         schedules=[refresh_schedule],
         sensors=[new_images_sensor],
         resources=resources if resources is not None else resources_from_env(),

@@ -5,7 +5,7 @@ it at any point, or start several at once that compete for the shared rate-limit
 
     MAPILLARY_ACCESS_TOKEN=... python -m mapillary_assets_tests.run_partition \\
         --home DAGSTER_HOME --data-dir DATA --graph-url URL --tiles-url URL \\
-        --job chunk_job --partition chunk-000000 [--entity-per-minute 20] [--setting chunk_size=200]
+        --job process_chunks_job --partition chunk-000000 [--entity-per-minute 20] [--setting chunk_size=200]
 
 The token is read from MAPILLARY_ACCESS_TOKEN only, never from the command line (every local user can
 read a process's arguments). Exit status: 0 the run succeeded, 1 it failed (its events are in the
@@ -112,7 +112,7 @@ def run_discovery_and_chunking(defs, instance) -> list[str]:
 
     for job, keys in (
         ("discovery_job", tile_partitions.get_partition_keys()),
-        ("chunking_job", ()),
+        ("assign_chunks_job", ()),
     ):
         result = execute(defs, instance, job, keys)
         assert result.success, f"{job} failed: {failure_messages(instance, result.run_id)}"
@@ -157,7 +157,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--data-dir", type=Path, required=True)
     parser.add_argument("--graph-url", required=True)
     parser.add_argument("--tiles-url", required=True)
-    parser.add_argument("--job", default="chunk_job")
+    parser.add_argument("--job", default="process_chunks_job")
     parser.add_argument(
         "--partition", action="append", default=[], help="partition key (repeatable, a range)"
     )
@@ -223,7 +223,7 @@ class PartitionProcess:
         token: str,
         partitions: Sequence[str],
         log_path: Path,
-        job: str = "chunk_job",
+        job: str = "process_chunks_job",
         entity_per_minute: int | None = None,
         settings: dict | None = None,
     ) -> PartitionProcess:

@@ -159,14 +159,14 @@ def test_weekly_refresh_carries_new_images_to_the_geopackage_through_new_chunks_
 
         # The sensor, tick by tick: re-chunk, then the new chunks only, then publish, then nothing.
         chunking = evaluate_sensor(run).run_requests
-        assert [r.job_name for r in chunking] == ["chunking_job"]
+        assert [r.job_name for r in chunking] == ["assign_chunks_job"]
         execute(run, chunking[0])
         chunks = list(run.instance.get_dynamic_partitions(CHUNK_PARTITIONS_NAME))
         added = chunks[len(old_chunks) :]
         assert chunks[: len(old_chunks)] == old_chunks and added
 
         chunk_runs = evaluate_sensor(run).run_requests
-        assert {r.job_name for r in chunk_runs} == {"chunk_job"}
+        assert {r.job_name for r in chunk_runs} == {"process_chunks_job"}
         assert [key for r in chunk_runs for key in range_keys(r, chunks)] == added, (
             "new chunks only"
         )

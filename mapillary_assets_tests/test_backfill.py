@@ -284,7 +284,7 @@ def discover_and_chunk(deployment: Deployment) -> list[str]:
                     "dagster/asset_partition_range_end": tiles[-1],
                 },
             ),
-            ("chunking_job", {}),
+            ("assign_chunks_job", {}),
         ):
             assert (
                 defs.resolve_job_def(job).execute_in_process(instance=instance, tags=tags).success

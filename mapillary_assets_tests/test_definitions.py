@@ -37,8 +37,8 @@ def test_definitions_load_with_expected_graph():
     assert upstream["mapillary_geopackage"] == {"staging_tables"}
     assert {job.name for job in repository.get_all_jobs()} >= {
         "discovery_job",
-        "chunking_job",
-        "chunk_job",
+        "assign_chunks_job",
+        "process_chunks_job",
         "publish_job",
     }
     assert repository.has_schedule_def("refresh_schedule")

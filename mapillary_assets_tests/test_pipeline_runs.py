@@ -8,7 +8,7 @@ import pytest
 from mapillary_assets.cli import PipelineFailed, configure_pools, run_pipeline
 from mapillary_assets.defs.partitions import CHUNK_PARTITIONS_NAME
 from mapillary_assets.defs.pipeline_runs import LocalRunner
-from mapillary_assets.defs.runtime import GPU_POOL
+from mapillary_assets.defs.pools import GPU_POOL
 from mapillary_assets.emulator import Faults
 from mapillary_assets_tests.harness import pipeline_run
 
@@ -22,7 +22,7 @@ STEP_EVENTS = {
 class RecordingRunner:
     """Answers every run as `outcome(job_name, tags)` says, without executing anything."""
 
-    chunk_jobs = ("chunk_job",)
+    chunk_jobs = ("process_chunks_job",)
 
     def __init__(self, outcome):
         self.outcome = outcome
@@ -51,8 +51,8 @@ def test_each_chunk_is_one_run_and_publish_comes_last(instance):
     summary = run_pipeline(instance, defs=object(), log=lambda *_: None, runner=runner)
     assert [job for job, _ in runner.calls] == [
         "discovery_job",
-        "chunking_job",
-        "chunk_job",
+        "assign_chunks_job",
+        "process_chunks_job",
         "publish_job",
     ]
     discovery_tags = runner.calls[0][1]
@@ -65,10 +65,14 @@ def test_failed_chunks_fail_the_pipeline_naming_them_and_nothing_is_published(in
     runner = RecordingRunner(lambda job, tags: tags.get("dagster/partition") != "chunk-000001")
     with pytest.raises(
         PipelineFailed,
-        match=r"chunk_job failed for 1 of 3 run\(s\): chunk-000001 \(run chunk_job-1\)",
+        match=r"process_chunks_job failed for 1 of 3 run\(s\): chunk-000001 \(run process_chunks_job-1\)",
     ):
         run_pipeline(instance, defs=object(), log=lambda *_: None, runner=runner)
-    assert [job for job, _ in runner.calls] == ["discovery_job", "chunking_job", "chunk_job"]
+    assert [job for job, _ in runner.calls] == [
+        "discovery_job",
+        "assign_chunks_job",
+        "process_chunks_job",
+    ]
 
 
 def _step_times(instance: dg.DagsterInstance, run_id: str) -> dict[str, tuple[float, float]]:
@@ -97,7 +101,7 @@ def test_blur_of_one_chunk_runs_while_another_chunk_downloads(tmp_path):
             log=lambda *_: None,
             runner=LocalRunner(run.instance, run.defs, 3),
         )
-        chunk_runs = run.instance.get_runs(filters=dg.RunsFilter(job_name="chunk_job"))
+        chunk_runs = run.instance.get_runs(filters=dg.RunsFilter(job_name="process_chunks_job"))
         assert (
             len(chunk_runs) == len(run.instance.get_dynamic_partitions(CHUNK_PARTITIONS_NAME)) >= 4
         )

@@ -2,7 +2,7 @@
 metadata, downloads and blur scoring; re-runs finish the work, and the final GeoPackage equals a
 fault-free run's: same ids, each once, same values; no temporary file is left and every JPEG is whole.
 
-Each attempt runs `chunk_job` for one chunk in its own process (`run_partition`) against the emulator
+Each attempt runs `process_chunks_job` for one chunk in its own process (`run_partition`) against the emulator
 in this process, which adds latency so that kills land while requests are in flight."""
 
 from __future__ import annotations

@@ -131,7 +131,7 @@ def test_optional_fields_left_out_become_nulls(tmp_path, reference):
 def test_truncated_jpegs_fail_the_partition_then_a_rerun_completes(tmp_path, reference):
     rate = 0.05
     with emulated_run(tmp_path, faults=Faults(truncated_jpeg_rate=rate)) as run:
-        with pytest.raises(PipelineFailed, match="chunk_job"):
+        with pytest.raises(PipelineFailed, match="process_chunks_job"):
             run.run_pipeline()
         assignment = read_parquet(run.layout.chunk_assignment_path)
         damaged = {i for i in assignment["image_id"] if jpeg_fault(i, 0.0, rate) == "truncated"}

@@ -321,7 +321,7 @@ def test_a_corrupt_stage_file_is_named_and_nothing_published_is_replaced(materia
         before = fingerprints(data_dir)
 
         publish = run.execute("publish_job")
-        chunk = run.execute("chunk_job", ["chunk-000001"])
+        chunk = run.execute("process_chunks_job", ["chunk-000001"])
         assert not publish.success and not chunk.success
         for result in (publish, chunk):
             message = errors_of(run, result)
@@ -362,7 +362,7 @@ def test_non_jpeg_thumbnails_on_disk_or_served_never_become_thumbnails(materiali
             if name.startswith(("staging", "output"))
         }
 
-        with pytest.raises(PipelineFailed, match="chunk_job"):
+        with pytest.raises(PipelineFailed, match="process_chunks_job"):
             run.run_pipeline()
         downloads = pd.concat(
             read_parquet(layout.downloads_path(c)) for c in sorted(assignment["chunk"].unique())
@@ -414,7 +414,7 @@ def test_a_non_digit_id_in_a_stage_file_is_refused_before_any_path(materialised)
         )
         write_parquet_atomic(tampered, run.layout.discovery_path(key))
         before = fingerprints(data_dir)
-        result = run.execute("chunking_job")
+        result = run.execute("assign_chunks_job")
     assert not result.success
     message = errors_of(run, result)
     assert "invalid image id" in message and repr(NASTY_ID) in message, message
@@ -505,7 +505,7 @@ def test_a_rejected_token_stops_the_run_and_keeps_what_was_stored(materialised):
         run.layout.thumbnail_path(missing, 1024).unlink()
         before = fingerprints(data_dir)
         discovery = run.execute("discovery_job", tile_partitions.get_partition_keys())
-        chunk = run.execute("chunk_job", ["chunk-000002"])
+        chunk = run.execute("process_chunks_job", ["chunk-000002"])
         rejected = run.server.stats()["auth_failed"]
     for result in (discovery, chunk):
         assert not result.success

@@ -10,7 +10,7 @@ import dagster as dg
 import pytest
 from dagster_shared.serdes import serialize_value
 
-from mapillary_assets.defs.partitions import tile_partitions
+from mapillary_assets.defs.partitions import CHUNK_PARTITIONS_NAME, tile_partitions
 from mapillary_assets.storage import read_parquet
 from mapillary_assets_tests.harness import TEST_TOKEN
 from mapillary_assets_tests.run_partition import emulated_run, failure_messages
@@ -153,12 +153,16 @@ def test_a_rejected_token_fails_with_the_fix_in_the_message_and_is_never_shown(
         assert_fails_with_the_fix(run, "discovery_job", tiles)  # tile requests (token in the URL)
 
         monkeypatch.setenv("MAPILLARY_ACCESS_TOKEN", TEST_TOKEN)
-        assert run.execute("discovery_job", tiles).success and run.execute("chunking_job").success
+        assert (
+            run.execute("discovery_job", tiles).success and run.execute("assign_chunks_job").success
+        )
         monkeypatch.setenv(
             "MAPILLARY_ACCESS_TOKEN", WRONG_TOKEN
         )  # e.g. the token was revoked since
         assert_fails_with_the_fix(
-            run, "chunk_job", sorted(run.instance.get_dynamic_partitions("image_chunks"))
+            run,
+            "process_chunks_job",
+            sorted(run.instance.get_dynamic_partitions(CHUNK_PARTITIONS_NAME)),
         )
 
         logged = everything_logged(run.instance)

@@ -286,7 +286,7 @@ class _Runs:
         state = self.timeline[min(self.polls, len(self.timeline) - 1)]
         self.polls += 1
         status, tags = state[run_id]
-        return SimpleNamespace(status=status, tags=tags, job_name="chunk_job")
+        return SimpleNamespace(status=status, tags=tags, job_name="process_chunks_job")
 
 
 def test_runner_follows_a_retry_that_is_still_being_created():

@@ -169,7 +169,7 @@ def test_the_scanner_finds_a_literal_token_in_dagster_storage(tmp_path):
     """A real positive control, and why the token must stay an EnvVar: configured as a literal string
     (as the tests' harness does), Dagster keeps it in the job snapshot, zlib-compressed in runs.db."""
     with emulated_run(tmp_path) as run:
-        assert run.execute("chunking_job").success
+        assert run.execute("assign_chunks_job").success
     assert any(
         entry.startswith("history/runs.db: table snapshots")
         for entry in files_holding_the_token(run.home)
@@ -265,8 +265,8 @@ def _failing_runs(instance, defs) -> list[str]:
     texts = []
     for job, keys in (
         ("discovery_job", tile_partitions.get_partition_keys()[:1]),
-        ("chunk_job", ("chunk-000000",)),
-        ("chunk_job", ("chunk-000001",)),
+        ("process_chunks_job", ("chunk-000000",)),
+        ("process_chunks_job", ("chunk-000001",)),
     ):
         result = execute(defs, instance, job, keys)
         assert not result.success, f"{job} {keys} was meant to fail"

@@ -27,9 +27,9 @@ def test_configured_sequences_alone_reach_the_geopackage(tmp_path):
             )
             assert result.success, job
 
-        execute("chunking_job")
+        execute("assign_chunks_job")
         for chunk in sorted(run.instance.get_dynamic_partitions(CHUNK_PARTITIONS_NAME)):
-            execute("chunk_job", chunk)
+            execute("process_chunks_job", chunk)
         execute("publish_job")
         assert set(run.images()["image_id"]) == truth and len(truth) > 20
         assert run.server.stats().get("tile", 0) == 0, "the sequence route fetches no tile"

@@ -19,7 +19,12 @@ from dagster._core.storage.tags import (
 )
 from dagster._utils.schedules import get_smallest_cron_interval
 
-from mapillary_assets.defs.jobs import chunk_job, chunking_job, discovery_job, publish_job
+from mapillary_assets.defs.jobs import (
+    assign_chunks_job,
+    discovery_job,
+    process_chunks_job,
+    publish_job,
+)
 from mapillary_assets.defs.partitions import CHUNK_PARTITIONS_NAME, tile_partitions
 from mapillary_assets.defs.resources import PipelineSettings
 
@@ -91,7 +96,7 @@ def _latest_storage_id(instance: dg.DagsterInstance, asset: str) -> int:
 
 
 @dg.sensor(
-    jobs=[chunking_job, chunk_job, publish_job],
+    jobs=[assign_chunks_job, process_chunks_job, publish_job],
     minimum_interval_seconds=30,
     default_status=dg.DefaultSensorStatus.RUNNING,
     description="New discoveries -> new chunks -> metadata, thumbnails, blur -> staging and GeoPackage.",
@@ -102,7 +107,7 @@ def new_images_sensor(context: dg.SensorEvaluationContext) -> dg.SensorResult | 
     if discovery_id > _latest_storage_id(instance, "image_chunks"):
         return dg.SensorResult(
             run_requests=[
-                dg.RunRequest(job_name=chunking_job.name, run_key=f"chunks:{discovery_id}")
+                dg.RunRequest(job_name=assign_chunks_job.name, run_key=f"chunks:{discovery_id}")
             ]
         )
 
@@ -112,7 +117,7 @@ def new_images_sensor(context: dg.SensorEvaluationContext) -> dg.SensorResult | 
     if incomplete:
         requests = ranged_requests(incomplete, CHUNKS_PER_RUN, "chunk", ordered_keys=list(chunks))
         return dg.SensorResult(
-            run_requests=[r.with_replaced_attrs(job_name=chunk_job.name) for r in requests]
+            run_requests=[r.with_replaced_attrs(job_name=process_chunks_job.name) for r in requests]
         )
 
     newest_input = max(discovery_id, _latest_storage_id(instance, "blur_scores"))

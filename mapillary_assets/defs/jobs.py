@@ -1,6 +1,6 @@
 """Jobs: one per partitioning, so each run covers partitions of a single kind.
 
-A chunk's three assets run as one `chunk_job` run on one machine (the launchpad, the sensor, the local
+A chunk's three assets run as one `process_chunks_job` run on one machine (the launchpad, the sensor, the local
 pipeline driver). On a cluster the driver splits that chain into `fetch_job` then `blur_job` per chunk,
 because blur belongs on the machines with GPUs: `blur_job` runs carry the Celery queue tag `gpu`, which
 dagster-celery's CeleryRunLauncher routes to the workers listening on that queue (publish likewise goes
@@ -23,20 +23,20 @@ discovery_job = dg.define_asset_job(
     selection=[discovered_images],
     description="Discover images in tile partitions.",
 )
-chunking_job = dg.define_asset_job(
-    "chunking_job",
+assign_chunks_job = dg.define_asset_job(
+    "assign_chunks_job",
     selection=[sequence_images, image_chunks],
     description="List the configured sequences' images, then assign newly discovered ids to new chunks.",
 )
-chunk_job = dg.define_asset_job(
-    "chunk_job",
+process_chunks_job = dg.define_asset_job(
+    "process_chunks_job",
     selection=[image_metadata, thumbnail_downloads, blur_scores],
     description="Metadata, thumbnails and blur scores of id chunks.",
 )
 fetch_job = dg.define_asset_job(
     "fetch_job",
     selection=[image_metadata, thumbnail_downloads],
-    description="Metadata and thumbnails of id chunks (a cluster's first half of chunk_job).",
+    description="Metadata and thumbnails of id chunks (a cluster's first half of process_chunks_job).",
 )
 blur_job = dg.define_asset_job(
     "blur_job",

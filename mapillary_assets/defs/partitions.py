@@ -12,7 +12,7 @@ import dagster as dg
 from mapillary_assets.defs.settings import current_aoi, partition_zoom
 from mapillary_assets.pipeline.aoi import partition_tiles, tile_key
 
-CHUNK_PARTITIONS_NAME = "image_chunks"
+CHUNK_PARTITIONS_NAME = "id_chunks"
 
 tile_partitions = dg.StaticPartitionsDefinition(
     [tile_key(tile) for tile in partition_tiles(current_aoi(), partition_zoom())]

@@ -6,7 +6,7 @@ most `max_concurrent` at a time. Per-chunk runs are what lets stages overlap: th
 (`mapillary_api` 4, `gpu` 1, `duckdb_writer` 1) admit one chunk's blur step while other chunks'
 runs download, whereas one ranged run executes every chunk's download before any blur starts.
 A run executor of another kind (Celery workers, `mapillary_assets.scaleout`) implements the same
-`run_many`, and says which job(s) a chunk runs: here one `chunk_job` run (one process start per chunk;
+`run_many`, and says which job(s) a chunk runs: here one `process_chunks_job` run (one process start per chunk;
 the pools already overlap the chunks), on a cluster `fetch_job` then `blur_job`, so that blur runs on
 the `gpu` queue's machines.
 """
@@ -70,7 +70,7 @@ class LocalRunner:
     code location to load; a process per run, so downloads and blur use both cores despite the GIL, a
     run's memory is returned when it ends, and a killed run is a dead pid `release_dead_runs` finds."""
 
-    chunk_jobs = ("chunk_job",)
+    chunk_jobs = ("process_chunks_job",)
 
     def __init__(
         self,
@@ -232,8 +232,8 @@ def run_pipeline(
         f"-> discovery_job: {len(tiles)} partition(s) {tiles[0]} .. {tiles[-1]} in {len(tile_runs)} run(s)"
     )
     execute("discovery_job", [partition_tags(keys) for keys in tile_runs])
-    log("-> chunking_job")
-    execute("chunking_job", [{}])
+    log("-> assign_chunks_job")
+    execute("assign_chunks_job", [{}])
     chunks = sorted(instance.get_dynamic_partitions(CHUNK_PARTITIONS_NAME))
     if chunks:
         chunk_runs = batched(chunks, chunks_per_run)

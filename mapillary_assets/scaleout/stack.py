@@ -23,7 +23,7 @@ from pathlib import Path
 
 from mapillary_assets.cli import DEMO_TOKEN
 from mapillary_assets.defs.jobs import GPU_QUEUE, PUBLISH_QUEUE
-from mapillary_assets.defs.runtime import GPU_POOL
+from mapillary_assets.defs.pools import GPU_POOL
 from mapillary_assets.process_tree import process_alive
 
 REPO_ROOT = Path(__file__).resolve().parents[2]

@@ -6,23 +6,23 @@ does only what is missing, and rewrites its file atomically. Transient failures 
 then fail the partition so "backfill failed partitions" retries exactly those.
 """
 
+import asyncio
+
 import dagster as dg
 import pandas as pd
 
 from mapillary_assets.defs.assets.discovery import image_chunks
 from mapillary_assets.defs.partitions import chunk_partitions
+from mapillary_assets.defs.pools import API_POOL, GPU_POOL
+from mapillary_assets.defs.reporting import (
+    partition_counts_metadata,
+    preview_markdown,
+    progress_logger,
+)
 from mapillary_assets.defs.resources import (
     DataStorageResource,
     MapillaryApiResource,
     PipelineSettings,
-)
-from mapillary_assets.defs.runtime import (
-    API_POOL,
-    GPU_POOL,
-    partition_counts_metadata,
-    preview_markdown,
-    progress_logger,
-    run_async,
 )
 from mapillary_assets.pipeline.blur import analysis_box, score_images
 from mapillary_assets.pipeline.charts import blur_histogram_png, contact_sheet_png, png_markdown
@@ -115,7 +115,7 @@ def image_metadata(
                 outcome[key] = (rows, failures, len(todo), result.requests)
         return outcome
 
-    outcome = run_async(fetch_all())
+    outcome = asyncio.run(fetch_all())
     rows = pd.concat([r for r, *_ in outcome.values()])
     failures = pd.concat([f for _, f, *_ in outcome.values()])
     fetched, requests = sum(o[2] for o in outcome.values()), sum(o[3] for o in outcome.values())
@@ -191,7 +191,7 @@ def thumbnail_downloads(
                 outcome[key] = frame
         return outcome
 
-    outcome = run_async(download_all())
+    outcome = asyncio.run(download_all())
     frame = pd.concat(outcome.values())
     ok = int((frame["status"] == "ok").sum())
     context.log.info(

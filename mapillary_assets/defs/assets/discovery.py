@@ -1,21 +1,19 @@
 """Discovery: which images exist in each tile partition, and their stable assignment to id chunks."""
 
+import asyncio
+
 import dagster as dg
 import mercantile
 import pandas as pd
 import pyarrow.parquet as pq
 
 from mapillary_assets.defs.partitions import CHUNK_PARTITIONS_NAME, tile_partitions
+from mapillary_assets.defs.pools import API_POOL
+from mapillary_assets.defs.reporting import partition_counts_metadata, preview_markdown
 from mapillary_assets.defs.resources import (
     DataStorageResource,
     MapillaryApiResource,
     PipelineSettings,
-)
-from mapillary_assets.defs.runtime import (
-    API_POOL,
-    partition_counts_metadata,
-    preview_markdown,
-    run_async,
 )
 from mapillary_assets.defs.settings import current_aoi
 from mapillary_assets.pipeline.aoi import no_images_warning, parse_tile_key
@@ -129,7 +127,7 @@ def discovered_images(
     storage: DataStorageResource,
     settings: PipelineSettings,
 ) -> dg.MaterializeResult:
-    results = run_async(
+    results = asyncio.run(
         _discover(mapillary_api, storage.layout, settings, context.partition_keys, context.log)
     )
     frames = [frame for frame, _ in results.values()]
@@ -194,7 +192,7 @@ def sequence_images(
                 client, current_aoi(), sequence_ids, existing, settings.tileset
             )
 
-    frame, failures, stats = run_async(discover())
+    frame, failures, stats = asyncio.run(discover())
     write_parquet_atomic(frame, path)
     write_parquet_atomic(failures, failures_path)
     transient = int(failures["transient"].sum())

@@ -1,25 +1,14 @@
-"""Glue every asset uses: run a coroutine, log progress a person can read, summarise a frame."""
+"""What assets report: progress log lines a person can read, and materialisation metadata."""
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import time
-from collections.abc import Callable, Coroutine
-from typing import Any, TypeVar
+from collections.abc import Callable
+from typing import Any
 
 import dagster as dg
 import pandas as pd
-
-T = TypeVar("T")
-
-API_POOL = "mapillary_api"  # runs that call the API (the shared token bucket paces them)
-DUCKDB_POOL = "duckdb_writer"  # DuckDB allows one writer process per file
-GPU_POOL = "gpu"  # one blur run owns the GPU at a time
-
-
-def run_async(coroutine: Coroutine[Any, Any, T]) -> T:
-    return asyncio.run(coroutine)
 
 
 def progress_logger(
