@@ -111,7 +111,7 @@ def run_discovery_and_chunking(defs, instance) -> list[str]:
     from mapillary_assets.defs.partitions import tile_partitions
 
     for job, keys in (
-        ("discovery_job", tile_partitions.get_partition_keys()),
+        ("discovery_job", tile_partitions().get_partition_keys()),
         ("assign_chunks_job", ()),
     ):
         result = execute(defs, instance, job, keys)

@@ -74,7 +74,7 @@ def test_refresh_schedule_requests_ranged_discovery_runs_over_every_tile():
         scheduled_execution_time=TICK, resources={"settings": settings}
     )
     data = refresh_schedule.evaluate_tick(context)
-    keys = tile_partitions.get_partition_keys()
+    keys = tile_partitions().get_partition_keys()
     assert data.run_requests and data.skip_message is None
     covered = [key for request in data.run_requests for key in range_keys(request, keys)]
     assert covered == keys, "every tile partition exactly once, in order"

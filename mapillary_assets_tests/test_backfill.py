@@ -274,7 +274,7 @@ def discover_and_chunk(deployment: Deployment) -> list[str]:
     defs = build_definitions(
         make_resources(deployment.emulator, deployment.layout.root, chunk_size=CHUNK_SIZE)
     )
-    tiles = tile_partitions.get_partition_keys()
+    tiles = tile_partitions().get_partition_keys()
     with deployment.server.open_instance() as instance:
         for job, tags in (
             (

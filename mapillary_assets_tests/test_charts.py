@@ -159,7 +159,7 @@ def test_overview_keeps_points_on_the_extent_edge(tmp_path, cells):
 def test_discovery_tile_map_crosses_out_the_partition_that_failed(tmp_path):
     with pipeline_run(tmp_path, max_retries=0) as run:
         job = run.defs.resolve_job_def("discovery_job")
-        failing, healthy = tile_partitions.get_partition_keys()[:2]
+        failing, healthy = tile_partitions().get_partition_keys()[:2]
 
         def healthy_tile_map() -> np.ndarray:
             assert job.execute_in_process(instance=run.instance, partition_key=healthy).success

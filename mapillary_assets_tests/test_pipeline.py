@@ -140,7 +140,7 @@ def _latest_metadata(run, asset: str, partition: str) -> dict:
 
 def test_each_partition_shows_its_own_numbers_never_the_whole_runs(published):
     run, _ = published
-    keys = tile_partitions.get_partition_keys()
+    keys = tile_partitions().get_partition_keys()
     assert len(keys) > 1, "the pipeline runs discovery as one ranged run over several partitions"
     for key in keys:
         metadata = _latest_metadata(run, "discovered_images", key)
@@ -161,7 +161,7 @@ def test_each_partition_shows_its_own_numbers_never_the_whole_runs(published):
 
 def test_every_picture_asset_shows_its_pictures(published):
     run, _ = published
-    tiles = tile_partitions.get_partition_keys()
+    tiles = tile_partitions().get_partition_keys()
     chunk = run.instance.get_dynamic_partitions(CHUNK_PARTITIONS_NAME)[0]
     pictures = {
         ("discovered_images", tiles[0]): ["tile_map"],

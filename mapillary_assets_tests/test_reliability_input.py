@@ -297,7 +297,7 @@ def test_a_corrupt_cached_tile_is_fetched_again(materialised, reference):
         run.run_pipeline()
         requests = run.server.stats()
         images = run.images()
-        for key in tile_partitions.get_partition_keys():
+        for key in tile_partitions().get_partition_keys():
             pd.testing.assert_frame_equal(
                 read_parquet(run.layout.discovery_path(key)),
                 read_parquet(type(run.layout)(reference.data_dir).discovery_path(key)),
@@ -407,7 +407,7 @@ NASTY_ID = "12ab/../../escape"
 def test_a_non_digit_id_in_a_stage_file_is_refused_before_any_path(materialised):
     data_dir = materialised / "data"
     with emulated_run(materialised) as run:
-        key = tile_partitions.get_partition_keys()[1]
+        key = tile_partitions().get_partition_keys()[1]
         discovery = read_parquet(run.layout.discovery_path(key))
         tampered = pd.concat(
             [discovery, discovery.head(1).assign(image_id=NASTY_ID)], ignore_index=True
@@ -441,7 +441,7 @@ def tile_with_a_non_digit_id(materialised):
     )
     before = fingerprints(data_dir)
     with emulated_run(materialised) as run:
-        result = run.execute("discovery_job", tile_partitions.get_partition_keys())
+        result = run.execute("discovery_job", tile_partitions().get_partition_keys())
         yield run, result, before
 
 
@@ -452,7 +452,8 @@ def test_a_non_digit_id_served_in_a_tile_never_becomes_a_path(
     assert not [path for path in materialised.parent.rglob("*escape*")], "the id became a path"
     if result.success:
         ids = pd.concat(
-            read_parquet(run.layout.discovery_path(k)) for k in tile_partitions.get_partition_keys()
+            read_parquet(run.layout.discovery_path(k))
+            for k in tile_partitions().get_partition_keys()
         )
         assert NASTY_ID not in set(ids["image_id"])
     else:
@@ -481,7 +482,7 @@ def test_a_missing_token_is_named_before_anything_runs(materialised, monkeypatch
     monkeypatch.delenv("MAPILLARY_ACCESS_TOKEN", raising=False)
     data_dir = materialised / "data"
     before = fingerprints(data_dir)
-    keys = tile_partitions.get_partition_keys()
+    keys = tile_partitions().get_partition_keys()
     with emulated_run(
         materialised, token=dg.EnvVar("MAPILLARY_ACCESS_TOKEN"), tile_cache_max_age_hours=0
     ) as run:
@@ -504,7 +505,7 @@ def test_a_rejected_token_stops_the_run_and_keeps_what_was_stored(materialised):
         missing = assignment.loc[assignment["chunk"] == "chunk-000002", "image_id"].iloc[0]
         run.layout.thumbnail_path(missing, 1024).unlink()
         before = fingerprints(data_dir)
-        discovery = run.execute("discovery_job", tile_partitions.get_partition_keys())
+        discovery = run.execute("discovery_job", tile_partitions().get_partition_keys())
         chunk = run.execute("process_chunks_job", ["chunk-000002"])
         rejected = run.server.stats()["auth_failed"]
     for result in (discovery, chunk):

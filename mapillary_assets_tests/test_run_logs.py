@@ -91,7 +91,7 @@ def test_every_chunk_logs_its_progress_to_completion(completed):
 
 def test_every_tile_partition_logs_what_it_found(completed):
     _, lines, _ = completed
-    for key in tile_partitions.get_partition_keys():
+    for key in tile_partitions().get_partition_keys():
         found = rf"{key}: {NUMBER} images in the area from \d+ non-empty z14 tiles, \d+ requests, \d+ cached tiles"
         assert any(re.fullmatch(found, line) for line in lines["discovered_images"]), key
 
@@ -148,7 +148,7 @@ def test_a_rejected_token_fails_with_the_fix_in_the_message_and_is_never_shown(
     # The token comes from the environment, as in production (an EnvVar is resolved inside the run only);
     # the emulator accepts TEST_TOKEN only.
     with emulated_run(tmp_path, token=dg.EnvVar("MAPILLARY_ACCESS_TOKEN")) as run:
-        tiles = tile_partitions.get_partition_keys()
+        tiles = tile_partitions().get_partition_keys()
         monkeypatch.setenv("MAPILLARY_ACCESS_TOKEN", WRONG_TOKEN)
         assert_fails_with_the_fix(run, "discovery_job", tiles)  # tile requests (token in the URL)
 

@@ -264,7 +264,7 @@ def _failing_runs(instance, defs) -> list[str]:
     error messages and stack traces as a person sees them in the UI."""
     texts = []
     for job, keys in (
-        ("discovery_job", tile_partitions.get_partition_keys()[:1]),
+        ("discovery_job", tile_partitions().get_partition_keys()[:1]),
         ("process_chunks_job", ("chunk-000000",)),
         ("process_chunks_job", ("chunk-000001",)),
     ):

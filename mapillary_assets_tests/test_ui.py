@@ -120,7 +120,7 @@ def test_global_lineage_shows_every_asset_in_its_group(webserver, page):
 def test_partitions_page_of_discovered_images_shows_every_tile_materialised(webserver, page):
     page.set_viewport_size({"width": 1600, "height": 1000})
     open_page(page, f"{webserver.url}/assets/discovered_images?view=partitions")
-    keys = tile_partitions.get_partition_keys()
+    keys = tile_partitions().get_partition_keys()
     page.get_by_text(f"Materialized ({len(keys)})").wait_for()
     for key in keys:
         assert page.get_by_text(key, exact=True).first.is_visible(), key
@@ -141,7 +141,7 @@ def test_asset_pages_show_the_pictures(webserver, page):
         chunk = instance.get_dynamic_partitions(CHUNK_PARTITIONS_NAME)[0]
     pages = {
         "discovered_images": (
-            tile_partitions.get_partition_keys()[0],
+            tile_partitions().get_partition_keys()[0],
             {"tile_map": "partition tiles by image count"},
         ),
         "blur_scores": (
@@ -235,7 +235,7 @@ def test_mapillary_assets_ui_serves_the_pipeline_with_its_pools_and_automation(t
         assert evaluation["error"] is None, evaluation["error"]
         assert [r["runKey"] for r in evaluation["runRequests"]] == [
             f"refresh-20261123T0300:{keys[0]}..{keys[-1]}"
-            for keys in [tile_partitions.get_partition_keys()]
+            for keys in [tile_partitions().get_partition_keys()]
         ]
         assert "tile_cache_max_age_hours: 24.0" in evaluation["runRequests"][0]["runConfigYaml"]
 

@@ -13,10 +13,6 @@ chunks), and re-publishes once every chunk is complete and something changed sin
 import os
 
 import dagster as dg
-from dagster._core.storage.tags import (
-    ASSET_PARTITION_RANGE_END_TAG,
-    ASSET_PARTITION_RANGE_START_TAG,
-)
 from dagster._utils.schedules import get_smallest_cron_interval
 
 from mapillary_assets.defs.jobs import (
@@ -25,7 +21,11 @@ from mapillary_assets.defs.jobs import (
     process_chunks_job,
     publish_job,
 )
-from mapillary_assets.defs.partitions import CHUNK_PARTITIONS_NAME, tile_partitions
+from mapillary_assets.defs.partitions import (
+    CHUNK_PARTITIONS_NAME,
+    partition_range_tags,
+    tile_partitions,
+)
 from mapillary_assets.defs.resources import PipelineSettings
 
 DEFAULT_REFRESH_CRON = "0 3 * * 1"
@@ -43,7 +43,7 @@ def ranged_requests(
     for run in _consecutive_runs(keys, ordered_keys or keys):
         for start in range(0, len(run), batch):
             first, last = run[start], run[min(start + batch, len(run)) - 1]
-            tags = {ASSET_PARTITION_RANGE_START_TAG: first, ASSET_PARTITION_RANGE_END_TAG: last}
+            tags = partition_range_tags(first, last)
             requests.append(dg.RunRequest(run_key=f"{run_key_prefix}:{first}..{last}", tags=tags))
     return requests
 
@@ -84,7 +84,7 @@ def refresh_schedule(
     return [
         request.with_replaced_attrs(run_config=run_config)
         for request in ranged_requests(
-            tile_partitions.get_partition_keys(), TILES_PER_RUN, f"refresh-{tick}"
+            tile_partitions().get_partition_keys(), TILES_PER_RUN, f"refresh-{tick}"
         )
     ]
 

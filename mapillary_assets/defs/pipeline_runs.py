@@ -20,17 +20,13 @@ from collections.abc import Callable, Iterable, Sequence
 from typing import Protocol
 
 import dagster as dg
-from dagster._core.storage.tags import (
-    ASSET_PARTITION_RANGE_END_TAG,
-    ASSET_PARTITION_RANGE_START_TAG,
-    PARTITION_NAME_TAG,
-)
 from dagster._core.utils import make_new_run_id
 
 from mapillary_assets.cli import (
     PipelineFailed,
 )  # defined there so the CLI catches it without importing Dagster
 from mapillary_assets.defs.dead_runs import release_dead_runs
+from mapillary_assets.defs.partitions import describe_partitions, partition_tags
 
 DEFAULT_CONCURRENT_RUNS = 3  # on 2 cores: one blurring chunk beside two downloading ones
 _NOT_STARTED = 3  # a worker's exit status when the run was refused before it started
@@ -46,13 +42,6 @@ class RunRunner(Protocol):
         that succeeds, the jobs of `then` in turn with the same tags, while other tag sets' runs go on.
         Returns per tag set, in order, (id, success) of its last run (the failed one, or the last job's)
         once every run has ended."""
-
-
-def partition_tags(keys: Sequence[str]) -> dict[str, str]:
-    """One run's tags for partition keys in partition order: one partition's tag, or a range's."""
-    if len(keys) == 1:
-        return {PARTITION_NAME_TAG: keys[0]}
-    return {ASSET_PARTITION_RANGE_START_TAG: keys[0], ASSET_PARTITION_RANGE_END_TAG: keys[-1]}
 
 
 def batched(keys: Iterable[str], size: int | None) -> list[list[str]]:
@@ -140,7 +129,7 @@ class LocalRunner:
                 results[index] = (run_id, process.exitcode == 0)
                 if len(tag_sets) > 1:
                     self.log(
-                        f"   {chain[position]} {_describe(tag_sets[index])}: "
+                        f"   {chain[position]} {describe_partitions(tag_sets[index])}: "
                         f"{'ok' if results[index][1] else 'FAILED'} ({len(results)}/{len(tag_sets)})"
                     )
             time.sleep(0.1)
@@ -169,14 +158,6 @@ def _execute_run(
     finally:
         errors.close()
         os._exit(code)  # skip the parent's atexit handlers and inherited threads
-
-
-def _describe(tags: dict[str, str]) -> str:
-    if PARTITION_NAME_TAG in tags:
-        return tags[PARTITION_NAME_TAG]
-    if ASSET_PARTITION_RANGE_START_TAG in tags:
-        return f"{tags[ASSET_PARTITION_RANGE_START_TAG]} .. {tags[ASSET_PARTITION_RANGE_END_TAG]}"
-    return "(unpartitioned)"
 
 
 def run_pipeline(
@@ -214,7 +195,9 @@ def run_pipeline(
         failed = [(tags, run_id) for tags, (run_id, ok) in zip(tag_sets, results) if not ok]
         if not failed:
             return
-        named = ", ".join(f"{_describe(tags)} (run {run_id})" for tags, run_id in failed[:10])
+        named = ", ".join(
+            f"{describe_partitions(tags)} (run {run_id})" for tags, run_id in failed[:10]
+        )
         more = f" and {len(failed) - 10} more" if len(failed) > 10 else ""
         raise PipelineFailed(
             f"{stage} failed for {len(failed)} of {len(tag_sets)} run(s): {named}{more}; "
@@ -226,7 +209,7 @@ def run_pipeline(
             f"released run {run_id}: its process is gone (killed or crashed); its pool slots are free again"
         )
     started = time.monotonic()
-    tiles = tile_partitions.get_partition_keys()
+    tiles = tile_partitions().get_partition_keys()
     tile_runs = batched(tiles, tiles_per_run)
     log(
         f"-> discovery_job: {len(tiles)} partition(s) {tiles[0]} .. {tiles[-1]} in {len(tile_runs)} run(s)"

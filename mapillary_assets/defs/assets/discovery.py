@@ -81,9 +81,9 @@ def _tile_map_png(
 ) -> bytes:
     """Every partition tile of the AOI: this run's counts, earlier runs' from their files (row counts from
     the Parquet footer), None where no file exists; partitions whose last attempt failed are marked."""
-    keys = tile_partitions.get_partition_keys()
+    keys = tile_partitions().get_partition_keys()
     statuses = (
-        context.instance.get_status_by_partition(context.asset_key, keys, tile_partitions) or {}
+        context.instance.get_status_by_partition(context.asset_key, keys, tile_partitions()) or {}
     )
     failed = [
         k
@@ -113,7 +113,7 @@ def _partition_files(layout: DataLayout, tileset: str, tile: mercantile.Tile, ke
 
 
 @dg.asset(
-    partitions_def=tile_partitions,
+    partitions_def=tile_partitions(),
     group_name="discovery",
     kinds={"python", "parquet"},
     pool=API_POOL,
@@ -247,7 +247,7 @@ def image_chunks(
     context: dg.AssetExecutionContext, storage: DataStorageResource, settings: PipelineSettings
 ) -> dg.MaterializeResult:
     layout = storage.layout
-    tile_keys = tile_partitions.get_partition_keys()
+    tile_keys = tile_partitions().get_partition_keys()
     discovered = read_discovered_ids(layout, [*tile_keys, SEQUENCE_ROUTE_KEY])
     warning = None
     if not discovered and all(layout.discovery_path(key).exists() for key in tile_keys):
