@@ -269,9 +269,10 @@ def measure(scale: float, data_root: Path, log=print) -> dict:
     try:
         import dagster as dg
 
-        from mapillary_assets.cli import configure_pools
         from mapillary_assets.definitions import build_definitions
-        from mapillary_assets.defs.pipeline_runs import LocalRunner, run_pipeline
+        from mapillary_assets.runners.instance import configure_pools
+        from mapillary_assets.runners.local import LocalRunner
+        from mapillary_assets.runners.pipeline import run_pipeline
         from mapillary_assets.storage import DataLayout
 
         with dg.DagsterInstance.get() as instance:

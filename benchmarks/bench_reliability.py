@@ -31,8 +31,8 @@ if (
     os.environ.setdefault("MAPILLARY_PARTITION_ZOOM", "13")
 
 from benchmarks.harness import Figure  # noqa: E402
-from mapillary_assets.cli import configure_pools  # noqa: E402
 from mapillary_assets.emulator import Faults  # noqa: E402
+from mapillary_assets.runners.instance import configure_pools  # noqa: E402
 from mapillary_assets_tests.run_partition import (  # noqa: E402
     assert_same_images,
     busiest_window,

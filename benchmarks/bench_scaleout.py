@@ -61,7 +61,7 @@ def _pipeline(
         workers=workers,
         pg_port=free_port(),
         redis_port=free_port(),
-        webserver=False,
+        webserver_port=free_port(),  # runs are submitted through its GraphQL API
         automation=False,
         data_dir=root / "data",
     )

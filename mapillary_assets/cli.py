@@ -18,19 +18,10 @@ import subprocess
 import sys
 from pathlib import Path
 
+from mapillary_assets.errors import PipelineFailed, UserError
+
 DEMO_TOKEN = "MLY|emulator-demo|not-a-secret"
-POOL_LIMITS = {
-    "mapillary_api": 4
-}  # other pools (duckdb_writer, gpu, chunk_registry) use dagster.yaml's default 1
 REPO_ROOT = Path(__file__).resolve().parent.parent
-
-
-class PipelineFailed(RuntimeError):
-    """A job of the pipeline failed; what it stored is kept, and a re-run does only what is missing."""
-
-
-class UserError(Exception):
-    """Something the user can fix; main() prints `error: <message>` without a traceback (unless --debug)."""
 
 
 def _user_error_types() -> tuple[type[BaseException], ...]:
@@ -93,30 +84,23 @@ def _console_without_stack_traces():
 
 
 def _reason_of_failed_run(instance, failure: PipelineFailed, debug: bool = False) -> str:
-    """The user's error inside the run that just failed: Dagster wraps what a step raised
-    (DagsterExecutionStepExecutionError, resource init errors), so walk each failure's chain of causes
-    to the first user error, else the innermost cause; `failure`'s own message says which job and run."""
+    """The user's error inside the run that just failed: the first user error in its events' chains
+    of causes, else the innermost cause; `failure`'s own message says which job and run."""
     import dagster as dg
+
+    from mapillary_assets.runners.failures import error_chains
 
     user_errors = {error_type.__name__ for error_type in _user_error_types()}
     runs = instance.get_runs(filters=dg.RunsFilter(statuses=[dg.DagsterRunStatus.FAILURE]), limit=1)
     innermost = []
-    for entry in instance.all_logs(runs[0].run_id) if runs else []:
-        error = (
-            getattr(entry.dagster_event.event_specific_data, "error", None)
-            if entry.dagster_event
-            else None
-        )
-        if error is None:
-            continue
+    for chain in error_chains(instance, runs[0].run_id) if runs else []:
         if debug:
-            print(error.to_string(), file=sys.stderr)
-        while error is not None:
+            print(chain[0].to_string(), file=sys.stderr)
+        for error in chain:
             if error.cls_name in user_errors:  # its message reads "module.Class: text"
                 text = error.message.strip().split(f"{error.cls_name}: ", 1)[-1]
                 return f"{text}\n  ({failure})"
             innermost.append(error.message.strip())
-            error = error.cause or error.context
     return f"{failure}" + (f": {innermost[-1]}" if innermost else "")
 
 
@@ -132,27 +116,14 @@ def _emulator_env(server, data_dir: Path) -> dict[str, str]:
 def _dagster_home(separate_under: Path | None = None) -> Path:
     """The repo root instance (dagster.yaml there), or, for sample runs, a separate instance under
     the sample's data folder so its chunk partitions never mix with the full run's."""
+    from mapillary_assets.runners.instance import prepare_dagster_home
+
     if separate_under is None:
-        home = Path(os.environ.get("DAGSTER_HOME") or REPO_ROOT).resolve()
+        home = prepare_dagster_home(Path(os.environ.get("DAGSTER_HOME") or REPO_ROOT))
     else:
-        home = (separate_under / "dagster_home").resolve()
-        home.mkdir(parents=True, exist_ok=True)
-        (home / "dagster.yaml").write_text((REPO_ROOT / "dagster.yaml").read_text())
+        home = prepare_dagster_home(separate_under / "dagster_home")
     os.environ["DAGSTER_HOME"] = str(home)
     return home
-
-
-def configure_pools(instance) -> None:
-    for pool, limit in POOL_LIMITS.items():
-        instance.event_log_storage.set_concurrency_slots(pool, limit)
-
-
-def run_pipeline(instance, defs=None, log=print, runner=None) -> dict:
-    """Every asset through Dagster: `defs/pipeline_runs.run_pipeline` (imported when called, so the CLI's
-    other commands start without loading Dagster or the area of interest)."""
-    from mapillary_assets.defs import pipeline_runs
-
-    return pipeline_runs.run_pipeline(instance, defs, log=log, runner=runner)
 
 
 def demo(args: argparse.Namespace) -> int:
@@ -168,6 +139,9 @@ def demo(args: argparse.Namespace) -> int:
         print(f"emulator: {server.base_url} (seed {args.seed}, scale {args.scale})")
         print(f"data: {data_dir}   dagster instance: {home}")
         from dagster import DagsterInstance
+
+        from mapillary_assets.runners.instance import configure_pools
+        from mapillary_assets.runners.pipeline import run_pipeline
 
         with DagsterInstance.get() as instance:
             configure_pools(instance)
@@ -223,8 +197,10 @@ def ui(args: argparse.Namespace) -> int:
         os.environ.update(_emulator_env(server, Path(args.data_dir).resolve()))
         from dagster import DagsterInstance
 
-        import mapillary_assets.definitions  # noqa: F401 - a bad AOI or setting fails here, as `error: ...`
+        from mapillary_assets.definitions import build_definitions
+        from mapillary_assets.runners.instance import configure_pools
 
+        build_definitions()  # a bad AOI or setting fails here, as `error: ...`
         with DagsterInstance.get() as instance:
             configure_pools(instance)
         print(

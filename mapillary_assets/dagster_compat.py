@@ -3,9 +3,13 @@
 
 Each has no public equivalent in Dagster 1.13: the partition and retry tags are documented strings
 but exported only from `dagster._core.storage.tags`; pool limits other than the default are set
-through the event log storage (what `dagster instance concurrency set` calls)."""
+through the event log storage (what `dagster instance concurrency set` calls); the shortest
+interval between a cron expression's ticks comes from Dagster's own cron iterator, so it agrees
+with how the schedule fires."""
 
 from __future__ import annotations
+
+import datetime
 
 import dagster as dg
 from dagster._core.launcher import DefaultRunLauncher
@@ -16,6 +20,7 @@ from dagster._core.storage.tags import (
     PARTITION_NAME_TAG,
     WILL_RETRY_TAG,
 )
+from dagster._utils.schedules import get_smallest_cron_interval
 
 __all__ = [
     "ASSET_PARTITION_RANGE_END_TAG",
@@ -26,6 +31,7 @@ __all__ = [
     "is_local_launcher",
     "release_pool_slots",
     "set_pool_limit",
+    "smallest_cron_interval",
 ]
 
 
@@ -40,3 +46,7 @@ def set_pool_limit(instance: dg.DagsterInstance, pool: str, limit: int) -> None:
 
 def release_pool_slots(instance: dg.DagsterInstance, run_id: str) -> None:
     instance.event_log_storage.free_concurrency_slots_for_run(run_id)
+
+
+def smallest_cron_interval(cron: str) -> datetime.timedelta:
+    return get_smallest_cron_interval(cron)

@@ -1,4 +1,8 @@
-"""The Dagster code location: `dagster dev -m mapillary_assets.definitions` (see workspace.yaml)."""
+"""The Dagster code location (`dg check defs`, `dagster dev -m mapillary_assets.definitions`).
+
+Everything is built when Dagster loads the location, not at import: the area's tile partitions and
+the refresh cron come from the environment as it is then. Tests call `build_definitions` with their
+own resources (emulator URLs, temporary folders)."""
 
 from __future__ import annotations
 
@@ -8,9 +12,13 @@ from pathlib import Path
 import dagster as dg
 
 from mapillary_assets.defs.assets.chunks import blur_scores, image_metadata, thumbnail_downloads
-from mapillary_assets.defs.assets.discovery import discovered_images, image_chunks, sequence_images
+from mapillary_assets.defs.assets.discovery import (
+    build_discovered_images,
+    image_chunks,
+    sequence_images,
+)
 from mapillary_assets.defs.assets.publish import filter_areas, mapillary_geopackage, staging_tables
-from mapillary_assets.defs.automation import new_images_sensor, refresh_schedule
+from mapillary_assets.defs.automation import build_refresh_schedule, new_images_sensor
 from mapillary_assets.defs.checks import asset_checks
 from mapillary_assets.defs.jobs import (
     assign_chunks_job,
@@ -20,24 +28,13 @@ from mapillary_assets.defs.jobs import (
     process_chunks_job,
     publish_job,
 )
+from mapillary_assets.defs.partitions import tile_partitions
 from mapillary_assets.defs.resources import (
     DataStorageResource,
     MapillaryApiResource,
     PipelineSettings,
 )
 from mapillary_assets.storage import DataLayout
-
-ASSETS = [
-    discovered_images,
-    sequence_images,
-    image_chunks,
-    image_metadata,
-    thumbnail_downloads,
-    blur_scores,
-    filter_areas,
-    staging_tables,
-    mapillary_geopackage,
-]
 
 
 def resources_from_env() -> dict:
@@ -52,9 +49,20 @@ def resources_from_env() -> dict:
 
 
 def build_definitions(resources: dict | None = None) -> dg.Definitions:
-    """Everything in the code location; tests pass their own resources (emulator URLs, temp folders)."""
+    """Everything in the code location, over the configured area; `resources` default to the
+    environment's."""
     return dg.Definitions(
-        assets=ASSETS,
+        assets=[
+            build_discovered_images(tile_partitions()),
+            sequence_images,
+            image_chunks,
+            image_metadata,
+            thumbnail_downloads,
+            blur_scores,
+            filter_areas,
+            staging_tables,
+            mapillary_geopackage,
+        ],
         asset_checks=asset_checks,
         jobs=[
             discovery_job,
@@ -64,7 +72,7 @@ def build_definitions(resources: dict | None = None) -> dg.Definitions:
             blur_job,
             publish_job,
         ],
-        schedules=[refresh_schedule],
+        schedules=[build_refresh_schedule()],
         sensors=[new_images_sensor],
         resources=resources if resources is not None else resources_from_env(),
         executor=_executor_from_env(),
@@ -72,11 +80,13 @@ def build_definitions(resources: dict | None = None) -> dg.Definitions:
 
 
 def _executor_from_env() -> dg.ExecutorDefinition | None:
-    """MAPILLARY_RUN_EXECUTOR=in_process (set by the scaled-out stack): a Celery worker's pool process is
-    daemonic and may not fork the multiprocess executor's step processes; the default elsewhere."""
-    return (
-        dg.in_process_executor if os.environ.get("MAPILLARY_RUN_EXECUTOR") == "in_process" else None
-    )
+    """MAPILLARY_RUN_EXECUTOR=in_process (set by the scaled-out stack): a Celery worker's pool
+    process is daemonic and may not fork the multiprocess executor's step processes."""
+    if os.environ.get("MAPILLARY_RUN_EXECUTOR") == "in_process":
+        return dg.in_process_executor
+    return None
 
 
-defs = build_definitions()
+@dg.definitions
+def defs() -> dg.Definitions:
+    return build_definitions()

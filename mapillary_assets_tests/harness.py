@@ -11,7 +11,6 @@ import dagster as dg
 import geopandas as gpd
 import pyogrio
 
-from mapillary_assets.cli import run_pipeline
 from mapillary_assets.definitions import build_definitions
 from mapillary_assets.defs.resources import (
     DataStorageResource,
@@ -20,6 +19,7 @@ from mapillary_assets.defs.resources import (
 )
 from mapillary_assets.defs.settings import current_aoi
 from mapillary_assets.emulator import EmulatorServer, Faults, World
+from mapillary_assets.runners.pipeline import run_pipeline
 from mapillary_assets.storage import DataLayout
 
 TEST_DATA = Path(__file__).parent / "data"

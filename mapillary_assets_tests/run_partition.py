@@ -388,9 +388,9 @@ def fault_free_reference(root: Path) -> Reference:
 
 
 def _build_reference(folder: Path) -> None:
-    from mapillary_assets.cli import run_pipeline
     from mapillary_assets.definitions import build_definitions
     from mapillary_assets.emulator import EmulatorServer
+    from mapillary_assets.runners.pipeline import run_pipeline
     from mapillary_assets_tests.harness import TEST_TOKEN
 
     with (
@@ -461,15 +461,15 @@ class EmulatedRun:
         return execute(self.defs, self.instance, job_name, partition_keys)
 
     def run_pipeline(self) -> None:
-        """Every stage, as `mapillary-assets demo` runs them; raises cli.PipelineFailed on a failed job."""
-        from mapillary_assets.cli import run_pipeline
+        """Every stage, as `mapillary-assets demo` runs them; raises errors.PipelineFailed on a failed job."""
+        from mapillary_assets.runners.pipeline import run_pipeline
 
         run_pipeline(self.instance, self.defs, log=lambda *_: None)
 
     def run_until_complete(self, attempts: int = 3) -> int:
         """Run the pipeline again after each failure (a "backfill of failed partitions": each re-run
         does only what is missing), at most `attempts` times; returns the runs it took."""
-        from mapillary_assets.cli import PipelineFailed
+        from mapillary_assets.errors import PipelineFailed
 
         for attempt in range(1, attempts + 1):
             try:

@@ -14,9 +14,9 @@ import pytest
 from mapillary_assets.defs.automation import (
     CHUNKS_PER_RUN,
     TILES_PER_RUN,
+    build_refresh_schedule,
     new_images_sensor,
     ranged_requests,
-    refresh_schedule,
     refresh_tile_cache_max_age_hours,
 )
 from mapillary_assets.defs.partitions import CHUNK_PARTITIONS_NAME, tile_partitions
@@ -73,7 +73,7 @@ def test_refresh_schedule_requests_ranged_discovery_runs_over_every_tile():
     context = dg.build_schedule_context(
         scheduled_execution_time=TICK, resources={"settings": settings}
     )
-    data = refresh_schedule.evaluate_tick(context)
+    data = build_refresh_schedule().evaluate_tick(context)
     keys = tile_partitions().get_partition_keys()
     assert data.run_requests and data.skip_message is None
     covered = [key for request in data.run_requests for key in range_keys(request, keys)]
@@ -147,7 +147,7 @@ def test_weekly_refresh_carries_new_images_to_the_geopackage_through_new_chunks_
             scheduled_execution_time=TICK,
             resources={"settings": run.defs.resources["settings"]},
         )
-        refresh = refresh_schedule.evaluate_tick(schedule_context).run_requests
+        refresh = build_refresh_schedule().evaluate_tick(schedule_context).run_requests
         assert age_tile_cache(run, WEEK - dt.timedelta(minutes=10)) > 0
         world.advance()  # meanwhile, new sequences were uploaded
         truth = {record.id for record in run.truth()}

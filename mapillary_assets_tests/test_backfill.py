@@ -13,10 +13,10 @@ import pytest
 from dagster._core.instance.ref import InstanceRef
 from dagster._core.run_coordinator import QueuedRunCoordinator
 
-from mapillary_assets.cli import POOL_LIMITS, configure_pools
 from mapillary_assets.definitions import build_definitions
 from mapillary_assets.defs.partitions import CHUNK_PARTITIONS_NAME, tile_partitions
 from mapillary_assets.emulator import EmulatorServer
+from mapillary_assets.runners.instance import POOL_LIMITS, configure_pools
 from mapillary_assets.storage import DataLayout, read_parquet
 from mapillary_assets_tests.dagster_server import (
     TERMINAL_BACKFILL_STATUSES,

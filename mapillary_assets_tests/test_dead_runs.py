@@ -1,4 +1,4 @@
-"""A run whose process was killed must not hold its pool slots forever (see defs/dead_runs.py)."""
+"""A run whose process was killed must not hold its pool slots forever (see runners/dead_runs.py)."""
 
 from __future__ import annotations
 
@@ -11,9 +11,10 @@ import pytest
 from dagster._core.events import EngineEventData
 from dagster._core.storage.dagster_run import DagsterRun
 
-from mapillary_assets.cli import configure_pools, run_pipeline
-from mapillary_assets.defs.dead_runs import release_dead_runs
 from mapillary_assets.defs.pools import GPU_POOL
+from mapillary_assets.runners.dead_runs import release_dead_runs
+from mapillary_assets.runners.instance import configure_pools
+from mapillary_assets.runners.pipeline import run_pipeline
 from mapillary_assets_tests.run_partition import open_instance
 
 

@@ -4,7 +4,9 @@ import os
 import subprocess
 import sys
 
-from mapillary_assets.definitions import defs
+from mapillary_assets.definitions import build_definitions
+
+defs = build_definitions()
 
 EXPECTED_ASSETS = {
     "discovered_images",

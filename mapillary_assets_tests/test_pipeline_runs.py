@@ -1,15 +1,17 @@
-"""defs/pipeline_runs: one run per chunk through a runner; concurrent local runs overlap blur with downloads."""
+"""runners/pipeline + runners/local: one run per chunk; concurrent local runs overlap blur with downloads."""
 
 from __future__ import annotations
 
 import dagster as dg
 import pytest
 
-from mapillary_assets.cli import PipelineFailed, configure_pools, run_pipeline
 from mapillary_assets.defs.partitions import CHUNK_PARTITIONS_NAME
-from mapillary_assets.defs.pipeline_runs import LocalRunner
 from mapillary_assets.defs.pools import GPU_POOL
 from mapillary_assets.emulator import Faults
+from mapillary_assets.errors import PipelineFailed
+from mapillary_assets.runners.instance import configure_pools
+from mapillary_assets.runners.local import LocalRunner
+from mapillary_assets.runners.pipeline import run_pipeline
 from mapillary_assets_tests.harness import pipeline_run
 
 STEP_EVENTS = {

@@ -22,12 +22,12 @@ import pandas as pd
 import pytest
 
 from mapillary_assets.api.decoders import decode_image_layer
-from mapillary_assets.cli import PipelineFailed
 from mapillary_assets.defs.partitions import tile_partitions
 from mapillary_assets.defs.resources import ConfigError, MapillaryApiResource, PipelineSettings
 from mapillary_assets.defs.settings import partition_zoom
 from mapillary_assets.emulator import Faults
 from mapillary_assets.emulator.thumbnails import jpeg_fault
+from mapillary_assets.errors import PipelineFailed
 from mapillary_assets.pipeline.aoi import AoiError, load_aoi, partition_tiles
 from mapillary_assets.pipeline.download import is_complete_jpeg
 from mapillary_assets.storage import read_parquet, write_parquet_atomic
@@ -270,7 +270,7 @@ def test_the_code_location_refuses_to_load_with_a_bad_setting(
         "PYTHONPATH": str(REPO_ROOT),
     }
     loaded = subprocess.run(
-        [sys.executable, "-c", "import mapillary_assets.definitions"],
+        [sys.executable, "-c", "from mapillary_assets.definitions import defs; defs()"],
         env=env,
         cwd=REPO_ROOT,
         capture_output=True,

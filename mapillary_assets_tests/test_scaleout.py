@@ -140,9 +140,9 @@ def test_worker_command_listens_on_its_queues_one_run_at_a_time():
 @pytest.mark.slow
 @needs_services
 def test_two_workers_one_killed_equal_the_single_machine_run(tmp_path, monkeypatch):
-    from mapillary_assets.defs.pipeline_runs import run_pipeline
+    from mapillary_assets.runners.cluster import ClusterRunner
+    from mapillary_assets.runners.pipeline import run_pipeline
     from mapillary_assets.scaleout import stack
-    from mapillary_assets.scaleout.runner import ClusterRunner
 
     with pipeline_run(tmp_path / "single", World(seed=7, scale=TEST_SCALE)) as single:
         single.run()
@@ -156,7 +156,7 @@ def test_two_workers_one_killed_equal_the_single_machine_run(tmp_path, monkeypat
         workers=2,
         pg_port=free_port(),
         redis_port=free_port(),
-        webserver=False,
+        webserver_port=free_port(),  # runs are submitted through its GraphQL API
         automation=False,
         data_dir=root / "data",
     )
@@ -186,6 +186,7 @@ def test_two_workers_one_killed_equal_the_single_machine_run(tmp_path, monkeypat
                 "MAPILLARY_RATE_LIMIT_BACKEND",
                 "MAPILLARY_REDIS_URL",
                 "MAPILLARY_RUN_EXECUTOR",
+                "MAPILLARY_DAGSTER_URL",
             ):
                 monkeypatch.setenv(name, env[name])
             with dg.DagsterInstance.get() as instance:
@@ -197,7 +198,9 @@ def test_two_workers_one_killed_equal_the_single_machine_run(tmp_path, monkeypat
                 try:
                     summary = run_pipeline(
                         instance,
-                        runner=ClusterRunner(instance, poll_s=0.5),
+                        runner=ClusterRunner(
+                            instance, dagster_url=env["MAPILLARY_DAGSTER_URL"], poll_s=0.5
+                        ),
                         log=lambda *_: None,
                         tiles_per_run=64,
                     )
@@ -290,7 +293,7 @@ class _Runs:
 
 
 def test_runner_follows_a_retry_that_is_still_being_created():
-    from mapillary_assets.scaleout.runner import ClusterRunner
+    from mapillary_assets.runners.cluster import ClusterRunner
 
     failed = dg.DagsterRunStatus.FAILURE
     instance = _Runs(
@@ -310,7 +313,7 @@ def test_runner_follows_a_retry_that_is_still_being_created():
 
 
 def test_runner_reports_a_failure_that_will_not_be_retried():
-    from mapillary_assets.scaleout.runner import ClusterRunner
+    from mapillary_assets.runners.cluster import ClusterRunner
 
     instance = _Runs([{"a": (dg.DagsterRunStatus.FAILURE, {"dagster/will_retry": "false"})}])
     assert ClusterRunner(instance, poll_s=0, log=lambda *_: None).wait("a") == ("a", False)

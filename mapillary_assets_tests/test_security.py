@@ -29,10 +29,10 @@ from dagster._serdes import serialize_value
 from mapillary_assets import cli
 from mapillary_assets.api import ClientSettings, MapillaryClient
 from mapillary_assets.api.errors import AuthError, MapillaryError
-from mapillary_assets.cli import run_pipeline
 from mapillary_assets.definitions import build_definitions
 from mapillary_assets.defs.partitions import tile_partitions
 from mapillary_assets.emulator import EmulatorServer
+from mapillary_assets.runners.pipeline import run_pipeline
 from mapillary_assets.storage import DataLayout, read_parquet
 from mapillary_assets_tests.harness import TEST_TOKEN
 from mapillary_assets_tests.run_partition import (

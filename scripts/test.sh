@@ -15,4 +15,9 @@ if [ ${#missing[@]} -gt 0 ] && [ "$(id -u)" = 0 ] && command -v apt-get >/dev/nu
 fi
 # The scaled-out test starts its own PostgreSQL and Redis on loopback: install them when missing.
 bash scripts/install_services.sh
+# Lint, format and the code location as `dg` loads it, before the tests.
+echo "ruff check, ruff format --check, dg check defs..."
+.venv/bin/ruff check --quiet .
+.venv/bin/ruff format --check --quiet .
+VIRTUAL_ENV="$PWD/.venv" .venv/bin/dg check defs >/dev/null
 exec .venv/bin/python -m pytest -q -n 2 --durations=15 "$@"

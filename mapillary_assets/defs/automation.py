@@ -13,8 +13,8 @@ chunks), and re-publishes once every chunk is complete and something changed sin
 import os
 
 import dagster as dg
-from dagster._utils.schedules import get_smallest_cron_interval
 
+from mapillary_assets.dagster_compat import smallest_cron_interval
 from mapillary_assets.defs.jobs import (
     assign_chunks_job,
     discovery_job,
@@ -59,34 +59,38 @@ def _consecutive_runs(keys: list[str], ordered_keys: list[str]) -> list[list[str
     return runs
 
 
-REFRESH_CRON = os.environ.get("MAPILLARY_REFRESH_CRON", DEFAULT_REFRESH_CRON)
-
-
-def refresh_tile_cache_max_age_hours(configured_hours: float, cron: str = REFRESH_CRON) -> float:
+def refresh_tile_cache_max_age_hours(configured_hours: float, cron: str) -> float:
     """The cache age of refresh runs: at most half the schedule's period, so a refresh never takes the
     previous refresh's tiles (fetched about one period ago) for fresh ones."""
-    half_period_hours = get_smallest_cron_interval(cron).total_seconds() / 3600 / 2
+    half_period_hours = smallest_cron_interval(cron).total_seconds() / 3600 / 2
     return min(configured_hours, half_period_hours)
 
 
-@dg.schedule(
-    job=discovery_job,
-    cron_schedule=REFRESH_CRON,
-    default_status=dg.DefaultScheduleStatus.RUNNING,
-    description="Rediscover every tile partition (raw tiles fetched by the previous refresh are fetched again).",
-)
-def refresh_schedule(
-    context: dg.ScheduleEvaluationContext, settings: PipelineSettings
-) -> list[dg.RunRequest]:
-    tick = context.scheduled_execution_time.strftime("%Y%m%dT%H%M")
-    max_age = refresh_tile_cache_max_age_hours(settings.tile_cache_max_age_hours)
-    run_config = {"resources": {"settings": {"config": {"tile_cache_max_age_hours": max_age}}}}
-    return [
-        request.with_replaced_attrs(run_config=run_config)
-        for request in ranged_requests(
-            tile_partitions().get_partition_keys(), TILES_PER_RUN, f"refresh-{tick}"
-        )
-    ]
+def build_refresh_schedule(cron: str | None = None) -> dg.ScheduleDefinition:
+    """The refresh schedule on `cron` (default: MAPILLARY_REFRESH_CRON as set now, else weekly)."""
+    cron = cron or os.environ.get("MAPILLARY_REFRESH_CRON") or DEFAULT_REFRESH_CRON
+
+    @dg.schedule(
+        name="refresh_schedule",
+        job=discovery_job,
+        cron_schedule=cron,
+        default_status=dg.DefaultScheduleStatus.RUNNING,
+        description="Rediscover every tile partition (raw tiles fetched by the previous refresh are "
+        "fetched again).",
+    )
+    def refresh_schedule(
+        context: dg.ScheduleEvaluationContext, settings: PipelineSettings
+    ) -> list[dg.RunRequest]:
+        tick = context.scheduled_execution_time.strftime("%Y%m%dT%H%M")
+        max_age = refresh_tile_cache_max_age_hours(settings.tile_cache_max_age_hours, cron)
+        run_config = {"resources": {"settings": {"config": {"tile_cache_max_age_hours": max_age}}}}
+        keys = tile_partitions().get_partition_keys()
+        return [
+            request.with_replaced_attrs(run_config=run_config)
+            for request in ranged_requests(keys, TILES_PER_RUN, f"refresh-{tick}")
+        ]
+
+    return refresh_schedule
 
 
 def _latest_storage_id(instance: dg.DagsterInstance, asset: str) -> int:

@@ -10,7 +10,7 @@ to the one worker whose disk holds DuckDB). On one machine the tags are inert.
 import dagster as dg
 
 from mapillary_assets.defs.assets.chunks import blur_scores, image_metadata, thumbnail_downloads
-from mapillary_assets.defs.assets.discovery import discovered_images, image_chunks, sequence_images
+from mapillary_assets.defs.assets.discovery import image_chunks, sequence_images
 from mapillary_assets.defs.assets.publish import filter_areas, mapillary_geopackage, staging_tables
 
 # dagster_celery.tags.DAGSTER_CELERY_QUEUE_TAG, spelt out so the definitions load without the scaleout extra.
@@ -20,7 +20,7 @@ PUBLISH_QUEUE = "publish"
 
 discovery_job = dg.define_asset_job(
     "discovery_job",
-    selection=[discovered_images],
+    selection=["discovered_images"],
     description="Discover images in tile partitions.",
 )
 assign_chunks_job = dg.define_asset_job(

@@ -35,14 +35,18 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     import dagster as dg
 
-    from mapillary_assets.defs.pipeline_runs import PipelineFailed, run_pipeline
-    from mapillary_assets.scaleout.runner import ClusterRunner
+    from mapillary_assets.errors import PipelineFailed
+    from mapillary_assets.runners.cluster import DEFAULT_DAGSTER_URL, ClusterRunner
+    from mapillary_assets.runners.pipeline import run_pipeline
 
     with dg.DagsterInstance.get() as instance:
         try:
             summary = run_pipeline(
                 instance,
-                runner=ClusterRunner(instance),
+                runner=ClusterRunner(
+                    instance,
+                    dagster_url=os.environ.get("MAPILLARY_DAGSTER_URL", DEFAULT_DAGSTER_URL),
+                ),
                 tiles_per_run=args.tiles_per_run,
                 chunks_per_run=args.chunks_per_run,
             )

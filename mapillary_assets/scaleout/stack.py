@@ -98,6 +98,8 @@ def stack_env(config: StackConfig, base: dict[str, str] | None = None) -> dict[s
             "MAPILLARY_RUN_EXECUTOR": "in_process",
             "MAPILLARY_REDIS_URL": f"redis://127.0.0.1:{config.redis_port}/1",
             "MAPILLARY_DATA_DIR": str(Path(data_dir).resolve()),
+            # Where drivers submit runs (runners.cluster.ClusterRunner, through GraphQL).
+            "MAPILLARY_DAGSTER_URL": f"http://127.0.0.1:{config.webserver_port}",
             "PYTHONPATH": str(REPO_ROOT),
             "PATH": f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}",
         }
@@ -302,6 +304,7 @@ def start(config: StackConfig, log=print) -> dict[str, str]:
             ],
             env,
         )
+        _wait_for_code_location(config.webserver_port, config.logs / "webserver.log")
         log(f"UI: http://127.0.0.1:{config.webserver_port}")
     log(f"{config.workers} worker(s); environment for drivers: source {config.env_file}")
     return env
@@ -424,6 +427,27 @@ def _check(argv: list[str], what: str, env: dict[str, str] | None = None) -> Non
         raise StackError(
             f"{what} failed ({shlex.join(argv[:3])} ...): {(result.stderr or result.stdout).strip()[-800:]}"
         )
+
+
+def _wait_for_code_location(port: int, log: Path, timeout_s: float = 180.0) -> None:
+    """Until the webserver answers GraphQL with the code location loaded (runs are submitted there)."""
+    import requests
+
+    query = "{ repositoriesOrError { ... on RepositoryConnection { nodes { name } } } }"
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        try:
+            answer = requests.post(
+                f"http://127.0.0.1:{port}/graphql", json={"query": query}, timeout=5
+            ).json()
+            if answer["data"]["repositoriesOrError"].get("nodes"):
+                return
+        except (requests.RequestException, ValueError, KeyError, TypeError):
+            pass
+        time.sleep(1.0)
+    raise StackError(
+        f"the webserver did not load the code location within {timeout_s:.0f} s (log: {log})"
+    )
 
 
 def _tool(name: str) -> str:

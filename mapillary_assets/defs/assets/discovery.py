@@ -81,10 +81,9 @@ def _tile_map_png(
 ) -> bytes:
     """Every partition tile of the AOI: this run's counts, earlier runs' from their files (row counts from
     the Parquet footer), None where no file exists; partitions whose last attempt failed are marked."""
-    keys = tile_partitions().get_partition_keys()
-    statuses = (
-        context.instance.get_status_by_partition(context.asset_key, keys, tile_partitions()) or {}
-    )
+    partitions = context.assets_def.partitions_def
+    keys = partitions.get_partition_keys()
+    statuses = context.instance.get_status_by_partition(context.asset_key, keys, partitions) or {}
     failed = [
         k
         for k, status in statuses.items()
@@ -112,54 +111,59 @@ def _partition_files(layout: DataLayout, tileset: str, tile: mercantile.Tile, ke
                 yield layout.tile_cache_path(tileset, zoom, x, y)
 
 
-@dg.asset(
-    partitions_def=tile_partitions(),
-    group_name="discovery",
-    kinds={"python", "parquet"},
-    pool=API_POOL,
-    backfill_policy=dg.BackfillPolicy.multi_run(max_partitions_per_run=16),
-    description="Images found in each tile partition (z14 `image` layer of non-empty z14 tiles, "
-    "clipped to the area of interest, deduplicated). One Parquet file per partition.",
-)
-def discovered_images(
-    context: dg.AssetExecutionContext,
-    mapillary_api: MapillaryApiResource,
-    storage: DataStorageResource,
-    settings: PipelineSettings,
-) -> dg.MaterializeResult:
-    results = asyncio.run(
-        _discover(mapillary_api, storage.layout, settings, context.partition_keys, context.log)
+def build_discovered_images(partitions: dg.PartitionsDefinition) -> dg.AssetsDefinition:
+    """The discovery asset over `partitions` (the area's tiles, known once the settings are read)."""
+
+    @dg.asset(
+        partitions_def=partitions,
+        group_name="discovery",
+        kinds={"python", "parquet"},
+        pool=API_POOL,
+        backfill_policy=dg.BackfillPolicy.multi_run(max_partitions_per_run=16),
+        description="Images found in each tile partition (z14 `image` layer of non-empty z14 tiles, "
+        "clipped to the area of interest, deduplicated). One Parquet file per partition.",
     )
-    frames = [frame for frame, _ in results.values()]
-    total = sum(len(frame) for frame in frames)
-    requests = sum(stats.requests for _, stats in results.values())
-    context.log.info(
-        f"discovered {total:,} images in {len(results)} partition(s) with {requests:,} tile requests"
-    )
-    counts = {
-        key: {"images": len(frame), "tile_requests": stats.requests}
-        for key, (frame, stats) in results.items()
-    }
-    return dg.MaterializeResult(
-        metadata={
-            **partition_counts_metadata(counts),
-            "tileset": settings.tileset,
-            "route": settings.discovery_route,
-            "preview": dg.MetadataValue.md(
-                preview_markdown(pd.concat(frames) if frames else pd.DataFrame())
-            ),
-            "tile_map": dg.MetadataValue.md(
-                png_markdown(
-                    _tile_map_png(
-                        context,
-                        storage.layout,
-                        {key: len(frame) for key, (frame, _) in results.items()},
-                    ),
-                    "partition tiles by image count",
-                )
-            ),
+    def discovered_images(
+        context: dg.AssetExecutionContext,
+        mapillary_api: MapillaryApiResource,
+        storage: DataStorageResource,
+        settings: PipelineSettings,
+    ) -> dg.MaterializeResult:
+        results = asyncio.run(
+            _discover(mapillary_api, storage.layout, settings, context.partition_keys, context.log)
+        )
+        frames = [frame for frame, _ in results.values()]
+        total = sum(len(frame) for frame in frames)
+        requests = sum(stats.requests for _, stats in results.values())
+        context.log.info(
+            f"discovered {total:,} images in {len(results)} partition(s) with {requests:,} tile requests"
+        )
+        counts = {
+            key: {"images": len(frame), "tile_requests": stats.requests}
+            for key, (frame, stats) in results.items()
         }
-    )
+        return dg.MaterializeResult(
+            metadata={
+                **partition_counts_metadata(counts),
+                "tileset": settings.tileset,
+                "route": settings.discovery_route,
+                "preview": dg.MetadataValue.md(
+                    preview_markdown(pd.concat(frames) if frames else pd.DataFrame())
+                ),
+                "tile_map": dg.MetadataValue.md(
+                    png_markdown(
+                        _tile_map_png(
+                            context,
+                            storage.layout,
+                            {key: len(frame) for key, (frame, _) in results.items()},
+                        ),
+                        "partition tiles by image count",
+                    )
+                ),
+            }
+        )
+
+    return discovered_images
 
 
 @dg.asset(
@@ -236,7 +240,7 @@ def read_discovered_ids(layout: DataLayout, partition_keys: list[str]) -> list[s
 
 
 @dg.asset(
-    deps=[discovered_images, sequence_images],
+    deps=["discovered_images", sequence_images],
     group_name="discovery",
     kinds={"python", "parquet"},
     pool="chunk_registry",

@@ -6,7 +6,6 @@ import dagster as dg
 import shapely
 
 from mapillary_assets.defs.assets.chunks import blur_scores, image_metadata, thumbnail_downloads
-from mapillary_assets.defs.assets.discovery import discovered_images
 from mapillary_assets.defs.pools import DUCKDB_POOL
 from mapillary_assets.defs.reporting import preview_markdown
 from mapillary_assets.defs.resources import DataStorageResource, PipelineSettings
@@ -56,7 +55,7 @@ def filter_areas(
 
 
 @dg.asset(
-    deps=[discovered_images, image_metadata, thumbnail_downloads, blur_scores, filter_areas],
+    deps=["discovered_images", image_metadata, thumbnail_downloads, blur_scores, filter_areas],
     group_name="staging",
     kinds={"duckdb"},
     pool=DUCKDB_POOL,

@@ -13,8 +13,8 @@ nothing is judged here: run monitoring asks the launcher about the run's worker 
 from __future__ import annotations
 
 import dagster as dg
-from dagster._core.launcher import DefaultRunLauncher
 
+from mapillary_assets.dagster_compat import is_local_launcher, release_pool_slots
 from mapillary_assets.process_tree import process_alive
 
 # Tags that remote launchers put on the runs they start (the run's worker is on another machine).
@@ -25,7 +25,7 @@ def release_dead_runs(instance: dg.DagsterInstance) -> list[str]:
     """Mark active runs whose worker process on this machine is gone as failed and free their pool
     slots; returns their ids. A run whose pid is unknown or alive is left alone."""
     released = []
-    if not isinstance(instance.run_launcher, DefaultRunLauncher):
+    if not is_local_launcher(instance):
         return released  # a cluster instance: its runs' pids belong to other machines
     active = instance.get_runs(
         filters=dg.RunsFilter(statuses=[dg.DagsterRunStatus.STARTED, dg.DagsterRunStatus.STARTING])
@@ -37,7 +37,7 @@ def release_dead_runs(instance: dg.DagsterInstance) -> list[str]:
         if pid is None or process_alive(pid):
             continue
         instance.report_run_failed(run, f"its process (pid {pid}) is gone: killed or crashed")
-        instance.event_log_storage.free_concurrency_slots_for_run(run.run_id)
+        release_pool_slots(instance, run.run_id)
         released.append(run.run_id)
     return released
 

@@ -1,8 +1,9 @@
 """Run the pipeline's jobs on a scaled-out instance: submit runs, follow them (and their retries) to the end.
 
-`ClusterRunner.run_many(job_name, tag_sets)` is the runner protocol of `defs/pipeline_runs.py`: each tag
-set becomes one run, submitted to the instance's run coordinator (deploy/dagster.yaml: queued, dequeued
-by dagster-daemon, launched as a Celery task on whichever worker takes it). A run whose worker was
+`ClusterRunner.run_many(job_name, tag_sets)` is the runner protocol of `runners/pipeline.py`: each
+tag set becomes one run, submitted through the webserver's GraphQL API to the instance's run
+coordinator (deploy/dagster.yaml: queued, dequeued by dagster-daemon, launched as a Celery task on
+whichever worker takes it). A run whose worker was
 killed is failed by run monitoring and relaunched by run retries; the runner follows that chain and
 reports the last run of it.
 """
@@ -12,13 +13,14 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
-from pathlib import Path
+from urllib.parse import urlsplit
 
 import dagster as dg
-from dagster._core.storage.tags import AUTO_RETRY_RUN_ID_TAG, WILL_RETRY_TAG
 
-REPO_ROOT = Path(__file__).resolve().parents[2]
-CODE_MODULE = "mapillary_assets.definitions"
+from mapillary_assets.dagster_compat import AUTO_RETRY_RUN_ID_TAG, WILL_RETRY_TAG
+
+# The scaled-out stack's webserver (scripts/stack.sh; StackConfig.webserver_port).
+DEFAULT_DAGSTER_URL = "http://127.0.0.1:3100"
 _FINISHED = {dg.DagsterRunStatus.SUCCESS, dg.DagsterRunStatus.FAILURE, dg.DagsterRunStatus.CANCELED}
 
 
@@ -34,15 +36,13 @@ class ClusterRunner:
         self,
         instance: dg.DagsterInstance,
         *,
-        module: str = CODE_MODULE,
-        working_directory: Path = REPO_ROOT,
+        dagster_url: str = DEFAULT_DAGSTER_URL,
         poll_s: float = 1.0,
         timeout_s: float = 6 * 3600.0,
         log: Callable[[str], None] = print,
     ) -> None:
         self.instance = instance
-        self.module = module
-        self.working_directory = Path(working_directory)
+        self.dagster_url = dagster_url
         self.poll_s = poll_s
         self.timeout_s = timeout_s
         self.log = log
@@ -79,43 +79,19 @@ class ClusterRunner:
 
     @contextmanager
     def _submitter(self) -> Iterator[Callable[[str, dict[str, str]], str]]:
-        """A function submitting one run of a job with tags (the job's own run tags, e.g. its Celery queue,
-        included), over one workspace load."""
-        from dagster._cli.job import _create_run
-        from dagster._cli.workspace.cli_target import (
-            WorkspaceOpts,
-            get_code_location_from_workspace,
-            get_remote_job_from_remote_repo,
-            get_remote_repository_from_code_location,
-            get_workspace_from_cli_opts,
+        """A function submitting one run of a job with tags through the webserver's GraphQL API
+        (the job's own run tags, e.g. its Celery queue, are merged in by the webserver)."""
+        from dagster_graphql import DagsterGraphQLClient
+
+        url = urlsplit(self.dagster_url)
+        client = DagsterGraphQLClient(
+            url.hostname or "127.0.0.1", port_number=url.port, use_https=url.scheme == "https"
         )
-        from dagster.version import __version__
 
-        opts = WorkspaceOpts(
-            module_name=(self.module,), working_directory=str(self.working_directory)
-        )
-        with get_workspace_from_cli_opts(
-            self.instance, version=__version__, workspace_opts=opts
-        ) as workspace:
-            location = get_code_location_from_workspace(workspace, None)
-            repository = get_remote_repository_from_code_location(location, None)
+        def submit(job_name: str, tags: dict[str, str]) -> str:
+            return client.submit_job_execution(job_name, tags=tags)
 
-            def submit(job_name: str, tags: dict[str, str]) -> str:
-                job = get_remote_job_from_remote_repo(repository, job_name)
-                run = _create_run(
-                    instance=self.instance,
-                    code_location=location,
-                    remote_repo=repository,
-                    remote_job=job,
-                    run_config={},
-                    tags={**job.run_tags, **tags},
-                    op_selection=None,
-                    run_id=None,
-                )
-                self.instance.submit_run(run.run_id, workspace)
-                return run.run_id
-
-            yield submit
+        yield submit
 
     def poll(self, run_id: str) -> tuple[str, bool] | str | None:
         """None while the run (or a retry due for it) is not finished; the retry's id once it exists;
