@@ -229,7 +229,7 @@ def price_1024(layout, emulator: Emulator, image_ids: list[str]) -> dict[str, fl
 
 def api_floors(scale: float) -> dict[str, float]:
     """Requests the API budget needs at least, and the seconds that takes at the default budgets."""
-    from mapillary_assets.defs.settings import current_aoi, partition_zoom
+    from mapillary_assets.defs.area import current_aoi, partition_zoom
     from mapillary_assets.emulator import World
     from mapillary_assets.pipeline.aoi import partition_tiles
 

@@ -165,7 +165,7 @@ def demo(args: argparse.Namespace) -> int:
         f"\nDone in {summary['seconds']:.0f} s ({images:,} images in {summary['chunks']} chunk(s))."
     )
     if not images:
-        from mapillary_assets.defs.settings import current_aoi
+        from mapillary_assets.defs.area import current_aoi
         from mapillary_assets.pipeline.aoi import no_images_warning
 
         print(

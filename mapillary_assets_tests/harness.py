@@ -12,12 +12,12 @@ import geopandas as gpd
 import pyogrio
 
 from mapillary_assets.definitions import build_definitions
+from mapillary_assets.defs.area import current_aoi
 from mapillary_assets.defs.resources import (
     DataStorageResource,
     MapillaryApiResource,
     PipelineSettings,
 )
-from mapillary_assets.defs.settings import current_aoi
 from mapillary_assets.emulator import EmulatorServer, Faults, World
 from mapillary_assets.runners.pipeline import run_pipeline
 from mapillary_assets.storage import DataLayout

@@ -22,9 +22,9 @@ import pandas as pd
 import pytest
 
 from mapillary_assets.api.decoders import decode_image_layer
+from mapillary_assets.defs.area import partition_zoom
 from mapillary_assets.defs.partitions import tile_partitions
 from mapillary_assets.defs.resources import ConfigError, MapillaryApiResource, PipelineSettings
-from mapillary_assets.defs.settings import partition_zoom
 from mapillary_assets.emulator import Faults
 from mapillary_assets.emulator.thumbnails import jpeg_fault
 from mapillary_assets.errors import PipelineFailed

@@ -68,7 +68,7 @@ def completed(tmp_path_factory):
 
 
 def _aoi():
-    from mapillary_assets.defs.settings import current_aoi
+    from mapillary_assets.defs.area import current_aoi
 
     return current_aoi().geometry
 

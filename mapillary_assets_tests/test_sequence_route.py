@@ -5,9 +5,9 @@ from __future__ import annotations
 
 import pytest
 
+from mapillary_assets.defs.area import current_aoi
 from mapillary_assets.defs.partitions import CHUNK_PARTITIONS_NAME
 from mapillary_assets.defs.resources import ConfigError, PipelineSettings
-from mapillary_assets.defs.settings import current_aoi
 from mapillary_assets.emulator import World
 from mapillary_assets_tests.harness import TEST_SCALE, pipeline_run
 

@@ -4,9 +4,9 @@ import dagster as dg
 import pyogrio
 import shapely
 
+from mapillary_assets.defs.area import current_aoi
 from mapillary_assets.defs.assets.publish import mapillary_geopackage, staging_tables
 from mapillary_assets.defs.resources import DataStorageResource, PipelineSettings
-from mapillary_assets.defs.settings import current_aoi
 from mapillary_assets.pipeline.staging import connect_staging
 
 

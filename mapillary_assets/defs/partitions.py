@@ -19,7 +19,7 @@ from mapillary_assets.dagster_compat import (
     ASSET_PARTITION_RANGE_START_TAG,
     PARTITION_NAME_TAG,
 )
-from mapillary_assets.defs.settings import partition_zoom
+from mapillary_assets.defs.area import partition_zoom
 from mapillary_assets.pipeline.aoi import load_aoi, partition_tiles, tile_key
 
 CHUNK_PARTITIONS_NAME = "id_chunks"

@@ -7,6 +7,7 @@ import mercantile
 import pandas as pd
 import pyarrow.parquet as pq
 
+from mapillary_assets.defs.area import current_aoi
 from mapillary_assets.defs.partitions import CHUNK_PARTITIONS_NAME, tile_partitions
 from mapillary_assets.defs.pools import API_POOL
 from mapillary_assets.defs.reporting import partition_counts_metadata, preview_markdown
@@ -15,7 +16,6 @@ from mapillary_assets.defs.resources import (
     MapillaryApiResource,
     PipelineSettings,
 )
-from mapillary_assets.defs.settings import current_aoi
 from mapillary_assets.pipeline.aoi import no_images_warning, parse_tile_key
 from mapillary_assets.pipeline.charts import png_markdown, tile_map_png
 from mapillary_assets.pipeline.chunks import assign_chunks, chunk_keys

@@ -5,11 +5,11 @@ import json
 import dagster as dg
 import shapely
 
+from mapillary_assets.defs.area import current_aoi
 from mapillary_assets.defs.assets.chunks import blur_scores, image_metadata, thumbnail_downloads
 from mapillary_assets.defs.pools import DUCKDB_POOL
 from mapillary_assets.defs.reporting import preview_markdown
 from mapillary_assets.defs.resources import DataStorageResource, PipelineSettings
-from mapillary_assets.defs.settings import current_aoi
 from mapillary_assets.pipeline.charts import png_markdown, published_map_png
 from mapillary_assets.pipeline.filters import load_filter_polygons
 from mapillary_assets.pipeline.geopackage import published_overview, write_geopackage

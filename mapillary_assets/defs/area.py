@@ -1,5 +1,5 @@
-"""Load-time settings read from the environment (the AOI and the partition zoom shape the partitions,
-so they must be known before any run starts)."""
+"""The configured area of interest (MAPILLARY_AOI) and partition zoom (MAPILLARY_PARTITION_ZOOM):
+they shape the tile partitions, so they are read when the definitions are built."""
 
 from __future__ import annotations
 
