@@ -49,8 +49,10 @@ import numpy as np
 from aiohttp import web
 
 from . import thumbnails
+from .ids import decode_image_id
+from .records import ImageRecord
 from .tiles import TILESETS, render_tile
-from .world import ImageRecord, World, decode_image_id
+from .world import World
 
 DEFAULT_TOKEN = "MLY|emulator-token"
 WINDOW_S = 60.0

@@ -25,7 +25,9 @@ import struct
 
 import numpy as np
 
-from .world import ZOOM, TileImages, World
+from .geography import ZOOM
+from .records import TileImages
+from .world import World
 
 EXTENT = 4096
 TILESETS = ("mly1_public", "mly1_computed_public")
