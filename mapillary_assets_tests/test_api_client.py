@@ -318,11 +318,11 @@ def test_client_limiter_keeps_every_window_within_budget(server, dense_tile):
 
 
 def test_retry_after_pauses_all_tasks_then_succeeds(fresh_server, dense_tile, monkeypatch):
-    from mapillary_assets.emulator import server as emulator_server
+    from mapillary_assets.emulator import state as emulator_state
 
-    if not hasattr(emulator_server, "WINDOW_S"):
+    if not hasattr(emulator_state, "WINDOW_S"):
         pytest.skip("emulator rate window is not adjustable")
-    monkeypatch.setattr(emulator_server, "WINDOW_S", 2.0)  # the emulator's "minute" becomes 2 s
+    monkeypatch.setattr(emulator_state, "WINDOW_S", 2.0)  # the emulator's "minute" becomes 2 s
     fresh_server.set_faults(rate_limit_per_minute={"entity": 5})
     ids = [r.id for r in fresh_server.world.images_in_z14_tile(*dense_tile)[:8]]
 

@@ -23,9 +23,9 @@ import requests
 from shapely.geometry import box, shape
 
 from mapillary_assets.emulator import EmulatorServer, Faults, ImageRecord, World, thumbnails
-from mapillary_assets.emulator.world import (
+from mapillary_assets.emulator.geography import LAKE
+from mapillary_assets.emulator.ids import (
     IMAGE_ID_BASE,
-    LAKE,
     decode_image_id,
     decode_sequence_id,
     encode_image_id,

@@ -11,7 +11,8 @@ import signal
 import sys
 import threading
 
-from .server import DEFAULT_TOKEN, EmulatorServer, Faults
+from .app import DEFAULT_TOKEN, EmulatorServer
+from .faults import Faults
 from .world import World
 
 FAMILIES = ("tiles", "entity", "search")

@@ -17,7 +17,7 @@ import threading
 import cv2
 import numpy as np
 
-from .world import unit_hash
+from .ids import unit_hash
 
 SIZES = {"256": 256, "1024": 1024, "2048": 2048, "original": 2048}
 POOL_SIZE = 24
