@@ -21,7 +21,7 @@ import mapbox_vector_tile
 import pandas as pd
 import pytest
 
-from mapillary_assets.api.decoders import decode_image_layer
+from mapillary_assets.api.tile_decoders import decode_image_layer
 from mapillary_assets.cli import PipelineFailed
 from mapillary_assets.defs.partitions import tile_partitions
 from mapillary_assets.defs.resources import ConfigError, MapillaryApiResource, PipelineSettings

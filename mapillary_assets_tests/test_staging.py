@@ -378,10 +378,10 @@ def test_filter_polygons_from_file(layout, tmp_path):
 
 
 def test_metadata_columns_cover_the_decoder_schema():
-    decoders = pytest.importorskip("mapillary_assets.api.decoders")
+    decoders = pytest.importorskip("mapillary_assets.api.entity_decoders")
     schema = getattr(decoders, "IMAGE_SCHEMA", None)
     if schema is None:
-        pytest.skip("api.decoders.IMAGE_SCHEMA not written yet")
+        pytest.skip("api.entity_decoders.IMAGE_SCHEMA not written yet")
     assert set(schema.names) <= set(staging.METADATA_COLUMNS)
 
 

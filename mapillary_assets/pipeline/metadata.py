@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import pandas as pd
 import pyarrow as pa
 
-from mapillary_assets.api.decoders import (
+from mapillary_assets.api.entity_decoders import (
     DEFAULT_IMAGE_FIELDS,
     IMAGE_SCHEMA,
     decode_image_entity,

@@ -51,7 +51,7 @@ DISCOVERY_COLUMNS: dict[str, str] = {
     "creator_id": "BIGINT",
     "tile_z14": "VARCHAR",
 }
-# api/decoders.IMAGE_SCHEMA column names; typed here so staging does not depend on the client.
+# api/entity_decoders.IMAGE_SCHEMA column names; typed here so staging does not depend on the client.
 METADATA_COLUMNS: dict[str, str] = {
     "image_id": "VARCHAR",
     "captured_at": "TIMESTAMPTZ",

@@ -16,7 +16,7 @@ import pandas as pd
 import pyarrow as pa
 import shapely
 
-from mapillary_assets.api.decoders import int_or_none
+from mapillary_assets.api.coercion import int_or_none
 from mapillary_assets.api.errors import RequestTooLargeError
 from mapillary_assets.pipeline.aoi import AreaOfInterest
 from mapillary_assets.pipeline.concurrency import run_all

@@ -13,7 +13,7 @@ import pandas as pd
 import pyarrow as pa
 import shapely
 
-from mapillary_assets.api.decoders import int_or_none
+from mapillary_assets.api.coercion import int_or_none
 from mapillary_assets.pipeline.aoi import AreaOfInterest
 from mapillary_assets.pipeline.discovery.results import (
     DEFAULT_TILESET,

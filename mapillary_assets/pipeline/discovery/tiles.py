@@ -20,7 +20,7 @@ import pandas as pd
 import pyarrow as pa
 import shapely
 
-from mapillary_assets.api.decoders import decode_image_layer, decode_sequence_lines
+from mapillary_assets.api.tile_decoders import decode_image_layer, decode_sequence_lines
 from mapillary_assets.pipeline.aoi import AreaOfInterest, tile_bounds_arrays
 from mapillary_assets.pipeline.concurrency import run_all
 from mapillary_assets.pipeline.discovery.results import (
