@@ -318,7 +318,8 @@ def world_ids(world, count: int) -> list[str]:
 
 
 def emulator_client(server):
-    from mapillary_assets.api.client import ClientSettings, MapillaryClient
+    from mapillary_assets.api.client import MapillaryClient
+    from mapillary_assets.api.settings import ClientSettings
 
     settings = ClientSettings(
         token=EMULATOR_TOKEN,

@@ -1,6 +1,6 @@
 """Dagster-free client for the Mapillary API v4 (real API or the emulator: only URLs and token differ)."""
 
-from mapillary_assets.api.client import ClientSettings, MapillaryClient, Secret
+from mapillary_assets.api.client import MapillaryClient
 from mapillary_assets.api.entity_decoders import (
     DEFAULT_IMAGE_FIELDS,
     IMAGE_COLUMNS,
@@ -19,6 +19,7 @@ from mapillary_assets.api.errors import (
     classify_error,
 )
 from mapillary_assets.api.ratelimit import SharedRateLimiter
+from mapillary_assets.api.settings import ClientSettings, Secret
 from mapillary_assets.api.tile_decoders import (
     TileDecodeError,
     TilePoint,
