@@ -18,7 +18,7 @@ import pytest
 from mapillary_assets.cli import configure_pools
 from mapillary_assets.defs.dead_runs import release_dead_runs
 from mapillary_assets.emulator import Faults
-from mapillary_assets.pipeline.download import is_complete_jpeg
+from mapillary_assets.pipeline.jpeg_verification import is_complete_jpeg
 from mapillary_assets.storage import TEMP_MARKER, read_parquet
 from mapillary_assets_tests.harness import TEST_TOKEN
 from mapillary_assets_tests.run_partition import (

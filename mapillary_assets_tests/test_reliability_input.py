@@ -29,7 +29,7 @@ from mapillary_assets.defs.settings import partition_zoom
 from mapillary_assets.emulator import Faults
 from mapillary_assets.emulator.thumbnails import jpeg_fault
 from mapillary_assets.pipeline.aoi import AoiError, load_aoi, partition_tiles
-from mapillary_assets.pipeline.download import is_complete_jpeg
+from mapillary_assets.pipeline.jpeg_verification import is_complete_jpeg
 from mapillary_assets.storage import read_parquet, write_parquet_atomic
 from mapillary_assets_tests.run_partition import (
     REPO_ROOT,
