@@ -29,7 +29,8 @@ from benchmarks.harness import Figure, Stopwatch
 from mapillary_assets.api import ClientSettings, MapillaryClient, Secret, decode_image_layer
 from mapillary_assets.emulator import EmulatorServer, Faults, World
 from mapillary_assets.pipeline.aoi import load_aoi, partition_tiles
-from mapillary_assets.pipeline.discovery import discover_by_bbox_search, discover_partition
+from mapillary_assets.pipeline.discovery.search import discover_by_bbox_search
+from mapillary_assets.pipeline.discovery.tiles import discover_partition
 from mapillary_assets.storage import DataLayout
 
 NAME = "discovery"

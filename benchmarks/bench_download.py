@@ -36,7 +36,7 @@ import aiohttp
 
 from benchmarks.harness import Figure, Stopwatch
 from mapillary_assets.api import ClientSettings, MapillaryClient, Secret
-from mapillary_assets.pipeline import download
+from mapillary_assets.pipeline import download, jpeg_verification
 from mapillary_assets.pipeline.download import RESOLVE_BATCH_SIZE, download_thumbnails
 from mapillary_assets.storage import DataLayout, atomic_write_bytes
 
@@ -195,10 +195,10 @@ def check_costs(ids: list[str], scratch: Path) -> dict[str, float]:
 
     costs = {
         "marker checks (SOI/EOI, header segments, scan markers)": _microseconds_each(
-            lambda item: download.verify_jpeg(item[1]), bodies
+            lambda item: jpeg_verification.verify_jpeg(item[1]), bodies
         ),
         "strict decode (optional, decode_check=True)": _microseconds_each(
-            lambda item: download.decode_problem(item[1]), bodies, repeats=3
+            lambda item: jpeg_verification.decode_problem(item[1]), bodies, repeats=3
         ),
         "plain write to one folder (baseline)": _microseconds_each(
             write_plain, bodies, before_each_pass=empty_folders

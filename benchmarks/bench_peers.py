@@ -43,10 +43,10 @@ from shapely.geometry import box, mapping
 
 from benchmarks.harness import Figure, Stopwatch
 from mapillary_assets.api import ClientSettings, MapillaryClient, Secret
-from mapillary_assets.api.decoders import DEFAULT_IMAGE_FIELDS
+from mapillary_assets.api.entity_decoders import DEFAULT_IMAGE_FIELDS
 from mapillary_assets.emulator import EmulatorServer, Faults, World, thumbnails
 from mapillary_assets.pipeline.aoi import load_aoi, partition_tiles
-from mapillary_assets.pipeline.discovery import discover_partition
+from mapillary_assets.pipeline.discovery.tiles import discover_partition
 from mapillary_assets.pipeline.download import download_thumbnails
 from mapillary_assets.pipeline.metadata import fetch_metadata
 from mapillary_assets.storage import DataLayout

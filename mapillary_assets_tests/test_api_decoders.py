@@ -10,16 +10,18 @@ import pyarrow as pa
 import pytest
 from mapbox_vector_tile.Mapbox import vector_tile_pb2
 
-from mapillary_assets.api.decoders import (
+from mapillary_assets.api.entity_decoders import (
     DEFAULT_IMAGE_FIELDS,
     IMAGE_COLUMNS,
     IMAGE_SCHEMA,
+    decode_image_entity,
+    entities_to_table,
+)
+from mapillary_assets.api.tile_decoders import (
     TileDecodeError,
     TilePoint,
-    decode_image_entity,
     decode_image_layer,
     decode_sequence_lines,
-    entities_to_table,
     tile_pixels_to_lonlat,
 )
 

@@ -198,7 +198,8 @@ def emulator_thumbnails(tmp_path_factory):
 
     from shapely.geometry import box
 
-    from mapillary_assets.api.client import ClientSettings, MapillaryClient
+    from mapillary_assets.api.client import MapillaryClient
+    from mapillary_assets.api.settings import ClientSettings
     from mapillary_assets.emulator import EmulatorServer, World
     from mapillary_assets.pipeline.download import download_thumbnails
     from mapillary_assets.storage import DataLayout

@@ -15,14 +15,10 @@ from mapillary_assets.api import ClientSettings, MapillaryClient, RequestTooLarg
 from mapillary_assets.emulator import EmulatorServer, World
 from mapillary_assets.emulator.tiles import render_tile
 from mapillary_assets.pipeline.aoi import load_aoi
-from mapillary_assets.pipeline.discovery import (
-    DISCOVERY_COLUMNS,
-    SEARCH_LIMIT,
-    discover_by_bbox_search,
-    discover_by_sequences,
-    discover_partition,
-    touched_z14_tiles,
-)
+from mapillary_assets.pipeline.discovery.results import DISCOVERY_COLUMNS
+from mapillary_assets.pipeline.discovery.search import SEARCH_LIMIT, discover_by_bbox_search
+from mapillary_assets.pipeline.discovery.sequences import discover_by_sequences
+from mapillary_assets.pipeline.discovery.tiles import discover_partition, touched_z14_tiles
 from mapillary_assets.storage import DataLayout
 
 CENTRE = mercantile.Tile(2145, 1434, 12)  # Zurich HB; the AOI edge crosses it

@@ -10,12 +10,8 @@ import pytest
 
 from mapillary_assets.api.errors import AuthError, PermanentError, TransientError, UrlExpiredError
 from mapillary_assets.pipeline import download
-from mapillary_assets.pipeline.download import (
-    download_thumbnails,
-    is_complete_jpeg,
-    thumbnail_field,
-    verify_jpeg,
-)
+from mapillary_assets.pipeline.download import download_thumbnails, thumbnail_field
+from mapillary_assets.pipeline.jpeg_verification import is_complete_jpeg, verify_jpeg
 from mapillary_assets.storage import TEMP_MARKER, DataLayout
 
 
@@ -318,7 +314,8 @@ def world_ids(world, count: int) -> list[str]:
 
 
 def emulator_client(server):
-    from mapillary_assets.api.client import ClientSettings, MapillaryClient
+    from mapillary_assets.api.client import MapillaryClient
+    from mapillary_assets.api.settings import ClientSettings
 
     settings = ClientSettings(
         token=EMULATOR_TOKEN,

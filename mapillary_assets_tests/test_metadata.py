@@ -10,7 +10,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from mapillary_assets.api import ClientSettings, MapillaryClient, Secret
-from mapillary_assets.api.decoders import IMAGE_COLUMNS
+from mapillary_assets.api.entity_decoders import IMAGE_COLUMNS
 from mapillary_assets.api.errors import AuthError, PermanentError, TransientError
 from mapillary_assets.emulator import EmulatorServer, World
 from mapillary_assets.pipeline.aoi import load_aoi

@@ -24,7 +24,7 @@ import requests
 import requests.adapters
 from shapely.geometry import box, mapping
 
-from mapillary_assets.api.decoders import decode_image_layer
+from mapillary_assets.api.tile_decoders import decode_image_layer
 from mapillary_assets.emulator import EmulatorServer, Faults, World
 from mapillary_assets.emulator.tiles import render_tile
 

@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 
 from mapillary_assets.emulator import Faults
-from mapillary_assets.pipeline.download import is_complete_jpeg
+from mapillary_assets.pipeline.jpeg_verification import is_complete_jpeg
 from mapillary_assets.runners.dead_runs import release_dead_runs
 from mapillary_assets.runners.instance import configure_pools
 from mapillary_assets.storage import TEMP_MARKER, read_parquet

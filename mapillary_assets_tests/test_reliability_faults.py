@@ -19,7 +19,7 @@ import pytest
 from mapillary_assets.emulator import Faults
 from mapillary_assets.emulator.thumbnails import jpeg_fault
 from mapillary_assets.errors import PipelineFailed
-from mapillary_assets.pipeline.download import is_complete_jpeg
+from mapillary_assets.pipeline.jpeg_verification import is_complete_jpeg
 from mapillary_assets.runners.instance import configure_pools
 from mapillary_assets.storage import read_parquet
 from mapillary_assets_tests.harness import TEST_TOKEN

@@ -21,7 +21,7 @@ import mapbox_vector_tile
 import pandas as pd
 import pytest
 
-from mapillary_assets.api.decoders import decode_image_layer
+from mapillary_assets.api.tile_decoders import decode_image_layer
 from mapillary_assets.defs.area import partition_zoom
 from mapillary_assets.defs.partitions import tile_partitions
 from mapillary_assets.defs.resources import ConfigError, MapillaryApiResource, PipelineSettings
@@ -29,7 +29,7 @@ from mapillary_assets.emulator import Faults
 from mapillary_assets.emulator.thumbnails import jpeg_fault
 from mapillary_assets.errors import PipelineFailed
 from mapillary_assets.pipeline.aoi import AoiError, load_aoi, partition_tiles
-from mapillary_assets.pipeline.download import is_complete_jpeg
+from mapillary_assets.pipeline.jpeg_verification import is_complete_jpeg
 from mapillary_assets.storage import read_parquet, write_parquet_atomic
 from mapillary_assets_tests.run_partition import (
     REPO_ROOT,

@@ -9,7 +9,7 @@ import pyarrow as pa
 import pytest
 from shapely.geometry import box
 
-from mapillary_assets.pipeline import staging
+from mapillary_assets.pipeline import staging, staging_images
 from mapillary_assets.pipeline.staging import connect_staging, load_staging, spatial_extension_path
 from mapillary_assets.storage import TEMP_MARKER, DataLayout, StorageError, write_parquet_atomic
 
@@ -378,10 +378,10 @@ def test_filter_polygons_from_file(layout, tmp_path):
 
 
 def test_metadata_columns_cover_the_decoder_schema():
-    decoders = pytest.importorskip("mapillary_assets.api.decoders")
+    decoders = pytest.importorskip("mapillary_assets.api.entity_decoders")
     schema = getattr(decoders, "IMAGE_SCHEMA", None)
     if schema is None:
-        pytest.skip("api.decoders.IMAGE_SCHEMA not written yet")
+        pytest.skip("api.entity_decoders.IMAGE_SCHEMA not written yet")
     assert set(schema.names) <= set(staging.METADATA_COLUMNS)
 
 
@@ -466,12 +466,12 @@ def test_sequences_built_in_batches_equal_one_batch():
         "SELECT sequence_id, image_count, kept_count, first_captured_at, last_captured_at, ST_AsText(geom) "
         "FROM sequences"
     )
-    staging._build_sequences(con, batch_images=10**9)
+    staging_images.build_sequences(con, batch_images=10**9)
     one_batch = con.execute(query).fetchall()
     con.execute("DROP TABLE sequences")
     batches = []
     real_execute = con.execute
-    staging._build_sequences(_CountingInserts(con, batches), batch_images=300)
+    staging_images.build_sequences(_CountingInserts(con, batches), batch_images=300)
     many_batches = real_execute(query).fetchall()
     assert len(batches) >= 10
     assert many_batches == one_batch and len(one_batch) == 53  # 'single' has one image: no line

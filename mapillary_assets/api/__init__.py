@@ -1,15 +1,11 @@
 """Dagster-free client for the Mapillary API v4 (real API or the emulator: only URLs and token differ)."""
 
-from mapillary_assets.api.client import ClientSettings, MapillaryClient, Secret
-from mapillary_assets.api.decoders import (
+from mapillary_assets.api.client import MapillaryClient
+from mapillary_assets.api.entity_decoders import (
     DEFAULT_IMAGE_FIELDS,
     IMAGE_COLUMNS,
     IMAGE_SCHEMA,
-    TileDecodeError,
-    TilePoint,
     decode_image_entity,
-    decode_image_layer,
-    decode_sequence_lines,
     entities_to_table,
 )
 from mapillary_assets.api.errors import (
@@ -23,6 +19,13 @@ from mapillary_assets.api.errors import (
     classify_error,
 )
 from mapillary_assets.api.ratelimit import SharedRateLimiter
+from mapillary_assets.api.settings import ClientSettings, Secret
+from mapillary_assets.api.tile_decoders import (
+    TileDecodeError,
+    TilePoint,
+    decode_image_layer,
+    decode_sequence_lines,
+)
 
 __all__ = [
     "DEFAULT_IMAGE_FIELDS",

@@ -2,7 +2,7 @@
 
 The same code talks to the real API and to the emulator: only the base URLs and the token differ.
 The access token never leaves this module except inside the HTTP request itself: it is wrapped
-in `Secret`, URLs are redacted before they reach a log line or an exception, and aiohttp's own
+in `Secret` (api/settings.py), URLs are redacted before they reach a log line or an exception, and aiohttp's own
 exceptions (whose text can include the request URL, with the token for tile requests) are
 replaced by MapillaryErrors raised outside any `except` block, so no traceback chains to them.
 """
@@ -11,16 +11,13 @@ from __future__ import annotations
 
 import asyncio
 import collections
-import dataclasses
 import datetime as dt
 import json
 import logging
-import os
 import random
 import re
 import time
 from collections.abc import Mapping, Sequence
-from pathlib import Path
 from typing import Any
 from urllib.parse import quote, quote_plus
 
@@ -34,119 +31,20 @@ from mapillary_assets.api.errors import (
     TransientError,
     classify_error,
 )
-from mapillary_assets.api.ratelimit import SharedRateLimiter, redis_url_from_env
+from mapillary_assets.api.ratelimit import SharedRateLimiter
+from mapillary_assets.api.settings import REDACTED, TOKEN_MISSING_MESSAGE, ClientSettings
 
-__all__ = ["ClientSettings", "MapillaryClient", "Secret", "MAX_IDS_PER_REQUEST", "MAX_SEARCH_LIMIT"]
+__all__ = ["MapillaryClient", "MAX_IDS_PER_REQUEST", "MAX_SEARCH_LIMIT"]
 
 logger = logging.getLogger(__name__)
 
 MAX_IDS_PER_REQUEST = 50
 MAX_SEARCH_LIMIT = 2000
 FAMILIES = ("tiles", "entity", "search", "cdn")
-TOKEN_MISSING_MESSAGE = (
-    "MAPILLARY_ACCESS_TOKEN is not set: create a client token (MLY|...) at "
-    "https://www.mapillary.com/dashboard/developers and export it, or use the emulator's token"
-)
-_REDACTED = "***"
 _MAX_URL_IN_MESSAGE = 240
 _TILESET_PATTERN = re.compile(r"^[A-Za-z0-9_]+$")
 _ID_PATTERN = re.compile(r"^[A-Za-z0-9_-]+$")
 _USER_AGENT = "mapillary-assets/0.1 (+aiohttp)"
-
-
-class Secret:
-    """A credential that prints as '***'; `.reveal()` is for the one place that sends it."""
-
-    __slots__ = ("_value",)
-
-    def __init__(self, value: str | Secret) -> None:
-        self._value = value.reveal() if isinstance(value, Secret) else str(value)
-
-    def reveal(self) -> str:
-        return self._value
-
-    def __str__(self) -> str:
-        return _REDACTED
-
-    def __repr__(self) -> str:
-        return _REDACTED
-
-    def __bool__(self) -> bool:
-        return bool(self._value)
-
-    def __eq__(self, other: object) -> bool:
-        return isinstance(other, Secret) and other._value == self._value
-
-    def __hash__(self) -> int:
-        return hash(self._value)
-
-
-@dataclasses.dataclass(frozen=True)
-class ClientSettings:
-    token: Secret
-    graph_url: str = "https://graph.mapillary.com"
-    tiles_url: str = "https://tiles.mapillary.com"
-    entity_per_minute: int = 50_000
-    search_per_minute: int = 10_000
-    tiles_per_minute: int = 6_000
-    max_connections: int = 64
-    timeout_s: float = 60.0
-    max_retries: int = 6
-    backoff_base_s: float = 0.5
-    backoff_max_s: float = 60.0
-    rate_limit_store: Path | None = None
-    # Set (MAPILLARY_RATE_LIMIT_BACKEND=redis): the buckets live in Redis, shared by every machine.
-    rate_limit_redis_url: str | None = None
-
-    def __post_init__(self) -> None:
-        # Normalise what callers commonly pass loosely (a plain str token, trailing slashes, a str path).
-        if not isinstance(self.token, Secret):
-            object.__setattr__(self, "token", Secret(self.token))
-        object.__setattr__(self, "graph_url", str(self.graph_url).rstrip("/"))
-        object.__setattr__(self, "tiles_url", str(self.tiles_url).rstrip("/"))
-        if self.rate_limit_store is not None and not isinstance(self.rate_limit_store, Path):
-            object.__setattr__(self, "rate_limit_store", Path(self.rate_limit_store))
-        for name in (
-            "entity_per_minute",
-            "search_per_minute",
-            "tiles_per_minute",
-            "max_connections",
-        ):
-            if getattr(self, name) < 1:
-                raise ValueError(f"ClientSettings.{name} must be >= 1, got {getattr(self, name)}")
-        if (
-            self.max_retries < 0
-            or self.timeout_s <= 0
-            or self.backoff_base_s < 0
-            or self.backoff_max_s < 0
-        ):
-            raise ValueError(
-                "ClientSettings: max_retries, backoff_*_s must be >= 0 and timeout_s > 0"
-            )
-
-    @classmethod
-    def from_env(cls, **overrides: Any) -> ClientSettings:
-        """Settings from MAPILLARY_ACCESS_TOKEN, MAPILLARY_GRAPH_URL, MAPILLARY_TILES_URL and
-        MAPILLARY_RATE_LIMIT_STORE; keyword overrides win over the environment."""
-        env = os.environ
-        token = overrides.pop("token", None)
-        if token is None:
-            token = env.get("MAPILLARY_ACCESS_TOKEN", "")
-        token = Secret(token)
-        if not token.reveal().strip():
-            raise ValueError(TOKEN_MISSING_MESSAGE)
-        values: dict[str, Any] = {}
-        for field, variable in (
-            ("graph_url", "MAPILLARY_GRAPH_URL"),
-            ("tiles_url", "MAPILLARY_TILES_URL"),
-        ):
-            if env.get(variable, "").strip():
-                values[field] = env[variable].strip()
-        if env.get("MAPILLARY_RATE_LIMIT_STORE", "").strip():
-            values["rate_limit_store"] = Path(env["MAPILLARY_RATE_LIMIT_STORE"].strip())
-        values["rate_limit_redis_url"] = redis_url_from_env(env)
-        values.update(overrides)
-        return cls(token=token, **values)
 
 
 def _app_usage_percent(headers: Mapping[str, str]) -> float | None:
@@ -348,11 +246,9 @@ class MapillaryClient:
     def _scrub(self, text: str) -> str:
         for form in self._token_forms:
             if form:
-                text = text.replace(form, _REDACTED)
+                text = text.replace(form, REDACTED)
         # Percent-encodings are case-insensitive: %7C and %7c.
-        return re.sub(
-            r"(access_token=)[^&\s\]\)\"']*", r"\1" + _REDACTED, text, flags=re.IGNORECASE
-        )
+        return re.sub(r"(access_token=)[^&\s\]\)\"']*", r"\1" + REDACTED, text, flags=re.IGNORECASE)
 
     def _describe(self, url: URL, family: str) -> str:
         if family == "cdn":

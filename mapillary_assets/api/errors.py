@@ -11,7 +11,7 @@ import json
 import time
 from collections.abc import Mapping
 
-from mapillary_assets.api.decoders import int_or_none
+from mapillary_assets.api.coercion import int_or_none
 
 __all__ = [
     "AuthError",

@@ -9,7 +9,6 @@ partition so a backfill retries just those). An AuthError is fatal and propagate
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import time
 from collections.abc import Callable, Iterable, Sequence
@@ -18,7 +17,7 @@ from dataclasses import dataclass
 import pandas as pd
 import pyarrow as pa
 
-from mapillary_assets.api.decoders import (
+from mapillary_assets.api.entity_decoders import (
     DEFAULT_IMAGE_FIELDS,
     IMAGE_SCHEMA,
     decode_image_entity,
@@ -30,6 +29,7 @@ from mapillary_assets.api.errors import (
     PermanentError,
     RequestTooLargeError,
 )
+from mapillary_assets.pipeline.concurrency import run_all
 from mapillary_assets.storage import validate_image_id
 
 log = logging.getLogger(__name__)
@@ -142,7 +142,7 @@ async def fetch_metadata(
             if progress is not None:
                 progress(done, total, len(fetcher.failures))
 
-    await _run_all(worker() for _ in range(min(max(1, concurrency), len(batches))))
+    await run_all(worker() for _ in range(min(max(1, concurrency), len(batches))))
     order = {image_id: i for i, image_id in enumerate(ids)}
     fetcher.rows.sort(key=lambda row: order.get(row["image_id"], len(order)))
     return MetadataResult(
@@ -204,23 +204,6 @@ def _is_field_error(exc: MapillaryError) -> bool:
     )
 
 
-async def _run_all(coroutines: Iterable) -> None:
-    """Run concurrently; on the first error cancel the rest and raise that error itself (not an
-    ExceptionGroup), so an AuthError reaches the caller as an AuthError."""
-    try:
-        async with asyncio.TaskGroup() as group:
-            for coroutine in coroutines:
-                group.create_task(coroutine)
-    except BaseExceptionGroup as errors:
-        raise _first_leaf(errors) from None
-
-
-def _first_leaf(error: BaseException) -> BaseException:
-    while isinstance(error, BaseExceptionGroup):
-        error = error.exceptions[0]
-    return error
-
-
 async def fetch_sequence_image_ids(
     client, sequence_ids: Iterable[str], concurrency: int = 16
 ) -> dict[str, list[str]]:
@@ -240,7 +223,7 @@ async def fetch_sequence_image_ids(
                 log.warning("sequence %s: %s; treating it as empty", sequence_id, exc)
                 result[sequence_id] = []
 
-    await _run_all(worker() for _ in range(min(max(1, concurrency), len(unique))))
+    await run_all(worker() for _ in range(min(max(1, concurrency), len(unique))))
     return {sequence_id: result[sequence_id] for sequence_id in unique}
 
 

@@ -17,12 +17,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import duckdb
-import numpy as np
 import pandas as pd
-import pyarrow as pa
 from shapely.geometry.base import BaseGeometry
 
-from mapillary_assets.pipeline.filters import load_filter_polygons, spacing_filter, tag_in_polygons
+from mapillary_assets.pipeline.filters import load_filter_polygons
+from mapillary_assets.pipeline.staging_images import build_images, build_sequences
 from mapillary_assets.storage import TEMP_MARKER, DataLayout, StorageError, read_parquet
 
 # DuckDB spills to disk beyond this instead of growing with the image count (its default is 80 % of RAM).
@@ -30,7 +29,6 @@ from mapillary_assets.storage import TEMP_MARKER, DataLayout, StorageError, read
 # the publish process; no query here needs insertion order kept (every ordered read says ORDER BY),
 # and dropping it lets large CREATE TABLE AS stream with less memory.
 DUCKDB_MEMORY_LIMIT = "512MB"
-WALK_BATCH_ROWS = 200_000  # rows of the spacing walk held in pandas at once
 
 
 class SpatialExtensionError(RuntimeError):
@@ -51,7 +49,7 @@ DISCOVERY_COLUMNS: dict[str, str] = {
     "creator_id": "BIGINT",
     "tile_z14": "VARCHAR",
 }
-# api/decoders.IMAGE_SCHEMA column names; typed here so staging does not depend on the client.
+# api/entity_decoders.IMAGE_SCHEMA column names; typed here so staging does not depend on the client.
 METADATA_COLUMNS: dict[str, str] = {
     "image_id": "VARCHAR",
     "captured_at": "TIMESTAMPTZ",
@@ -101,12 +99,6 @@ BLUR_COLUMNS: dict[str, str] = {
     "backend": "VARCHAR",
     "reason": "VARCHAR",  # written by pipeline/blur.py for unreadable images (not in the documented contract)
 }
-# Columns the joined `images` table takes from metadata as they are (the shared ones are merged).
-_METADATA_ONLY = [
-    "computed_lon", "computed_lat", "altitude", "computed_altitude", "computed_compass_angle",
-    "creator_username", "camera_type", "make", "model", "width", "height", "quality_score",
-    "exif_orientation", "atomic_scale", "merge_cc", "has_mesh", "has_sfm_cluster",
-]  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -205,10 +197,10 @@ def load_staging(
             for stage in _STAGES:
                 _load_stage(con, layout, stage)
             assigned = _load_chunk_assignment(con, layout)
-            _build_images(
+            build_images(
                 con, filter_polygons, inside_spacing_m, outside_spacing_m, only_assigned=assigned
             )
-            _build_sequences(con)
+            build_sequences(con)
             con.execute("COMMIT")
             counts = {
                 table: con.execute(f"SELECT count(*) FROM {table}").fetchone()[0]
@@ -307,168 +299,6 @@ def _load_chunk_assignment(con: duckdb.DuckDBPyConnection, layout: DataLayout) -
     except duckdb.Error as exc:
         raise _diagnose([path], exc) from None
     return True
-
-
-def _build_images(
-    con,
-    filter_polygons,
-    inside_spacing_m: float,
-    outside_spacing_m: float,
-    only_assigned: bool = False,
-) -> None:
-    metadata_only = ", ".join(f"m.{name}" for name in _METADATA_ONLY)
-    assigned_only = (
-        "WHERE image_id IN (SELECT image_id FROM chunk_assignment)" if only_assigned else ""
-    )
-    con.execute(
-        f"""
-        CREATE TEMP TABLE images_base AS
-        WITH d AS (
-            SELECT * FROM discovered_images {assigned_only}
-            QUALIFY row_number() OVER (PARTITION BY image_id ORDER BY partition) = 1
-        ), m AS (
-            SELECT * FROM image_metadata
-            QUALIFY row_number() OVER (PARTITION BY image_id ORDER BY chunk DESC) = 1
-        ), f AS (
-            SELECT image_id, reason FROM metadata_failures
-            QUALIFY row_number() OVER (PARTITION BY image_id ORDER BY chunk DESC) = 1
-        ), dl AS (
-            SELECT * FROM downloads
-            QUALIFY row_number() OVER (PARTITION BY image_id ORDER BY status = 'ok' DESC, chunk DESC) = 1
-        ), b AS (
-            SELECT * FROM blur_scores
-            QUALIFY row_number() OVER (PARTITION BY image_id ORDER BY chunk DESC) = 1
-        )
-        SELECT
-            row_number() OVER () AS row_id,
-            d.image_id,
-            coalesce(m.sequence_id, d.sequence_id) AS sequence_id,
-            coalesce(m.captured_at, CAST(epoch_ms(d.captured_at_ms) AS TIMESTAMPTZ)) AS captured_at,
-            CASE WHEN m.lon IS NOT NULL AND m.lat IS NOT NULL THEN m.lon ELSE d.lon END AS lon,
-            CASE WHEN m.lon IS NOT NULL AND m.lat IS NOT NULL THEN m.lat ELSE d.lat END AS lat,
-            coalesce(m.compass_angle, d.compass_angle) AS compass_angle,
-            coalesce(m.is_pano, d.is_pano) AS is_pano,
-            CAST(d.organization_id AS VARCHAR) AS organization_id,
-            coalesce(m.creator_id, CAST(d.creator_id AS VARCHAR)) AS creator_id,
-            d.tile_z14,
-            d.partition,
-            {metadata_only},
-            CASE WHEN m.image_id IS NOT NULL THEN 'ok' WHEN f.image_id IS NOT NULL THEN 'failed'
-                 ELSE 'pending' END AS metadata_status,
-            CASE WHEN m.image_id IS NULL THEN f.reason END AS metadata_failure_reason,
-            coalesce(dl.status, 'pending') AS download_status,
-            dl.path AS thumbnail_path,
-            b.blur_value,
-            b.sobel_value,
-            b.is_blurry,
-            b.backend AS blur_backend,
-            b.reason AS blur_failure_reason
-        FROM d
-        LEFT JOIN m ON m.image_id = d.image_id
-        LEFT JOIN f ON f.image_id = d.image_id
-        LEFT JOIN dl ON dl.image_id = d.image_id
-        LEFT JOIN b ON b.image_id = d.image_id
-        """
-    )
-    flags = _image_flags(con, filter_polygons, inside_spacing_m, outside_spacing_m)
-    con.register("image_flags", flags)
-    try:
-        con.execute(
-            """
-            CREATE TABLE images AS
-            SELECT b.* EXCLUDE (row_id), f.in_filter_area, f.keep_spacing, ST_Point(b.lon, b.lat) AS geom
-            FROM images_base b JOIN image_flags f USING (row_id)
-            """
-        )
-    finally:
-        con.unregister("image_flags")
-    con.execute("DROP TABLE images_base")
-
-
-def _image_flags(
-    con, filter_polygons, inside_spacing_m: float, outside_spacing_m: float
-) -> pa.Table:
-    """`in_filter_area` and `keep_spacing` per `images_base` row, walking the sequences a batch at a time
-    (whole sequences per batch) so memory stays bounded whatever the image count."""
-    reader = con.execute(
-        "SELECT row_id, image_id, sequence_id, epoch_ms(captured_at) AS captured_at_ms, lon, lat FROM images_base "
-        "ORDER BY sequence_id NULLS LAST, row_id"
-    ).to_arrow_reader(WALK_BATCH_ROWS)
-    row_ids, inside, keep = [], [], []
-    carried: pd.DataFrame | None = None  # the last sequence of a batch may continue in the next one
-
-    def walk(frame: pd.DataFrame) -> None:
-        frame = frame.reset_index(drop=True)
-        frame["in_filter_area"] = tag_in_polygons(frame["lon"], frame["lat"], filter_polygons)
-        row_ids.append(frame["row_id"].to_numpy(dtype="int64"))
-        inside.append(frame["in_filter_area"].to_numpy(dtype=bool))
-        keep.append(spacing_filter(frame, inside_spacing_m, outside_spacing_m))
-
-    for batch in reader:
-        frame = batch.to_pandas()
-        if carried is not None:
-            frame = pd.concat([carried, frame], ignore_index=True)
-        last = frame["sequence_id"].iloc[-1]
-        tail = (
-            frame["sequence_id"].eq(last) if pd.notna(last) else pd.Series(False, index=frame.index)
-        )
-        carried = frame[tail]
-        if (~tail).any():
-            walk(frame[~tail])
-    if carried is not None and len(carried):
-        walk(carried)
-    return pa.table(
-        {
-            "row_id": pa.array(
-                np.concatenate(row_ids) if row_ids else np.zeros(0, "int64"), pa.int64()
-            ),
-            "in_filter_area": pa.array(
-                np.concatenate(inside) if inside else np.zeros(0, bool), pa.bool_()
-            ),
-            "keep_spacing": pa.array(
-                np.concatenate(keep) if keep else np.zeros(0, bool), pa.bool_()
-            ),
-        }
-    )
-
-
-SEQUENCE_BATCH_IMAGES = 200_000
-
-
-def _build_sequences(con, batch_images: int = SEQUENCE_BATCH_IMAGES) -> None:
-    """One line per sequence, built a range of sequence ids at a time (about `batch_images` points each):
-    DuckDB cannot spill list() aggregates, and all 1.2 M points at once ran out of the 1 GB memory limit."""
-    where = "sequence_id IS NOT NULL AND geom IS NOT NULL"
-    bounds = [
-        row[0]
-        for row in con.execute(
-            f"""
-        SELECT sequence_id FROM (
-            SELECT sequence_id, sum(count(*)) OVER (ORDER BY sequence_id) AS running
-            FROM images WHERE {where} GROUP BY sequence_id)
-        QUALIFY running // {int(batch_images)}
-              > coalesce(lag(running) OVER (ORDER BY sequence_id), 0) // {int(batch_images)}
-        ORDER BY sequence_id
-        """
-        ).fetchall()
-    ]
-    select = f"""
-        SELECT
-            sequence_id,
-            CAST(count(*) AS BIGINT) AS image_count,
-            CAST(count(*) FILTER (WHERE keep_spacing) AS BIGINT) AS kept_count,
-            min(captured_at) AS first_captured_at,
-            max(captured_at) AS last_captured_at,
-            ST_MakeLine(list(geom ORDER BY captured_at, image_id)) AS geom
-        FROM images
-        WHERE {where} AND ($lo IS NULL OR sequence_id > $lo) AND ($hi IS NULL OR sequence_id <= $hi)
-        GROUP BY sequence_id
-        HAVING count(*) >= 2
-        ORDER BY sequence_id
-    """
-    con.execute(f"CREATE TABLE sequences AS {select} LIMIT 0", {"lo": None, "hi": None})
-    for lo, hi in zip([None, *bounds], [*bounds, None]):  # ranges (lo, hi], in sequence id order
-        con.execute(f"INSERT INTO sequences {select}", {"lo": lo, "hi": hi})
 
 
 def read_table(con: duckdb.DuckDBPyConnection, table: str) -> pd.DataFrame:

@@ -19,13 +19,10 @@ from mapillary_assets.defs.resources import (
 from mapillary_assets.pipeline.aoi import no_images_warning, parse_tile_key
 from mapillary_assets.pipeline.charts import png_markdown, tile_map_png
 from mapillary_assets.pipeline.chunks import assign_chunks, chunk_keys
-from mapillary_assets.pipeline.discovery import (
-    IMAGE_ZOOM,
-    MIN_COVERAGE_ZOOM,
-    discover_by_bbox_search,
-    discover_by_sequences,
-    discover_partition,
-)
+from mapillary_assets.pipeline.discovery.results import IMAGE_ZOOM
+from mapillary_assets.pipeline.discovery.search import discover_by_bbox_search
+from mapillary_assets.pipeline.discovery.sequences import discover_by_sequences
+from mapillary_assets.pipeline.discovery.tiles import MIN_COVERAGE_ZOOM, discover_partition
 from mapillary_assets.storage import (
     IMAGE_ID_PATTERN,
     DataLayout,

@@ -1,4 +1,4 @@
-"""Decoders for Mapillary vector tiles and Graph API image entities (pure: no HTTP, no I/O).
+"""Decoders for Mapillary vector tiles (pure: no HTTP, no I/O).
 
 Vector tiles are parsed with the protobuf message class shipped by `mapbox_vector_tile`, but the
 features are walked here rather than through `mapbox_vector_tile.decode`: a dense z14 tile holds
@@ -10,27 +10,21 @@ lon/lat in one vectorised web-mercator inverse per layer.
 
 from __future__ import annotations
 
-import datetime as dt
 import gzip
 import math
-from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
-import pyarrow as pa
 from mapbox_vector_tile.Mapbox import vector_tile_pb2
 
+from mapillary_assets.api.coercion import bool_or_none, float_or_none, id_str, int_or_none
+
 __all__ = [
-    "DEFAULT_IMAGE_FIELDS",
-    "IMAGE_COLUMNS",
-    "IMAGE_SCHEMA",
     "TileDecodeError",
     "TilePoint",
-    "decode_image_entity",
     "decode_image_layer",
     "decode_sequence_lines",
-    "entities_to_table",
     "tile_pixels_to_lonlat",
 ]
 
@@ -38,64 +32,6 @@ DEFAULT_EXTENT = 4096
 _GZIP_MAGIC = b"\x1f\x8b"
 _MOVE_TO, _LINE_TO, _CLOSE_PATH = 1, 2, 7
 _POINT, _LINESTRING = 1, 2
-_UINT32_WRAP = 2**32
-
-# Thumbnail URLs are deliberately absent: they are signed, expire, and must never be stored.
-DEFAULT_IMAGE_FIELDS: tuple[str, ...] = (
-    "id",
-    "captured_at",
-    "compass_angle",
-    "computed_compass_angle",
-    "geometry",
-    "computed_geometry",
-    "altitude",
-    "computed_altitude",
-    "sequence",
-    "creator",
-    "camera_type",
-    "make",
-    "model",
-    "height",
-    "width",
-    "is_pano",
-    "quality_score",
-    "exif_orientation",
-    "atomic_scale",
-    "merge_cc",
-    "mesh",
-    "sfm_cluster",
-)
-
-IMAGE_SCHEMA = pa.schema(
-    [
-        pa.field("image_id", pa.string()),
-        pa.field("captured_at", pa.timestamp("ms", tz="UTC")),
-        pa.field("lon", pa.float64()),
-        pa.field("lat", pa.float64()),
-        pa.field("computed_lon", pa.float64()),
-        pa.field("computed_lat", pa.float64()),
-        pa.field("altitude", pa.float64()),
-        pa.field("computed_altitude", pa.float64()),
-        pa.field("compass_angle", pa.float64()),
-        pa.field("computed_compass_angle", pa.float64()),
-        pa.field("sequence_id", pa.string()),
-        pa.field("creator_id", pa.string()),
-        pa.field("creator_username", pa.string()),
-        pa.field("camera_type", pa.string()),
-        pa.field("make", pa.string()),
-        pa.field("model", pa.string()),
-        pa.field("width", pa.int64()),
-        pa.field("height", pa.int64()),
-        pa.field("is_pano", pa.bool_()),
-        pa.field("quality_score", pa.float64()),
-        pa.field("exif_orientation", pa.int64()),
-        pa.field("atomic_scale", pa.float64()),
-        pa.field("merge_cc", pa.string()),
-        pa.field("has_mesh", pa.bool_()),
-        pa.field("has_sfm_cluster", pa.bool_()),
-    ]
-)
-IMAGE_COLUMNS: tuple[str, ...] = tuple(IMAGE_SCHEMA.names)
 
 
 class TileDecodeError(ValueError):
@@ -113,9 +49,6 @@ class TilePoint:
     is_pano: bool | None
     organization_id: int | None
     creator_id: int | None
-
-
-# --------------------------------------------------------------------------- vector tiles
 
 
 def tile_pixels_to_lonlat(
@@ -202,56 +135,6 @@ def _line_parts(geometry) -> list[list[tuple[int, int]]]:
     return parts
 
 
-def int_or_none(value: Any) -> int | None:
-    """An int from an int, an integral float or a digit string; None for anything else (never via float for strings)."""
-    if value is None or isinstance(value, bool):
-        return None
-    if isinstance(value, int):
-        return value
-    if isinstance(value, float):
-        return int(value) if value.is_integer() else None
-    if isinstance(value, str):
-        try:
-            return int(value)
-        except ValueError:
-            return None
-    return None
-
-
-def _id_str(value: Any) -> str | None:
-    """An id as a decimal string; ints are formatted directly (never through float)."""
-    if value is None or isinstance(value, bool):
-        return None
-    if isinstance(value, int):
-        return str(value)
-    if isinstance(value, float):
-        # Precision was already lost upstream; at least do not render "1.2e+15".
-        return str(int(value)) if value.is_integer() else repr(value)
-    text = str(value).strip()
-    return text or None
-
-
-def _float_or_none(value: Any) -> float | None:
-    if value is None or isinstance(value, bool):
-        return None
-    if isinstance(value, (int, float)):
-        return float(value)
-    try:
-        return float(value)
-    except (TypeError, ValueError):
-        return None
-
-
-def _bool_or_none(value: Any) -> bool | None:
-    if isinstance(value, bool):
-        return value
-    if isinstance(value, int):
-        return bool(value)
-    if isinstance(value, str) and value.lower() in ("true", "false"):
-        return value.lower() == "true"
-    return None
-
-
 def decode_image_layer(data: bytes, z: int, x: int, y: int) -> list[TilePoint]:
     """Image points of a z14 tile (`image` layer), lon/lat from the tile pixel coordinates.
 
@@ -303,13 +186,13 @@ def decode_image_layer(data: bytes, z: int, x: int, y: int) -> list[TilePoint]:
     lons, lats = tile_pixels_to_lonlat(np.array(pxs), np.array(pys), z, x, y, extent)
     return [
         TilePoint(
-            image_id=str(image_id) if type(image_id) is int else _id_str(image_id),
+            image_id=str(image_id) if type(image_id) is int else id_str(image_id),
             lon=lon,
             lat=lat,
             captured_at_ms=captured if type(captured) is int else int_or_none(captured),
-            sequence_id=sequence if type(sequence) is str else _id_str(sequence),
-            compass_angle=compass if type(compass) is float else _float_or_none(compass),
-            is_pano=_bool_or_none(pano),
+            sequence_id=sequence if type(sequence) is str else id_str(sequence),
+            compass_angle=compass if type(compass) is float else float_or_none(compass),
+            is_pano=bool_or_none(pano),
             organization_id=org if type(org) is int else int_or_none(org),
             creator_id=creator if type(creator) is int else int_or_none(creator),
         )
@@ -346,90 +229,3 @@ def decode_sequence_lines(data: bytes, z: int, x: int, y: int) -> list[list[tupl
             lines.append(coords[start : start + len(part)])
             start += len(part)
     return lines
-
-
-# --------------------------------------------------------------------------- Graph API entities
-
-
-def _lonlat(geometry: Any) -> tuple[float | None, float | None]:
-    if not isinstance(geometry, Mapping):
-        return None, None
-    coordinates = geometry.get("coordinates")
-    if not isinstance(coordinates, (list, tuple)) or len(coordinates) < 2:
-        return None, None
-    lon, lat = _float_or_none(coordinates[0]), _float_or_none(coordinates[1])
-    if lon is None or lat is None:
-        return None, None
-    return lon, lat
-
-
-def _altitude(value: Any) -> float | None:
-    altitude = _float_or_none(value)
-    if altitude is not None and altitude > 2**31:
-        # Negative altitudes sometimes arrive as unsigned 32-bit wraps: 4294967281 means -15.
-        altitude -= _UINT32_WRAP
-    return altitude
-
-
-def _timestamp_ms(value: Any) -> dt.datetime | None:
-    ms = int_or_none(value)
-    if ms is None:
-        return None
-    return dt.datetime(1970, 1, 1, tzinfo=dt.UTC) + dt.timedelta(milliseconds=ms)
-
-
-def _text(value: Any) -> str | None:
-    if value is None:
-        return None
-    return value if isinstance(value, str) else str(value)
-
-
-def _present(value: Any) -> bool | None:
-    """True when a `{id, url}` object (mesh, sfm_cluster) is present; the API omits it otherwise."""
-    if value is None:
-        return None
-    return bool(value)
-
-
-def decode_image_entity(obj: Mapping[str, Any]) -> dict[str, Any]:
-    """One Graph API image object -> a row keyed by IMAGE_SCHEMA names (absent fields -> None)."""
-    lon, lat = _lonlat(obj.get("geometry"))
-    computed_lon, computed_lat = _lonlat(obj.get("computed_geometry"))
-    creator = obj.get("creator")
-    if not isinstance(creator, Mapping):
-        creator = {}
-    return {
-        "image_id": _id_str(obj.get("id")),
-        "captured_at": _timestamp_ms(obj.get("captured_at")),
-        "lon": lon,
-        "lat": lat,
-        "computed_lon": computed_lon,
-        "computed_lat": computed_lat,
-        "altitude": _altitude(obj.get("altitude")),
-        "computed_altitude": _altitude(obj.get("computed_altitude")),
-        "compass_angle": _float_or_none(obj.get("compass_angle")),
-        "computed_compass_angle": _float_or_none(obj.get("computed_compass_angle")),
-        "sequence_id": _id_str(obj.get("sequence")),
-        "creator_id": _id_str(creator.get("id")),
-        "creator_username": _text(creator.get("username")),
-        "camera_type": _text(obj.get("camera_type")),
-        "make": _text(obj.get("make")),
-        "model": _text(obj.get("model")),
-        "width": int_or_none(obj.get("width")),
-        "height": int_or_none(obj.get("height")),
-        "is_pano": _bool_or_none(obj.get("is_pano")),
-        "quality_score": _float_or_none(obj.get("quality_score")),
-        "exif_orientation": int_or_none(obj.get("exif_orientation")),
-        "atomic_scale": _float_or_none(obj.get("atomic_scale")),
-        "merge_cc": _id_str(obj.get("merge_cc")),
-        "has_mesh": _present(obj.get("mesh")),
-        "has_sfm_cluster": _present(obj.get("sfm_cluster")),
-    }
-
-
-def entities_to_table(rows: Iterable[Mapping[str, Any]]) -> pa.Table:
-    """Decoded entity rows -> a pyarrow Table with exactly IMAGE_SCHEMA (missing keys -> null)."""
-    rows = list(rows)
-    columns = {name: [row.get(name) for row in rows] for name in IMAGE_COLUMNS}
-    arrays = [pa.array(columns[name], type=IMAGE_SCHEMA.field(name).type) for name in IMAGE_COLUMNS]
-    return pa.Table.from_arrays(arrays, schema=IMAGE_SCHEMA)
