@@ -35,7 +35,7 @@ def test_cpu_path_gives_agreement_cpu_figures_and_says_when_cuda_is_absent(tmp_p
     torch = pytest.importorskip("torch")
     pytest.importorskip("kornia")
     output = tmp_path / "gpu_check.json"
-    images = 6
+    images = 4
 
     status = gpu_check.main(
         ["--images", str(images), "--repeats", "1", "--budget-s", "120", "--output", str(output)]
