@@ -1,4 +1,8 @@
-"""Run the benchmarks and write benchmarks/RESULTS.md: `python -m benchmarks.run [--quick] [--only a,b]`."""
+"""Run the benchmarks and write benchmarks/RESULTS.md: `python -m benchmarks.run [--quick] [--only a,b]`.
+
+`--merge FILE` runs nothing and puts a result file measured elsewhere into RESULTS (benchmarks/gpu_check.py
+writes one on a lent GPU machine); each of its figures carries its machine in its notes.
+"""
 
 from __future__ import annotations
 
@@ -74,7 +78,18 @@ def main(argv: list[str] | None = None) -> int:
         "--only", default="", help="comma-separated benchmark names (bench_<name>.py)"
     )
     parser.add_argument("--output", type=Path, default=HERE / "RESULTS.md")
+    parser.add_argument(
+        "--merge",
+        type=Path,
+        metavar="JSON",
+        help="run nothing: put the figures of a result file written elsewhere (benchmarks/gpu_check.py "
+        "on a lent GPU machine) into RESULTS, in place of that benchmark's earlier rows",
+    )
     args = parser.parse_args(argv)
+    if args.merge:
+        figures = [Figure(**row) for row in json.loads(args.merge.read_text())["figures"]]
+        store_and_render(figures, {}, {f.benchmark for f in figures}, args.output, args.quick)
+        return 0
     wanted = {name for name in args.only.split(",") if name}
     names = sorted(
         m.name[len("bench_") :]
@@ -99,9 +114,17 @@ def main(argv: list[str] | None = None) -> int:
                 json.dumps({k: v for k, v in figure.__dict__.items() if k != "extra"}), flush=True
             )
         figures.extend(results)
-    store = args.output.with_suffix(".json")
-    previous = json.loads(store.read_text()) if store.exists() else {}
     ran = {f.benchmark for f in figures} | set(failures) | wanted
+    store_and_render(figures, failures, ran, args.output, args.quick)
+    return 1 if failures else 0
+
+
+def store_and_render(
+    figures: list[Figure], failures: dict[str, str], ran: set[str], output: Path, quick: bool
+) -> None:
+    """Replace the rows of the benchmarks in `ran` in RESULTS.json, keep the others, rewrite `output`."""
+    store = output.with_suffix(".json")
+    previous = json.loads(store.read_text()) if store.exists() else {}
     kept = [Figure(**row) for row in previous.get("figures", []) if row["benchmark"] not in ran]
     kept_failures = {k: v for k, v in previous.get("failures", {}).items() if k not in ran}
     figures = kept + figures
@@ -109,9 +132,8 @@ def main(argv: list[str] | None = None) -> int:
     store.write_text(
         json.dumps({"figures": [f.__dict__ for f in figures], "failures": failures}, indent=1)
     )
-    args.output.write_text(render(figures, failures, args.quick))
-    print(f"wrote {args.output}")
-    return 1 if failures else 0
+    output.write_text(render(figures, failures, quick))
+    print(f"wrote {output}")
 
 
 if __name__ == "__main__":

@@ -1,8 +1,25 @@
-"""Offline, deterministic emulator of the Mapillary API v4 (Graph API, vector tiles, thumbnail CDN)."""
+"""Offline, deterministic emulator of the Mapillary API v4 (Graph API, vector tiles, thumbnail CDN).
 
-from .app import EmulatorServer, create_app
-from .faults import Faults
-from .records import ImageRecord
-from .world import World
+The names below load on first use, so a module that needs only the JPEG generator
+(`emulator.thumbnails`, e.g. benchmarks/gpu_check.py on a machine without aiohttp) does not import
+the server.
+"""
 
-__all__ = ["EmulatorServer", "Faults", "ImageRecord", "World", "create_app"]
+import importlib
+
+_EXPORTS = {
+    "EmulatorServer": "app",
+    "create_app": "app",
+    "Faults": "faults",
+    "ImageRecord": "records",
+    "World": "world",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str):
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    return getattr(importlib.import_module(f".{module}", __name__), name)

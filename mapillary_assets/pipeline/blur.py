@@ -299,13 +299,18 @@ class KorniaScorer:
         return buffer[: len(images)]
 
     def _launch(self, indices: list[int], images: list[np.ndarray]) -> None:
+        host = self._host_batch(images)
+        self.launch_pixels(indices, host.to(self.device, non_blocking=self.pinned))
+
+    def launch_pixels(self, indices: list[int], gray) -> None:
+        """Start scoring a uint8 batch [B, H, W] already on the scorer's device (e.g. decoded there by
+        nvJPEG); `drain` returns the results."""
         import kornia
 
         torch = self.torch
-        host = self._host_batch(images)
         # float32 is exact here: integer pixels <= 255 and integer kernels keep every filter output and its
         # square below 2**24 (also under TF32 convolutions, whose inputs these integers fit).
-        pixels = host.to(self.device, non_blocking=self.pinned).unsqueeze(1).to(torch.float32)
+        pixels = gray.unsqueeze(1).to(torch.float32)
         lap, gx, gy = (
             kornia.filters.filter2d(pixels, k, border_type="reflect") for k in self.kernels
         )
