@@ -41,12 +41,12 @@ fetch_job = dg.define_asset_job(
 blur_job = dg.define_asset_job(
     "blur_job",
     selection=[blur_scores],
-    run_tags={CELERY_QUEUE_TAG: GPU_QUEUE},
+    tags={CELERY_QUEUE_TAG: GPU_QUEUE},
     description="Blur scores of id chunks whose thumbnails are on disk, on the `gpu` queue's workers.",
 )
 publish_job = dg.define_asset_job(
     "publish_job",
     selection=[filter_areas, staging_tables, mapillary_geopackage],
-    run_tags={CELERY_QUEUE_TAG: PUBLISH_QUEUE},
+    tags={CELERY_QUEUE_TAG: PUBLISH_QUEUE},
     description="Rebuild the staging tables and the GeoPackage.",
 )
