@@ -10,7 +10,7 @@ from mapillary_assets.defs.partitions import CHUNK_PARTITIONS_NAME
 from mapillary_assets.defs.pipeline_runs import LocalRunner
 from mapillary_assets.defs.pools import GPU_POOL
 from mapillary_assets.emulator import Faults
-from mapillary_assets_tests.harness import pipeline_run
+from mapillary_assets_tests.support.emulated_runs import pipeline_run
 
 STEP_EVENTS = {
     dg.DagsterEventType.STEP_START,
