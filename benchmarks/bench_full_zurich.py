@@ -248,8 +248,9 @@ def measure(scale: float, data_root: Path, log=print) -> dict:
     if data_root.exists():
         shutil.rmtree(data_root)
     data_dir, home = data_root / "data", data_root / "dagster_home"
-    home.mkdir(parents=True)
-    (home / "dagster.yaml").write_text((REPO_ROOT / "dagster.yaml").read_text())
+    from mapillary_assets.runners.instance import prepare_dagster_home
+
+    prepare_dagster_home(home)
     emulator = Emulator(scale)
     log(
         f"emulator pid {emulator.process.pid} at {emulator.base_url} (scale {scale}); data {data_dir}"
@@ -267,15 +268,13 @@ def measure(scale: float, data_root: Path, log=print) -> dict:
     sampler = MemorySampler(emulator.process.pid)
     sampler.start()
     try:
-        import dagster as dg
-
         from mapillary_assets.definitions import build_definitions
-        from mapillary_assets.runners.instance import configure_pools
+        from mapillary_assets.runners.instance import configure_pools, open_instance
         from mapillary_assets.runners.local import LocalRunner
         from mapillary_assets.runners.pipeline import run_pipeline
         from mapillary_assets.storage import DataLayout
 
-        with dg.DagsterInstance.get() as instance:
+        with open_instance(home) as instance:
             configure_pools(instance)
             defs = build_definitions()
             runner = TimedRunner(LocalRunner(instance, defs, log=log), sampler, log)

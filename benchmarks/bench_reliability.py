@@ -15,37 +15,22 @@ Both run the whole pipeline through Dagster on the tests' small area (the tests'
 
 from __future__ import annotations
 
-import os
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
-if (
-    "mapillary_assets.defs.partitions" not in sys.modules
-):  # partitions are fixed when defs is imported
-    os.environ.setdefault(
-        "MAPILLARY_AOI", str(REPO_ROOT / "mapillary_assets_tests" / "data" / "test_aoi.geojson")
-    )
-    os.environ.setdefault("MAPILLARY_PARTITION_ZOOM", "13")
-
-from benchmarks.harness import Figure  # noqa: E402
-from mapillary_assets.emulator import Faults  # noqa: E402
-from mapillary_assets.runners.instance import configure_pools  # noqa: E402
-from mapillary_assets_tests.run_partition import (  # noqa: E402
-    assert_same_images,
-    busiest_window,
-    emulated_run,
-    run_discovery_and_chunking,
-)
+from benchmarks.emulated import assert_same_images, emulated_pipeline
+from benchmarks.harness import Figure
+from mapillary_assets.api.rate_windows import busiest_window
+from mapillary_assets.emulator import Faults, World
 
 NAME = "reliability"
+SEED, SCALE = 7, 0.003  # the tests' world
 
 
 def _fault_free(folder: Path) -> dict:
-    with emulated_run(folder) as run:
-        configure_pools(run.instance)
+    with emulated_pipeline(folder, World(seed=SEED, scale=SCALE)) as run:
         started = time.monotonic()
         run.run_pipeline()
         return {
@@ -57,10 +42,9 @@ def _fault_free(folder: Path) -> dict:
 
 
 def _outage(folder: Path, outage_s: float, baseline: dict) -> Figure:
-    with emulated_run(folder) as run:
-        configure_pools(run.instance)
+    with emulated_pipeline(folder, World(seed=SEED, scale=SCALE)) as run:
         started = time.monotonic()
-        run_discovery_and_chunking(run.defs, run.instance)
+        run.discover_and_chunk()
         run.server.set_faults(outage_start=time.time(), outage_end=time.time() + outage_s)
         runs = run.run_until_complete(attempts=20)
         seconds = time.monotonic() - started
@@ -85,8 +69,8 @@ def _outage(folder: Path, outage_s: float, baseline: dict) -> Figure:
 
 
 def _unknown_budget(folder: Path, budget: int, baseline: dict) -> Figure:
-    with emulated_run(folder, faults=Faults(rate_limit_per_minute={"entity": budget})) as run:
-        configure_pools(run.instance)
+    faults = Faults(rate_limit_per_minute={"entity": budget})
+    with emulated_pipeline(folder, World(seed=SEED, scale=SCALE), faults) as run:
         started = time.monotonic()
         runs = run.run_until_complete(attempts=3)
         seconds = time.monotonic() - started

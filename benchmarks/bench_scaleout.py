@@ -28,25 +28,17 @@ from pathlib import Path
 
 import pyogrio
 
+from benchmarks.emulated import SMALL_AOI, SMALL_AOI_ZOOM
 from benchmarks.harness import Figure
+from mapillary_assets.api.rate_windows import busiest_window
 from mapillary_assets.emulator import EmulatorServer, Faults, World
-from mapillary_assets_tests.dagster_server import free_port
+from mapillary_assets.net import free_port
 
 NAME = "scaleout"
 REPO = Path(__file__).resolve().parents[1]
 TOKEN = "MLY|bench-scaleout|not-a-secret"
-AOI = REPO / "mapillary_assets_tests" / "data" / "test_aoi.geojson"
 REPEATS = 3  # rounds of (1 worker, 2 workers)
 CHUNK_STAGE_LINE = r"fetch_job -> blur_job: \d+ run\(s\) finished in ([\d.]+) s"
-
-
-def _max_in_window(times: list[float], window_s: float) -> int:
-    import bisect
-
-    times = sorted(times)
-    return max(
-        (bisect.bisect_right(times, t + window_s) - i for i, t in enumerate(times)), default=0
-    )
 
 
 def _pipeline(
@@ -71,8 +63,8 @@ def _pipeline(
             "MAPILLARY_ACCESS_TOKEN": TOKEN,
             "MAPILLARY_GRAPH_URL": server.graph_url,
             "MAPILLARY_TILES_URL": server.tiles_url,
-            "MAPILLARY_AOI": str(AOI),
-            "MAPILLARY_PARTITION_ZOOM": "13",
+            "MAPILLARY_AOI": str(SMALL_AOI),
+            "MAPILLARY_PARTITION_ZOOM": str(SMALL_AOI_ZOOM),
             "MAPILLARY_CHUNK_SIZE": str(chunk_size),
         }
         if entity_per_minute:
@@ -115,7 +107,7 @@ def _seconds(values: list[float]) -> str:
 
 
 def run(quick: bool) -> list[Figure]:
-    from mapillary_assets.scaleout.stack import StackError, postgres_bin
+    from mapillary_assets.scaleout.services import StackError, postgres_bin
 
     try:
         postgres_bin("initdb")
@@ -147,7 +139,7 @@ def run(quick: bool) -> list[Figure]:
     rate_two = statistics.median(two["images"] / two["chunk_seconds"] for _, two in rounds)
     times = sorted(limited["entity_times"])
     sustained = (len(times) - 1) / (times[-1] - times[0]) * 60 if len(times) > 1 else 0.0
-    busiest = _max_in_window(times, 60.0)
+    busiest = busiest_window(times, 60.0)
     return [
         Figure(
             NAME,

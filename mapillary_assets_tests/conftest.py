@@ -2,11 +2,8 @@
 MAPILLARY_AOI and MAPILLARY_PARTITION_ZOOM, so the small test area is set here, before any import."""
 
 import os
-from pathlib import Path
 
-TEST_DATA = Path(__file__).parent / "data"
-TEST_AOI = TEST_DATA / "test_aoi.geojson"
-URBAN_AREA = TEST_DATA / "urban_area.geojson"
+from mapillary_assets_tests.support.world import TEST_AOI
 
 os.environ["MAPILLARY_AOI"] = str(TEST_AOI)
 os.environ["MAPILLARY_PARTITION_ZOOM"] = "13"

@@ -1,7 +1,6 @@
 """MapillaryClient against the emulator (every endpoint and error class) and small local servers."""
 
 import asyncio
-import bisect
 import logging
 import time
 import traceback
@@ -29,6 +28,7 @@ from mapillary_assets.api import (
     decode_image_layer,
     decode_sequence_lines,
 )
+from mapillary_assets.api.rate_windows import busiest_window
 from mapillary_assets.emulator import EmulatorServer, Faults, World
 
 ZURICH = shapely.box(8.45, 47.32, 8.62, 47.43)
@@ -80,13 +80,6 @@ def settings_for(server, **overrides) -> ClientSettings:
 
 def run(coro):
     return asyncio.run(coro)
-
-
-def max_in_window(times: list[float], window_s: float) -> int:
-    times = sorted(times)
-    return max(
-        (bisect.bisect_right(times, t + window_s) - i for i, t in enumerate(times)), default=0
-    )
 
 
 # ----------------------------------------------------------------------------- endpoints
@@ -314,7 +307,7 @@ def test_client_limiter_keeps_every_window_within_budget(server, dense_tile):
     run(main())
     times = server.request_times("tiles")
     assert len(times) == 24 and server.stats()["rate_limited"] == 0
-    assert max_in_window(times, 2.0) <= 20
+    assert busiest_window(times, 2.0) <= 20
 
 
 def test_retry_after_pauses_all_tasks_then_succeeds(fresh_server, dense_tile, monkeypatch):
@@ -337,7 +330,7 @@ def test_retry_after_pauses_all_tasks_then_succeeds(fresh_server, dense_tile, mo
     stats = fresh_server.stats()
     assert stats["rate_limited"] >= 1
     assert client.request_counts["entity"] == len(ids) + stats["rate_limited"]
-    assert max_in_window(fresh_server.request_times("entity"), 2.0 - 0.01) <= 5
+    assert busiest_window(fresh_server.request_times("entity"), 2.0 - 0.01) <= 5
     assert time.time() - started >= 1.0  # the Retry-After was waited out
     assert client.limiters["entity"].paused_for() == 0.0
 

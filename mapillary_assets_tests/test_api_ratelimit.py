@@ -1,5 +1,4 @@
 import asyncio
-import bisect
 import json
 import os
 import pickle
@@ -11,17 +10,10 @@ from pathlib import Path
 
 import pytest
 
+from mapillary_assets.api.rate_windows import busiest_window
 from mapillary_assets.api.ratelimit import SharedRateLimiter, usage_factor
 
 REPO = Path(__file__).resolve().parents[1]
-
-
-def max_in_window(times: list[float], window_s: float) -> int:
-    """Most acquisitions in any closed window [t, t + window_s]."""
-    times = sorted(times)
-    return max(
-        (bisect.bisect_right(times, t + window_s) - i for i, t in enumerate(times)), default=0
-    )
 
 
 async def acquire_all(limiter: SharedRateLimiter, n: int) -> list[float]:
@@ -60,7 +52,7 @@ def test_single_process_no_window_exceeds_budget(tmp_path):
     results = asyncio.run(main())
     for times in results:
         assert len(times) == 36
-        assert max_in_window(times, 2.0) <= 30
+        assert busiest_window(times, 2.0) <= 30
         # burst 6 then (36 - 6) / 12 per s = 2.5 s: not much slower than the budget either
         assert 2.3 < max(times) - started < 4.5
     assert ticks > 100  # waiting never blocked the event loop
@@ -216,7 +208,7 @@ def test_two_processes_share_one_budget(tmp_path):
     merged = [t for r in results for t in r["times"]]
     assert len(merged) == 36 and all(r["times"] for r in results)
     # Alone, each process would spend a whole budget; together they must share one.
-    assert max_in_window(merged, 2.0) <= 30
+    assert busiest_window(merged, 2.0) <= 30
     # 6 burst + 30 at 12/s: 2.5 s for both together (each alone would need 1 s)
     assert max(merged) - started > 2.2
 

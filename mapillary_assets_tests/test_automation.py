@@ -23,7 +23,8 @@ from mapillary_assets.defs.partitions import CHUNK_PARTITIONS_NAME, tile_partiti
 from mapillary_assets.defs.resources import PipelineSettings
 from mapillary_assets.emulator import World
 from mapillary_assets.storage import read_parquet
-from mapillary_assets_tests.harness import TEST_SCALE, pipeline_run
+from mapillary_assets_tests.support.emulated_runs import pipeline_run
+from mapillary_assets_tests.support.world import TEST_SCALE
 
 RANGE_START, RANGE_END = "dagster/asset_partition_range_start", "dagster/asset_partition_range_end"
 TICK = dt.datetime(2026, 11, 23, 3, 0, tzinfo=dt.UTC)  # a Monday 03:00, as the default cron

@@ -10,29 +10,27 @@ from dataclasses import dataclass
 
 import dagster as dg
 import pytest
-from dagster._core.instance.ref import InstanceRef
-from dagster._core.run_coordinator import QueuedRunCoordinator
 
 from mapillary_assets.definitions import build_definitions
 from mapillary_assets.defs.partitions import CHUNK_PARTITIONS_NAME, tile_partitions
 from mapillary_assets.emulator import EmulatorServer
-from mapillary_assets.runners.instance import POOL_LIMITS, configure_pools
+from mapillary_assets.runners.instance import (
+    POOL_LIMITS,
+    configure_pools,
+    open_instance,
+    prepare_dagster_home,
+)
 from mapillary_assets.storage import DataLayout, read_parquet
-from mapillary_assets_tests.dagster_server import (
+from mapillary_assets_tests.support.assertions import assert_same_images
+from mapillary_assets_tests.support.dagster_server import (
     TERMINAL_BACKFILL_STATUSES,
     TERMINAL_RUN_STATUSES,
     DagsterServer,
     dagster_server,
-    prepare_home,
 )
-from mapillary_assets_tests.harness import TEST_TOKEN, make_resources
-from mapillary_assets_tests.run_partition import (
-    assert_same_images,
-    fault_free_reference,
-    read_images,
-    reference_world,
-    shared_temp_root,
-)
+from mapillary_assets_tests.support.emulated_runs import emulator_resources, read_images
+from mapillary_assets_tests.support.reference import fault_free_reference, shared_temp_root
+from mapillary_assets_tests.support.world import TEST_TOKEN, reference_world
 
 POOLS = {"mapillary_api": 4, "duckdb_writer": 1, "gpu": 1, "chunk_registry": 1}
 CHUNK_ASSETS = ["image_metadata", "thumbnail_downloads", "blur_scores"]
@@ -50,11 +48,11 @@ BACKFILL_TIMEOUT_S = (
 
 
 def test_repository_instance_config_queues_runs_limits_pools_and_frees_slots(tmp_path):
-    home = prepare_home(tmp_path / "home")
-    with dg.DagsterInstance.from_ref(InstanceRef.from_dir(str(home))) as instance:
+    home = prepare_dagster_home(tmp_path / "home")
+    with open_instance(home) as instance:
         configure_pools(instance)  # what `mapillary-assets demo|ui` do before any run
         concurrency = instance.get_concurrency_config()
-        assert isinstance(instance.run_coordinator, QueuedRunCoordinator)
+        assert isinstance(instance.run_coordinator, dg.QueuedRunCoordinator)
         assert concurrency.run_queue_config.max_concurrent_runs == 4
         assert concurrency.pool_config.pool_granularity.value == "op"
         assert concurrency.pool_config.default_pool_limit == 1
@@ -272,7 +270,7 @@ def deployment(tmp_path_factory):
 def discover_and_chunk(deployment: Deployment) -> list[str]:
     """Discovery and chunking, in this process, into the server's instance: the chunk partitions exist."""
     defs = build_definitions(
-        make_resources(deployment.emulator, deployment.layout.root, chunk_size=CHUNK_SIZE)
+        emulator_resources(deployment.emulator, deployment.layout.root, chunk_size=CHUNK_SIZE)
     )
     tiles = tile_partitions().get_partition_keys()
     with deployment.server.open_instance() as instance:

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import base64
-import re
 import time
 
 import cv2
@@ -17,28 +15,9 @@ from mapillary_assets.pipeline.aoi import load_aoi, partition_tiles, tile_key
 from mapillary_assets.pipeline.geopackage import published_overview
 from mapillary_assets.pipeline.staging import connect_staging, load_staging
 from mapillary_assets.storage import DataLayout
-from mapillary_assets_tests.harness import pipeline_run
-from mapillary_assets_tests.test_staging import write_sample_stages
-
-MAX_PNG_BYTES = 80_000
-DATA_URI = re.compile(r"^!\[[^\]]+\]\(data:image/png;base64,([A-Za-z0-9+/=]+)\)$")
-
-
-def decode_png(png: bytes) -> np.ndarray:
-    """The picture as BGR pixels, after checking it is a small, sensibly sized PNG."""
-    assert png.startswith(charts.PNG_SIGNATURE)
-    assert len(png) < MAX_PNG_BYTES, f"{len(png):,} bytes"
-    image = cv2.imdecode(np.frombuffer(png, np.uint8), cv2.IMREAD_COLOR)
-    assert image is not None
-    height, width = image.shape[:2]
-    assert 200 <= width <= 1000 and 120 <= height <= 800, image.shape
-    return image
-
-
-def decode_markdown(markdown: str) -> np.ndarray:
-    match = DATA_URI.match(markdown)
-    assert match, markdown[:200]
-    return decode_png(base64.b64decode(match.group(1)))
+from mapillary_assets_tests.support.assertions import decode_markdown, decode_png
+from mapillary_assets_tests.support.emulated_runs import pipeline_run
+from mapillary_assets_tests.support.staging_samples import write_sample_stages
 
 
 def _share(image: np.ndarray, bgr: tuple[int, int, int], tolerance: int = 40) -> float:
@@ -157,7 +136,7 @@ def test_overview_keeps_points_on_the_extent_edge(tmp_path, cells):
 
 @pytest.mark.slow
 def test_discovery_tile_map_crosses_out_the_partition_that_failed(tmp_path):
-    with pipeline_run(tmp_path, max_retries=0) as run:
+    with pipeline_run(tmp_path, api={"max_retries": 0}) as run:
         job = run.defs.resolve_job_def("discovery_job")
         failing, healthy = tile_partitions().get_partition_keys()[:2]
 

@@ -15,8 +15,8 @@ import pytest
 
 from mapillary_assets import cli
 from mapillary_assets.pipeline.aoi import load_aoi, no_images_warning
-from mapillary_assets_tests.conftest import TEST_AOI
-from mapillary_assets_tests.dagster_server import REPO_ROOT, prepare_home
+from mapillary_assets.runners.instance import open_instance, prepare_dagster_home
+from mapillary_assets_tests.support.world import REPO_ROOT, TEST_AOI
 
 CLI_TIMEOUT_S = 600  # a shared machine; each run imports Dagster and starts the emulator
 
@@ -69,7 +69,7 @@ BAD_AOIS = {  # case -> (file content or None for a missing file, part of the me
 def run_cli(tmp_path: Path, *args: str, **environ: str) -> subprocess.CompletedProcess:
     env = {
         **os.environ,
-        "DAGSTER_HOME": str(prepare_home(tmp_path / "home")),
+        "DAGSTER_HOME": str(prepare_dagster_home(tmp_path / "home")),
         "PYTHONUNBUFFERED": "1",
         "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO_ROOT), os.environ.get("PYTHONPATH")])),
         **environ,
@@ -137,7 +137,7 @@ def test_a_rejected_token_inside_a_run_is_unwrapped_to_the_users_error(
             "MAPILLARY_ACCESS_TOKEN": "MLY|someone-elses-token",
         },
     )
-    monkeypatch.setenv("DAGSTER_HOME", str(prepare_home(tmp_path / "home")))
+    monkeypatch.setenv("DAGSTER_HOME", str(prepare_dagster_home(tmp_path / "home")))
     for variable in (
         "MAPILLARY_ACCESS_TOKEN",
         "MAPILLARY_GRAPH_URL",
@@ -214,9 +214,8 @@ def test_an_area_without_images_ends_with_the_warning_in_the_summary_and_the_run
     assert str(path) in warnings[0]
 
     import dagster as dg
-    from dagster._core.instance.ref import InstanceRef
 
-    with dg.DagsterInstance.from_ref(InstanceRef.from_dir(str(tmp_path / "home"))) as instance:
+    with open_instance(tmp_path / "home") as instance:
         event = instance.get_latest_materialization_event(dg.AssetKey("image_chunks"))
         metadata = event.asset_materialization.metadata
         assert metadata["ids"].value == 0

@@ -9,13 +9,11 @@ import sys
 import dagster as dg
 import pytest
 from dagster._core.events import EngineEventData
-from dagster._core.storage.dagster_run import DagsterRun
 
 from mapillary_assets.defs.pools import GPU_POOL
 from mapillary_assets.runners.dead_runs import release_dead_runs
-from mapillary_assets.runners.instance import configure_pools
+from mapillary_assets.runners.instance import configure_pools, open_instance
 from mapillary_assets.runners.pipeline import run_pipeline
-from mapillary_assets_tests.run_partition import open_instance
 
 
 def dead_pid() -> int:
@@ -24,10 +22,10 @@ def dead_pid() -> int:
     return process.pid
 
 
-def started_run(instance: dg.DagsterInstance, pid: int, pool: str) -> DagsterRun:
+def started_run(instance: dg.DagsterInstance, pid: int, pool: str) -> dg.DagsterRun:
     """A STARTED run whose worker has `pid` and that holds one slot of `pool`, as a run killed mid-step leaves it."""
     run = instance.add_run(
-        DagsterRun(job_name="process_chunks_job", status=dg.DagsterRunStatus.STARTED)
+        dg.DagsterRun(job_name="process_chunks_job", status=dg.DagsterRunStatus.STARTED)
     )
     instance.report_engine_event(
         f"Executing steps in process (pid: {pid})", run, EngineEventData.in_process(pid)

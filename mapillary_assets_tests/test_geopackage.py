@@ -15,7 +15,7 @@ import pytest
 from mapillary_assets.pipeline.geopackage import write_geopackage
 from mapillary_assets.pipeline.staging import connect_staging, load_staging
 from mapillary_assets.storage import DataLayout
-from mapillary_assets_tests.test_staging import write_sample_stages
+from mapillary_assets_tests.support.staging_samples import write_sample_stages
 
 LAYERS = {"images": "Point", "images_filtered": "Point", "sequences": "LineString"}
 # Debian 12's GDAL 3.6 validator (package python3-gdal; scripts/test.sh installs it), run by the system

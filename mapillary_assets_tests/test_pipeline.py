@@ -13,8 +13,9 @@ import shapely
 from mapillary_assets.defs.partitions import CHUNK_PARTITIONS_NAME, tile_partitions
 from mapillary_assets.pipeline.filters import load_filter_polygons
 from mapillary_assets.storage import read_parquet
-from mapillary_assets_tests.harness import URBAN_AREA, pipeline_run
-from mapillary_assets_tests.test_charts import decode_markdown
+from mapillary_assets_tests.support.assertions import decode_markdown
+from mapillary_assets_tests.support.emulated_runs import pipeline_run
+from mapillary_assets_tests.support.world import URBAN_AREA
 
 pytestmark = pytest.mark.slow
 INSIDE_M, OUTSIDE_M = 40.0, 150.0

@@ -12,7 +12,7 @@ from mapillary_assets.errors import PipelineFailed
 from mapillary_assets.runners.instance import configure_pools
 from mapillary_assets.runners.local import LocalRunner
 from mapillary_assets.runners.pipeline import run_pipeline
-from mapillary_assets_tests.harness import pipeline_run
+from mapillary_assets_tests.support.emulated_runs import pipeline_run
 
 STEP_EVENTS = {
     dg.DagsterEventType.STEP_START,

@@ -13,9 +13,9 @@ from pathlib import Path
 
 import pytest
 
+from mapillary_assets.api.rate_windows import busiest_window
 from mapillary_assets.api.ratelimit import SharedRateLimiter, redis_url_from_env
-from mapillary_assets_tests.dagster_server import free_port
-from mapillary_assets_tests.test_api_ratelimit import max_in_window
+from mapillary_assets.net import free_port
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -27,7 +27,7 @@ pytestmark = pytest.mark.skipif(
 
 @pytest.fixture(scope="module")
 def redis_url(tmp_path_factory):
-    from mapillary_assets.scaleout.stack import start_redis, stop_redis
+    from mapillary_assets.scaleout.services import start_redis, stop_redis
 
     folder, port = tmp_path_factory.mktemp("redis"), free_port()
     start_redis(folder, port, folder / "redis.log")
@@ -95,7 +95,7 @@ def test_four_processes_one_killed_one_skewed_share_one_budget(redis_url):
     survivors = [acquisition_times(w) for w in workers[1:]]
     assert all(len(times) == 15 for times in survivors)
     merged = victim_times + [t for times in survivors for t in times]
-    assert max_in_window(merged, 2.0) <= 30
+    assert busiest_window(merged, 2.0) <= 30
     # 6 burst + 42 more at 12/s: ~3.5 s; the killed process leaked nothing (no lease to wait out).
     assert 3.0 < max(merged) - started < 8.0
 

@@ -20,18 +20,12 @@ from mapillary_assets.pipeline.jpeg_verification import is_complete_jpeg
 from mapillary_assets.runners.dead_runs import release_dead_runs
 from mapillary_assets.runners.instance import configure_pools
 from mapillary_assets.storage import TEMP_MARKER, read_parquet
-from mapillary_assets_tests.harness import TEST_TOKEN
-from mapillary_assets_tests.run_partition import (
-    PartitionProcess,
-    assert_same_images,
-    emulated_run,
-    fault_free_reference,
-    record_figure,
-    run_discovery_and_chunking,
-    shared_temp_root,
-    temporary_leftovers,
-    wait_until,
-)
+from mapillary_assets_tests.support.assertions import assert_same_images, temporary_leftovers
+from mapillary_assets_tests.support.emulated_runs import emulated_run, run_discovery_and_chunking
+from mapillary_assets_tests.support.measurements import record_figure
+from mapillary_assets_tests.support.partition_process import PartitionProcess, wait_until
+from mapillary_assets_tests.support.reference import fault_free_reference, shared_temp_root
+from mapillary_assets_tests.support.world import TEST_TOKEN
 
 pytestmark = pytest.mark.slow
 

@@ -16,24 +16,19 @@ import numpy as np
 import pandas as pd
 import pytest
 
+from mapillary_assets.api.rate_windows import busiest_window
 from mapillary_assets.emulator import Faults
 from mapillary_assets.emulator.thumbnails import jpeg_fault
 from mapillary_assets.errors import PipelineFailed
 from mapillary_assets.pipeline.jpeg_verification import is_complete_jpeg
 from mapillary_assets.runners.instance import configure_pools
 from mapillary_assets.storage import read_parquet
-from mapillary_assets_tests.harness import TEST_TOKEN
-from mapillary_assets_tests.run_partition import (
-    PartitionProcess,
-    assert_same_images,
-    busiest_window,
-    emulated_run,
-    fault_free_reference,
-    record_figure,
-    run_discovery_and_chunking,
-    shared_temp_root,
-    temporary_leftovers,
-)
+from mapillary_assets_tests.support.assertions import assert_same_images, temporary_leftovers
+from mapillary_assets_tests.support.emulated_runs import emulated_run, run_discovery_and_chunking
+from mapillary_assets_tests.support.measurements import record_figure
+from mapillary_assets_tests.support.partition_process import PartitionProcess
+from mapillary_assets_tests.support.reference import fault_free_reference, shared_temp_root
+from mapillary_assets_tests.support.world import TEST_TOKEN
 
 pytestmark = pytest.mark.slow
 

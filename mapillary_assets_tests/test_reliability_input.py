@@ -30,16 +30,13 @@ from mapillary_assets.emulator.thumbnails import jpeg_fault
 from mapillary_assets.errors import PipelineFailed
 from mapillary_assets.pipeline.aoi import AoiError, load_aoi, partition_tiles
 from mapillary_assets.pipeline.jpeg_verification import is_complete_jpeg
+from mapillary_assets.runners.failures import failure_messages
 from mapillary_assets.storage import read_parquet, write_parquet_atomic
-from mapillary_assets_tests.run_partition import (
-    REPO_ROOT,
-    assert_same_images,
-    emulated_run,
-    failure_messages,
-    fault_free_reference,
-    record_figure,
-    shared_temp_root,
-)
+from mapillary_assets_tests.support.assertions import assert_same_images
+from mapillary_assets_tests.support.emulated_runs import emulated_run
+from mapillary_assets_tests.support.measurements import record_figure
+from mapillary_assets_tests.support.reference import fault_free_reference, shared_temp_root
+from mapillary_assets_tests.support.world import REPO_ROOT
 
 REJECTED_TOKEN = "MLY|1|not-the-token-the-api-knows"
 # Swapped, Zurich's [8.5, 47.4] is still a valid point (in the Indian Ocean): only a longitude beyond 90

@@ -8,12 +8,12 @@ from pathlib import Path
 
 import dagster as dg
 import pytest
-from dagster_shared.serdes import serialize_value
 
 from mapillary_assets.defs.partitions import CHUNK_PARTITIONS_NAME, tile_partitions
+from mapillary_assets.runners.failures import failure_messages
 from mapillary_assets.storage import read_parquet
-from mapillary_assets_tests.harness import TEST_TOKEN
-from mapillary_assets_tests.run_partition import emulated_run, failure_messages
+from mapillary_assets_tests.support.emulated_runs import emulated_run
+from mapillary_assets_tests.support.world import TEST_TOKEN
 
 pytestmark = pytest.mark.slow
 
@@ -116,7 +116,7 @@ def test_every_asset_logs_a_one_line_summary(completed, asset):
 def everything_logged(instance: dg.DagsterInstance) -> str:
     """Every event of every run, serialised: messages, metadata, errors with their causes and stacks."""
     return "\n".join(
-        serialize_value(entry)
+        dg.serialize_value(entry)
         for run in instance.get_runs()
         for entry in instance.all_logs(run.run_id)
     )

@@ -19,19 +19,20 @@ import dagster as dg
 import pyogrio
 import pytest
 import redis
-from dagster._core.storage.tags import AUTO_RETRY_RUN_ID_TAG, PARTITION_NAME_TAG
 
+from mapillary_assets.api.rate_windows import busiest_window
+from mapillary_assets.dagster_compat import AUTO_RETRY_RUN_ID_TAG, PARTITION_NAME_TAG
 from mapillary_assets.emulator import EmulatorServer, Faults, World
-from mapillary_assets_tests.dagster_server import free_port
-from mapillary_assets_tests.harness import TEST_SCALE, TEST_TOKEN, pipeline_run
-from mapillary_assets_tests.test_api_ratelimit import max_in_window
+from mapillary_assets.net import free_port
+from mapillary_assets_tests.support.emulated_runs import pipeline_run
+from mapillary_assets_tests.support.world import TEST_SCALE, TEST_TOKEN
 
 REPO = Path(__file__).resolve().parents[1]
 ENTITY_BUDGET = 20  # per minute; the pipeline sends ~24 entity requests, so the budget binds
 
 
 def _services_missing() -> str | None:
-    from mapillary_assets.scaleout.stack import StackError, postgres_bin
+    from mapillary_assets.scaleout.services import StackError, postgres_bin
 
     if shutil.which("redis-server") is None:
         return "redis-server is not installed (scripts/install_services.sh installs it)"
@@ -269,7 +270,7 @@ def test_two_workers_one_killed_equal_the_single_machine_run(tmp_path, monkeypat
     assert placement[killed["run_id"]][2] == "w2" and placement[killed["run_id"]][3]
     # One budget for both workers: no 60-s window above what the emulator enforces, and nothing refused.
     assert len(entity_times) > ENTITY_BUDGET
-    assert max_in_window(entity_times, 60.0) <= ENTITY_BUDGET
+    assert busiest_window(entity_times, 60.0) <= ENTITY_BUDGET
     assert rate_limited == 0
     # ... kept in Redis (MAPILLARY_RATE_LIMIT_BACKEND=redis), not in the data dir's SQLite file.
     assert "mapillary:ratelimit:entity" in killed["buckets"]

@@ -24,7 +24,7 @@ import duckdb
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-from dagster._serdes import serialize_value
+from dagster import serialize_value
 
 from mapillary_assets import cli
 from mapillary_assets.api import ClientSettings, MapillaryClient
@@ -32,16 +32,12 @@ from mapillary_assets.api.errors import AuthError, MapillaryError
 from mapillary_assets.definitions import build_definitions
 from mapillary_assets.defs.partitions import tile_partitions
 from mapillary_assets.emulator import EmulatorServer
+from mapillary_assets.runners.failures import failure_messages
+from mapillary_assets.runners.instance import open_instance
 from mapillary_assets.runners.pipeline import run_pipeline
 from mapillary_assets.storage import DataLayout, read_parquet
-from mapillary_assets_tests.harness import TEST_TOKEN
-from mapillary_assets_tests.run_partition import (
-    emulated_run,
-    execute,
-    failure_messages,
-    open_instance,
-    reference_world,
-)
+from mapillary_assets_tests.support.emulated_runs import emulated_run, execute
+from mapillary_assets_tests.support.world import TEST_TOKEN, reference_world
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 CANARY = TEST_TOKEN.rsplit("|", 1)[-1]  # survives URL-encoding: "MLY%7C4242%7Cleak-canary-..."

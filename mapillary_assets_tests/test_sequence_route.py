@@ -9,7 +9,8 @@ from mapillary_assets.defs.area import current_aoi
 from mapillary_assets.defs.partitions import CHUNK_PARTITIONS_NAME
 from mapillary_assets.defs.resources import ConfigError, PipelineSettings
 from mapillary_assets.emulator import World
-from mapillary_assets_tests.harness import TEST_SCALE, pipeline_run
+from mapillary_assets_tests.support.emulated_runs import pipeline_run
+from mapillary_assets_tests.support.world import TEST_SCALE
 
 pytestmark = pytest.mark.slow
 

@@ -14,8 +14,11 @@ import requests
 from mapillary_assets.definitions import build_definitions
 from mapillary_assets.defs.partitions import CHUNK_PARTITIONS_NAME, tile_partitions
 from mapillary_assets.emulator import EmulatorServer, World
-from mapillary_assets_tests.dagster_server import REPO_ROOT, dagster_server, free_port
-from mapillary_assets_tests.harness import TEST_SCALE, TEST_TOKEN, make_resources, run_pipeline
+from mapillary_assets.net import free_port
+from mapillary_assets.runners.pipeline import run_pipeline
+from mapillary_assets_tests.support.dagster_server import dagster_server
+from mapillary_assets_tests.support.emulated_runs import emulator_resources
+from mapillary_assets_tests.support.world import REPO_ROOT, TEST_SCALE, TEST_TOKEN
 
 pytestmark = pytest.mark.slow
 
@@ -60,7 +63,7 @@ def webserver(tmp_path_factory):
         EmulatorServer(World(seed=7, scale=TEST_SCALE), token=TEST_TOKEN) as emulator,
         dagster_server(root / "home", daemon=False) as server,
     ):
-        defs = build_definitions(make_resources(emulator, root / "data"))
+        defs = build_definitions(emulator_resources(emulator, root / "data"))
         with server.open_instance() as instance:
             run_pipeline(instance, defs, log=lambda *_: None)
         yield server

@@ -15,8 +15,10 @@ from pathlib import Path
 import pytest
 import requests
 
+from mapillary_assets.net import free_port
 from mapillary_assets.process_tree import group_members
-from mapillary_assets_tests.dagster_server import REPO_ROOT, free_port, prepare_home
+from mapillary_assets.runners.instance import prepare_dagster_home
+from mapillary_assets_tests.support.world import REPO_ROOT
 
 pytestmark = pytest.mark.slow
 
@@ -69,7 +71,7 @@ def alive(pids) -> list[int]:
 
 def _start(how: str, tmp_path: Path, port: int, emulator_port: int) -> tuple[subprocess.Popen, int]:
     """Start the UI; the Popen handle to wait on and the pid of the `mapillary-assets ui` process."""
-    home = prepare_home(tmp_path / "home")
+    home = prepare_dagster_home(tmp_path / "home")
     env = {
         **os.environ,
         "DAGSTER_HOME": str(home),

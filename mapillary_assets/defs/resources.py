@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import re
+from collections.abc import Mapping
 from pathlib import Path
 
 import dagster as dg
@@ -156,6 +157,32 @@ class PipelineSettings(dg.ConfigurableResource):
 
 
 _ENV_NAMES = {"filter_areas_path": "MAPILLARY_FILTER_AREAS"}
+
+
+def api_resources(
+    *,
+    graph_url: str,
+    tiles_url: str,
+    data_dir: Path,
+    access_token: str | dg.EnvVar,
+    api: Mapping[str, object] | None = None,
+    settings: Mapping[str, object] | None = None,
+) -> dict[str, dg.ConfigurableResource]:
+    """The three resources of the pipeline against the API at explicit URLs (the emulator's, in the
+    tests and benchmarks), its files under `data_dir`: `access_token` a str or `dg.EnvVar`, `api`
+    MapillaryApiResource fields (rate budgets, retries), `settings` PipelineSettings fields."""
+    data_dir = Path(data_dir)
+    return {
+        "mapillary_api": MapillaryApiResource(
+            access_token=access_token,
+            graph_url=graph_url,
+            tiles_url=tiles_url,
+            rate_limit_store=str(DataLayout(data_dir).rate_limit_store_path),
+            **(api or {}),
+        ),
+        "storage": DataStorageResource(data_dir=str(data_dir)),
+        "settings": PipelineSettings(**(settings or {})).validated(),
+    }
 
 
 def _env_name(field: str) -> str:

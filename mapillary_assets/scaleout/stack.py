@@ -4,6 +4,7 @@
 process is bound to 127.0.0.1, keeps its files under one folder (`.stack/` by default: data dirs, logs,
 pid files, the DAGSTER_HOME with deploy/dagster.yaml) and is started in its own session, so `stop`
 ends exactly the processes `start` began. `start` is idempotent: what already runs is left alone.
+PostgreSQL and Redis themselves, and stopping a service's processes: `services.py`.
 """
 
 from __future__ import annotations
@@ -11,11 +12,8 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-import pwd
 import shlex
 import shutil
-import signal
-import socket
 import subprocess
 import sys
 import time
@@ -25,13 +23,21 @@ from mapillary_assets.cli import DEMO_TOKEN
 from mapillary_assets.defs.jobs import GPU_QUEUE, PUBLISH_QUEUE
 from mapillary_assets.defs.pools import GPU_POOL
 from mapillary_assets.process_tree import process_alive
-
-REPO_ROOT = Path(__file__).resolve().parents[2]
-PG_USER, PG_DB = "dagster", "dagster"
-
-
-class StackError(RuntimeError):
-    """A service could not be started; the message says which, why, and where its log is."""
+from mapillary_assets.scaleout.services import (
+    PG_DB,
+    PG_USER,
+    REPO_ROOT,
+    StackError,
+    postgres_running,
+    read_pid,
+    run_checked,
+    start_postgres,
+    start_redis,
+    stop_postgres,
+    stop_process,
+    stop_redis,
+    wait_for_port,
+)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -107,145 +113,6 @@ def stack_env(config: StackConfig, base: dict[str, str] | None = None) -> dict[s
     return env
 
 
-# ----------------------------------------------------------------------------- services
-
-
-def postgres_bin(name: str) -> str:
-    versions = sorted(
-        Path("/usr/lib/postgresql").glob("*/bin"), key=lambda p: int(p.parent.name), reverse=True
-    )
-    for folder in versions:
-        if (folder / name).exists():
-            return str(folder / name)
-    found = shutil.which(name)
-    if found is None:
-        raise StackError(
-            f"PostgreSQL's {name} not found: apt-get install postgresql (scripts/stack.sh does)"
-        )
-    return found
-
-
-def _as_postgres_user(argv: list[str]) -> list[str]:
-    # PostgreSQL refuses to run as root: run its server tools as the `postgres` system user then.
-    return ["runuser", "-u", "postgres", "--", *argv] if os.geteuid() == 0 else argv
-
-
-def start_postgres(folder: Path, port: int, log: Path) -> None:
-    """An own cluster in `folder`, on 127.0.0.1:`port` only, trusting loopback connections, with a
-    `dagster` role and database."""
-    folder.mkdir(parents=True, exist_ok=True)
-    if os.geteuid() == 0:
-        postgres = pwd.getpwnam("postgres")
-        for path in (folder, log.parent):
-            os.chown(path, postgres.pw_uid, postgres.pw_gid)
-    if not (folder / "PG_VERSION").exists():
-        _check(
-            _as_postgres_user(
-                [
-                    postgres_bin("initdb"),
-                    "-D",
-                    str(folder),
-                    "-U",
-                    PG_USER,
-                    "--auth=trust",
-                    "-E",
-                    "UTF8",
-                ]
-            ),
-            "initdb",
-        )
-    if _postgres_running(folder):
-        return
-    options = f"-c listen_addresses=127.0.0.1 -p {port} -c unix_socket_directories={folder} -c max_connections=200"
-    _check(
-        _as_postgres_user(
-            [
-                postgres_bin("pg_ctl"),
-                "-D",
-                str(folder),
-                "-l",
-                str(log),
-                "-o",
-                options,
-                "-w",
-                "-t",
-                "60",
-                "start",
-            ]
-        ),
-        f"PostgreSQL on port {port} (log: {log})",
-    )
-    created = subprocess.run(
-        [postgres_bin("createdb"), "-h", "127.0.0.1", "-p", str(port), "-U", PG_USER, PG_DB],
-        capture_output=True,
-        text=True,
-    )
-    if created.returncode != 0 and "already exists" not in created.stderr:
-        raise StackError(f"createdb {PG_DB} failed: {created.stderr.strip()}")
-
-
-def stop_postgres(folder: Path) -> None:
-    if _postgres_running(folder):
-        subprocess.run(
-            _as_postgres_user(
-                [postgres_bin("pg_ctl"), "-D", str(folder), "-m", "fast", "-w", "stop"]
-            ),
-            capture_output=True,
-        )
-
-
-def _postgres_running(folder: Path) -> bool:
-    if not (folder / "PG_VERSION").exists():
-        return False
-    return (
-        subprocess.run(
-            _as_postgres_user([postgres_bin("pg_ctl"), "-D", str(folder), "status"]),
-            capture_output=True,
-        ).returncode
-        == 0
-    )
-
-
-def start_redis(folder: Path, port: int, log: Path) -> None:
-    """redis-server on 127.0.0.1:`port`, no persistence (the broker's queue and the buckets are transient)."""
-    folder.mkdir(parents=True, exist_ok=True)
-    pidfile = folder / "redis.pid"
-    if process_alive(_read_pid(pidfile)):
-        return
-    binary = shutil.which("redis-server")
-    if binary is None:
-        raise StackError(
-            "redis-server not found: apt-get install redis-server (scripts/stack.sh does)"
-        )
-    _check(
-        [
-            binary,
-            "--bind",
-            "127.0.0.1",
-            "--port",
-            str(port),
-            "--dir",
-            str(folder),
-            "--daemonize",
-            "yes",
-            "--pidfile",
-            str(pidfile),
-            "--logfile",
-            str(log),
-            "--save",
-            "",
-            "--appendonly",
-            "no",
-        ],
-        f"redis-server on port {port}",
-    )
-    _wait_for_port(port, f"redis-server (log: {log})")
-
-
-def stop_redis(folder: Path) -> None:
-    _terminate(_read_pid(folder / "redis.pid"), group=False)
-
-
 # ----------------------------------------------------------------------------- the stack
 
 
@@ -280,13 +147,13 @@ def start(config: StackConfig, log=print) -> dict[str, str]:
             ],
             env,
         )
-        _wait_for_port(config.emulator_port, f"the emulator (log: {config.logs / 'emulator.log'})")
+        wait_for_port(config.emulator_port, f"the emulator (log: {config.logs / 'emulator.log'})")
     _write_env_file(config, env)
     configure_pools(env, config)
     code = ["-m", "mapillary_assets.definitions", "-d", str(REPO_ROOT)]
     if not config.automation:
         for kind, name in (("sensor", "new_images_sensor"), ("schedule", "refresh_schedule")):
-            _check([_tool("dagster"), kind, "stop", name, *code], f"stopping {name}", env=env)
+            run_checked([_tool("dagster"), kind, "stop", name, *code], f"stopping {name}", env=env)
     _spawn(config, "daemon", [_tool("dagster-daemon"), "run", *code], env)
     for index in range(1, config.workers + 1):
         _spawn(config, f"w{index}", worker_command(index, config.gpu_workers), env)
@@ -336,7 +203,7 @@ def configure_pools(env: dict[str, str], config: StackConfig) -> None:
     """Pool limits live in the instance (Postgres): one value for the whole cluster."""
     limits = {"mapillary_api": config.api_slots, GPU_POOL: config.gpu_workers}
     for pool, limit in limits.items():
-        _check(
+        run_checked(
             [_tool("dagster"), "instance", "concurrency", "set", pool, str(limit)],
             f"pool {pool}",
             env=env,
@@ -346,7 +213,7 @@ def configure_pools(env: dict[str, str], config: StackConfig) -> None:
 def stop(config: StackConfig, log=print) -> None:
     names = sorted(p.stem for p in config.pids.glob("*.pid")) if config.pids.exists() else []
     for name in names:  # workers and daemon first: they talk to the services below
-        _terminate(_read_pid(config.pids / f"{name}.pid"))
+        stop_process(read_pid(config.pids / f"{name}.pid"))
         (config.pids / f"{name}.pid").unlink(missing_ok=True)
     stop_redis(config.root / "redis")
     stop_postgres(config.root / "postgres")
@@ -355,12 +222,12 @@ def stop(config: StackConfig, log=print) -> None:
 
 def status(config: StackConfig) -> dict[str, bool]:
     states = (
-        {name.stem: process_alive(_read_pid(name)) for name in sorted(config.pids.glob("*.pid"))}
+        {name.stem: process_alive(read_pid(name)) for name in sorted(config.pids.glob("*.pid"))}
         if config.pids.exists()
         else {}
     )
-    states["redis"] = process_alive(_read_pid(config.root / "redis" / "redis.pid"))
-    states["postgres"] = _postgres_running(config.root / "postgres")
+    states["redis"] = process_alive(read_pid(config.root / "redis" / "redis.pid"))
+    states["postgres"] = postgres_running(config.root / "postgres")
     return states
 
 
@@ -369,7 +236,7 @@ def status(config: StackConfig) -> dict[str, bool]:
 
 def _spawn(config: StackConfig, name: str, argv: list[str], env: dict[str, str]) -> int:
     pidfile = config.pids / f"{name}.pid"
-    pid = _read_pid(pidfile)
+    pid = read_pid(pidfile)
     if process_alive(pid):
         return pid
     with open(config.logs / f"{name}.log", "ab") as out:
@@ -384,49 +251,6 @@ def _spawn(config: StackConfig, name: str, argv: list[str], env: dict[str, str])
         )
     pidfile.write_text(str(process.pid))
     return process.pid
-
-
-def _terminate(pid: int | None, group: bool = True, timeout_s: float = 20.0) -> None:
-    """SIGTERM the process (and its session, which it leads), SIGKILL what is left after `timeout_s`."""
-    if not process_alive(pid):
-        return
-    send = (lambda sig: os.killpg(pid, sig)) if group else (lambda sig: os.kill(pid, sig))
-    try:
-        send(signal.SIGTERM)
-    except ProcessLookupError:
-        return
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline and process_alive(pid):
-        time.sleep(0.2)
-    try:
-        send(signal.SIGKILL)
-    except ProcessLookupError:
-        pass
-
-
-def _read_pid(pidfile: Path) -> int | None:
-    try:
-        return int(pidfile.read_text().strip())
-    except (OSError, ValueError):
-        return None
-
-
-def _wait_for_port(port: int, what: str, timeout_s: float = 30.0) -> None:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        with socket.socket() as probe:
-            if probe.connect_ex(("127.0.0.1", port)) == 0:
-                return
-        time.sleep(0.2)
-    raise StackError(f"{what} did not listen on 127.0.0.1:{port} within {timeout_s:.0f} s")
-
-
-def _check(argv: list[str], what: str, env: dict[str, str] | None = None) -> None:
-    result = subprocess.run(argv, capture_output=True, text=True, env=env, cwd=REPO_ROOT)
-    if result.returncode != 0:
-        raise StackError(
-            f"{what} failed ({shlex.join(argv[:3])} ...): {(result.stderr or result.stdout).strip()[-800:]}"
-        )
 
 
 def _wait_for_code_location(port: int, log: Path, timeout_s: float = 180.0) -> None:

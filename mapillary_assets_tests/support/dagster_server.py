@@ -1,13 +1,14 @@
 """A real Dagster deployment for tests: `dagster dev` (webserver + daemon + code server) or the webserver
-alone, on 127.0.0.1 with a free port, in a throwaway DAGSTER_HOME holding a copy of the repository's
-dagster.yaml, serving the `mapillary_assets.definitions` code location.
+alone, on 127.0.0.1 with a free port, in a throwaway DAGSTER_HOME holding the repository's
+dagster.yaml (`runners.instance.prepare_dagster_home`), serving the `mapillary_assets.definitions` code location.
 
     with dagster_server(tmp_path / "home", env={...emulator URLs, data dir...}) as server:
         server.graphql("{ version }")
         with server.open_instance() as instance: ...
 
 Every process it starts (the server, its code server, the daemon and every run worker they spawn) lives in
-one process group, which is terminated (SIGTERM, then SIGKILL) when the context exits, whatever happened.
+one process group, which is stopped (`process_tree.stop_group`: SIGTERM to the leader, then SIGTERM and SIGKILL
+to the group) when the context exits, whatever happened.
 """
 
 from __future__ import annotations
@@ -15,7 +16,6 @@ from __future__ import annotations
 import contextlib
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -23,12 +23,16 @@ from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import dagster as dg
 import requests
-import yaml
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
+from mapillary_assets.net import LOOPBACK, free_port
+from mapillary_assets.process_tree import stop_group
+from mapillary_assets.runners.instance import open_instance, prepare_dagster_home
+from mapillary_assets_tests.support.world import REPO_ROOT
+
 CODE_MODULE = "mapillary_assets.definitions"
-HOST = "127.0.0.1"
+HOST = LOOPBACK
 STARTUP_TIMEOUT_S = 300.0  # generous: the machine is shared, and the code location imports a lot
 SHUTDOWN_GRACE_S = 30.0
 TERMINAL_BACKFILL_STATUSES = {
@@ -43,30 +47,6 @@ TERMINAL_RUN_STATUSES = {"SUCCESS", "FAILURE", "CANCELED"}
 
 class DagsterServerError(RuntimeError):
     """The server did not start, a GraphQL call failed, or something it ran did not finish in time."""
-
-
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
-        probe.bind((HOST, 0))
-        return probe.getsockname()[1]
-
-
-def prepare_home(home: Path, overrides: Mapping | None = None) -> Path:
-    """`home` with the repository's dagster.yaml, `overrides` merged into it (nested mappings merge)."""
-    home = Path(home)
-    home.mkdir(parents=True, exist_ok=True)
-    config = yaml.safe_load((REPO_ROOT / "dagster.yaml").read_text())
-    (home / "dagster.yaml").write_text(
-        yaml.safe_dump(_merged(config, overrides or {}), sort_keys=False)
-    )
-    return home
-
-
-def _merged(base: dict, changes: Mapping) -> dict:
-    merged = dict(base)
-    for key, value in changes.items():
-        merged[key] = _merged(merged.get(key) or {}, value) if isinstance(value, Mapping) else value
-    return merged
 
 
 @dataclass
@@ -117,12 +97,9 @@ class DagsterServer:
 
     # -- the instance the server uses ---------------------------------------------------------------------
 
-    def open_instance(self):
+    def open_instance(self) -> dg.DagsterInstance:
         """The server's Dagster instance, opened in this process (SQLite storage shared with the server)."""
-        import dagster as dg
-        from dagster._core.instance.ref import InstanceRef
-
-        return dg.DagsterInstance.from_ref(InstanceRef.from_dir(str(self.home)))
+        return open_instance(self.home)
 
     # -- waiting ------------------------------------------------------------------------------------------
 
@@ -195,42 +172,15 @@ class DagsterServer:
         """Stop everything it started; True when SIGTERM to the leader alone was enough (it shut down its
         children itself). Signalling the whole group first would race with `dagster dev`, which restarts a
         code server that exits under it. Whatever is left gets SIGTERM, then SIGKILL. Idempotent."""
-        group = self.process.pid  # start_new_session: the leader's pid is the group id
-        with contextlib.suppress(ProcessLookupError):
-            self.process.send_signal(signal.SIGTERM)
-        graceful = _wait_for_group_exit(self.process, group, SHUTDOWN_GRACE_S)
-        if not graceful:
-            _signal_group(group, signal.SIGTERM)
-            if not _wait_for_group_exit(self.process, group, SHUTDOWN_GRACE_S / 3):
-                _signal_group(group, signal.SIGKILL)
-                _wait_for_group_exit(self.process, group, 10.0)
+        graceful = stop_group(
+            self.process.pid,  # start_new_session: the leader's pid is the group id
+            leader_signal=signal.SIGTERM,
+            leader_grace_s=SHUTDOWN_GRACE_S,
+            group_grace_s=SHUTDOWN_GRACE_S / 3,
+            reap=self.process.poll,  # our own child stays a zombie member of the group until reaped
+        )
         self._http.close()
         return graceful
-
-
-def _wait_for_group_exit(leader: subprocess.Popen, group: int, timeout: float) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        leader.poll()  # reap the leader, or it stays a zombie member of the group
-        if not _group_alive(group):
-            return True
-        time.sleep(0.1)
-    return False
-
-
-def _signal_group(group: int, sig: int) -> None:
-    with contextlib.suppress(ProcessLookupError, PermissionError):
-        os.killpg(group, sig)
-
-
-def _group_alive(group: int) -> bool:
-    try:
-        os.killpg(group, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 def _command(port: int, daemon: bool) -> list[str]:
@@ -277,7 +227,7 @@ def dagster_server(
     """`dagster dev` (daemon=True) or `dagster-webserver` alone, serving the code location with `env` added
     to this process's environment; ready (webserver answering, code location loaded) when yielded.
     `command(port)` replaces the command line (e.g. `mapillary-assets ui`, which starts `dagster dev`)."""
-    home = prepare_home(home, config_overrides)
+    home = prepare_dagster_home(home, config_overrides)
     child_env = {
         **os.environ,
         **(env or {}),

@@ -1,0 +1,63 @@
+"""Checks the tests share: final data equal to a reference, no temporary files left, pictures that are
+real PNGs of a sensible size."""
+
+from __future__ import annotations
+
+import base64
+import re
+from collections.abc import Sequence
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pandas as pd
+
+from mapillary_assets.pipeline import charts
+from mapillary_assets.storage import TEMP_MARKER
+
+MAX_PNG_BYTES = 80_000
+DATA_URI = re.compile(r"^!\[[^\]]+\]\(data:image/png;base64,([A-Za-z0-9+/=]+)\)$")
+
+
+def assert_same_images(actual, expected, ignore: Sequence[str] = ()) -> None:
+    """Same ids (each once) and the same value in every column of the GeoPackage `images` layer."""
+    assert actual["image_id"].is_unique, "an image id appears twice in the GeoPackage"
+    assert set(actual["image_id"]) == set(expected["image_id"]), (
+        f"ids differ: {len(set(expected['image_id']) - set(actual['image_id']))} missing, "
+        f"{len(set(actual['image_id']) - set(expected['image_id']))} unexpected"
+    )
+    left = actual.sort_values("image_id").reset_index(drop=True)
+    right = expected.sort_values("image_id").reset_index(drop=True)
+    assert np.allclose(
+        np.c_[left.geometry.x, left.geometry.y],
+        np.c_[right.geometry.x, right.geometry.y],
+        rtol=0,
+        atol=1e-9,
+    )
+    columns = [c for c in right.columns if c != "geometry" and c not in ignore]
+    pd.testing.assert_frame_equal(
+        pd.DataFrame(left[columns]), pd.DataFrame(right[columns]), check_like=True
+    )
+
+
+def temporary_leftovers(root: Path) -> list[Path]:
+    """Temporary files of atomic writes under `root` (none may survive a finished or killed run)."""
+    return sorted(path for path in Path(root).rglob(f"*{TEMP_MARKER}*"))
+
+
+def decode_png(png: bytes) -> np.ndarray:
+    """The picture as BGR pixels, after checking it is a small, sensibly sized PNG."""
+    assert png.startswith(charts.PNG_SIGNATURE)
+    assert len(png) < MAX_PNG_BYTES, f"{len(png):,} bytes"
+    image = cv2.imdecode(np.frombuffer(png, np.uint8), cv2.IMREAD_COLOR)
+    assert image is not None
+    height, width = image.shape[:2]
+    assert 200 <= width <= 1000 and 120 <= height <= 800, image.shape
+    return image
+
+
+def decode_markdown(markdown: str) -> np.ndarray:
+    """The picture of a Markdown data-URI image (how charts appear in asset metadata)."""
+    match = DATA_URI.match(markdown)
+    assert match, markdown[:200]
+    return decode_png(base64.b64decode(match.group(1)))
