@@ -19,13 +19,13 @@ import geopandas as gpd
 import pyogrio
 
 from mapillary_assets.definitions import build_definitions
+from mapillary_assets.defs.area import current_aoi
 from mapillary_assets.defs.partitions import (
     CHUNK_PARTITIONS_NAME,
     partition_range_tags,
     tile_partitions,
 )
 from mapillary_assets.defs.resources import api_resources
-from mapillary_assets.defs.settings import current_aoi
 from mapillary_assets.emulator import EmulatorServer, Faults, World
 from mapillary_assets.errors import PipelineFailed
 from mapillary_assets.runners.failures import failure_messages
