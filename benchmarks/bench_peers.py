@@ -353,7 +353,8 @@ def _peer_figures(tool: str, peer: dict, ours: dict, truth: set[str], context: s
                 baseline_name=label,
                 goal="fewer",
                 met=our_requests < peer_download,
-                notes=f"the peer wins this row: its thumbnail URLs came with its metadata step, ours resolves "
+                notes=("" if our_requests < peer_download else "the peer wins this row: ")
+                + f"its thumbnail URLs came with its metadata step, ours resolves "
                 f"fresh (signed, expiring) URLs at download time: {ours_download['requests']['entity']} "
                 f"?ids= lookups + {ours_download['requests']['cdn']} CDN requests; see the next row",
             ),

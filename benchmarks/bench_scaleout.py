@@ -161,6 +161,7 @@ def run(quick: bool) -> list[Figure]:
             "req/min",
             float(budget),
             "the budget",
+            reference=True,
             goal="<= budget, busiest 60-s window <= budget, zero 429s",
             met=sustained <= budget and busiest <= budget and limited["rate_limited"] == 0,
             notes=f"{len(times)} entity requests (metadata + thumbnail URLs) over {times[-1] - times[0]:.0f} s; "

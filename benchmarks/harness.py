@@ -1,8 +1,10 @@
 """Benchmark harness: every `benchmarks/bench_*.py` exposes `run(quick: bool) -> list[Figure]`.
 
 `python -m benchmarks.run [--quick] [--only NAME]` runs them and rewrites `benchmarks/RESULTS.md`,
-each figure beside the baseline measured in the same run. Machines are noisy: benchmarks repeat
-their measurement and report the median (`median_of`).
+each figure beside its baseline: measured in the same run, unless the figure marks it a reference
+(`reference=True`: a number not measured here, such as the notebook's figures from other hardware or
+a configured budget), which RESULTS.md labels as such. Machines are noisy: benchmarks repeat their
+measurement and report the median (`median_of`).
 """
 
 from __future__ import annotations
@@ -20,12 +22,15 @@ class Figure:
     metric: str  # e.g. "images/s at 600 req/min entity limit"
     value: float
     unit: str
-    baseline: float | None = None  # same metric for the baseline, same run
+    baseline: float | None = None  # same metric for the baseline, same run (unless `reference`)
     baseline_name: str | None = None  # what the baseline is
     goal: str | None = None  # e.g. ">= 0.95 of limit"
     met: bool | None = None  # whether the goal holds for this run
     notes: str = ""
     extra: dict = field(default_factory=dict)
+    reference: bool = (
+        False  # the baseline was not measured in this run (other hardware, a configured value)
+    )
 
     @property
     def ratio(self) -> float | None:

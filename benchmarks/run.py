@@ -30,9 +30,12 @@ def render(figures: list[Figure], failures: dict[str, str], quick: bool) -> str:
     lines = [
         "# Benchmark results",
         "",
-        f"Run {dt.datetime.now(dt.UTC):%Y-%m-%d %H:%M} UTC on {machine_description()}"
-        f"{' (quick mode)' if quick else ''}. Regenerate with `python -m benchmarks.run`.",
-        "Every figure stands beside its baseline measured in the same run; values are medians of repeats.",
+        f"Written {dt.datetime.now(dt.UTC):%Y-%m-%d %H:%M} UTC on {machine_description()}"
+        f"{' (quick mode)' if quick else ''}. Regenerate with `python -m benchmarks.run`; "
+        "`--only NAME` replaces that benchmark's rows and keeps the others from their earlier runs.",
+        "Every figure stands beside its baseline measured in the same run, except where the baseline reads "
+        "*reference*: a number not measured here (the notebook's figures from other hardware, a configured "
+        "budget). Values are medians of repeats.",
         "",
         "| benchmark | metric | value | baseline | ratio | goal | met | notes |",
         "|---|---|---|---|---|---|---|---|",
@@ -45,7 +48,11 @@ def render(figures: list[Figure], failures: dict[str, str], quick: bool) -> str:
             if abs(f.ratio) < 0.01
             else f"{f.ratio:.2f}x"
         )
-        baseline = f"{_format(f.baseline)} ({f.baseline_name})" if f.baseline is not None else "-"
+        baseline = (
+            "-"
+            if f.baseline is None
+            else f"{'*reference* ' if f.reference else ''}{_format(f.baseline)} ({f.baseline_name})"
+        )
         met = {True: "yes", False: "**no**", None: "-"}[f.met]
         lines.append(
             f"| {f.benchmark} | {f.metric} | {_format(f.value)} {f.unit} | {baseline} | {ratio} | "

@@ -86,11 +86,15 @@ def test_agrees_with_mapbox_vector_tile_decode():
         "features"
     ]
     points = decode_image_layer(data, z, x, y)
-    for feature, point in zip(reference, points):
+    recorded = {e["id"]: e for e in load_json("tile_14_8580_5737.expected.json")}
+    assert [p.image_id for p in points] == [str(f["properties"]["id"]) for f in reference]
+    for feature, point in zip(reference, points, strict=True):
         px, py = feature["geometry"]["coordinates"]
-        lon, lat = tile_pixels_to_lonlat([px], [py], z, x, y)
-        assert (point.lon, point.lat) == (lon[0], lat[0])
-        assert point.image_id == str(feature["properties"]["id"])
+        # Pixel (px, py) of a 4096-extent tile is the top-left corner of tile (x*4096+px, y*4096+py) at z+12.
+        corner = mercantile.ul(x * 4096 + px, y * 4096 + py, z + 12)
+        assert (point.lon, point.lat) == pytest.approx((corner.lng, corner.lat), abs=1e-9)
+        want = recorded[point.image_id]  # the fixture generator's own converter
+        assert (point.lon, point.lat) == pytest.approx((want["lon"], want["lat"]), abs=1e-9)
 
 
 def test_gzipped_tile_decodes_the_same():

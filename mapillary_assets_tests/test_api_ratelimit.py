@@ -132,11 +132,14 @@ def test_acquire_overhead_is_small(tmp_path):
     assert per_acquire < 0.002, f"{per_acquire * 1e6:.0f} us per acquire"
 
 
-def test_pickles_without_its_connection(tmp_path):
-    limiter = SharedRateLimiter("tiles", per_minute=600, store=tmp_path / "s.sqlite")
+def test_pickles_without_its_connection_and_the_copy_shares_the_budget(tmp_path):
+    limiter = SharedRateLimiter("tiles", per_minute=60, store=tmp_path / "s.sqlite", burst=2)
     asyncio.run(limiter.acquire())
     copy = pickle.loads(pickle.dumps(limiter))
-    asyncio.run(copy.acquire())
+    asyncio.run(copy.acquire())  # the burst's second token
+    started = time.monotonic()
+    asyncio.run(copy.acquire())  # the bucket both draw from is empty: the next token comes in 1 s
+    assert time.monotonic() - started > 0.7
     copy.close()
     limiter.close()
 

@@ -82,7 +82,13 @@ def test_contact_sheet_shows_the_extremes_with_red_frames_for_blurry_ones(tmp_pa
 def test_contact_sheet_draws_unreadable_files_as_grey_tiles(tmp_path):
     broken = tmp_path / "broken.jpg"
     broken.write_bytes(b"not a jpeg")
-    decode_png(charts.contact_sheet_png([broken, broken], [5.0, 500.0], threshold=100.0))
+    sheet = decode_png(charts.contact_sheet_png([broken, broken], [5.0, 500.0], threshold=100.0))
+    noise = np.random.default_rng(3).integers(0, 255, (192, 256, 3), dtype=np.uint8)
+    readable = [_jpeg(tmp_path / f"{i}.jpg", noise) for i in range(2)]
+    drawn = decode_png(charts.contact_sheet_png(readable, [5.0, 500.0], threshold=100.0))
+    tile_grey = (200, 200, 200)
+    assert _share(sheet, tile_grey, tolerance=3) > 0.02
+    assert _share(sheet, tile_grey, tolerance=3) > 10 * _share(drawn, tile_grey, tolerance=3)
 
 
 def test_tile_map_marks_failed_and_undiscovered_tiles():

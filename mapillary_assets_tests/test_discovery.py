@@ -128,9 +128,12 @@ def test_touched_tiles_of_points_and_lines():
     assert touched_z14_tiles([[a]]) == {(8580, 5737)}
     # a horizontal line through three tiles
     assert touched_z14_tiles([[a, b]]) == {(8580, 5737), (8581, 5737), (8582, 5737)}
-    # a diagonal from one tile centre to the diagonal neighbour's centre passes only through the corner
-    diagonal = touched_z14_tiles([[centre(8580, 5737), centre(8581, 5738)]])
-    assert {(8580, 5737), (8581, 5738)} <= diagonal and len(diagonal) in (2, 4)
+    # a diagonal to the diagonal neighbour passing just beside the shared corner crosses exactly the
+    # one neighbour on its side of the corner
+    above = touched_z14_tiles([[centre(8580, 5737), mercantile.ul(8581.5, 5738.49, 14)]])
+    assert above == {(8580, 5737), (8581, 5737), (8581, 5738)}
+    below = touched_z14_tiles([[centre(8580, 5737), mercantile.ul(8581.49, 5738.5, 14)]])
+    assert below == {(8580, 5737), (8580, 5738), (8581, 5738)}
     # a short diagonal in the lower-right quarter never enters the tile's upper-left neighbours
     near = touched_z14_tiles(
         [[mercantile.ul(8580.6, 5737.6, 14), mercantile.ul(8581.4, 5737.9, 14)]]

@@ -69,13 +69,33 @@ def test_stray_markers_in_scan_data_are_caught_without_decoding():
     assert not is_complete_jpeg(premature_end)
 
 
+def corrupt_scan_keeping_markers(jpeg: bytes) -> bytes:
+    """`jpeg` with 256 entropy-coded bytes in the middle of its scan data zeroed: zeros make no marker
+    and remove none that matters (the baseline encoder writes no restart markers), so every marker
+    check still passes and only a decode of the Huffman-coded data can tell."""
+    damaged = bytearray(jpeg)
+    start = (jpeg.index(b"\xff\xda") + len(jpeg)) // 2  # halfway between the scan header and EOI
+    damaged[start : start + 256] = bytes(256)
+    return bytes(damaged)
+
+
+SCAN_DAMAGED_JPEG = corrupt_scan_keeping_markers(JPEG)
+
+
 def test_decode_check_catches_damage_that_keeps_markers_intact():
-    pytest.importorskip("simplejpeg")  # the OpenCV fallback only rejects fatal errors
+    assert is_complete_jpeg(SCAN_DAMAGED_JPEG)
+    assert verify_jpeg(SCAN_DAMAGED_JPEG) is None
+    # OpenCV paints over it (it only fails on fatal errors): the strict decode is what catches it.
+    assert (
+        cv2.imdecode(np.frombuffer(SCAN_DAMAGED_JPEG, np.uint8), cv2.IMREAD_GRAYSCALE) is not None
+    )
+    assert "Corrupt JPEG data" in verify_jpeg(SCAN_DAMAGED_JPEG, decode=True)
     cut_with_eoi = JPEG[: len(JPEG) * 2 // 3] + b"\xff\xd9"
     assert is_complete_jpeg(cut_with_eoi)
     assert verify_jpeg(cut_with_eoi) is None
     assert "corrupt JPEG" in verify_jpeg(cut_with_eoi, decode=True)
     assert verify_jpeg(JPEG, decode=True) is None
+    assert verify_jpeg(make_jpeg(seed=3, progressive=True), decode=True) is None
 
 
 def test_thumbnail_fields_and_paths(tmp_path):
@@ -238,6 +258,20 @@ def test_truncated_bodies_are_retried_then_recorded_transient(tmp_path, decode_c
     assert not layout.thumbnail_path("6", 1024).exists()
     client.bad_bodies["6"] = 0
     assert (run(download_thumbnails(client, layout, ["5", "6"]))["status"] == "ok").all()
+
+
+def test_scan_damage_is_downloaded_as_ok_unless_decode_check_then_retried_and_recorded(tmp_path):
+    layout = DataLayout(tmp_path)
+    client = FakeClient({"5"}, {"5": SCAN_DAMAGED_JPEG})
+    frame = run(download_thumbnails(client, layout, ["5"], decode_check=False))
+    assert frame["status"].tolist() == ["ok"]  # the marker checks alone let it through
+    layout.thumbnail_path("5", 1024).unlink()
+    client.downloads.clear()
+    frame = run(download_thumbnails(client, layout, ["5"], decode_check=True)).set_index("image_id")
+    assert frame.loc["5", "status"] == "failed" and frame.loc["5", "transient"]
+    assert "Corrupt JPEG data" in frame.loc["5", "reason"]
+    assert client.downloads["5"] == download.MAX_JPEG_ATTEMPTS
+    assert not layout.thumbnail_path("5", 1024).exists()
 
 
 def test_download_errors_recorded_with_their_transience(tmp_path):

@@ -263,7 +263,7 @@ def test_low_zoom_tiles_cover_nonempty_z14_tiles(emulator, http, world):
     )
 
 
-def test_computed_tileset_uses_computed_positions(emulator, http, core_images):
+def test_computed_tileset_serves_the_core_tiles_images(emulator, http, core_images):
     response = http.get(
         tile_url(emulator, 14, *CORE_TILE, tileset="mly1_computed_public"),
         params={"access_token": TOKEN},

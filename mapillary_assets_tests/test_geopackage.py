@@ -63,11 +63,54 @@ def test_layers_crs_counts_and_spatial_index(layout):
             (4326,)
         ]
     assert sorted(p.name for p in path.parent.iterdir()) == [path.name]
-    if shutil.which("ogrinfo"):
-        result = subprocess.run(
-            ["ogrinfo", "-ro", "-so", "-al", str(path)], capture_output=True, text=True
-        )
-        assert result.returncode == 0, result.stderr
+
+
+def _ogrinfo(*args: str) -> str:
+    result = subprocess.run(["ogrinfo", "-ro", *args], capture_output=True, text=True)
+    assert result.returncode == 0 and "ERROR" not in result.stderr, result.stderr
+    return result.stdout
+
+
+def _feature_counts(ogrinfo_summary: str) -> dict[str, int]:
+    names = [
+        line.split(": ", 1)[1]
+        for line in ogrinfo_summary.splitlines()
+        if line.startswith("Layer name: ")
+    ]
+    counts = [
+        int(line.split(": ")[1])
+        for line in ogrinfo_summary.splitlines()
+        if line.startswith("Feature Count: ")
+    ]
+    return dict(zip(names, counts, strict=True))
+
+
+@pytest.mark.skipif(
+    not shutil.which("ogrinfo"),
+    reason="needs GDAL's ogrinfo (gdal-bin; scripts/test.sh installs it)",
+)
+def test_gdal_ogrinfo_reads_the_counts_and_uses_the_rtree(layout):
+    con = _staging(layout)
+    try:
+        counts = write_geopackage(con, layout.geopackage_path)
+    finally:
+        con.close()
+    path = str(layout.geopackage_path)
+    assert _feature_counts(_ogrinfo("-so", "-al", path)) == counts
+    index_query = "SELECT " + ", ".join(
+        f"HasSpatialIndex('{name}', 'geom') AS {name}" for name in sorted(LAYERS)
+    )
+    has_index = _ogrinfo("-q", path, "-sql", index_query)
+    assert [line.split("= ")[1] for line in has_index.splitlines() if "(Integer) =" in line] == [
+        "1"
+    ] * 3
+    # A map view's read: the points in a window, through the R-tree, against the points counted apart.
+    images = geopandas.read_file(path, layer="images", engine="pyogrio")
+    west, south = images.geometry.x.median(), images.geometry.y.min() - 1
+    inside = int(((images.geometry.x >= west) & (images.geometry.y >= south)).sum())
+    assert 0 < inside < len(images)
+    window = _ogrinfo("-so", "-spat", str(west), str(south), "180", "90", path, "images")
+    assert _feature_counts(window) == {"images": inside}
 
 
 def test_image_columns_are_typed_and_never_urls(layout):

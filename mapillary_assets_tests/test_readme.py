@@ -1,6 +1,7 @@
 """Everything the README shows is run somewhere: by .ci/run, or by a test named here. A command added to
 the README without a place that runs it fails this test, so the README cannot rot silently."""
 
+import json
 import re
 import subprocess
 import sys
@@ -42,6 +43,30 @@ def test_every_readme_command_is_exercised():
     assert "scripts/test.sh" in ci and "scripts/demo.sh" in ci
 
 
+def _places(where: str) -> list[str]:
+    """The files (`.ci/run`, `test_x.py`) and test functions (`test_y`) an EXERCISED_BY entry names."""
+    return re.findall(r"\.ci/run|\btest_\w+(?:\.py)?", where)
+
+
+def test_every_place_named_in_exercised_by_exists():
+    tests = ROOT / "mapillary_assets_tests"
+    defined = {
+        name
+        for path in tests.glob("test_*.py")
+        for name in re.findall(r"^def (test_\w+)", path.read_text(), re.M)
+    }
+    for command, where in EXERCISED_BY.items():
+        places = _places(where)
+        assert places, f"{command!r}: {where!r} names no test, test file or CI script"
+        for place in places:
+            if place == ".ci/run":
+                assert command.lstrip("./") in (ROOT / ".ci" / "run").read_text(), (command, place)
+            elif place.endswith(".py"):
+                assert (tests / place).exists(), (command, place)
+            else:
+                assert place in defined, f"{command!r}: no test function {place}"
+
+
 def test_scripts_exist_and_are_executable():
     for script in ("demo.sh", "test.sh", "ui.sh", "setup.sh"):
         path = ROOT / "scripts" / script
@@ -76,6 +101,7 @@ def test_sample_command_keeps_its_own_data_and_instance(tmp_path, monkeypatch):
     )
 
 
+@pytest.mark.slow
 def test_benchmark_harness_runs_a_benchmark(tmp_path):
     result = subprocess.run(
         [
@@ -84,14 +110,18 @@ def test_benchmark_harness_runs_a_benchmark(tmp_path):
             "benchmarks.run",
             "--quick",
             "--only",
-            "nonexistent",
+            "blur",
             "--output",
             str(tmp_path / "R.md"),
         ],
         cwd=ROOT,
         capture_output=True,
         text=True,
-        timeout=120,
+        timeout=600,
     )
     assert result.returncode == 0, result.stderr
     assert (tmp_path / "R.md").read_text().startswith("# Benchmark results")
+    figures = json.loads((tmp_path / "R.json").read_text())["figures"]
+    per_core = [f for f in figures if f["metric"].startswith("images/s per core")]
+    assert per_core and all(f["benchmark"] == "blur" for f in figures)
+    assert per_core[0]["value"] > 0 and per_core[0]["baseline"] > 0, per_core

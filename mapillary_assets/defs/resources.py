@@ -36,6 +36,7 @@ class MapillaryApiResource(dg.ConfigurableResource):
     tiles_per_minute: int = 6_000
     max_connections: int = 64
     max_retries: int = 6
+    timeout_s: float = 60.0  # per HTTP request; a request that runs past it is retried like a 5xx
     # SQLite file holding the token buckets, shared by every run process on this machine.
     rate_limit_store: str = ""
     # "redis": the buckets live at redis_url instead, shared by every worker on every machine.
@@ -52,6 +53,7 @@ class MapillaryApiResource(dg.ConfigurableResource):
             tiles_per_minute=self.tiles_per_minute,
             max_connections=self.max_connections,
             max_retries=self.max_retries,
+            timeout_s=self.timeout_s,
             rate_limit_store=Path(self.rate_limit_store) if self.rate_limit_store else None,
             rate_limit_redis_url=self.redis_url if self.rate_limit_backend == "redis" else None,
         )
@@ -71,6 +73,7 @@ class MapillaryApiResource(dg.ConfigurableResource):
             "max_connections",
         ):
             _at_least(_env_name(name), values.get(name, 1), 1)
+        _at_least(_env_name("timeout_s"), values.get("timeout_s", 60.0), 0.1)
         try:
             values["rate_limit_backend"] = "redis" if redis_url_from_env() else "sqlite"
         except ValueError as exc:

@@ -1,0 +1,51 @@
+"""The benchmarks' own arithmetic, on synthetic inputs: a figure that cannot fall short is no figure."""
+
+import pytest
+
+from benchmarks.bench_full_zurich import cross_chunk_overlap_s
+
+
+def test_blur_after_every_download_overlaps_nothing():
+    downloads = [("a", 0.0, 10.0), ("b", 10.0, 20.0), ("c", 20.0, 30.0)]
+    blurs = [("a", 30.0, 35.0), ("b", 35.0, 40.0), ("c", 40.0, 45.0)]
+    assert cross_chunk_overlap_s(blurs, downloads) == 0
+
+
+def test_blur_of_a_chunk_beside_its_own_download_is_not_overlap():
+    assert cross_chunk_overlap_s([("a", 2.0, 8.0)], [("a", 0.0, 10.0)]) == 0
+
+
+def test_each_blur_fully_beside_the_next_chunks_download():
+    downloads = [("a", 0.0, 10.0), ("b", 10.0, 20.0), ("c", 20.0, 30.0)]
+    blurs = [("a", 10.0, 16.0), ("b", 20.0, 26.0), ("c", 30.0, 36.0)]
+    assert cross_chunk_overlap_s(blurs, downloads) == pytest.approx(12.0)
+
+
+def test_overlap_counts_time_once_however_many_steps_run():
+    downloads = [("b", 0.0, 10.0), ("c", 0.0, 10.0), ("d", 5.0, 20.0)]
+    blurs = [("a", 2.0, 12.0), ("a", 15.0, 25.0)]  # the second: a re-run of the same chunk
+    # 2..12 beside b/c/d, 15..20 beside d.
+    assert cross_chunk_overlap_s(blurs, downloads) == pytest.approx(15.0)
+
+
+def test_same_chunk_alone_then_another_chunk_joins():
+    downloads = [("a", 0.0, 10.0), ("b", 6.0, 9.0)]
+    blurs = [("a", 4.0, 10.0)]
+    assert cross_chunk_overlap_s(blurs, downloads) == pytest.approx(3.0)
+
+
+def test_results_mark_references_apart_from_measured_baselines():
+    from benchmarks.harness import Figure
+    from benchmarks.run import render
+
+    measured = Figure("b", "measured row", 2.0, "s", baseline=4.0, baseline_name="same run")
+    referenced = Figure(
+        "b", "reference row", 2.0, "s", baseline=8.0, baseline_name="notebook", reference=True
+    )
+    rows = {
+        line.split(" | ")[1]: line
+        for line in render([measured, referenced], {}, quick=True).splitlines()
+        if line.startswith("| b |")
+    }
+    assert "| 4 (same run) |" in rows["measured row"] and "reference" not in rows["measured row"]
+    assert "| *reference* 8 (notebook) |" in rows["reference row"]
