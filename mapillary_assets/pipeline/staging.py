@@ -12,7 +12,7 @@ from __future__ import annotations
 import importlib.util
 import os
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -20,6 +20,7 @@ import duckdb
 import numpy as np
 import pandas as pd
 import pyarrow as pa
+import shapely
 from shapely.geometry.base import BaseGeometry
 
 from mapillary_assets.pipeline.filters import load_filter_polygons, spacing_filter, tag_in_polygons
@@ -184,11 +185,16 @@ def load_staging(
     filter_polygons: BaseGeometry | str | Path | None = None,
     inside_spacing_m: float = 100.0,
     outside_spacing_m: float = 1000.0,
+    area: BaseGeometry | None = None,
+    discovery_keys: Collection[str] | None = None,
 ) -> dict[str, int]:
     """Rebuild every staging table from the stage files present; returns table -> row count.
 
     `filter_polygons` (a geometry in EPSG:4326 or a GeoJSON/GPKG path) sets `in_filter_area` and with
-    it which spacing threshold applies to an image.
+    it which spacing threshold applies to an image. `area` and `discovery_keys` hold `images` to the
+    current area of interest: only the discovery files of these keys (the area's tile partitions, the
+    sequence route) are read, and only points in `area` are kept; files of an earlier area stay on disk,
+    unpublished.
     """
     if isinstance(filter_polygons, (str, Path)):
         filter_polygons = load_filter_polygons(filter_polygons)
@@ -203,10 +209,15 @@ def load_staging(
         try:
             con.execute("BEGIN TRANSACTION")
             for stage in _STAGES:
-                _load_stage(con, layout, stage)
+                _load_stage(con, layout, stage, discovery_keys)
             assigned = _load_chunk_assignment(con, layout)
             _build_images(
-                con, filter_polygons, inside_spacing_m, outside_spacing_m, only_assigned=assigned
+                con,
+                filter_polygons,
+                inside_spacing_m,
+                outside_spacing_m,
+                only_assigned=assigned,
+                area=area,
             )
             _build_sequences(con)
             con.execute("COMMIT")
@@ -230,14 +241,24 @@ def _sql_string(text: str) -> str:
     return text.replace("'", "''")
 
 
-def _stage_files(layout: DataLayout, stage: _Stage) -> list[Path]:
+def _stage_files(
+    layout: DataLayout, stage: _Stage, discovery_keys: Collection[str] | None = None
+) -> list[Path]:
     folder = stage.folder(layout)
     if not folder.is_dir():
         return []
+    wanted = (
+        {f"{key}.parquet" for key in discovery_keys}
+        if discovery_keys is not None and stage.table == "discovered_images"
+        else None
+    )
     return sorted(
         path
         for path in folder.glob("*.parquet")
-        if TEMP_MARKER not in path.name and path.is_file() and stage.accepts(path.name)
+        if TEMP_MARKER not in path.name
+        and path.is_file()
+        and stage.accepts(path.name)
+        and (wanted is None or path.name in wanted)
     )
 
 
@@ -245,8 +266,13 @@ def _typed_nulls(columns: dict[str, str]) -> str:
     return ", ".join(f"CAST(NULL AS {kind}) AS {name}" for name, kind in columns.items())
 
 
-def _load_stage(con: duckdb.DuckDBPyConnection, layout: DataLayout, stage: _Stage) -> None:
-    files = _stage_files(layout, stage)
+def _load_stage(
+    con: duckdb.DuckDBPyConnection,
+    layout: DataLayout,
+    stage: _Stage,
+    discovery_keys: Collection[str] | None = None,
+) -> None:
+    files = _stage_files(layout, stage, discovery_keys)
     create = f"CREATE TABLE {stage.table} AS SELECT *{stage.derived} FROM"
     if not files:
         con.execute(
@@ -315,6 +341,7 @@ def _build_images(
     inside_spacing_m: float,
     outside_spacing_m: float,
     only_assigned: bool = False,
+    area: BaseGeometry | None = None,
 ) -> None:
     metadata_only = ", ".join(f"m.{name}" for name in _METADATA_ONLY)
     assigned_only = (
@@ -370,6 +397,8 @@ def _build_images(
         LEFT JOIN b ON b.image_id = d.image_id
         """
     )
+    if area is not None:
+        _drop_outside_area(con, area)
     flags = _image_flags(con, filter_polygons, inside_spacing_m, outside_spacing_m)
     con.register("image_flags", flags)
     try:
@@ -383,6 +412,33 @@ def _build_images(
     finally:
         con.unregister("image_flags")
     con.execute("DROP TABLE images_base")
+
+
+def in_area(area: BaseGeometry, lon, lat) -> np.ndarray:
+    """Which points lie in the area (its boundary included, as discovery clips)."""
+    return shapely.intersects_xy(area, np.asarray(lon, float), np.asarray(lat, float))
+
+
+def _drop_outside_area(con, area: BaseGeometry) -> None:
+    """Remove `images_base` rows whose published position lies outside `area`, a batch at a time."""
+    shapely.prepare(area)
+    reader = con.execute("SELECT row_id, lon, lat FROM images_base").to_arrow_reader(
+        WALK_BATCH_ROWS
+    )
+    outside = []
+    for batch in reader:
+        frame = batch.to_pandas()
+        outside.append(
+            frame["row_id"].to_numpy("int64")[~in_area(area, frame["lon"], frame["lat"])]
+        )
+    rows = pa.table({"row_id": np.concatenate(outside) if outside else np.zeros(0, "int64")})
+    con.register("rows_outside_area", rows)
+    try:
+        con.execute(
+            "DELETE FROM images_base WHERE row_id IN (SELECT row_id FROM rows_outside_area)"
+        )
+    finally:
+        con.unregister("rows_outside_area")
 
 
 def _image_flags(
