@@ -1,5 +1,7 @@
-"""`mapillary-assets`: run the whole pipeline on the embedded emulator, serve the emulator, or open the UI.
+"""`mapillary-assets`: run the whole pipeline against the Mapillary API or the embedded emulator, serve the
+emulator, or open the UI.
 
+mapillary-assets run       # every asset against the configured API (MAPILLARY_ACCESS_TOKEN), no emulator
 mapillary-assets demo      # emulator + every asset, through Dagster, ends with a GeoPackage
 mapillary-assets sample    # the same on the first N ids, in a separate data folder
 mapillary-assets emulator  # the emulator alone (for `dagster dev` or the benchmarks)
@@ -138,28 +140,52 @@ def demo(args: argparse.Namespace) -> int:
             os.environ["MAPILLARY_SAMPLE_LIMIT"] = str(args.sample)
         print(f"emulator: {server.base_url} (seed {args.seed}, scale {args.scale})")
         print(f"data: {data_dir}   dagster instance: {home}")
-        from dagster import DagsterInstance
+        return _run_and_summarise(args, data_dir)
 
-        from mapillary_assets.runners.instance import configure_pools
-        from mapillary_assets.runners.pipeline import run_pipeline
 
-        with DagsterInstance.get() as instance:
-            configure_pools(instance)
-            try:
-                with contextlib.nullcontext() if args.debug else _console_without_stack_traces():
-                    summary = run_pipeline(instance)
-            except PipelineFailed as failure:
-                raise UserError(
-                    _reason_of_failed_run(instance, failure, debug=args.debug)
-                ) from failure
-    from mapillary_assets.storage import DataLayout, read_parquet
+def run(args: argparse.Namespace) -> int:
+    """The pipeline against the configured API (the real one unless MAPILLARY_GRAPH_URL/TILES_URL say
+    otherwise), with the same runner and instance as `demo`."""
+    if not os.environ.get("MAPILLARY_ACCESS_TOKEN", "").strip():
+        raise UserError(
+            "MAPILLARY_ACCESS_TOKEN is not set: export MAPILLARY_ACCESS_TOKEN='MLY|...' (a client token "
+            "from https://www.mapillary.com/dashboard/developers), or try `mapillary-assets demo` offline"
+        )
+    data_dir = Path(args.data_dir).resolve()
+    os.environ["MAPILLARY_DATA_DIR"] = str(data_dir)
+    if args.aoi:
+        os.environ["MAPILLARY_AOI"] = str(Path(args.aoi).resolve())
+    home = _dagster_home()
+    print(f"api: {os.environ.get('MAPILLARY_GRAPH_URL', 'https://graph.mapillary.com')}")
+    print(f"data: {data_dir}   dagster instance: {home}   until: {args.until}")
+    return _run_and_summarise(args, data_dir, until=args.until)
+
+
+def _run_and_summarise(args: argparse.Namespace, data_dir: Path, until: str = "blur") -> int:
+    """run_pipeline on the instance in DAGSTER_HOME, its progress shown, then the summary."""
+    import pyogrio
+    from dagster import DagsterInstance
+
+    from mapillary_assets.progress import ProgressDisplay
+    from mapillary_assets.runners.instance import configure_pools
+    from mapillary_assets.runners.pipeline import STAGES, run_pipeline
+    from mapillary_assets.storage import DataLayout
 
     layout = DataLayout(data_dir)
+    stages = STAGES[: STAGES.index(until) + 1]
+    with DagsterInstance.get() as instance:
+        configure_pools(instance)
+        try:
+            with (
+                contextlib.nullcontext() if args.debug else _console_without_stack_traces(),
+                ProgressDisplay(layout, stages),
+            ):
+                summary = run_pipeline(instance, until=until)
+        except PipelineFailed as failure:
+            raise UserError(_reason_of_failed_run(instance, failure, debug=args.debug)) from failure
     gpkg = layout.geopackage_path
-    images = (
-        len(read_parquet(layout.chunk_assignment_path, columns=["image_id"]))
-        if layout.chunk_assignment_path.exists()
-        else 0
+    images = (  # published: the current area's images (the assignment may hold an earlier area's too)
+        int(pyogrio.read_info(gpkg, layer="images")["features"]) if gpkg.exists() else 0
     )
     print(
         f"\nDone in {summary['seconds']:.0f} s ({images:,} images in {summary['chunks']} chunk(s))."
@@ -283,6 +309,23 @@ def main(argv: list[str] | None = None) -> int:
     debug_help = "show the full traceback of an error (by default: `error: <message>` alone)"
     parser.add_argument("--debug", action="store_true", help=debug_help)
     commands = parser.add_subparsers(dest="command", required=True)
+    run_command = commands.add_parser(
+        "run", help="the whole pipeline against the configured Mapillary API (no emulator)"
+    )
+    run_command.add_argument(
+        "--aoi",
+        help="GeoJSON polygon of the area (default: MAPILLARY_AOI, else the shipped Zurich one)",
+    )
+    run_command.add_argument(
+        "--until",
+        choices=("metadata", "thumbnails", "blur"),
+        default="blur",
+        help="stop the per-image work after this stage (default blur: all); the GeoPackage holds what exists",
+    )
+    run_command.add_argument("--data-dir", default=os.environ.get("MAPILLARY_DATA_DIR", "data"))
+    run_command.add_argument(
+        "--debug", action="store_true", default=argparse.SUPPRESS, help=debug_help
+    )
     for name, helptext in (
         ("demo", "run the whole pipeline on the embedded emulator"),
         ("sample", "the whole pipeline on the first N ids, kept apart from full runs"),
@@ -344,6 +387,8 @@ def _dispatch(parser: argparse.ArgumentParser, args: argparse.Namespace, rest: l
     if args.command == "demo":
         args.sample = 0
         return demo(args)
+    if args.command == "run":
+        return run(args)
     return ui(args)
 
 

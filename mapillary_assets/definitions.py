@@ -25,6 +25,7 @@ from mapillary_assets.defs.jobs import (
     blur_job,
     discovery_job,
     fetch_job,
+    metadata_job,
     process_chunks_job,
     publish_job,
 )
@@ -68,6 +69,7 @@ def build_definitions(resources: dict | None = None) -> dg.Definitions:
             discovery_job,
             assign_chunks_job,
             process_chunks_job,
+            metadata_job,
             fetch_job,
             blur_job,
             publish_job,

@@ -8,9 +8,12 @@ start (`remove_leftovers_of`), and single-writer stages sweep their folder (`swe
 
 from __future__ import annotations
 
+import errno
 import itertools
 import os
 import re
+import shutil
+import uuid
 from collections import defaultdict
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -27,6 +30,78 @@ _PARTITION_KEY = re.compile(r"^[A-Za-z0-9_.-]{1,100}$")
 
 class StorageError(RuntimeError):
     """A stored file is missing or unreadable; the message names the file and the fix."""
+
+
+def is_disk_full(error: BaseException) -> bool:
+    """ENOSPC/EDQUOT, also from Arrow's writers (their OSError carries the text, not always the errno)."""
+    return isinstance(error, OSError) and (
+        error.errno in (errno.ENOSPC, errno.EDQUOT) or "No space left on device" in str(error)
+    )
+
+
+# Typical JPEG sizes per thumbnail size, used only before any thumbnail of that size is on disk.
+_TYPICAL_THUMBNAIL_BYTES = {256: 20_000, 1024: 200_000, 2048: 600_000, "original": 3_000_000}
+_SAMPLED_THUMBNAILS = 200
+
+
+def thumbnail_bytes_needed(layout: DataLayout, size: int | str) -> int:
+    """About how many bytes the thumbnails not yet on disk need: the assigned images without an `ok`
+    download times the mean size of the stored ones (a sample of the files on disk before any chunk
+    recorded its downloads)."""
+    assigned = (
+        pq.read_metadata(layout.chunk_assignment_path).num_rows
+        if layout.chunk_assignment_path.exists()
+        else 0
+    )
+    folder = layout.downloads_path("x").parent
+    ok = pd.Series([], dtype="int64")
+    if folder.is_dir():
+        for path in folder.glob("*.parquet"):
+            if TEMP_MARKER not in path.name:
+                frame = pq.read_table(path, columns=["status", "bytes"]).to_pandas()
+                ok = pd.concat([ok, frame.loc[frame["status"] == "ok", "bytes"]])
+    if len(ok):
+        done, mean = len(ok), float(ok.mean())
+    else:
+        sizes = [
+            path.stat().st_size
+            for path in itertools.islice(
+                (layout.root / "thumbnails" / str(size)).rglob("*.jpg"), _SAMPLED_THUMBNAILS
+            )
+        ]
+        done = 0
+        mean = sum(sizes) / len(sizes) if sizes else _TYPICAL_THUMBNAIL_BYTES.get(size, 200_000)
+    return int(max(assigned - done, 0) * mean)
+
+
+def disk_full_error(layout: DataLayout, thumbnail_size: int | str) -> StorageError:
+    """`<data dir> is full: N GB free, about M GB needed for the remaining thumbnails`."""
+    free = shutil.disk_usage(layout.root).free
+    needed = thumbnail_bytes_needed(layout, thumbnail_size)
+    return StorageError(
+        f"{layout.root} is full: {free / 1e9:.2f} GB free, about {needed / 1e9:.2f} GB needed for the "
+        "remaining thumbnails; free space (or use a data dir on a larger disk) and re-run: what is "
+        "stored is kept"
+    )
+
+
+def data_dir_identity(root: Path) -> str:
+    """The data dir's id: a UUID written once into `<root>/data_dir_id` (created with the folder), so a
+    Dagster instance can tell this data dir from another even after it is moved or renamed."""
+    path = Path(root) / "data_dir_id"
+    try:
+        return path.read_text().strip()
+    except FileNotFoundError:
+        pass
+    Path(root).mkdir(parents=True, exist_ok=True)
+    identity = str(uuid.uuid4())
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+    except FileExistsError:  # another process wrote it first: theirs holds
+        return path.read_text().strip()
+    with os.fdopen(fd, "w") as handle:
+        handle.write(identity + "\n")
+    return identity
 
 
 def validate_image_id(image_id: str) -> str:

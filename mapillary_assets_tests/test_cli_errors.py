@@ -7,8 +7,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -16,9 +14,8 @@ import pytest
 from mapillary_assets import cli
 from mapillary_assets.pipeline.aoi import load_aoi, no_images_warning
 from mapillary_assets.runners.instance import open_instance, prepare_dagster_home
-from mapillary_assets_tests.support.world import REPO_ROOT, TEST_AOI
-
-CLI_TIMEOUT_S = 600  # a shared machine; each run imports Dagster and starts the emulator
+from mapillary_assets_tests.support.cli import assert_clear_error, run_cli
+from mapillary_assets_tests.support.world import TEST_AOI
 
 
 def _polygon(ring: list) -> dict:
@@ -64,32 +61,6 @@ BAD_AOIS = {  # case -> (file content or None for a missing file, part of the me
     "LV95 coordinates": (_polygon(LV95), "out of range"),
     "all of Europe": (_polygon(EUROPE), "use a coarser partition zoom"),
 }
-
-
-def run_cli(tmp_path: Path, *args: str, **environ: str) -> subprocess.CompletedProcess:
-    env = {
-        **os.environ,
-        "DAGSTER_HOME": str(prepare_dagster_home(tmp_path / "home")),
-        "PYTHONUNBUFFERED": "1",
-        "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO_ROOT), os.environ.get("PYTHONPATH")])),
-        **environ,
-    }
-    return subprocess.run(
-        [sys.executable, "-m", "mapillary_assets.cli", *args],
-        cwd=REPO_ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=CLI_TIMEOUT_S,
-    )
-
-
-def assert_clear_error(done: subprocess.CompletedProcess, expected: str) -> None:
-    output = done.stdout + done.stderr
-    assert done.returncode != 0, output
-    assert "Traceback" not in output, output
-    errors = [line for line in done.stderr.splitlines() if line.startswith("error: ")]
-    assert len(errors) == 1 and expected in errors[0], output
 
 
 def _aoi_file(tmp_path: Path, content) -> Path:

@@ -45,7 +45,7 @@ def test_definitions_load_with_expected_graph():
     }
     assert repository.has_schedule_def("refresh_schedule")
     assert repository.has_sensor_def("new_images_sensor")
-    assert len(list(graph.asset_check_keys)) == 5
+    assert len(list(graph.asset_check_keys)) == 6  # geopackage_inside_area (issue 24)
 
 
 def test_every_asset_has_group_kinds_and_description():

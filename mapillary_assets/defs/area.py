@@ -3,8 +3,11 @@ they shape the tile partitions, so they are read when the definitions are built.
 
 from __future__ import annotations
 
+import hashlib
 import os
 from functools import lru_cache
+
+import shapely
 
 from mapillary_assets.pipeline.aoi import AoiError, AreaOfInterest, load_aoi
 
@@ -31,3 +34,10 @@ def _load(source: str | None) -> AreaOfInterest:
 
 def current_aoi() -> AreaOfInterest:
     return _load(os.environ.get("MAPILLARY_AOI") or None)
+
+
+def area_fingerprint(aoi: AreaOfInterest | None = None) -> str:
+    """A short hash of the area's geometry (normalised: vertex order and ring start do not count); the
+    GeoPackage's materialisation records it, so a changed area is told apart from a current one."""
+    geometry = shapely.normalize((aoi or current_aoi()).geometry)
+    return hashlib.sha256(shapely.to_wkb(geometry, output_dimension=2)).hexdigest()[:16]

@@ -8,6 +8,8 @@ refresh are always fetched again, while a retried refresh run re-uses what its f
 The sensor then, in order: re-chunks when discovery has new materialisations (new ids land in new chunks
 only), launches the per-chunk job for chunks that have never completed (ranged runs of up to 4 consecutive
 chunks), and re-publishes once every chunk is complete and something changed since the last GeoPackage.
+A GeoPackage published for another area of interest (its `aoi_fingerprint` differs from the current
+area's) is never "current": the sensor rediscovers the current area's tiles, and the runs above follow.
 """
 
 import os
@@ -15,6 +17,8 @@ import os
 import dagster as dg
 
 from mapillary_assets.dagster_compat import smallest_cron_interval
+from mapillary_assets.defs.area import area_fingerprint
+from mapillary_assets.defs.assets.publish import AREA_FINGERPRINT
 from mapillary_assets.defs.jobs import (
     assign_chunks_job,
     discovery_job,
@@ -93,6 +97,16 @@ def build_refresh_schedule(cron: str | None = None) -> dg.ScheduleDefinition:
     return refresh_schedule
 
 
+def _published_area_fingerprint(instance: dg.DagsterInstance) -> str | None:
+    """The area fingerprint the newest GeoPackage was published for (None: none published, or before
+    fingerprints were recorded)."""
+    records = instance.fetch_materializations(dg.AssetKey("mapillary_geopackage"), limit=1).records
+    if not records:
+        return None
+    value = records[0].asset_materialization.metadata.get(AREA_FINGERPRINT)
+    return value.value if value is not None else None
+
+
 def _latest_storage_id(instance: dg.DagsterInstance, asset: str) -> int:
     """Storage id of the asset's newest materialisation (ids grow with time); 0 if it has none."""
     records = instance.fetch_materializations(dg.AssetKey(asset), limit=1).records
@@ -100,7 +114,7 @@ def _latest_storage_id(instance: dg.DagsterInstance, asset: str) -> int:
 
 
 @dg.sensor(
-    jobs=[assign_chunks_job, process_chunks_job, publish_job],
+    jobs=[discovery_job, assign_chunks_job, process_chunks_job, publish_job],
     minimum_interval_seconds=30,
     default_status=dg.DefaultSensorStatus.RUNNING,
     description="New discoveries -> new chunks -> metadata, thumbnails, blur -> staging and GeoPackage.",
@@ -129,6 +143,17 @@ def new_images_sensor(context: dg.SensorEvaluationContext) -> dg.SensorResult | 
         return dg.SensorResult(
             run_requests=[
                 dg.RunRequest(job_name=publish_job.name, run_key=f"publish:{newest_input}")
+            ]
+        )
+    fingerprint = area_fingerprint()
+    if chunks and _published_area_fingerprint(instance) != fingerprint:
+        # One discovery per area (the run keys hold its fingerprint); its materialisations then lead
+        # through the steps above to a GeoPackage of this area.
+        keys = tile_partitions().get_partition_keys()
+        return dg.SensorResult(
+            run_requests=[
+                r.with_replaced_attrs(job_name=discovery_job.name)
+                for r in ranged_requests(keys, TILES_PER_RUN, f"area-{fingerprint}")
             ]
         )
     return dg.SkipReason("nothing new: every chunk is complete and the GeoPackage is current")

@@ -2,11 +2,11 @@
 
 import dagster as dg
 import pyogrio
-import shapely
 
 from mapillary_assets.defs.area import current_aoi
 from mapillary_assets.defs.assets.publish import mapillary_geopackage, staging_tables
 from mapillary_assets.defs.resources import DataStorageResource, PipelineSettings
+from mapillary_assets.pipeline.aoi import in_area
 from mapillary_assets.pipeline.staging import connect_staging
 
 
@@ -24,14 +24,33 @@ def image_ids_unique(storage: DataStorageResource) -> dg.AssetCheckResult:
 
 
 @dg.asset_check(
-    asset=staging_tables, description="Every image point lies inside the area of interest."
+    asset=staging_tables,
+    blocking=True,  # a GeoPackage of images outside the area is never published
+    description="Every image point lies inside the current area of interest.",
 )
 def images_inside_area(storage: DataStorageResource) -> dg.AssetCheckResult:
     with connect_staging(storage.layout.staging_db_path, read_only=True) as con:
         lon, lat = con.execute("SELECT lon, lat FROM images").fetchnumpy().values()
-    outside = int((~shapely.contains_xy(current_aoi().geometry, lon, lat)).sum()) if len(lon) else 0
+    outside = int((~in_area(current_aoi().geometry, lon, lat)).sum()) if len(lon) else 0
     return dg.AssetCheckResult(
         passed=outside == 0, metadata={"outside": outside, "images": len(lon)}
+    )
+
+
+@dg.asset_check(
+    asset=mapillary_geopackage,
+    description="Every published image point lies inside the current area of interest (a GeoPackage left "
+    "from an earlier area fails).",
+)
+def geopackage_inside_area(storage: DataStorageResource) -> dg.AssetCheckResult:
+    points = pyogrio.read_dataframe(
+        storage.layout.geopackage_path, layer="images", columns=[], read_geometry=True
+    ).geometry
+    outside = (
+        int((~in_area(current_aoi().geometry, points.x, points.y)).sum()) if len(points) else 0
+    )
+    return dg.AssetCheckResult(
+        passed=outside == 0, metadata={"outside": outside, "images": len(points)}
     )
 
 
@@ -81,4 +100,5 @@ asset_checks = [
     failed_id_ratio,
     blur_values_valid,
     geopackage_matches_staging,
+    geopackage_inside_area,
 ]

@@ -33,6 +33,11 @@ process_chunks_job = dg.define_asset_job(
     selection=[image_metadata, thumbnail_downloads, blur_scores],
     description="Metadata, thumbnails and blur scores of id chunks.",
 )
+metadata_job = dg.define_asset_job(
+    "metadata_job",
+    selection=[image_metadata],
+    description="Metadata of id chunks alone (`mapillary-assets run --until metadata`).",
+)
 fetch_job = dg.define_asset_job(
     "fetch_job",
     selection=[image_metadata, thumbnail_downloads],

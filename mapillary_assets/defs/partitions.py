@@ -3,7 +3,9 @@ image), and the tags that make one run cover a set of their keys.
 
 Tile partitions follow MAPILLARY_AOI and MAPILLARY_PARTITION_ZOOM as they are when the definitions
 are built; chunk partitions are dynamic, added by the `image_chunks` asset as discovery finds new
-images.
+images. Chunk keys are only meaningful with the data dir whose assignment defines them, so an instance
+is bound to one data dir (its id, `storage.data_dir_identity`) the first time it is used with one, and
+refuses any other (`bind_instance_to_data_dir`).
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ from __future__ import annotations
 import os
 from collections.abc import Sequence
 from functools import lru_cache
+from pathlib import Path
 
 import dagster as dg
 
@@ -20,9 +23,13 @@ from mapillary_assets.dagster_compat import (
     PARTITION_NAME_TAG,
 )
 from mapillary_assets.defs.area import partition_zoom
+from mapillary_assets.errors import UserError
 from mapillary_assets.pipeline.aoi import load_aoi, partition_tiles, tile_key
+from mapillary_assets.storage import data_dir_identity
 
 CHUNK_PARTITIONS_NAME = "id_chunks"
+_BOUND_DATA_DIR_ID = "mapillary_assets/data_dir_id"
+_BOUND_DATA_DIR_PATH = "mapillary_assets/data_dir_path"
 
 chunk_partitions = dg.DynamicPartitionsDefinition(name=CHUNK_PARTITIONS_NAME)
 
@@ -57,3 +64,22 @@ def describe_partitions(tags: dict[str, str]) -> str:
     if ASSET_PARTITION_RANGE_START_TAG in tags:
         return f"{tags[ASSET_PARTITION_RANGE_START_TAG]} .. {tags[ASSET_PARTITION_RANGE_END_TAG]}"
     return "(unpartitioned)"
+
+
+def bind_instance_to_data_dir(instance: dg.DagsterInstance, root: Path) -> None:
+    """Bind `instance` to the data dir at `root` on first use; refuse (UserError naming both and the fix)
+    when it is bound to another data dir, whose chunk partitions and materialisations it holds."""
+    root = Path(root).resolve()
+    identity = data_dir_identity(root)
+    storage = instance.run_storage
+    bound = storage.get_cursor_values({_BOUND_DATA_DIR_ID, _BOUND_DATA_DIR_PATH})
+    bound_id, bound_path = bound.get(_BOUND_DATA_DIR_ID), bound.get(_BOUND_DATA_DIR_PATH)
+    if bound_id is not None and bound_id != identity:
+        home = instance.root_directory or "this Dagster instance"
+        raise UserError(
+            f"the Dagster instance in {home} belongs to the data dir {bound_path}, not to {root}: its chunk "
+            f"partitions and materialisations describe that data dir's files. Use {bound_path} as the data dir, "
+            f"or give {root} its own instance: DAGSTER_HOME={root / 'dagster_home'}"
+        )
+    if bound_id is None or bound_path != str(root):  # first use, or the same data dir moved
+        storage.set_cursor_values({_BOUND_DATA_DIR_ID: identity, _BOUND_DATA_DIR_PATH: str(root)})

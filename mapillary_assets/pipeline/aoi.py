@@ -17,6 +17,7 @@ import mercantile
 import numpy as np
 import shapely
 from shapely.geometry import MultiPolygon, Polygon, shape
+from shapely.geometry.base import BaseGeometry
 from shapely.validation import explain_validity
 
 DEFAULT_AOI_PATH = Path(__file__).resolve().parent.parent / "data" / "zurich.geojson"
@@ -413,3 +414,8 @@ def no_images_warning(aoi: AreaOfInterest, tileset: str = "mly1_public") -> str:
         f"lon {centre.x:.4f} (longitude {west:.4f}..{east:.4f}, latitude {south:.4f}..{north:.4f}). "
         f"Likely causes: {listed}"
     )
+
+
+def in_area(area: BaseGeometry, lon, lat) -> np.ndarray:
+    """Which points lie in the area (its boundary included, as discovery clips)."""
+    return shapely.intersects_xy(area, np.asarray(lon, float), np.asarray(lat, float))

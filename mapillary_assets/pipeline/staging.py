@@ -12,7 +12,7 @@ from __future__ import annotations
 import importlib.util
 import os
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -176,11 +176,16 @@ def load_staging(
     filter_polygons: BaseGeometry | str | Path | None = None,
     inside_spacing_m: float = 100.0,
     outside_spacing_m: float = 1000.0,
+    area: BaseGeometry | None = None,
+    discovery_keys: Collection[str] | None = None,
 ) -> dict[str, int]:
     """Rebuild every staging table from the stage files present; returns table -> row count.
 
     `filter_polygons` (a geometry in EPSG:4326 or a GeoJSON/GPKG path) sets `in_filter_area` and with
-    it which spacing threshold applies to an image.
+    it which spacing threshold applies to an image. `area` and `discovery_keys` hold `images` to the
+    current area of interest: only the discovery files of these keys (the area's tile partitions, the
+    sequence route) are read, and only points in `area` are kept; files of an earlier area stay on
+    disk, unpublished.
     """
     if isinstance(filter_polygons, (str, Path)):
         filter_polygons = load_filter_polygons(filter_polygons)
@@ -195,10 +200,15 @@ def load_staging(
         try:
             con.execute("BEGIN TRANSACTION")
             for stage in _STAGES:
-                _load_stage(con, layout, stage)
+                _load_stage(con, layout, stage, discovery_keys)
             assigned = _load_chunk_assignment(con, layout)
             build_images(
-                con, filter_polygons, inside_spacing_m, outside_spacing_m, only_assigned=assigned
+                con,
+                filter_polygons,
+                inside_spacing_m,
+                outside_spacing_m,
+                only_assigned=assigned,
+                area=area,
             )
             build_sequences(con)
             con.execute("COMMIT")
@@ -222,14 +232,24 @@ def _sql_string(text: str) -> str:
     return text.replace("'", "''")
 
 
-def _stage_files(layout: DataLayout, stage: _Stage) -> list[Path]:
+def _stage_files(
+    layout: DataLayout, stage: _Stage, discovery_keys: Collection[str] | None = None
+) -> list[Path]:
     folder = stage.folder(layout)
     if not folder.is_dir():
         return []
+    wanted = (
+        {f"{key}.parquet" for key in discovery_keys}
+        if discovery_keys is not None and stage.table == "discovered_images"
+        else None
+    )
     return sorted(
         path
         for path in folder.glob("*.parquet")
-        if TEMP_MARKER not in path.name and path.is_file() and stage.accepts(path.name)
+        if TEMP_MARKER not in path.name
+        and path.is_file()
+        and stage.accepts(path.name)
+        and (wanted is None or path.name in wanted)
     )
 
 
@@ -237,8 +257,13 @@ def _typed_nulls(columns: dict[str, str]) -> str:
     return ", ".join(f"CAST(NULL AS {kind}) AS {name}" for name, kind in columns.items())
 
 
-def _load_stage(con: duckdb.DuckDBPyConnection, layout: DataLayout, stage: _Stage) -> None:
-    files = _stage_files(layout, stage)
+def _load_stage(
+    con: duckdb.DuckDBPyConnection,
+    layout: DataLayout,
+    stage: _Stage,
+    discovery_keys: Collection[str] | None = None,
+) -> None:
+    files = _stage_files(layout, stage, discovery_keys)
     create = f"CREATE TABLE {stage.table} AS SELECT *{stage.derived} FROM"
     if not files:
         con.execute(

@@ -11,7 +11,10 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 import pyarrow as pa
+import shapely
+from shapely.geometry.base import BaseGeometry
 
+from mapillary_assets.pipeline.aoi import in_area
 from mapillary_assets.pipeline.filters import spacing_filter, tag_in_polygons
 
 WALK_BATCH_ROWS = 200_000  # rows of the spacing walk held in pandas at once
@@ -31,6 +34,7 @@ def build_images(
     inside_spacing_m: float,
     outside_spacing_m: float,
     only_assigned: bool = False,
+    area: BaseGeometry | None = None,
 ) -> None:
     metadata_only = ", ".join(f"m.{name}" for name in _METADATA_ONLY)
     assigned_only = (
@@ -86,6 +90,8 @@ def build_images(
         LEFT JOIN b ON b.image_id = d.image_id
         """
     )
+    if area is not None:
+        _drop_outside_area(con, area)
     flags = _image_flags(con, filter_polygons, inside_spacing_m, outside_spacing_m)
     con.register("image_flags", flags)
     try:
@@ -99,6 +105,28 @@ def build_images(
     finally:
         con.unregister("image_flags")
     con.execute("DROP TABLE images_base")
+
+
+def _drop_outside_area(con, area: BaseGeometry) -> None:
+    """Remove `images_base` rows whose published position lies outside `area`, a batch at a time."""
+    shapely.prepare(area)
+    reader = con.execute("SELECT row_id, lon, lat FROM images_base").to_arrow_reader(
+        WALK_BATCH_ROWS
+    )
+    outside = []
+    for batch in reader:
+        frame = batch.to_pandas()
+        outside.append(
+            frame["row_id"].to_numpy("int64")[~in_area(area, frame["lon"], frame["lat"])]
+        )
+    rows = pa.table({"row_id": np.concatenate(outside) if outside else np.zeros(0, "int64")})
+    con.register("rows_outside_area", rows)
+    try:
+        con.execute(
+            "DELETE FROM images_base WHERE row_id IN (SELECT row_id FROM rows_outside_area)"
+        )
+    finally:
+        con.unregister("rows_outside_area")
 
 
 def _image_flags(

@@ -3,7 +3,9 @@
 How the runs execute is one parameter, a `RunRunner`: `LocalRunner` (this machine, the default) or
 `ClusterRunner` (a scaled-out instance whose runs go to Celery workers). Each says which job(s) a
 chunk runs: one `process_chunks_job` run locally, `fetch_job` then `blur_job` on a cluster, so that
-blur runs on the `gpu` queue's machines.
+blur runs on the `gpu` queue's machines. `until` stops the chunks after a stage (`metadata_job` or
+`fetch_job` instead); publish still runs, so the GeoPackage holds what exists (later stages' columns
+empty, their status `pending`).
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ import dagster as dg
 from mapillary_assets.definitions import build_definitions
 from mapillary_assets.defs.partitions import (
     CHUNK_PARTITIONS_NAME,
+    bind_instance_to_data_dir,
     describe_partitions,
     partition_tags,
     tile_partitions,
@@ -24,6 +27,9 @@ from mapillary_assets.defs.partitions import (
 from mapillary_assets.errors import PipelineFailed
 from mapillary_assets.runners.dead_runs import release_dead_runs
 from mapillary_assets.runners.local import LocalRunner
+
+STAGES = ("metadata", "thumbnails", "blur")  # the chunk stages, in order
+_JOBS_UNTIL = {"metadata": ("metadata_job",), "thumbnails": ("fetch_job",)}
 
 
 class RunRunner(Protocol):
@@ -52,16 +58,21 @@ def run_pipeline(
     runner: RunRunner | None = None,
     tiles_per_run: int | None = None,
     chunks_per_run: int = 1,
+    until: str = "blur",
 ) -> dict:
     """Materialise every asset in order: discovery (tile partitions, `tiles_per_run` a run; None: one
-    ranged run), chunking, one run per `chunks_per_run` chunks (concurrent), publish. `runner` executes
-    the runs (default LocalRunner on this machine; `runners.cluster.ClusterRunner` on Celery workers).
-    Raises PipelineFailed naming what failed; a re-run does only what is missing."""
-
+    ranged run), chunking, one run per `chunks_per_run` chunks (concurrent) up to the stage `until`
+    (one of STAGES), publish. `runner` executes the runs (default LocalRunner on this machine;
+    `runners.cluster.ClusterRunner` on Celery workers). Raises PipelineFailed naming what failed, or
+    UserError when the instance belongs to another data dir; a re-run does only what is missing."""
+    if until not in STAGES:
+        raise ValueError(f"until={until!r}: expected one of {', '.join(STAGES)}")
     if runner is None:
         if defs is None:  # built now, from the environment the caller just set
             defs = build_definitions()
         runner = LocalRunner(instance, defs, log=log)
+    if defs is not None:  # before any run: the runs would fail on another data dir's chunk keys
+        bind_instance_to_data_dir(instance, defs.resources["storage"].layout.root)
     runs: dict[str, list[str]] = {}
     stage_seconds: dict[str, float] = {}
 
@@ -99,7 +110,7 @@ def run_pipeline(
     chunks = sorted(instance.get_dynamic_partitions(CHUNK_PARTITIONS_NAME))
     if chunks:
         chunk_runs = batched(chunks, chunks_per_run)
-        first, *then = runner.chunk_jobs
+        first, *then = _JOBS_UNTIL.get(until, runner.chunk_jobs)
         log(
             f"-> {' -> '.join([first, *then])}: {len(chunk_runs)} run(s) of {chunks_per_run} chunk(s), "
             f"{chunks[0]} .. {chunks[-1]}"

@@ -7,6 +7,7 @@ then fail the partition so "backfill failed partitions" retries exactly those.
 """
 
 import asyncio
+import contextlib
 
 import dagster as dg
 import pandas as pd
@@ -31,6 +32,8 @@ from mapillary_assets.pipeline.download import download_thumbnails
 from mapillary_assets.pipeline.metadata import fetch_metadata, ids_to_fetch, merge_with_existing
 from mapillary_assets.storage import (
     DataLayout,
+    disk_full_error,
+    is_disk_full,
     read_parquet,
     remove_leftovers_of,
     validate_image_id,
@@ -67,6 +70,18 @@ def _thumbnail_paths(layout: DataLayout, image_ids, size: int):
         yield layout.thumbnail_path(image_id, size)
 
 
+@contextlib.contextmanager
+def disk_full_as_error(layout: DataLayout, thumbnail_size: int):
+    """A write that found the disk full ends the run with one StorageError saying how full and how much
+    the remaining thumbnails need (the writes are atomic: nothing half-written stays, a re-run resumes)."""
+    try:
+        yield
+    except OSError as error:
+        if not is_disk_full(error):
+            raise
+        raise disk_full_error(layout, thumbnail_size) from None
+
+
 def _fail_if_transient(kind: str, transient_by_chunk: dict[str, int]) -> None:
     failing = {chunk: n for chunk, n in transient_by_chunk.items() if n}
     if failing:
@@ -92,6 +107,7 @@ def image_metadata(
     context: dg.AssetExecutionContext,
     mapillary_api: MapillaryApiResource,
     storage: DataStorageResource,
+    settings: PipelineSettings,
 ) -> dg.MaterializeResult:
     layout = storage.layout
 
@@ -115,7 +131,8 @@ def image_metadata(
                 outcome[key] = (rows, failures, len(todo), result.requests)
         return outcome
 
-    outcome = asyncio.run(fetch_all())
+    with disk_full_as_error(layout, settings.thumbnail_size):
+        outcome = asyncio.run(fetch_all())
     rows = pd.concat([r for r, *_ in outcome.values()])
     failures = pd.concat([f for _, f, *_ in outcome.values()])
     fetched, requests = sum(o[2] for o in outcome.values()), sum(o[3] for o in outcome.values())
@@ -191,7 +208,8 @@ def thumbnail_downloads(
                 outcome[key] = frame
         return outcome
 
-    outcome = asyncio.run(download_all())
+    with disk_full_as_error(layout, settings.thumbnail_size):
+        outcome = asyncio.run(download_all())
     frame = pd.concat(outcome.values())
     ok = int((frame["status"] == "ok").sum())
     context.log.info(
@@ -238,7 +256,8 @@ def blur_scores(
             analysis_size=box,
             progress=progress_logger(context.log, key, unit="images"),
         )
-        write_parquet_atomic(scores, layout.blur_path(key))
+        with disk_full_as_error(layout, settings.thumbnail_size):
+            write_parquet_atomic(scores, layout.blur_path(key))
         frames[key] = scores
         paths.extend(ok)  # scores come one row per path, in input order
     scores = pd.concat(frames.values())

@@ -8,7 +8,11 @@ import pandas as pd
 import pyarrow.parquet as pq
 
 from mapillary_assets.defs.area import current_aoi
-from mapillary_assets.defs.partitions import CHUNK_PARTITIONS_NAME, tile_partitions
+from mapillary_assets.defs.partitions import (
+    CHUNK_PARTITIONS_NAME,
+    bind_instance_to_data_dir,
+    tile_partitions,
+)
 from mapillary_assets.defs.pools import API_POOL
 from mapillary_assets.defs.reporting import partition_counts_metadata, preview_markdown
 from mapillary_assets.defs.resources import (
@@ -248,6 +252,7 @@ def image_chunks(
     context: dg.AssetExecutionContext, storage: DataStorageResource, settings: PipelineSettings
 ) -> dg.MaterializeResult:
     layout = storage.layout
+    bind_instance_to_data_dir(context.instance, layout.root)
     tile_keys = tile_partitions().get_partition_keys()
     discovered = read_discovered_ids(layout, [*tile_keys, SEQUENCE_ROUTE_KEY])
     warning = None

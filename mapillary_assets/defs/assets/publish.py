@@ -5,8 +5,10 @@ import json
 import dagster as dg
 import shapely
 
-from mapillary_assets.defs.area import current_aoi
+from mapillary_assets.defs.area import area_fingerprint, current_aoi
 from mapillary_assets.defs.assets.chunks import blur_scores, image_metadata, thumbnail_downloads
+from mapillary_assets.defs.assets.discovery import SEQUENCE_ROUTE_KEY
+from mapillary_assets.defs.partitions import tile_partitions
 from mapillary_assets.defs.pools import DUCKDB_POOL
 from mapillary_assets.defs.reporting import preview_markdown
 from mapillary_assets.defs.resources import DataStorageResource, PipelineSettings
@@ -15,6 +17,8 @@ from mapillary_assets.pipeline.filters import load_filter_polygons
 from mapillary_assets.pipeline.geopackage import published_overview, write_geopackage
 from mapillary_assets.pipeline.staging import connect_staging, load_staging
 from mapillary_assets.storage import atomic_write_bytes, remove_leftovers_of, sweep_temporary_files
+
+AREA_FINGERPRINT = "aoi_fingerprint"
 
 
 @dg.asset(
@@ -59,8 +63,9 @@ def filter_areas(
     group_name="staging",
     kinds={"duckdb"},
     pool=DUCKDB_POOL,
-    description="DuckDB-spatial staging tables rebuilt from every partition's Parquet file: images (joined, "
-    "with GEOMETRY, filter flags), sequences, metadata failures, downloads, blur scores.",
+    description="DuckDB-spatial staging tables rebuilt from the Parquet files: images (joined, with GEOMETRY, "
+    "filter flags), sequences, metadata failures, downloads, blur scores. `images` holds exactly the current "
+    "area's images: discovery files of the area's tile partitions only, points inside the area only.",
 )
 def staging_tables(
     context: dg.AssetExecutionContext, storage: DataStorageResource, settings: PipelineSettings
@@ -79,6 +84,8 @@ def staging_tables(
         filter_polygons=polygons,
         inside_spacing_m=settings.inside_spacing_m,
         outside_spacing_m=settings.outside_spacing_m,
+        area=current_aoi().geometry,
+        discovery_keys=[*tile_partitions().get_partition_keys(), SEQUENCE_ROUTE_KEY],
     )
     context.log.info("staging: " + ", ".join(f"{table} {rows:,}" for table, rows in counts.items()))
     with connect_staging(layout.staging_db_path, read_only=True) as con:
@@ -122,6 +129,7 @@ def mapillary_geopackage(
             **{f"features_{layer}": rows for layer, rows in counts.items()},
             "path": dg.MetadataValue.path(str(layout.geopackage_path)),
             "gpkg_version": settings.gpkg_version,
+            AREA_FINGERPRINT: area_fingerprint(),  # the sensor compares it with the current area's
             "map": dg.MetadataValue.md(png_markdown(picture, "published images and sequences")),
         }
     )
