@@ -1,9 +1,11 @@
 """Thumbnail download: fresh URLs, bounded concurrency, verified JPEGs, atomic sharded files.
 
 Dagster-free. Thumbnail URLs are signed and expire (`oe=` hex timestamp; expired -> 403 "URL signature
-expired"), so they are never stored: each batch of 50 ids is resolved through the Graph API just before
-its downloads are queued (the queue holds at most `concurrency` URLs), and an id whose URL expires
-anyway is re-resolved on its own, a bounded number of times.
+expired"), so they are never stored. URLs the chunk's metadata request already carried (`known_urls`,
+in memory, see pipeline/thumbnail_urls.py) are downloaded first while they stay valid with a safety
+margin; every other id is resolved through the Graph API in batches of 50 just before its downloads
+are queued (the queue holds at most `concurrency` URLs), and an id whose URL expires anyway is
+re-resolved on its own, a bounded number of times.
 
 Every downloaded body is verified before it is written (`jpeg_verification`: marker checks always, a
 strict decode of the whole stream with `decode_check=True`, off by default for its CPU cost).
@@ -21,7 +23,7 @@ fetch what is missing or damaged.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
@@ -35,6 +37,7 @@ from mapillary_assets.api.errors import (
     UrlExpiredError,
 )
 from mapillary_assets.pipeline.jpeg_verification import is_complete_jpeg, verify_jpeg
+from mapillary_assets.pipeline.thumbnail_urls import SignedUrl
 from mapillary_assets.storage import DataLayout, atomic_write_bytes, validate_image_id
 
 THUMBNAIL_SIZES: tuple[int | str, ...] = (256, 1024, 2048, "original")
@@ -86,6 +89,7 @@ class _ThumbnailDownloader:
         total: int,
         executor: ThreadPoolExecutor,
         decode_check: bool,
+        known_urls: Mapping[str, SignedUrl],
     ) -> None:
         self.client = client
         self.layout = layout
@@ -96,6 +100,7 @@ class _ThumbnailDownloader:
         self.total = total
         self.executor = executor
         self.decode_check = decode_check
+        self.known_urls = known_urls
         self.outcomes: dict[str, _Outcome] = {}
         self.failed = 0
 
@@ -236,7 +241,15 @@ class _ThumbnailDownloader:
                     image_id, reason=f"{problem}, {bad_bodies} downloads", transient=True
                 )
 
-    async def downloader(self, queue: asyncio.Queue) -> None:
+    def create_shard_folders(self, image_ids: list[str]) -> None:
+        """Each shard folder once per run, so no write pays for a failed open and a mkdir."""
+        for folder in {self.layout.thumbnail_path(i, self.size).parent for i in image_ids}:
+            folder.mkdir(parents=True, exist_ok=True)
+
+    async def downloader(self, reusable: Iterator[tuple[str, str]], queue: asyncio.Queue) -> None:
+        # URLs from the metadata request first: no lookup, no queue hop (a shared iterator)
+        for image_id, url in reusable:
+            self.record(await self.fetch(image_id, url))
         while True:
             item = await queue.get()
             if item is None:
@@ -247,24 +260,32 @@ class _ThumbnailDownloader:
         missing = await self.skip_existing(image_ids)
         if not missing:
             return
+        self.create_shard_folders(missing)
+        reusable = [(i, self.known_urls[i].url) for i in missing if self._reusable(i)]
+        to_resolve = [i for i in missing if not self._reusable(i)]
         batches = iter(
             [
-                missing[i : i + RESOLVE_BATCH_SIZE]
-                for i in range(0, len(missing), RESOLVE_BATCH_SIZE)
+                to_resolve[i : i + RESOLVE_BATCH_SIZE]
+                for i in range(0, len(to_resolve), RESOLVE_BATCH_SIZE)
             ]
         )
         # one download in flight per worker: the workers bound the requests to `concurrency`
         workers = max(1, min(self.concurrency, len(missing)))
         # A bounded queue keeps URLs fresh: a URL waits for at most one round of downloads.
         queue: asyncio.Queue = asyncio.Queue(maxsize=self.concurrency)
-        resolver_count = min(4, -(-len(missing) // RESOLVE_BATCH_SIZE))
+        resolver_count = min(4, -(-len(to_resolve) // RESOLVE_BATCH_SIZE))
 
         async def resolve_all() -> None:
             await asyncio.gather(*(self.resolver(batches, queue) for _ in range(resolver_count)))
             for _ in range(workers):
                 await queue.put(None)
 
-        await _run_all([resolve_all(), *(self.downloader(queue) for _ in range(workers))])
+        shared = iter(reusable)
+        await _run_all([resolve_all(), *(self.downloader(shared, queue) for _ in range(workers))])
+
+    def _reusable(self, image_id: str) -> bool:
+        known = self.known_urls.get(image_id)
+        return known is not None and known.usable()
 
 
 async def _run_all(coroutines: list) -> None:
@@ -289,6 +310,7 @@ async def download_thumbnails(
     concurrency: int = 64,
     progress: Progress | None = None,
     decode_check: bool = False,
+    known_urls: Mapping[str, SignedUrl] | None = None,
 ) -> pd.DataFrame:
     """Download the `size` thumbnail of every id to layout's sharded thumbnail path.
 
@@ -296,6 +318,9 @@ async def download_thumbnails(
     failure), bytes, status ("ok"|"failed"), reason, transient. Raises ValueError for a non-digit id or an
     unsupported size before any path is built or request made; AuthError propagates (fatal).
     `decode_check` adds a strict decode of every body to the marker checks (see module docstring).
+    `known_urls` (from the metadata request, pipeline/thumbnail_urls.py) are used while they stay valid
+    for `SAFETY_MARGIN_S`; the other ids are resolved in batches, and a URL answering 403 expired is
+    re-resolved for its id alone.
     """
     thumbnail_field(size)  # validates size before anything else happens
     ids = list(dict.fromkeys(validate_image_id(i) for i in image_ids))
@@ -305,7 +330,15 @@ async def download_thumbnails(
         max_workers=min(IO_THREADS, concurrency), thread_name_prefix="thumbnail-io"
     ) as executor:
         downloader = _ThumbnailDownloader(
-            client, layout, size, concurrency, progress, len(ids), executor, decode_check
+            client,
+            layout,
+            size,
+            concurrency,
+            progress,
+            len(ids),
+            executor,
+            decode_check,
+            known_urls or {},
         )
         await downloader.run(ids)
     outcomes = [downloader.outcomes[i] for i in ids]

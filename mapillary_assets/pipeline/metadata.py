@@ -9,6 +9,7 @@ partition so a backfill retries just those). An AuthError is fatal and propagate
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 from collections.abc import Callable, Iterable, Sequence
@@ -30,6 +31,7 @@ from mapillary_assets.api.errors import (
     RequestTooLargeError,
 )
 from mapillary_assets.pipeline.concurrency import run_all
+from mapillary_assets.pipeline.thumbnail_urls import SignedUrl, signed_url
 from mapillary_assets.storage import validate_image_id
 
 log = logging.getLogger(__name__)
@@ -48,6 +50,8 @@ class MetadataResult:
     failures: pd.DataFrame  # FAILURE_COLUMNS, one row per failed id
     requests: int  # `?ids=` calls made (the client's own retries not counted)
     seconds: float = 0.0
+    # id -> signed thumbnail URL when `thumbnail_field` was asked for; in memory only, never in `rows`
+    thumbnail_urls: dict[str, SignedUrl] = dataclasses.field(default_factory=dict)
 
     @property
     def transient_failures(self) -> int:
@@ -118,11 +122,13 @@ async def fetch_metadata(
     fields: Sequence[str] = DEFAULT_IMAGE_FIELDS,
     concurrency: int = 32,
     progress: Progress | None = None,
+    thumbnail_field: str | None = None,
 ) -> MetadataResult:
     """Metadata of `image_ids` (duplicates fetched once) with `concurrency` batches in flight; the
-    client's shared rate limiter paces them."""
+    client's shared rate limiter paces them. `thumbnail_field` (e.g. "thumb_256_url") is asked for in the
+    same requests and returned in `thumbnail_urls`, apart from the rows (see pipeline/thumbnail_urls.py)."""
     started = time.perf_counter()
-    fetcher = _BatchFetcher(client, tuple(fields))
+    fetcher = _BatchFetcher(client, tuple(fields), thumbnail_field)
     ids: list[str] = []
     for image_id in dict.fromkeys(str(i) for i in image_ids):
         try:
@@ -150,12 +156,15 @@ async def fetch_metadata(
         failures=failures_frame(fetcher.failures),
         requests=fetcher.requests,
         seconds=time.perf_counter() - started,
+        thumbnail_urls=fetcher.thumbnail_urls,
     )
 
 
 class _BatchFetcher:
-    def __init__(self, client, fields: tuple[str, ...]):
-        self.client, self.fields = client, fields
+    def __init__(self, client, fields: tuple[str, ...], thumbnail_field: str | None = None):
+        self.client, self.thumbnail_field = client, thumbnail_field
+        self.fields = fields if thumbnail_field is None else (*fields, thumbnail_field)
+        self.thumbnail_urls: dict[str, SignedUrl] = {}
         self.rows: list[dict] = []
         self.failures: list[tuple[str, str, bool, int | None]] = []
         self.requests = 0
@@ -186,6 +195,9 @@ class _BatchFetcher:
             if entity is None:
                 self._fail([image_id], NOT_RETURNED, False, None)
             else:
+                url = entity.pop(self.thumbnail_field, None) if self.thumbnail_field else None
+                if isinstance(url, str) and url:
+                    self.thumbnail_urls[image_id] = signed_url(url)
                 row = decode_image_entity(entity)
                 row["image_id"] = image_id
                 self.rows.append(row)

@@ -25,10 +25,11 @@ from mapillary_assets.defs.resources import (
     MapillaryApiResource,
     PipelineSettings,
 )
+from mapillary_assets.pipeline import thumbnail_urls
 from mapillary_assets.pipeline.blur import analysis_box, score_images
 from mapillary_assets.pipeline.charts import blur_histogram_png, contact_sheet_png, png_markdown
 from mapillary_assets.pipeline.chunks import chunk_image_ids
-from mapillary_assets.pipeline.download import download_thumbnails
+from mapillary_assets.pipeline.download import download_thumbnails, thumbnail_field
 from mapillary_assets.pipeline.metadata import fetch_metadata, ids_to_fetch, merge_with_existing
 from mapillary_assets.storage import (
     DataLayout,
@@ -101,7 +102,8 @@ def _fail_if_transient(kind: str, transient_by_chunk: dict[str, int]) -> None:
     pool=API_POOL,
     backfill_policy=CHUNK_BACKFILL,
     description="Graph API metadata of every image in the chunk (batch lookups of 50 ids), with failed ids "
-    "recorded as permanent or transient.",
+    "recorded as permanent or transient. The same requests carry the thumbnail URLs, which the chunk's "
+    "download step reuses from memory (never stored).",
 )
 def image_metadata(
     context: dg.AssetExecutionContext,
@@ -123,8 +125,12 @@ def image_metadata(
                 rows, failures = _read_if_exists(rows_path), _read_if_exists(failures_path)
                 todo = ids_to_fetch(_chunk_ids(layout, key), rows, failures)
                 result = await fetch_metadata(
-                    client, todo, progress=progress_logger(context.log, key)
+                    client,
+                    todo,
+                    progress=progress_logger(context.log, key),
+                    thumbnail_field=thumbnail_field(settings.thumbnail_size),
                 )
+                thumbnail_urls.remember(layout.root, key, result.thumbnail_urls)
                 rows, failures = merge_with_existing(rows, failures, result)
                 write_parquet_atomic(rows, rows_path)
                 write_parquet_atomic(failures, failures_path)
@@ -203,6 +209,7 @@ def thumbnail_downloads(
                     size=settings.thumbnail_size,
                     concurrency=settings.download_concurrency,
                     progress=progress_logger(context.log, key, unit="images"),
+                    known_urls=thumbnail_urls.take(layout.root, key),
                 )
                 write_parquet_atomic(frame, layout.downloads_path(key))
                 outcome[key] = frame
