@@ -127,6 +127,9 @@ def _test_area():
     return load_aoi(TEST_AOI).geometry
 
 
+ROOMY = "1g"  # a tmpfs takes memory only as it fills; the test world's thumbnails need ~0.1 GB
+
+
 def _mount_tmpfs(target: Path, size: str, remount: bool = False) -> None:
     options = f"remount,size={size}" if remount else f"size={size}"
     subprocess.run(["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(target)], check=True)
@@ -139,7 +142,7 @@ def test_a_full_disk_is_one_clear_error_and_a_rerun_resumes(tmp_path):
     if shutil.which("mount") is None:
         pytest.skip("no mount command: cannot make a small filesystem")
     try:
-        _mount_tmpfs(data, "64m")
+        _mount_tmpfs(data, ROOMY)
     except subprocess.CalledProcessError as error:
         pytest.skip(f"cannot mount a tmpfs here (needs root / CAP_SYS_ADMIN): {error}")
     try:
@@ -160,7 +163,7 @@ def test_a_full_disk_is_one_clear_error_and_a_rerun_resumes(tmp_path):
             assert not [p for p in data.rglob(f"*{TEMP_MARKER}*")], "nothing half-written stays"
             on_disk = len(list((data / "thumbnails").rglob("*.jpg")))  # complete ones only
 
-            _mount_tmpfs(data, "64m", remount=True)
+            _mount_tmpfs(data, ROOMY, remount=True)
             server.reset_stats()
             resumed = run_cli(tmp_path, *args, **env)
             assert resumed.returncode == 0, resumed.stdout + resumed.stderr
