@@ -122,7 +122,10 @@ class AreaPlan:
                 )
             )
         rows.append(
-            ("blur time", f"{self.blur_hours:.2f} h at {self.blur_images_per_s:.0f} images/s")
+            (
+                "blur time",
+                f"{self.blur_hours * 60:,.1f} min at {self.blur_images_per_s:.0f} images/s",
+            )
         )
         rows.append(("coverage requests spent by this plan", f"{self.coverage_requests:,}"))
         return rows
