@@ -247,6 +247,36 @@ def ui(args: argparse.Namespace) -> int:
         return _serve(command, dict(os.environ))
 
 
+def plan_command(args: argparse.Namespace) -> int:
+    """`mapillary-assets plan`: print the area's plan (MAPILLARY_ACCESS_TOKEN and the API URLs from
+    the environment; the partition zoom as discovery chooses it)."""
+    import asyncio
+
+    from mapillary_assets.api.client import MapillaryClient
+    from mapillary_assets.api.settings import ClientSettings
+    from mapillary_assets.defs.area import choose_partition_zoom, partition_zoom
+    from mapillary_assets.pipeline.aoi import load_aoi
+    from mapillary_assets.pipeline.plan import plan_area
+    from mapillary_assets.storage import DataLayout
+
+    aoi = load_aoi(args.aoi)
+    zoom = (
+        partition_zoom()
+        if os.environ.get("MAPILLARY_PARTITION_ZOOM")
+        else choose_partition_zoom(aoi)
+    )
+    tileset = os.environ.get("MAPILLARY_TILESET") or "mly1_public"
+
+    async def planned():
+        async with MapillaryClient(ClientSettings.from_env()) as client:
+            return await plan_area(client, aoi, DataLayout(Path(args.data_dir)), zoom, tileset)
+
+    plan = asyncio.run(planned())
+    print(f"plan for {aoi.source} ({aoi.area_km2:,.0f} km2, partition zoom {zoom})")
+    print(plan.table())
+    return 0
+
+
 def _serve(command: list[str], env: dict[str, str]) -> int:
     """Run `dagster dev` until it exits or this process is told to stop (SIGTERM, SIGHUP, Ctrl-C), then stop
     everything it started. It runs in its own session, so a signal reaches it only through here, and
@@ -354,6 +384,9 @@ def main(argv: list[str] | None = None) -> int:
             command.add_argument("--port", type=int, default=3000)
             command.add_argument("--emulator-port", type=int, default=8765)
     commands.add_parser("emulator", help="serve the emulator alone", add_help=False)
+    plan = commands.add_parser("plan", help="what an area costs, from coverage tiles only")
+    plan.add_argument("--aoi", default=os.environ.get("MAPILLARY_AOI"), help="GeoJSON polygon file")
+    plan.add_argument("--data-dir", default=os.environ.get("MAPILLARY_DATA_DIR", "data"))
 
     args, rest = parser.parse_known_args(argv)
     try:
@@ -389,6 +422,8 @@ def _dispatch(parser: argparse.ArgumentParser, args: argparse.Namespace, rest: l
         return demo(args)
     if args.command == "run":
         return run(args)
+    if args.command == "plan":
+        return plan_command(args)
     return ui(args)
 
 

@@ -296,5 +296,9 @@ class DataLayout:
         return self.root / "output" / "mapillary_images.gpkg"
 
     @property
+    def geoparquet_path(self) -> Path:
+        return self.root / "output" / "mapillary_images.parquet"
+
+    @property
     def rate_limit_store_path(self) -> Path:
         return self.root / "rate_limits.sqlite"

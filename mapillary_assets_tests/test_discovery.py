@@ -227,12 +227,20 @@ def test_corrupt_cached_tile_is_deleted_and_fetched_again(tmp_path, world, aoi, 
     assert "corrupt" in caplog.text
 
 
-def test_low_zoom_partition_reads_coverage_at_z6(tmp_path, world, aoi):
+def test_low_zoom_partition_descends_coverage_from_z6(tmp_path, world, aoi):
     partition = mercantile.parent(CENTRE, zoom=5)
     client = TileClient(world)
     frame, stats = run(discover_partition(client, aoi, partition, DataLayout(tmp_path)))
-    assert {z for z, *_ in client.tile_requests} == {6, 14}
-    assert stats.coverage_requests == 1  # the AOI lies within one z6 tile
+    assert {z for z, *_ in client.tile_requests} == {6, 8, 10, 14}
+    assert [t for t in client.tile_requests if t[0] == 6] == [
+        (6, *mercantile.parent(CENTRE, zoom=6)[:2])
+    ]
+    # the AOI lies within one z6 tile; below it, only coverage tiles that hold imagery are read
+    nonempty = world.nonempty_z14_tiles(aoi.geometry)
+    for z, x, y in client.tile_requests:
+        if z in (8, 10):
+            assert any(tx >> (14 - z) == x and ty >> (14 - z) == y for tx, ty in nonempty)
+    assert stats.coverage_requests == sum(1 for z, *_ in client.tile_requests if z < 14)
     assert_same_ids_up_to_quantisation(
         frame["image_id"], partition_truth(world, aoi, partition), world, aoi
     )

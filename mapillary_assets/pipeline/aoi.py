@@ -277,7 +277,7 @@ def partition_tiles(aoi: AreaOfInterest, zoom: int) -> list[mercantile.Tile]:
         )
     geometry = aoi.geometry
     shapely.prepare(geometry)
-    estimate = _tile_area_lower_bound(geometry, zoom)
+    estimate = tile_area_lower_bound(geometry, zoom)
     if estimate > MAX_PARTITIONS:
         raise _too_many(aoi, zoom, f"at least {estimate:,}", _largest_fitting_zoom(geometry, zoom))
     xs, ys, exceeded_at = _descend(geometry, zoom)
@@ -317,14 +317,14 @@ def _too_many(aoi: AreaOfInterest, zoom: int, count: str, fitting_zoom: int) -> 
     )
 
 
-def _tile_area_lower_bound(geometry, zoom: int) -> int:
+def tile_area_lower_bound(geometry, zoom: int) -> int:
     """The polygon's area in units of one tile (web-mercator plane): no fewer tiles can cover it."""
     projected = shapely.transform(geometry, lambda xy: _mercator_tile_units(xy, zoom))
     return int(projected.area)
 
 
 def _largest_fitting_zoom(geometry, zoom: int) -> int:
-    while zoom > 0 and _tile_area_lower_bound(geometry, zoom) > MAX_PARTITIONS:
+    while zoom > 0 and tile_area_lower_bound(geometry, zoom) > MAX_PARTITIONS:
         zoom -= 1
     _, _, exceeded_at = _descend(
         geometry, zoom

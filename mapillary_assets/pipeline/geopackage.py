@@ -60,7 +60,7 @@ def write_geopackage(
         )
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    image_columns = _image_columns(con)
+    image_columns = image_select_list(con)
     layers = (
         (
             IMAGES_LAYER,
@@ -99,7 +99,7 @@ def write_geopackage(
     return counts
 
 
-def _image_columns(con: duckdb.DuckDBPyConnection) -> str:
+def image_select_list(con: duckdb.DuckDBPyConnection) -> str:
     """The select list of the image layers: ids as strings, no URL columns, geometry last."""
     selected = []
     for name, kind in con.execute(

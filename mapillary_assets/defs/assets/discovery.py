@@ -26,7 +26,7 @@ from mapillary_assets.pipeline.chunks import assign_chunks, chunk_keys
 from mapillary_assets.pipeline.discovery.results import IMAGE_ZOOM
 from mapillary_assets.pipeline.discovery.search import discover_by_bbox_search
 from mapillary_assets.pipeline.discovery.sequences import discover_by_sequences
-from mapillary_assets.pipeline.discovery.tiles import MIN_COVERAGE_ZOOM, discover_partition
+from mapillary_assets.pipeline.discovery.tiles import coverage_zooms, discover_partition
 from mapillary_assets.storage import (
     IMAGE_ID_PATTERN,
     DataLayout,
@@ -103,9 +103,9 @@ def _tile_map_png(
 
 def _partition_files(layout: DataLayout, tileset: str, tile: mercantile.Tile, key: str):
     """Every file this partition writes: its discovery file and the cached tiles inside it (the coverage
-    tile, or its z6 descendants, and the z14 tiles); no other partition writes any of them."""
+    tiles of the descent and the z14 tiles); no other partition writes any of them."""
     yield layout.discovery_path(key)
-    for zoom in sorted({max(tile.z, MIN_COVERAGE_ZOOM), IMAGE_ZOOM}):
+    for zoom in [*coverage_zooms(tile.z), IMAGE_ZOOM]:
         span = 2 ** (zoom - tile.z)
         for x in range(tile.x * span, (tile.x + 1) * span):
             for y in range(tile.y * span, (tile.y + 1) * span):

@@ -15,6 +15,7 @@ from mapillary_assets.defs.resources import DataStorageResource, PipelineSetting
 from mapillary_assets.pipeline.charts import png_markdown, published_map_png
 from mapillary_assets.pipeline.filters import load_filter_polygons
 from mapillary_assets.pipeline.geopackage import published_overview, write_geopackage
+from mapillary_assets.pipeline.geoparquet import write_geoparquet
 from mapillary_assets.pipeline.staging import connect_staging, load_staging
 from mapillary_assets.storage import atomic_write_bytes, remove_leftovers_of, sweep_temporary_files
 
@@ -114,10 +115,11 @@ def mapillary_geopackage(
 ) -> dg.MaterializeResult:
     layout = storage.layout
     remove_leftovers_of(
-        [layout.geopackage_path]
+        [layout.geopackage_path, layout.geoparquet_path]
     )  # of an interrupted earlier write (this pool has one slot)
     with connect_staging(layout.staging_db_path, read_only=True) as con:
         counts = write_geopackage(con, layout.geopackage_path, version=settings.gpkg_version)
+        parquet_rows = write_geoparquet(con, layout.geoparquet_path)
         aoi = current_aoi().geometry
         picture = published_map_png(aoi, published_overview(con, aoi.bounds))
     context.log.info(
@@ -128,6 +130,8 @@ def mapillary_geopackage(
         metadata={
             **{f"features_{layer}": rows for layer, rows in counts.items()},
             "path": dg.MetadataValue.path(str(layout.geopackage_path)),
+            "geoparquet_path": dg.MetadataValue.path(str(layout.geoparquet_path)),
+            "geoparquet_rows": parquet_rows,
             "gpkg_version": settings.gpkg_version,
             AREA_FINGERPRINT: area_fingerprint(),  # the sensor compares it with the current area's
             "map": dg.MetadataValue.md(png_markdown(picture, "published images and sequences")),

@@ -1,9 +1,14 @@
 """The tile route: which images lie in one partition tile of the area of interest.
 
-One coarse `sequence`-layer tile of the partition says which z14 tiles hold imagery; only those z14
-tiles (clipped to the AOI) are fetched for their `image` layer, concurrently, each decoded as it
-arrives so that dense tiles never pile up in memory. Raw tiles are cached on disk (`tile_cache`), so
-a refresh within the cache age makes no request.
+The `sequence` coverage layer says where imagery is. Discovery descends it from the partition tile
+(or its z6 tiles, below z6 where Mapillary serves only sampled `overview` points) COVERAGE_STEP zooms
+at a time, reading a finer coverage tile only where the coarser one's lines pass, down to
+SELECTION_ZOOM, whose lines pick the z14 tiles. So tile requests follow the imagery, not the area:
+about one per non-empty z14 tile plus a few coverage tiles per partition, however large the AOI. An
+empty coverage tile is taken to mean no imagery below it (Mapillary's coverage may lag z14 by a
+while). Only the z14 tiles found (clipped to the AOI) are fetched for their `image` layer,
+concurrently, each decoded as it arrives so that dense tiles never pile up in memory. Raw tiles are
+cached on disk (`tile_cache`), so a refresh within the cache age makes no request.
 """
 
 from __future__ import annotations
@@ -13,6 +18,7 @@ import math
 import re
 import time
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import mercantile
 import numpy as np
@@ -36,6 +42,10 @@ from mapillary_assets.storage import DataLayout
 
 # Below z6 Mapillary serves the sampled `overview` points, not every sequence: coverage is read at z6.
 MIN_COVERAGE_ZOOM = 6
+# Lines of coverage tiles at this zoom or finer pick the z14 tiles (quantised to 1/256 of a z14 tile or
+# better); coarser coverage only picks which finer coverage tiles to read, COVERAGE_STEP zooms down.
+SELECTION_ZOOM = 10
+COVERAGE_STEP = 2
 MVT_EXTENT = 4096
 _TILESET_NAME = re.compile(r"^[A-Za-z0-9_]{1,64}$")
 DEFAULT_CACHE_MAX_AGE_S = 86400
@@ -62,7 +72,7 @@ async def discover_partition(
     geometry = aoi.geometry
     shapely.prepare(geometry)
 
-    z14_tiles = await _covered_z14_tiles(cache, geometry, partition, concurrency)
+    z14_tiles = (await covered_z14_tiles(cache, geometry, partition, concurrency)).z14_tiles
     stats.skipped_z14_tiles = _count_aoi_children(geometry, partition) - len(z14_tiles)
 
     parts: list[pa.Table] = []
@@ -95,39 +105,84 @@ async def discover_partition(
     return frame, stats
 
 
-async def _covered_z14_tiles(
-    cache: TileCache, geometry, partition: mercantile.Tile, concurrency: int
-) -> list[tuple[int, int]]:
-    """z14 tiles of the partition that overlap the AOI and that some sequence passes through."""
+@dataclass(frozen=True)
+class PartitionCoverage:
+    """What the coverage descent found in one partition: the z14 tiles to fetch (overlapping the
+    AOI, sorted) and how many coverage lines of the selection zoom lie in them."""
+
+    z14_tiles: list[tuple[int, int]]
+    coverage_lines: int
+
+
+def coverage_zooms(partition_zoom: int) -> list[int]:
+    """The coverage zooms the descent reads for a partition at `partition_zoom`, coarsest first."""
+    zoom = max(partition_zoom, MIN_COVERAGE_ZOOM)
+    zooms = [zoom]
+    while zoom < SELECTION_ZOOM:
+        zoom = min(zoom + COVERAGE_STEP, SELECTION_ZOOM)
+        zooms.append(zoom)
+    return zooms
+
+
+async def covered_z14_tiles(
+    cache: TileCache, geometry, partition: mercantile.Tile, concurrency: int = 16
+) -> PartitionCoverage:
+    """Descend the `sequence` coverage from the partition (or its z6 tiles overlapping the AOI) to
+    the z14 tiles that lines pass through: a coverage tile is fetched only when its parent's lines
+    pass through it (within a quantisation unit), so the requests follow the imagery, not the area."""
+    zooms = coverage_zooms(partition.z)
     if partition.z >= MIN_COVERAGE_ZOOM:
-        coverage_tiles = [partition]
+        level = [partition]
     else:
-        coverage_tiles = _overlapping_descendants(geometry, partition, MIN_COVERAGE_ZOOM)
+        level = _overlapping_descendants(geometry, partition, zooms[0])
     limit = asyncio.Semaphore(max(1, concurrency))
 
-    async def touched(tile: mercantile.Tile) -> set[tuple[int, int]]:
+    async def read(tile: mercantile.Tile, into: list) -> None:
         async with limit:
-            lines = await cache.decoded(
-                tile.z, tile.x, tile.y, decode_sequence_lines, counter="coverage_requests"
+            into.extend(
+                await cache.decoded(
+                    tile.z, tile.x, tile.y, decode_sequence_lines, counter="coverage_requests"
+                )
             )
+
+    for zoom, next_zoom in zip(zooms, zooms[1:] + [IMAGE_ZOOM]):
+        lines: list = []
+        await run_all(read(t, lines) for t in level)
         # one MVT unit of slack: line vertices are quantised to the coverage tile's 4096 grid
-        slack = 2.0 ** (IMAGE_ZOOM - tile.z) / MVT_EXTENT
-        return touched_z14_tiles(lines, slack)
+        slack = 2.0 ** (next_zoom - zoom) / MVT_EXTENT
+        touched = touched_tiles(lines, next_zoom, slack)
+        xs, ys = _inside(touched, partition, next_zoom)
+        keep = _overlaps(geometry, xs, ys, next_zoom) if len(xs) else np.zeros(0, bool)
+        xs, ys = xs[keep], ys[keep]
+        if next_zoom == IMAGE_ZOOM:
+            tiles = list(zip(xs.tolist(), ys.tolist()))
+            return PartitionCoverage(tiles, _lines_in_tiles(lines, set(tiles)))
+        level = [mercantile.Tile(int(x), int(y), next_zoom) for x, y in zip(xs, ys)]
+    raise AssertionError("the descent always ends at the image zoom")
 
-    candidates: set[tuple[int, int]] = set()
 
-    async def add_touched(tile: mercantile.Tile) -> None:
-        candidates.update(await touched(tile))
-
-    await run_all(add_touched(t) for t in coverage_tiles)
-    span = 2 ** (IMAGE_ZOOM - partition.z)
+def _inside(
+    tiles: set[tuple[int, int]], partition: mercantile.Tile, zoom: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """The tiles (at `zoom`) that lie in the partition, as sorted x and y arrays."""
+    span = 2 ** (zoom - partition.z)
     x0, y0 = partition.x * span, partition.y * span
-    inside = sorted((x, y) for x, y in candidates if x0 <= x < x0 + span and y0 <= y < y0 + span)
+    inside = sorted((x, y) for x, y in tiles if x0 <= x < x0 + span and y0 <= y < y0 + span)
     if not inside:
-        return []
+        return np.zeros(0, np.int64), np.zeros(0, np.int64)
     xs, ys = (np.array(v, dtype=np.int64) for v in zip(*inside))
-    keep = _overlaps(geometry, xs, ys, IMAGE_ZOOM)
-    return list(zip(xs[keep].tolist(), ys[keep].tolist()))
+    return xs, ys
+
+
+def _lines_in_tiles(
+    lines: Sequence[Sequence[tuple[float, float]]], tiles: set[tuple[int, int]]
+) -> int:
+    """Lines whose first vertex lies in one of the z14 `tiles` (each line counted once)."""
+    if not lines or not tiles:
+        return 0
+    first = np.array([line[0] for line in lines], dtype=float)
+    cells = np.floor(_tile_units(first[:, 0], first[:, 1], IMAGE_ZOOM)).astype(np.int64)
+    return sum((int(x), int(y)) in tiles for x, y in cells)
 
 
 def touched_z14_tiles(
@@ -135,6 +190,14 @@ def touched_z14_tiles(
 ) -> set[tuple[int, int]]:
     """z14 tiles (x, y) that any line (lon/lat vertices; a single vertex is a point) passes within
     `slack` z14-tile units of."""
+    return touched_tiles(lines, IMAGE_ZOOM, slack)
+
+
+def touched_tiles(
+    lines: Sequence[Sequence[tuple[float, float]]], zoom: int, slack: float = 0.0
+) -> set[tuple[int, int]]:
+    """Tiles (x, y) at `zoom` that any line (lon/lat vertices; a single vertex is a point) passes
+    within `slack` tile units of."""
     segments = []
     for line in lines:
         coords = np.asarray(line, dtype=float).reshape(-1, 2)
@@ -146,8 +209,8 @@ def touched_z14_tiles(
     if not segments:
         return set()
     lonlat = np.vstack(segments)
-    start = _z14_units(lonlat[:, 0], lonlat[:, 1])
-    end = _z14_units(lonlat[:, 2], lonlat[:, 3])
+    start = _tile_units(lonlat[:, 0], lonlat[:, 1], zoom)
+    end = _tile_units(lonlat[:, 2], lonlat[:, 3], zoom)
     low = np.floor(np.minimum(start, end) - slack).astype(np.int64)
     high = np.floor(np.maximum(start, end) + slack).astype(np.int64)
     single = (low == high).all(axis=1)
@@ -176,9 +239,9 @@ def touched_z14_tiles(
     return tiles
 
 
-def _z14_units(lon: np.ndarray, lat: np.ndarray) -> np.ndarray:
-    """lon/lat -> fractional z14 tile coordinates (x right, y down), as mercantile computes tiles."""
-    n = 2.0**IMAGE_ZOOM
+def _tile_units(lon: np.ndarray, lat: np.ndarray, zoom: int) -> np.ndarray:
+    """lon/lat -> fractional tile coordinates at `zoom` (x right, y down), as mercantile computes."""
+    n = 2.0**zoom
     x = (lon + 180.0) / 360.0 * n
     lat_rad = np.radians(np.clip(lat, -85.0511287798066, 85.0511287798066))
     y = (1.0 - np.arcsinh(np.tan(lat_rad)) / math.pi) / 2.0 * n
