@@ -13,6 +13,7 @@ import threading
 
 from .app import DEFAULT_TOKEN, EmulatorServer
 from .faults import Faults
+from .regions import REGIONS
 from .world import World
 
 FAMILIES = ("tiles", "entity", "search")
@@ -41,6 +42,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=8765, help="0 picks a free port")
     parser.add_argument("--seed", type=int, default=42)
+    parser.add_argument(
+        "--region",
+        choices=sorted(REGIONS),
+        default="zurich",
+        help="the world's extent: zurich (default) or switzerland (>= 10 M images at scale 1.0)",
+    )
     parser.add_argument(
         "--scale",
         type=float,
@@ -74,9 +81,6 @@ def build_parser() -> argparse.ArgumentParser:
         help="per-minute budget of tiles/entity/search (repeatable)",
     )
     parser.add_argument("--rate-limit-status", type=int, choices=(403, 429), default=429)
-    parser.add_argument(
-        "--thumbnail-ttl", type=float, default=3600.0, help="seconds a thumbnail URL stays valid"
-    )
     parser.add_argument("--corrupt-jpeg-rate", type=float, default=0.0)
     parser.add_argument("--truncated-jpeg-rate", type=float, default=0.0)
     parser.add_argument("--omit-optional-fields", action="store_true")
@@ -87,7 +91,11 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     token = args.token or os.environ.get("MAPILLARY_ACCESS_TOKEN") or DEFAULT_TOKEN
     world = World(
-        seed=args.seed, scale=args.scale, epoch=args.epoch, blurred_fraction=args.blurred_fraction
+        seed=args.seed,
+        scale=args.scale,
+        epoch=args.epoch,
+        blurred_fraction=args.blurred_fraction,
+        region=args.region,
     )
     faults = Faults(
         latency_s=args.latency,
