@@ -144,3 +144,18 @@ def test_the_outline_aoi_is_switzerland_sized_and_selectable():
     assert build_parser().parse_args(["--region", "switzerland"]).region == "switzerland"
     with pytest.raises(ValueError, match="unknown region 'mars'"):
         World(region="mars")
+
+
+def test_the_demo_on_the_country_world_defaults_its_aoi_to_the_outline(monkeypatch, tmp_path):
+    from types import SimpleNamespace
+
+    from mapillary_assets import cli
+
+    monkeypatch.delenv("MAPILLARY_AOI", raising=False)
+    urls = {"graph_url": "http://g", "tiles_url": "http://t"}
+    country = SimpleNamespace(world=World(region="switzerland"), **urls)
+    city = SimpleNamespace(world=World(), **urls)
+    assert cli._emulator_env(country, tmp_path)["MAPILLARY_AOI"] == str(swiss.outline_path())
+    assert "MAPILLARY_AOI" not in cli._emulator_env(city, tmp_path)
+    monkeypatch.setenv("MAPILLARY_AOI", "/my/area.geojson")
+    assert "MAPILLARY_AOI" not in cli._emulator_env(country, tmp_path)  # the user's area wins

@@ -81,6 +81,21 @@ def build_parser() -> argparse.ArgumentParser:
         help="per-minute budget of tiles/entity/search (repeatable)",
     )
     parser.add_argument("--rate-limit-status", type=int, choices=(403, 429), default=429)
+    parser.add_argument(
+        "--tiles-per-day",
+        type=int,
+        default=None,
+        help="daily tile quota (refused with 429 code 4 until the next day; default: none)",
+    )
+    parser.add_argument(
+        "--day-seconds",
+        type=float,
+        default=86400.0,
+        help="length of the quota's day (default 86400)",
+    )
+    parser.add_argument(
+        "--thumbnail-ttl", type=float, default=3600.0, help="seconds a thumbnail URL stays valid"
+    )
     parser.add_argument("--corrupt-jpeg-rate", type=float, default=0.0)
     parser.add_argument("--truncated-jpeg-rate", type=float, default=0.0)
     parser.add_argument("--omit-optional-fields", action="store_true")
@@ -106,6 +121,8 @@ def main(argv: list[str] | None = None) -> int:
         truncated_jpeg_rate=args.truncated_jpeg_rate,
         omit_optional_fields=args.omit_optional_fields,
         thumbnail_ttl_s=args.thumbnail_ttl,
+        tiles_per_day=args.tiles_per_day,
+        day_seconds=args.day_seconds,
     )
     stop = threading.Event()
     previous = {
@@ -136,6 +153,11 @@ def main(argv: list[str] | None = None) -> int:
                 print(
                     "rate limits per minute: "
                     + ", ".join(f"{k}={v}" for k, v in faults.rate_limit_per_minute.items()),
+                    flush=True,
+                )
+            if faults.tiles_per_day is not None:
+                print(
+                    f"daily tile quota: {faults.tiles_per_day} per {faults.day_seconds:g} s",
                     flush=True,
                 )
             while not stop.wait(0.5):

@@ -85,210 +85,105 @@ SETTLEMENTS = (
 )
 _TOWNS = {name: (lon, lat) for name, lon, lat, *_ in SETTLEMENTS}
 # The road network, as straight segments between towns.
+# fmt: off
 ROADS = (
-    ("Geneva", "Nyon"),
-    ("Nyon", "Lausanne"),
-    ("Lausanne", "Montreux-Vevey"),
-    ("Montreux-Vevey", "Martigny"),
-    ("Martigny", "Sion"),
-    ("Sion", "Brig"),
-    ("Lausanne", "Yverdon"),
-    ("Yverdon", "Neuchatel"),
-    ("Neuchatel", "Biel"),
-    ("Neuchatel", "La Chaux-de-Fonds"),
-    ("La Chaux-de-Fonds", "Delemont"),
-    ("Delemont", "Basel"),
-    ("Lausanne", "Fribourg"),
-    ("Fribourg", "Bern"),
-    ("Biel", "Bern"),
-    ("Biel", "Solothurn"),
-    ("Bern", "Thun"),
-    ("Thun", "Interlaken"),
-    ("Bern", "Burgdorf"),
-    ("Burgdorf", "Olten"),
-    ("Solothurn", "Olten"),
-    ("Olten", "Aarau"),
-    ("Aarau", "Baden"),
-    ("Baden", "Zurich"),
-    ("Basel", "Olten"),
-    ("Olten", "Lucerne"),
-    ("Lucerne", "Zug"),
-    ("Zug", "Zurich"),
-    ("Lucerne", "Interlaken"),
-    ("Lucerne", "Schwyz"),
-    ("Schwyz", "Bellinzona"),
-    ("Bellinzona", "Locarno"),
-    ("Bellinzona", "Lugano"),
-    ("Zurich", "Winterthur"),
-    ("Winterthur", "Schaffhausen"),
-    ("Winterthur", "Frauenfeld"),
-    ("Frauenfeld", "Kreuzlingen"),
-    ("Winterthur", "Wil"),
-    ("Wil", "St. Gallen"),
-    ("Zurich", "Uster"),
-    ("Uster", "Rapperswil"),
-    ("Zurich", "Rapperswil"),
-    ("Rapperswil", "Glarus"),
-    ("Rapperswil", "Chur"),
-    ("St. Gallen", "Chur"),
-    ("Chur", "Davos"),
-    ("Chur", "St. Moritz"),
-    ("Bellinzona", "Chur"),
+    ("Geneva", "Nyon"), ("Nyon", "Lausanne"), ("Lausanne", "Montreux-Vevey"),
+    ("Montreux-Vevey", "Martigny"), ("Martigny", "Sion"), ("Sion", "Brig"),
+    ("Lausanne", "Yverdon"), ("Yverdon", "Neuchatel"), ("Neuchatel", "Biel"),
+    ("Neuchatel", "La Chaux-de-Fonds"), ("La Chaux-de-Fonds", "Delemont"), ("Delemont", "Basel"),
+    ("Lausanne", "Fribourg"), ("Fribourg", "Bern"), ("Biel", "Bern"), ("Biel", "Solothurn"),
+    ("Bern", "Thun"), ("Thun", "Interlaken"), ("Bern", "Burgdorf"), ("Burgdorf", "Olten"),
+    ("Solothurn", "Olten"), ("Olten", "Aarau"), ("Aarau", "Baden"), ("Baden", "Zurich"),
+    ("Basel", "Olten"), ("Olten", "Lucerne"), ("Lucerne", "Zug"), ("Zug", "Zurich"),
+    ("Lucerne", "Interlaken"), ("Lucerne", "Schwyz"), ("Schwyz", "Bellinzona"),
+    ("Bellinzona", "Locarno"), ("Bellinzona", "Lugano"), ("Zurich", "Winterthur"),
+    ("Winterthur", "Schaffhausen"), ("Winterthur", "Frauenfeld"), ("Frauenfeld", "Kreuzlingen"),
+    ("Winterthur", "Wil"), ("Wil", "St. Gallen"), ("Zurich", "Uster"), ("Uster", "Rapperswil"),
+    ("Zurich", "Rapperswil"), ("Rapperswil", "Glarus"), ("Rapperswil", "Chur"),
+    ("St. Gallen", "Chur"), ("Chur", "Davos"), ("Chur", "St. Moritz"), ("Bellinzona", "Chur"),
     ("Basel", "Aarau"),
 )
-_ROAD_IMAGES_PER_KM = (
-    750.0  # captured along a road, spread across it with a sigma of _ROAD_SIGMA_KM
-)
+# fmt: on
+# Images captured per km of road, spread across it with a sigma of _ROAD_SIGMA_KM.
+_ROAD_IMAGES_PER_KM = 750.0
 _ROAD_SIGMA_KM = 0.25
 # The countryside between settlements: images per km2 over the Plateau (between the Jura and the Alps)
 # and elsewhere in the outline.
 _PLATEAU_PER_KM2 = 65.0
 _COUNTRYSIDE_PER_KM2 = 8.0
+# fmt: off
 PLATEAU = Polygon(
-    [
-        (6.10, 46.20),
-        (6.60, 46.45),
-        (7.20, 46.62),
-        (7.80, 46.72),
-        (8.30, 46.95),
-        (8.90, 47.15),
-        (9.60, 47.30),
-        (9.50, 47.55),
-        (8.60, 47.70),
-        (7.90, 47.45),
-        (7.10, 47.15),
-        (6.30, 46.60),
-        (5.96, 46.20),
-    ]
+    [(6.10, 46.20), (6.60, 46.45), (7.20, 46.62), (7.80, 46.72), (8.30, 46.95), (8.90, 47.15),
+     (9.60, 47.30), (9.50, 47.55), (8.60, 47.70), (7.90, 47.45), (7.10, 47.15), (6.30, 46.60),
+     (5.96, 46.20)]
 )
 # The larger lakes, crude polygons (none of them holds images).
 LAKES = (
     Polygon(
-        [
-            (6.155, 46.212),
-            (6.240, 46.370),
-            (6.330, 46.455),
-            (6.500, 46.500),
-            (6.630, 46.503),
-            (6.840, 46.455),
-            (6.920, 46.395),
-            (6.800, 46.390),
-            (6.590, 46.400),
-            (6.480, 46.375),
-            (6.330, 46.365),
-            (6.240, 46.300),
-            (6.160, 46.205),
-        ]
+        [(6.155, 46.212), (6.240, 46.370), (6.330, 46.455), (6.500, 46.500), (6.630, 46.503),
+         (6.840, 46.455), (6.920, 46.395), (6.800, 46.390), (6.590, 46.400), (6.480, 46.375),
+         (6.330, 46.365), (6.240, 46.300), (6.160, 46.205)]
     ),  # Geneva
     Polygon(
-        [
-            (6.640, 46.790),
-            (6.860, 46.960),
-            (6.940, 46.985),
-            (7.050, 46.985),
-            (6.900, 46.870),
-            (6.700, 46.770),
-        ]
+        [(6.640, 46.790), (6.860, 46.960), (6.940, 46.985), (7.050, 46.985), (6.900, 46.870),
+         (6.700, 46.770)]
     ),  # Neuchatel
-    Polygon([(7.100, 47.050), (7.230, 47.130), (7.245, 47.125), (7.125, 47.035)]),  # Biel
     Polygon(
-        [
-            (7.660, 46.740),
-            (7.760, 46.690),
-            (7.850, 46.680),
-            (7.840, 46.665),
-            (7.700, 46.680),
-            (7.640, 46.735),
-        ]
+        [(7.100, 47.050), (7.230, 47.130), (7.245, 47.125), (7.125, 47.035)]
+    ),  # Biel
+    Polygon(
+        [(7.660, 46.740), (7.760, 46.690), (7.850, 46.680), (7.840, 46.665), (7.700, 46.680),
+         (7.640, 46.735)]
     ),  # Thun
-    Polygon([(7.880, 46.690), (8.000, 46.760), (8.050, 46.755), (7.930, 46.675)]),  # Brienz
     Polygon(
-        [
-            (8.305, 47.047),
-            (8.380, 47.000),
-            (8.480, 47.000),
-            (8.600, 46.990),
-            (8.610, 46.960),
-            (8.450, 46.975),
-            (8.350, 46.975),
-            (8.290, 47.030),
-        ]
+        [(7.880, 46.690), (8.000, 46.760), (8.050, 46.755), (7.930, 46.675)]
+    ),  # Brienz
+    Polygon(
+        [(8.305, 47.047), (8.380, 47.000), (8.480, 47.000), (8.600, 46.990), (8.610, 46.960),
+         (8.450, 46.975), (8.350, 46.975), (8.290, 47.030)]
     ),  # Lucerne
-    Polygon([(8.480, 47.150), (8.530, 47.150), (8.510, 47.050), (8.470, 47.070)]),  # Zug
     Polygon(
-        [
-            (8.541, 47.366),
-            (8.555, 47.354),
-            (8.600, 47.310),
-            (8.700, 47.240),
-            (8.850, 47.210),
-            (8.900, 47.180),
-            (8.830, 47.200),
-            (8.690, 47.225),
-            (8.580, 47.290),
-            (8.536, 47.350),
-        ]
+        [(8.480, 47.150), (8.530, 47.150), (8.510, 47.050), (8.470, 47.070)]
+    ),  # Zug
+    Polygon(
+        [(8.541, 47.366), (8.555, 47.354), (8.600, 47.310), (8.700, 47.240), (8.850, 47.210),
+         (8.900, 47.180), (8.830, 47.200), (8.690, 47.225), (8.580, 47.290), (8.536, 47.350)]
     ),  # Zurich
-    Polygon([(9.080, 47.130), (9.300, 47.140), (9.300, 47.110), (9.080, 47.115)]),  # Walensee
     Polygon(
-        [
-            (8.870, 46.000),
-            (8.960, 45.995),
-            (9.080, 46.010),
-            (9.050, 45.930),
-            (8.940, 45.950),
-            (8.880, 45.970),
-        ]
+        [(9.080, 47.130), (9.300, 47.140), (9.300, 47.110), (9.080, 47.115)]
+    ),  # Walensee
+    Polygon(
+        [(8.870, 46.000), (8.960, 45.995), (9.080, 46.010), (9.050, 45.930), (8.940, 45.950),
+         (8.880, 45.970)]
     ),  # Lugano
-    Polygon([(8.795, 46.160), (8.860, 46.150), (8.750, 46.060), (8.700, 46.080)]),  # Maggiore
-    Polygon([(9.050, 47.680), (9.600, 47.480), (9.650, 47.540), (9.180, 47.700)]),  # Constance
+    Polygon(
+        [(8.795, 46.160), (8.860, 46.150), (8.750, 46.060), (8.700, 46.080)]
+    ),  # Maggiore
+    Polygon(
+        [(9.050, 47.680), (9.600, 47.480), (9.650, 47.540), (9.180, 47.700)]
+    ),  # Constance
 )
 # High-mountain zones (roughly above 2,000 m, valleys left out): no images at all.
 MOUNTAINS = (
     Polygon(
-        [
-            (7.050, 46.330),
-            (7.500, 46.380),
-            (7.800, 46.400),
-            (8.100, 46.450),
-            (8.400, 46.580),
-            (8.300, 46.620),
-            (8.000, 46.560),
-            (7.850, 46.520),
-            (7.600, 46.450),
-            (7.300, 46.410),
-            (7.100, 46.400),
-        ]
+        [(7.050, 46.330), (7.500, 46.380), (7.800, 46.400), (8.100, 46.450), (8.400, 46.580),
+         (8.300, 46.620), (8.000, 46.560), (7.850, 46.520), (7.600, 46.450), (7.300, 46.410),
+         (7.100, 46.400)]
     ),  # Bernese Alps
     Polygon(
-        [
-            (7.100, 45.950),
-            (7.400, 45.980),
-            (7.650, 45.960),
-            (7.850, 45.950),
-            (8.000, 46.080),
-            (7.950, 46.200),
-            (7.750, 46.220),
-            (7.500, 46.180),
-            (7.300, 46.150),
-            (7.150, 46.050),
-        ]
+        [(7.100, 45.950), (7.400, 45.980), (7.650, 45.960), (7.850, 45.950), (8.000, 46.080),
+         (7.950, 46.200), (7.750, 46.220), (7.500, 46.180), (7.300, 46.150), (7.150, 46.050)]
     ),  # Valais Alps
     Polygon(
-        [
-            (8.450, 46.550),
-            (8.750, 46.560),
-            (9.050, 46.700),
-            (9.100, 46.850),
-            (8.950, 46.900),
-            (8.700, 46.780),
-            (8.500, 46.650),
-        ]
+        [(8.450, 46.550), (8.750, 46.560), (9.050, 46.700), (9.100, 46.850), (8.950, 46.900),
+         (8.700, 46.780), (8.500, 46.650)]
     ),  # Gotthard, Uri and Glarus Alps
     Polygon(
         [(8.450, 46.350), (8.750, 46.350), (8.950, 46.450), (8.700, 46.500), (8.500, 46.450)]
     ),  # Lepontine
-    Polygon([(9.000, 46.450), (9.250, 46.450), (9.200, 46.600), (9.050, 46.600)]),  # Adula
+    Polygon(
+        [(9.000, 46.450), (9.250, 46.450), (9.200, 46.600), (9.050, 46.600)]
+    ),  # Adula
     Polygon(
         [(9.750, 46.320), (10.000, 46.320), (10.050, 46.420), (9.900, 46.450), (9.780, 46.420)]
     ),  # Bernina
@@ -301,6 +196,7 @@ MOUNTAINS = (
 def outline_path() -> Path:
     """The AOI file of the national outline, shipped beside Zurich's."""
     return Path(__file__).resolve().parent.parent / "data" / "switzerland.geojson"
+# fmt: on
 
 
 @functools.cache
