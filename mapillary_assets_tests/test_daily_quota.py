@@ -175,3 +175,35 @@ def test_the_discovery_asset_fails_the_partitions_not_reached_as_transient():
     assert failure.metadata["resumes_at"].value.startswith(
         time.strftime("%Y", time.gmtime(resume_at))
     )
+
+
+def test_a_discovery_run_that_meets_a_spent_quota_fails_transiently_with_the_resume_time(
+    tmp_path,
+):
+    import dagster as dg
+
+    from mapillary_assets.definitions import build_definitions
+    from mapillary_assets.defs.partitions import partition_tags, tile_partitions
+    from mapillary_assets_tests.harness import TEST_TOKEN, make_resources
+
+    keys = tile_partitions().get_partition_keys()
+    with (
+        EmulatorServer(World(seed=7, scale=0.01), token=TEST_TOKEN) as server,
+        dg.instance_for_test(temp_dir=str(tmp_path)) as instance,
+    ):
+        resources = make_resources(server, tmp_path / "data")
+        resources["mapillary_api"] = MapillaryApiResource(
+            **{**resources["mapillary_api"].model_dump(), "tiles_per_day": 2}
+        )
+        job = build_definitions(resources).get_job_def("discovery_job")
+        result = job.execute_in_process(
+            instance=instance, tags=partition_tags(keys), raise_on_error=False
+        )
+        stats = server.stats()
+    assert not result.success
+    (failure,) = [e for e in result.all_events if e.is_step_failure]
+    error = failure.step_failure_data.user_failure_data
+    assert "the daily tile quota is spent (2 tile requests per day" in error.description
+    assert "resume at" in error.description and "not reached" in error.description
+    assert error.metadata["transient"].value is True
+    assert stats["tile"] == 2 and stats["daily_quota_refused"] == 0
