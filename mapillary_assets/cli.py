@@ -107,12 +107,16 @@ def _reason_of_failed_run(instance, failure: PipelineFailed, debug: bool = False
 
 
 def _emulator_env(server, data_dir: Path) -> dict[str, str]:
-    return {
+    env = {
         "MAPILLARY_ACCESS_TOKEN": DEMO_TOKEN,
         "MAPILLARY_GRAPH_URL": server.graph_url,
         "MAPILLARY_TILES_URL": server.tiles_url,
         "MAPILLARY_DATA_DIR": str(data_dir),
     }
+    region = server.world.region
+    if region.name != "zurich" and not os.environ.get("MAPILLARY_AOI"):
+        env["MAPILLARY_AOI"] = str(Path(__file__).resolve().parent / "data" / region.aoi_file)
+    return env
 
 
 def _dagster_home(separate_under: Path | None = None) -> Path:
@@ -133,7 +137,7 @@ def demo(args: argparse.Namespace) -> int:
 
     data_dir = Path(args.data_dir).resolve()
     home = _dagster_home(data_dir if args.sample else None)
-    world = World(seed=args.seed, scale=args.scale)
+    world = World(seed=args.seed, scale=args.scale, region=args.region)
     with EmulatorServer(world=world, token=DEMO_TOKEN) as server:
         os.environ.update(_emulator_env(server, data_dir))
         if args.sample:
@@ -210,7 +214,9 @@ def ui(args: argparse.Namespace) -> int:
 
     home = _dagster_home()
     emulator = EmulatorServer(
-        world=World(seed=args.seed, scale=args.scale), token=DEMO_TOKEN, port=args.emulator_port
+        world=World(seed=args.seed, scale=args.scale, region=args.region),
+        token=DEMO_TOKEN,
+        port=args.emulator_port,
     )
     try:
         emulator.start()
@@ -369,6 +375,13 @@ def main(argv: list[str] | None = None) -> int:
             help="emulator world density: 1.0 ~= 1.2 M images in Zurich (default 0.005)",
         )
         command.add_argument("--seed", type=int, default=42)
+        command.add_argument(
+            "--region",
+            choices=("zurich", "switzerland"),
+            default="zurich",
+            help="emulator world: zurich, or switzerland (>= 10 M images at scale 1.0; the AOI "
+            "defaults to its outline)",
+        )
         command.add_argument("--data-dir", default=os.environ.get("MAPILLARY_DATA_DIR", "data"))
         command.add_argument(
             "--debug", action="store_true", default=argparse.SUPPRESS, help=debug_help

@@ -124,6 +124,21 @@ def test_usage_report_slows_every_process(redis_url):
     assert second.effective_rate() == pytest.approx(nominal * 0.1)
 
 
+def test_daily_quota_is_shared_and_its_day_follows_the_redis_clock(redis_url):
+    limiters = [
+        SharedRateLimiter("tiles-day", 600, redis_url=redis_url, per_day=3, day_seconds=2.0)
+        for _ in range(2)
+    ]
+    while 2.0 - time.time() % 2.0 < 1.0:  # a day with time left for the takes below
+        time.sleep(0.05)
+    assert [limiters[i % 2].take_daily() for i in range(3)] == [None] * 3
+    resume_at = limiters[1].take_daily()
+    assert resume_at is not None and resume_at % 2.0 == 0 and 0 < resume_at - time.time() <= 2.0
+    assert limiters[0].used_today() == 3
+    time.sleep(resume_at - time.time() + 0.05)
+    assert limiters[0].take_daily() is None and limiters[1].used_today() == 1
+
+
 def test_backend_is_chosen_by_one_variable(redis_url):
     assert redis_url_from_env({}) is None
     assert (

@@ -10,6 +10,7 @@ from mapillary_assets.api.entity_decoders import (
 )
 from mapillary_assets.api.errors import (
     AuthError,
+    DailyQuotaSpent,
     MapillaryError,
     PermanentError,
     RequestTooLargeError,
@@ -33,6 +34,7 @@ __all__ = [
     "IMAGE_SCHEMA",
     "AuthError",
     "ClientSettings",
+    "DailyQuotaSpent",
     "MapillaryClient",
     "MapillaryError",
     "PermanentError",

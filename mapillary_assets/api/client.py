@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import asyncio
 import collections
-import datetime as dt
 import json
 import logging
 import random
@@ -24,7 +23,9 @@ from urllib.parse import quote, quote_plus
 import aiohttp
 from yarl import URL
 
+from mapillary_assets.api.coercion import app_usage_percent, query_value
 from mapillary_assets.api.errors import (
+    DailyQuotaSpent,
     MapillaryError,
     PermanentError,
     ThrottledError,
@@ -47,38 +48,6 @@ _ID_PATTERN = re.compile(r"^[A-Za-z0-9_-]+$")
 _USER_AGENT = "mapillary-assets/0.1 (+aiohttp)"
 
 
-def _app_usage_percent(headers: Mapping[str, str]) -> float | None:
-    raw = headers.get("x-app-usage") or headers.get("X-App-Usage")
-    if not raw:
-        return None
-    try:
-        usage = json.loads(raw)
-    except ValueError:
-        return None
-    if not isinstance(usage, dict):
-        return None
-    numbers = [
-        float(usage[key])
-        for key in ("call_count", "total_cputime", "total_time")
-        if isinstance(usage.get(key), (int, float)) and not isinstance(usage.get(key), bool)
-    ]
-    return max(numbers) if numbers else None
-
-
-def _query_value(value: Any) -> str:
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, dt.datetime):
-        if value.tzinfo is None:
-            value = value.replace(tzinfo=dt.UTC)
-        return value.isoformat()
-    if isinstance(value, dt.date):
-        return value.isoformat()
-    if isinstance(value, (list, tuple, set, frozenset)):
-        return ",".join(str(v) for v in value)
-    return str(value)
-
-
 def _check_ids(image_ids: Sequence[str]) -> list[str]:
     ids = [str(i) for i in image_ids]
     if len(ids) > MAX_IDS_PER_REQUEST:
@@ -96,7 +65,9 @@ class MapillaryClient:
 
     Transient errors are retried here (exponential backoff with full jitter, Retry-After honoured,
     throttling pauses every task and process sharing the rate-limit store); AuthError,
-    PermanentError, RequestTooLargeError and UrlExpiredError are raised at once.
+    PermanentError, RequestTooLargeError and UrlExpiredError are raised at once. Every tile request
+    is first counted against the day's tile quota (`tiles_per_day`, shared like the buckets); once it
+    is spent, DailyQuotaSpent (transient, with `resume_at`) is raised instead of sending.
     """
 
     def __init__(self, settings: ClientSettings) -> None:
@@ -105,12 +76,19 @@ class MapillaryClient:
         self.settings = settings
         shared = {"store": settings.rate_limit_store, "redis_url": settings.rate_limit_redis_url}
         self.limiters: dict[str, SharedRateLimiter] = {
-            "tiles": SharedRateLimiter("tiles", settings.tiles_per_minute, **shared),
+            "tiles": SharedRateLimiter(
+                "tiles",
+                settings.tiles_per_minute,
+                per_day=settings.tiles_per_day,
+                day_seconds=settings.quota_day_seconds,
+                **shared,
+            ),
             "entity": SharedRateLimiter("entity", settings.entity_per_minute, **shared),
             "search": SharedRateLimiter("search", settings.search_per_minute, **shared),
         }
         self.request_counts: collections.Counter = collections.Counter()
         self.retry_counts: collections.Counter = collections.Counter()
+        self._sent_tile_requests = 0  # sent and not yet answered
         self._session: aiohttp.ClientSession | None = None
         token = settings.token.reveal()
         # Every spelling of the token that could appear in a URL or message, longest first.
@@ -213,7 +191,7 @@ class MapillaryClient:
             **self._fields_query(fields),
         }
         query.update(
-            {name: _query_value(value) for name, value in filters.items() if value is not None}
+            {name: query_value(value) for name, value in filters.items() if value is not None}
         )
         url = URL(f"{self.settings.graph_url}/images").with_query(query)
         return self._data_list(await self._graph_json("search", url))
@@ -297,15 +275,21 @@ class MapillaryClient:
                     )
                     break
                 await limiter.acquire()
+            if family == "tiles":
+                await self._count_against_daily_quota(limiter, description)
             self.request_counts[family] += 1
             started = time.monotonic()
-            status, body, response_headers, error = await self._send(url, headers, description)
+            try:
+                status, body, response_headers, error = await self._send(url, headers, description)
+            finally:
+                if family == "tiles":
+                    self._sent_tile_requests -= 1
             elapsed_ms = (time.monotonic() - started) * 1000
             if error is None:
                 logger.debug(
                     "%s -> %d (%d bytes, %.0f ms)", description, status, len(body), elapsed_ms
                 )
-                usage = _app_usage_percent(response_headers)
+                usage = app_usage_percent(response_headers)
                 if usage is not None and limiter is not None:
                     limiter.note_usage(usage)
                 if 200 <= status < 300 or status in empty_statuses:
@@ -357,6 +341,21 @@ class MapillaryClient:
             f"; gave up after {attempt + 1} attempts" if error.transient and attempt > 0 else ""
         )
         raise error.with_context(description + suffix)
+
+    async def _count_against_daily_quota(
+        self, limiter: SharedRateLimiter, description: str
+    ) -> None:
+        """Count the tile request about to be sent against the day's quota, or raise DailyQuotaSpent
+        once the tile requests already sent are answered (their callers cache them: none is lost)."""
+        resume_at = limiter.take_daily()
+        if resume_at is None:
+            self._sent_tile_requests += 1
+            return
+        while self._sent_tile_requests > 0:
+            await asyncio.sleep(0.01)
+        raise DailyQuotaSpent.for_quota(self.settings.tiles_per_day, resume_at).with_context(
+            description
+        )
 
     def _json_error(
         self, status: int, body: bytes, headers: Mapping[str, str]

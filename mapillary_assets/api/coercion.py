@@ -2,14 +2,25 @@
 
 The API sends ids and numbers as ints, floats or strings depending on the endpoint and the field;
 these turn each into one Python type, or None when the value is absent or unusable. Ids are never
-routed through float: 64-bit ids lose digits there.
+routed through float: 64-bit ids lose digits there. Also the client's two header/query conversions:
+`app_usage_percent` (the `x-app-usage` header) and `query_value` (a filter value in a query string).
 """
 
 from __future__ import annotations
 
+import datetime as dt
+import json
+from collections.abc import Mapping
 from typing import Any
 
-__all__ = ["bool_or_none", "float_or_none", "id_str", "int_or_none"]
+__all__ = [
+    "app_usage_percent",
+    "bool_or_none",
+    "float_or_none",
+    "id_str",
+    "int_or_none",
+    "query_value",
+]
 
 
 def int_or_none(value: Any) -> int | None:
@@ -60,3 +71,37 @@ def bool_or_none(value: Any) -> bool | None:
     if isinstance(value, str) and value.lower() in ("true", "false"):
         return value.lower() == "true"
     return None
+
+
+def app_usage_percent(headers: Mapping[str, str]) -> float | None:
+    """The highest percentage of an `x-app-usage` header (call count, CPU time, total time), or None."""
+    raw = headers.get("x-app-usage") or headers.get("X-App-Usage")
+    if not raw:
+        return None
+    try:
+        usage = json.loads(raw)
+    except ValueError:
+        return None
+    if not isinstance(usage, dict):
+        return None
+    numbers = [
+        float(usage[key])
+        for key in ("call_count", "total_cputime", "total_time")
+        if isinstance(usage.get(key), (int, float)) and not isinstance(usage.get(key), bool)
+    ]
+    return max(numbers) if numbers else None
+
+
+def query_value(value: Any) -> str:
+    """A query-string value: booleans as true/false, datetimes as ISO 8601 (UTC if naive), lists joined."""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, dt.datetime):
+        if value.tzinfo is None:
+            value = value.replace(tzinfo=dt.UTC)
+        return value.isoformat()
+    if isinstance(value, dt.date):
+        return value.isoformat()
+    if isinstance(value, (list, tuple, set, frozenset)):
+        return ",".join(str(v) for v in value)
+    return str(value)

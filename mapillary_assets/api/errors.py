@@ -6,6 +6,7 @@ classified by the JSON body's `error.code` first and by the status only when the
 
 from __future__ import annotations
 
+import datetime
 import email.utils
 import json
 import time
@@ -15,6 +16,7 @@ from mapillary_assets.api.coercion import int_or_none
 
 __all__ = [
     "AuthError",
+    "DailyQuotaSpent",
     "MapillaryError",
     "PermanentError",
     "RequestTooLargeError",
@@ -55,14 +57,7 @@ class MapillaryError(Exception):
 
     def with_context(self, context: str) -> MapillaryError:
         """A copy whose message ends with `context` (e.g. the redacted request), same class and attributes."""
-        return type(self)(
-            f"{self.message} [{context}]",
-            code=self.code,
-            subcode=self.subcode,
-            status=self.status,
-            transient=self.transient,
-            retry_after=self.retry_after,
-        )
+        return type(self)(f"{self.message} [{context}]", **self._attrs())
 
     def __reduce__(self):
         # Keyword-only attributes would be lost by Exception's default pickling (Dagster pickles errors).
@@ -94,6 +89,32 @@ class ThrottledError(MapillaryError):
     """Code 4/17/613 or HTTP 429: the app's request budget is spent; wait `retry_after` and retry."""
 
     default_transient = True
+
+
+class DailyQuotaSpent(MapillaryError):
+    """The day's tile quota (MAPILLARY_TILES_PER_DAY) is spent: no tile request before `resume_at`
+    (unix seconds, the start of the next quota day). Transient: the same request succeeds then."""
+
+    default_transient = True
+
+    def __init__(self, message: str, *, resume_at: float, **attrs) -> None:
+        attrs.setdefault("retry_after", max(0.0, resume_at - time.time()))
+        super().__init__(message, **attrs)
+        self.resume_at = resume_at
+
+    @classmethod
+    def for_quota(cls, per_day: int, resume_at: float) -> DailyQuotaSpent:
+        when = datetime.datetime.fromtimestamp(resume_at, datetime.UTC)
+        hours, rest = divmod(max(0, round(resume_at - time.time())), 3600)
+        return cls(
+            f"the daily tile quota is spent ({per_day:,} tile requests per day, "
+            f"MAPILLARY_TILES_PER_DAY): tile requests resume at {when:%Y-%m-%d %H:%M:%S} UTC "
+            f"(in {hours} h {rest // 60} min {rest % 60} s)",
+            resume_at=resume_at,
+        )
+
+    def _attrs(self) -> dict:
+        return {**super()._attrs(), "resume_at": self.resume_at}
 
 
 class RequestTooLargeError(MapillaryError):

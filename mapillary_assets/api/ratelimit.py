@@ -11,12 +11,17 @@ one Redis hash per family, read and updated by one Lua script (`ratelimit_redis`
 atomically on its own clock (`TIME`): the guarantee holds for the sum over every process on every
 machine, and a skewed client clock changes nothing. A crashed process holds no lease, so it leaks no
 budget.
+
+A daily quota (`per_day`, the tile server's 50,000 requests a day) lives in the same backend: a count
+per family of the current quota day, the window [k * day_seconds, (k + 1) * day_seconds) of unix
+time (86,400 s: UTC days; Redis's clock with Redis), checked and counted in one transaction.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import os
 import random
 import sqlite3
@@ -90,11 +95,20 @@ class SharedRateLimiter:
         burst: int | None = None,
         window_s: float = 60.0,
         redis_url: str | None = None,
+        per_day: int | None = None,
+        day_seconds: float = 86_400.0,
     ) -> None:
         if per_minute < 1:
             raise ValueError(f"per_minute must be >= 1, got {per_minute}")
         if window_s <= 0:
             raise ValueError(f"window_s must be > 0, got {window_s}")
+        if per_day is not None and per_day < 1:
+            raise ValueError(f"per_day must be >= 1, got {per_day}")
+        if day_seconds <= 0:
+            raise ValueError(f"day_seconds must be > 0, got {day_seconds}")
+        self.per_day = per_day
+        self.day_seconds = float(day_seconds)
+        self._local_day: tuple[int, int] = (0, 0)  # (quota day, count) without a store
         if burst is None:
             burst = max(1, round(per_minute / window_s))  # about one second's worth
         if burst < 1:
@@ -190,6 +204,36 @@ class SharedRateLimiter:
             bucket.usage_at = now
 
         retry_locked(lambda: self._update(apply))
+
+    def take_daily(self) -> float | None:
+        """Count one request against the day's quota (shared like the bucket): None when counted, else
+        the unix time the next quota day starts (nothing was counted; no request may go before it)."""
+        if self.per_day is None:
+            return None
+        limit = self.per_day
+        if self._redis is not None:
+            taken, _, day_end = self._redis.take_daily(self.day_seconds, limit)
+            return None if taken else day_end
+        day = math.floor(time.time() / self.day_seconds)
+        if self._sqlite is not None:
+            taken, _ = retry_locked(lambda: self._sqlite.take_daily(day, limit))
+        else:
+            with self._thread_lock:
+                used = self._local_day[1] if self._local_day[0] == day else 0
+                taken = used < limit
+                self._local_day = (day, used + taken)
+        return None if taken else (day + 1) * self.day_seconds
+
+    def used_today(self) -> int:
+        """Requests counted against the current quota day."""
+        if self.per_day is None:
+            return 0
+        if self._redis is not None:
+            return self._redis.take_daily(self.day_seconds, self.per_day, take=False)[1]
+        day = math.floor(time.time() / self.day_seconds)
+        if self._sqlite is not None:
+            return retry_locked(lambda: self._sqlite.take_daily(day, self.per_day, take=False))[1]
+        return self._local_day[1] if self._local_day[0] == day else 0
 
     def paused_for(self) -> float:
         """Seconds left of the current shared pause (0 when not paused)."""

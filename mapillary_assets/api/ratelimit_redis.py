@@ -4,6 +4,8 @@ The bucket of a family is one Redis hash, read and updated by one Lua script (`_
 Redis runs atomically on its own clock (`TIME`): the guarantee holds for the sum over every process
 on every machine, and a skewed client clock changes nothing. A crashed process holds no lease, so
 it leaks no budget. The bucket arithmetic mirrors `SharedRateLimiter`'s (refill, usage slowdown).
+The daily quota (`DailyQuota`) is a second script on the same connection: the family's count of the
+current quota day, the day taken from Redis's clock too.
 """
 
 from __future__ import annotations
@@ -52,6 +54,26 @@ redis.call('EXPIRE', KEYS[1], math.ceil(math.max(burst / r, window) + math.max(0
 return string.format('%.6f', wait)
 """
 _REDIS_KEY_PREFIX = "mapillary:ratelimit:"
+# KEYS[1]: the family's daily hash (day index, count); ARGV: day length (s), limit, 1 to take one.
+# Returns {taken 0/1, the day's count, the unix time the day ends}; the hash expires with its day.
+_DAILY_SCRIPT = """
+local t = redis.call('TIME')
+local now = tonumber(t[1]) + tonumber(t[2]) / 1000000
+local day_s, limit, take = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3])
+local day = math.floor(now / day_s)
+local s = redis.call('HMGET', KEYS[1], 'day', 'used')
+local used = 0
+if tonumber(s[1]) == day then used = tonumber(s[2]) or 0 end
+local taken = 0
+if take > 0 and used < limit then
+  used = used + 1
+  taken = 1
+  redis.call('HSET', KEYS[1], 'day', string.format('%d', day), 'used', string.format('%d', used))
+  redis.call('EXPIRE', KEYS[1], math.ceil((day + 1) * day_s - now) + 1)
+end
+return {taken, used, string.format('%.6f', (day + 1) * day_s)}
+"""
+_DAILY_KEY_PREFIX = "mapillary:dailyquota:"
 
 
 class RedisBucket:
@@ -74,11 +96,34 @@ class RedisBucket:
         self._thread_lock = threading.Lock()
         self._redis = None
         self._redis_script = None
+        self._daily_script = None
         self.call("read", 0.0)  # fail at construction, with the URL in the message, if unreachable
 
     def call(self, op: str, argument: float):
         """Run the script: "take" (n) -> seconds to wait, "pause" (seconds), "usage" (percent),
         "read" -> [tokens, seconds of pause left, effective rate]."""
+        args = [
+            op,
+            self.burst,
+            repr(self.rate),
+            self.window_s,
+            self.usage_slowdown_from,
+            self.usage_min_factor,
+            repr(float(argument)),
+        ]
+        return self._run("_redis_script", _REDIS_KEY_PREFIX + self.family, args)
+
+    def take_daily(self, day_seconds: float, limit: int, take: bool = True):
+        """Count one request of the current quota day when `take` and fewer than `limit` are counted:
+        (whether it was counted, the day's count, the unix time the day ends by Redis's clock)."""
+        taken, used, day_end = self._run(
+            "_daily_script",
+            _DAILY_KEY_PREFIX + self.family,
+            [repr(float(day_seconds)), int(limit), 1 if take else 0],
+        )
+        return bool(taken), int(used), float(day_end)
+
+    def _run(self, script: str, key: str, args: list):
         import redis
 
         with self._thread_lock:
@@ -91,18 +136,8 @@ class RedisBucket:
                         retry_on_timeout=True,
                     )
                     self._redis_script = self._redis.register_script(_REDIS_SCRIPT)
-                return self._redis_script(
-                    keys=[_REDIS_KEY_PREFIX + self.family],
-                    args=[
-                        op,
-                        self.burst,
-                        repr(self.rate),
-                        self.window_s,
-                        self.usage_slowdown_from,
-                        self.usage_min_factor,
-                        repr(float(argument)),
-                    ],
-                )
+                    self._daily_script = self._redis.register_script(_DAILY_SCRIPT)
+                return getattr(self, script)(keys=[key], args=args)
             except redis.RedisError as exc:
                 raise RuntimeError(
                     f"rate limit store {redacted(self.url)} is not usable ({type(exc).__name__}: {exc}): "
@@ -113,11 +148,11 @@ class RedisBucket:
         with self._thread_lock:
             if self._redis is not None:
                 self._redis.close()
-                self._redis = self._redis_script = None
+                self._redis = self._redis_script = self._daily_script = None
 
     def __getstate__(self):
         state = self.__dict__.copy()
-        state.update(_thread_lock=None, _redis=None, _redis_script=None)
+        state.update(_thread_lock=None, _redis=None, _redis_script=None, _daily_script=None)
         return state
 
     def __setstate__(self, state) -> None:

@@ -1,7 +1,8 @@
 """Token-bucket state shared by the processes of one machine through a SQLite file.
 
 One row per endpoint family, read and written in `BEGIN IMMEDIATE` transactions (WAL journal), so
-the bucket arithmetic that `SharedRateLimiter` applies to it sees every other process's updates.
+the bucket arithmetic that `SharedRateLimiter` applies to it sees every other process's updates. The
+daily quota (`DailyQuota`) counts a family's requests of the current quota day in `daily_quota`.
 Time stamps are `time.time()`: every process reads the same clock.
 """
 
@@ -30,6 +31,13 @@ CREATE TABLE IF NOT EXISTS rate_buckets (
     paused_until REAL NOT NULL DEFAULT 0,
     usage REAL NOT NULL DEFAULT 0,
     usage_at REAL NOT NULL DEFAULT 0
+)
+"""
+_DAILY_SCHEMA = """
+CREATE TABLE IF NOT EXISTS daily_quota (
+    family TEXT PRIMARY KEY,
+    day INTEGER NOT NULL,
+    used INTEGER NOT NULL
 )
 """
 
@@ -84,6 +92,35 @@ class SqliteBucketStore:
                     pass
                 raise
 
+    def take_daily(self, day: int, limit: int, take: bool = True) -> tuple[bool, int]:
+        """Count one request on quota day `day` (the day's index) when `take` and fewer than `limit`
+        are counted: (whether it was counted, the day's count). One transaction, so processes sharing
+        the file never overshoot together."""
+        with self._thread_lock:
+            conn = self._connection()
+            conn.execute("BEGIN IMMEDIATE")
+            try:
+                row = conn.execute(
+                    "SELECT day, used FROM daily_quota WHERE family=?", (self.family,)
+                ).fetchone()
+                used = row[1] if row is not None and row[0] == day else 0
+                taken = take and used < limit
+                if taken:
+                    used += 1
+                    conn.execute(
+                        "INSERT INTO daily_quota (family, day, used) VALUES (?, ?, ?) "
+                        "ON CONFLICT(family) DO UPDATE SET day=excluded.day, used=excluded.used",
+                        (self.family, day, used),
+                    )
+                conn.execute("COMMIT")
+                return taken, used
+            except BaseException:
+                try:
+                    conn.execute("ROLLBACK")
+                except sqlite3.Error:
+                    pass
+                raise
+
     def _load(self, conn: sqlite3.Connection) -> BucketState:
         row = conn.execute(
             "SELECT tokens, updated_at, paused_until, usage, usage_at FROM rate_buckets WHERE family=?",
@@ -111,6 +148,7 @@ class SqliteBucketStore:
             retry_locked(lambda: conn.execute("PRAGMA journal_mode=WAL"))
             conn.execute("PRAGMA synchronous=NORMAL")
             retry_locked(lambda: conn.execute(_SCHEMA))
+            retry_locked(lambda: conn.execute(_DAILY_SCHEMA))
         except sqlite3.Error as exc:
             raise RuntimeError(
                 f"rate limit store {self.path} is not usable ({exc}): point MAPILLARY_RATE_LIMIT_STORE "

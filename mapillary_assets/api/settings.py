@@ -54,6 +54,10 @@ class ClientSettings:
     entity_per_minute: int = 50_000
     search_per_minute: int = 10_000
     tiles_per_minute: int = 6_000
+    # The tile server's daily quota per app (MAPILLARY_TILES_PER_DAY) and the length of its day
+    # (MAPILLARY_QUOTA_DAY_SECONDS; 86,400 s = UTC days; tests shorten it as the emulator's).
+    tiles_per_day: int = 50_000
+    quota_day_seconds: float = 86_400.0
     max_connections: int = 64
     timeout_s: float = 60.0
     max_retries: int = 6
@@ -75,10 +79,15 @@ class ClientSettings:
             "entity_per_minute",
             "search_per_minute",
             "tiles_per_minute",
+            "tiles_per_day",
             "max_connections",
         ):
             if getattr(self, name) < 1:
                 raise ValueError(f"ClientSettings.{name} must be >= 1, got {getattr(self, name)}")
+        if not self.quota_day_seconds > 0:
+            raise ValueError(
+                f"ClientSettings.quota_day_seconds must be > 0, got {self.quota_day_seconds}"
+            )
         if (
             self.max_retries < 0
             or self.timeout_s <= 0
@@ -91,8 +100,9 @@ class ClientSettings:
 
     @classmethod
     def from_env(cls, **overrides: Any) -> ClientSettings:
-        """Settings from MAPILLARY_ACCESS_TOKEN, MAPILLARY_GRAPH_URL, MAPILLARY_TILES_URL and
-        MAPILLARY_RATE_LIMIT_STORE; keyword overrides win over the environment."""
+        """Settings from MAPILLARY_ACCESS_TOKEN, MAPILLARY_GRAPH_URL, MAPILLARY_TILES_URL,
+        MAPILLARY_RATE_LIMIT_STORE, MAPILLARY_TILES_PER_DAY and MAPILLARY_QUOTA_DAY_SECONDS; keyword
+        overrides win over the environment."""
         env = os.environ
         token = overrides.pop("token", None)
         if token is None:
@@ -107,6 +117,16 @@ class ClientSettings:
         ):
             if env.get(variable, "").strip():
                 values[field] = env[variable].strip()
+        for field, variable, kind in (
+            ("tiles_per_day", "MAPILLARY_TILES_PER_DAY", int),
+            ("quota_day_seconds", "MAPILLARY_QUOTA_DAY_SECONDS", float),
+        ):
+            raw = env.get(variable, "").strip()
+            if raw:
+                try:
+                    values[field] = kind(raw)
+                except ValueError:
+                    raise ValueError(f"{variable}={raw!r} is not a valid {kind.__name__}") from None
         if env.get("MAPILLARY_RATE_LIMIT_STORE", "").strip():
             values["rate_limit_store"] = Path(env["MAPILLARY_RATE_LIMIT_STORE"].strip())
         values["rate_limit_redis_url"] = redis_url_from_env(env)

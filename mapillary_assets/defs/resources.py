@@ -34,6 +34,9 @@ class MapillaryApiResource(dg.ConfigurableResource):
     entity_per_minute: int = 50_000
     search_per_minute: int = 10_000
     tiles_per_minute: int = 6_000
+    # The tile server's daily quota (MAPILLARY_TILES_PER_DAY) and its day (MAPILLARY_QUOTA_DAY_SECONDS).
+    tiles_per_day: int = 50_000
+    quota_day_seconds: float = 86_400.0
     max_connections: int = 64
     max_retries: int = 6
     timeout_s: float = 60.0  # per HTTP request; a request that runs past it is retried like a 5xx
@@ -51,6 +54,8 @@ class MapillaryApiResource(dg.ConfigurableResource):
             entity_per_minute=self.entity_per_minute,
             search_per_minute=self.search_per_minute,
             tiles_per_minute=self.tiles_per_minute,
+            tiles_per_day=self.tiles_per_day,
+            quota_day_seconds=self.quota_day_seconds,
             max_connections=self.max_connections,
             max_retries=self.max_retries,
             timeout_s=self.timeout_s,
@@ -70,10 +75,15 @@ class MapillaryApiResource(dg.ConfigurableResource):
             "entity_per_minute",
             "search_per_minute",
             "tiles_per_minute",
+            "tiles_per_day",
             "max_connections",
         ):
             _at_least(_env_name(name), values.get(name, 1), 1)
         _at_least(_env_name("timeout_s"), values.get("timeout_s", 60.0), 0.1)
+        if not values.get("quota_day_seconds", 1.0) > 0:
+            raise ConfigError(
+                f"MAPILLARY_QUOTA_DAY_SECONDS={values['quota_day_seconds']} must be > 0 (86400: a day)"
+            )
         try:
             values["rate_limit_backend"] = "redis" if redis_url_from_env() else "sqlite"
         except ValueError as exc:

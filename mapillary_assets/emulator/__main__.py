@@ -13,6 +13,7 @@ import threading
 
 from .app import DEFAULT_TOKEN, EmulatorServer
 from .faults import Faults
+from .regions import REGIONS
 from .world import World
 
 FAMILIES = ("tiles", "entity", "search")
@@ -41,6 +42,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=8765, help="0 picks a free port")
     parser.add_argument("--seed", type=int, default=42)
+    parser.add_argument(
+        "--region",
+        choices=sorted(REGIONS),
+        default="zurich",
+        help="the world's extent: zurich (default) or switzerland (>= 10 M images at scale 1.0)",
+    )
     parser.add_argument(
         "--scale",
         type=float,
@@ -75,6 +82,18 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--rate-limit-status", type=int, choices=(403, 429), default=429)
     parser.add_argument(
+        "--tiles-per-day",
+        type=int,
+        default=None,
+        help="daily tile quota (refused with 429 code 4 until the next day; default: none)",
+    )
+    parser.add_argument(
+        "--day-seconds",
+        type=float,
+        default=86400.0,
+        help="length of the quota's day (default 86400)",
+    )
+    parser.add_argument(
         "--thumbnail-ttl", type=float, default=3600.0, help="seconds a thumbnail URL stays valid"
     )
     parser.add_argument("--corrupt-jpeg-rate", type=float, default=0.0)
@@ -87,7 +106,11 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     token = args.token or os.environ.get("MAPILLARY_ACCESS_TOKEN") or DEFAULT_TOKEN
     world = World(
-        seed=args.seed, scale=args.scale, epoch=args.epoch, blurred_fraction=args.blurred_fraction
+        seed=args.seed,
+        scale=args.scale,
+        epoch=args.epoch,
+        blurred_fraction=args.blurred_fraction,
+        region=args.region,
     )
     faults = Faults(
         latency_s=args.latency,
@@ -98,6 +121,8 @@ def main(argv: list[str] | None = None) -> int:
         truncated_jpeg_rate=args.truncated_jpeg_rate,
         omit_optional_fields=args.omit_optional_fields,
         thumbnail_ttl_s=args.thumbnail_ttl,
+        tiles_per_day=args.tiles_per_day,
+        day_seconds=args.day_seconds,
     )
     stop = threading.Event()
     previous = {
@@ -128,6 +153,11 @@ def main(argv: list[str] | None = None) -> int:
                 print(
                     "rate limits per minute: "
                     + ", ".join(f"{k}={v}" for k, v in faults.rate_limit_per_minute.items()),
+                    flush=True,
+                )
+            if faults.tiles_per_day is not None:
+                print(
+                    f"daily tile quota: {faults.tiles_per_day} per {faults.day_seconds:g} s",
                     flush=True,
                 )
             while not stop.wait(0.5):

@@ -172,6 +172,10 @@ class EmulatorServer:
     def request_times(self, family: str) -> list[float]:
         return self._state.request_times(family)
 
+    def tile_fetches(self) -> dict[str, int]:
+        """Answered tile requests per tile (``tileset/z/x/y``): a tile fetched twice shows 2."""
+        return self._state.tile_fetches()
+
     def reset_stats(self) -> None:
         self._state.reset_stats()
 

@@ -7,7 +7,9 @@ Simplifications (documented on purpose):
 * Every sequence is generated inside one z14 tile and stays there (its street-like random walk is
   folded back at the tile border), so each image lies in exactly one z14 tile of ``mly1_public``.
   Real sequences cross tile borders.
-* Images never lie in the lake: a walk that reaches the shore ends there.
+* Images never lie in the region's void (Zurich's lake; Switzerland's lakes and high mountains): in
+  Zurich a walk that reaches the shore ends there; in a region that ``turns_back`` it walks back along
+  its own track, so every sequence keeps its drawn length and ``image_count`` needs no generation.
 * ``computed_geometry`` is a few metres off ``geometry``; it may cross into a neighbouring z14 tile.
 
 Epochs: the base world is epoch 0; a later epoch adds a smaller, independent random stream of
@@ -22,10 +24,10 @@ import threading
 
 import numpy as np
 
-from . import geography
 from .geography import DENSITY_GRID, KM_PER_DEG_LAT, tile_lat, tile_lon
 from .ids import MAX_SEQUENCES_PER_TILE, encode_sequence_id, image_id_ints, unit_hash
 from .records import SequenceInfo, TileImages
+from .regions import REGIONS, Region
 
 MAX_SEQUENCE_LENGTH = 300
 MIN_SEQUENCE_LENGTH = 20
@@ -61,8 +63,11 @@ class TileGenerator:
     """Generates tiles on demand and remembers only the cheap structure (expected image counts,
     sequence lengths). Thread-safe."""
 
-    def __init__(self, seed: int, scale: float, blurred_fraction: float):
+    def __init__(
+        self, seed: int, scale: float, blurred_fraction: float, region: Region = REGIONS["zurich"]
+    ):
         self.seed, self.scale, self.blurred_fraction = seed, scale, blurred_fraction
+        self.region = region
         self._lock = threading.Lock()
         self.creators = _make_creators(seed)  # (username, id) per creator index
         self._organizations = [
@@ -77,7 +82,7 @@ class TileGenerator:
         if self._expected is None:
             with self._lock:
                 if self._expected is None:
-                    table, self._weights = geography.expected_images_by_tile()
+                    table, self._weights = self.region.expected_images_by_tile()
                     self._expected = table
         return self._expected
 
@@ -103,9 +108,18 @@ class TileGenerator:
             self._lengths[key] = lengths
         return lengths
 
+    def image_count(self, x: int, y: int, epoch: int) -> int | None:
+        """Images of the tile at ``epoch`` from its sequence lengths alone (what ``tile`` yields), or
+        None where a walk may end early at the shore (a region that does not turn back)."""
+        if not self.region.turns_back and self.expected_table().get((x, y), 0.0) > 0:
+            if self.region.tile_geometry(x, y)[1]:
+                return None
+        lengths = [n for e in range(epoch + 1) for n in self.sequence_lengths(x, y, e)]
+        return sum(lengths[:MAX_SEQUENCES_PER_TILE])
+
     def tile(self, x: int, y: int, epoch: int) -> TileImages:
         """Every image of the tile at ``epoch``."""
-        bounds, touches_lake = geography.tile_geometry(x, y)
+        bounds, touches_void = self.region.tile_geometry(x, y)
         sequences: list[SequenceInfo] = []
         parts: list[dict[str, np.ndarray]] = []
         offset = 0
@@ -115,7 +129,7 @@ class TileGenerator:
                 if index >= MAX_SEQUENCES_PER_TILE:
                     break
                 rng = np.random.default_rng([self.seed, x, y, e, local + 1])
-                info, cols = self._sequence(rng, x, y, e, index, length, bounds, touches_lake)
+                info, cols = self._sequence(rng, x, y, e, index, length, bounds, touches_void)
                 info.offset = offset
                 offset += info.length
                 sequences.append(info)
@@ -141,7 +155,7 @@ class TileGenerator:
         else:
             return None
         rng = np.random.default_rng([self.seed, x, y, e, 1])
-        info, cols = self._sequence(rng, x, y, e, 0, lengths[0], *geography.tile_geometry(x, y))
+        info, cols = self._sequence(rng, x, y, e, 0, lengths[0], *self.region.tile_geometry(x, y))
         return {
             "sequence_id": info.id,
             "image_id": int(
@@ -165,7 +179,7 @@ class TileGenerator:
         index: int,
         length: int,
         bounds: tuple[float, float, float, float],
-        touches_lake: bool,
+        touches_void: bool,
     ):
         west, south, east, north = bounds
         km_lon = 111.32 * math.cos(math.radians((north + south) / 2))
@@ -183,7 +197,7 @@ class TileGenerator:
                 fx, fy = (col + 0.5) / DENSITY_GRID, (row + 0.5) / DENSITY_GRID
             lon0 = float(tile_lon(x + fx))
             lat0 = float(tile_lat(y + fy))
-            if not touches_lake or not geography.point_in_lake(lon0, lat0):
+            if not touches_void or not self.region.point_in_void(lon0, lat0):
                 break
 
         # a street-like walk: grid-aligned headings, occasional right-angle turns, steady spacing
@@ -202,11 +216,16 @@ class TileGenerator:
         lat = _fold(
             lat0 + north_m / (KM_PER_DEG_LAT * 1000), south + margin_lat, north - margin_lat
         )
-        if touches_lake:
-            wet = geography.in_lake(lon, lat)
+        if touches_void:
+            wet = self.region.in_void(lon, lat)
             if wet.any():
-                length = max(1, int(np.argmax(wet)))
-                lon, lat = lon[:length], lat[:length]
+                dry = max(1, int(np.argmax(wet)))
+                if self.region.turns_back:
+                    track = _back_and_forth(dry, length)
+                    lon, lat = lon[track], lat[track]
+                else:
+                    length = dry
+                    lon, lat = lon[:length], lat[:length]
 
         d_e = np.diff(lon) * km_lon * 1000
         d_n = np.diff(lat) * KM_PER_DEG_LAT * 1000
@@ -310,6 +329,14 @@ def _make_creators(seed: int) -> list[tuple[str, int]]:
         name += ("_" if k % 3 == 0 else "") + str(int(rng.integers(1, 999)))
         creators.append((name, int(100_000_000_000_000 + rng.integers(0, 899_999_999_999_999))))
     return creators
+
+
+def _back_and_forth(dry: int, length: int) -> np.ndarray:
+    """Indices of ``length`` steps walking the first ``dry`` points to and fro (0, 1, .., dry-1, dry-2, ..)."""
+    if dry == 1:
+        return np.zeros(length, dtype=np.int64)
+    phase = np.arange(length) % (2 * dry - 2)
+    return np.where(phase < dry, phase, 2 * dry - 2 - phase)
 
 
 def _fold(values: np.ndarray, low: float, high: float) -> np.ndarray:

@@ -108,9 +108,9 @@ def expected_images_by_tile() -> tuple[
     xs, ys = _candidate_tile_range()
     gx, gy = np.meshgrid(np.array(xs), np.array(ys), indexing="ij")
     gx, gy = gx.ravel(), gy.ravel()
-    lon, lat = _cell_centres(gx, gy)
+    lon, lat = cell_centres(gx, gy)
     dens = density_per_km2(lon, lat)
-    expected = dens.mean(axis=(1, 2)) * _tile_area_km2(gx, gy)
+    expected = dens.mean(axis=(1, 2)) * tile_area_km2(gx, gy)
     table: dict[tuple[int, int], float] = {}
     weights: dict[tuple[int, int], np.ndarray] = {}
     for i, (x, y) in enumerate(zip(gx.tolist(), gy.tolist())):
@@ -129,7 +129,7 @@ def _candidate_tile_range() -> tuple[range, range]:
     return range(nw.x, se.x + 1), range(nw.y, se.y + 1)
 
 
-def _cell_centres(x: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+def cell_centres(x: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """lon/lat of the GRIDxGRID cell centres of tiles (x, y): arrays shaped (n, GRID, GRID) [row, col]."""
     frac = (np.arange(DENSITY_GRID) + 0.5) / DENSITY_GRID
     lon = tile_lon(x[:, None, None] + frac[None, None, :]) + np.zeros((1, DENSITY_GRID, 1))
@@ -137,7 +137,7 @@ def _cell_centres(x: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, np.ndarray]
     return lon, lat
 
 
-def _tile_area_km2(x: np.ndarray, y: np.ndarray) -> np.ndarray:
+def tile_area_km2(x: np.ndarray, y: np.ndarray) -> np.ndarray:
     west, east = tile_lon(x), tile_lon(x + 1)
     north, south = tile_lat(y), tile_lat(y + 1)
     mid = np.radians((north + south) / 2)

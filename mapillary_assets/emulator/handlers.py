@@ -1,8 +1,10 @@
 """The emulator's request handlers, one per endpoint, and ``endpoint()``, which wraps each of them.
 
-Every API request passes, in order: counting, latency, outage (503), random 5xx, auth, rate limit
-(sliding 60 s window per family; over budget: 429, or 403 with ``rate_limit_status=403``, code 4,
-``Retry-After``), then the handler. Graph responses carry ``x-app-usage``.
+Every API request passes, in order: counting, latency, outage (503), random 5xx, auth, the daily tile
+quota (spent: 429 code 4 with ``Retry-After`` up to the next quota day, counted as
+``daily_quota_refused``), rate limit (sliding 60 s window per family; over budget: 429, or 403 with
+``rate_limit_status=403``, code 4, ``Retry-After``), then the handler. Graph responses carry
+``x-app-usage``.
 """
 
 from __future__ import annotations
@@ -58,6 +60,16 @@ def endpoint(state: EmulatorState, kind: str, family: str, auth: str | None, han
                     if not graph:
                         error.status = 401
                     raise error
+                day_wait = state.daily_quota_wait(family, now)
+                if day_wait is not None:
+                    state.count("daily_quota_refused")
+                    raise ApiError(
+                        429,
+                        "Application request limit reached: the daily tile quota is spent",
+                        4,
+                        transient=True,
+                        headers={"Retry-After": str(max(1, math.ceil(day_wait)))},
+                    )
                 wait = state.admit(family, now)
                 if wait is not None:
                     state.count("rate_limited")
@@ -108,6 +120,7 @@ async def tile(request: web.Request, state: EmulatorState, now: float) -> web.Re
     if not (0 <= z <= 14 and 0 <= x < 2**z and 0 <= y < 2**z):
         raise ApiError(404, f"Tile {z}/{x}/{y} does not exist", 100)
     data = await state.tiles.get(tileset, z, x, y)
+    state.count_tile_fetch(tileset, z, x, y)
     if not data:
         return web.Response(status=204)
     return web.Response(body=data, content_type="application/x-protobuf")

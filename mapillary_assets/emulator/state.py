@@ -5,7 +5,9 @@ tiles and entity JSON.
 Stats keys: endpoint kinds (``tile``, ``entity``, ``batch``, ``images_by_ids``, ``search``,
 ``sequence``, ``thumbnail``), families as ``family:tiles``, ``family:entity``, ``family:search``,
 ``family:cdn`` (kind and family names overlap, hence the prefix), and ``rate_limited``,
-``faulted``, ``auth_failed``, ``requests`` (all API requests).
+``daily_quota_refused`` (tile requests refused because the day's tile quota was spent),
+``faulted``, ``auth_failed``, ``requests`` (all API requests). ``tile_fetches()`` counts the
+answered tile requests per tile.
 """
 
 from __future__ import annotations
@@ -64,6 +66,8 @@ class EmulatorState:
         self._counts: collections.Counter = collections.Counter()
         self._accepted: dict[str, array] = {f: array("d") for f in FAMILIES}
         self._windows: dict[str, collections.deque] = {f: collections.deque() for f in FAMILIES}
+        self._tiles_today: tuple[int, int] = (0, 0)  # (quota day, tile requests accepted in it)
+        self._tile_fetches: collections.Counter = collections.Counter()
         self._fields_cache: dict[str, tuple] = {}
         self._fragments: dict[tuple, dict[str, bytes]] = {}
         self._fragment_count = 0
@@ -81,7 +85,15 @@ class EmulatorState:
         with self._lock:
             out = {k: 0 for k in KINDS}
             out.update({f"family:{f}": 0 for f in FAMILIES})
-            out.update({"rate_limited": 0, "faulted": 0, "auth_failed": 0, "requests": 0})
+            out.update(
+                {
+                    "rate_limited": 0,
+                    "daily_quota_refused": 0,
+                    "faulted": 0,
+                    "auth_failed": 0,
+                    "requests": 0,
+                }
+            )
             out.update(self._counts)
             return out
 
@@ -89,15 +101,36 @@ class EmulatorState:
         with self._lock:
             return list(self._accepted.get(family, ()))
 
+    def tile_fetches(self) -> dict[str, int]:
+        """Answered tile requests per tile, keyed ``tileset/z/x/y``."""
+        with self._lock:
+            return dict(self._tile_fetches)
+
+    def count_tile_fetch(self, tileset: str, z: int, x: int, y: int) -> None:
+        with self._lock:
+            self._tile_fetches[f"{tileset}/{z}/{x}/{y}"] += 1
+
     def reset_stats(self) -> None:
         with self._lock:
             self._counts.clear()
+            self._tile_fetches.clear()
+            self._tiles_today = (0, 0)
             for times in self._accepted.values():
                 del times[:]
             for window in self._windows.values():
                 window.clear()
 
     # -- rate limiting ------------------------------------------------------------------------------
+
+    def daily_quota_wait(self, family: str, now: float) -> float | None:
+        """Seconds until the next quota day when today's tile quota is spent, else None."""
+        quota = self.faults.tiles_per_day
+        if family != "tiles" or quota is None:
+            return None
+        day, day_end = self.faults.day_window(now)
+        with self._lock:
+            used = self._tiles_today[1] if self._tiles_today[0] == day else 0
+        return max(0.0, day_end - now) if used >= quota else None
 
     def admit(self, family: str, now: float) -> float | None:
         """Records an accepted request and returns None, or returns seconds until a slot frees."""
@@ -112,6 +145,10 @@ class EmulatorState:
                 return max(0.0, window[0] + WINDOW_S - now) if window else WINDOW_S
             else:
                 window.append(now)
+            if family == "tiles":  # the day's quota counts accepted requests only
+                day = self.faults.day_window(now)[0]
+                today = self._tiles_today
+                self._tiles_today = (day, (today[1] if today[0] == day else 0) + 1)
             self._accepted[family].append(now)
             return None
 

@@ -1,9 +1,14 @@
-"""A deterministic synthetic Mapillary world around Zurich, generated lazily per z14 tile.
+"""A deterministic synthetic Mapillary world (around Zurich, or Switzerland with ``region="switzerland"``,
+see ``regions.py``), generated lazily per z14 tile.
 
 Everything is a pure function of ``(seed, tile x, tile y, epoch)`` (see ``generation.py``): a tile's
 images are regenerated on demand and kept in a small LRU, so a world of millions of images never
 lives in memory at once. Ids carry their tile (see ``ids.py``), so any lookup regenerates a single
 tile. ``advance()`` moves the world to the next epoch: new sequences appear, existing ids never change.
+
+Ground truth without building the world: ``tile_image_count`` (from the density model and the drawn
+sequence lengths, no image generated, in a region that turns back at the void) and
+``image_ids_in_polygon`` (generates only the tiles the polygon touches).
 """
 
 from __future__ import annotations
@@ -22,13 +27,19 @@ from .generation import CAMERAS, TileGenerator
 from .geography import ZOOM
 from .ids import decode_image_id, decode_sequence_id, unit_hash
 from .records import ImageRecord, SequenceInfo, TileImages
+from .regions import region as region_preset
 
 
 class World:
     """The synthetic world. Thread-safe: the emulator serves it from another thread."""
 
     def __init__(
-        self, seed: int = 42, scale: float = 0.005, epoch: int = 0, blurred_fraction: float = 0.1
+        self,
+        seed: int = 42,
+        scale: float = 0.005,
+        epoch: int = 0,
+        blurred_fraction: float = 0.1,
+        region: str = "zurich",
     ):
         if scale < 0:
             raise ValueError("scale must be >= 0")
@@ -38,15 +49,20 @@ class World:
         self.scale = float(scale)
         self.epoch = int(epoch)
         self.blurred_fraction = float(blurred_fraction)
-        self._generator = TileGenerator(self.seed, self.scale, self.blurred_fraction)
+        self.region = region_preset(region)
+        self._generator = TileGenerator(
+            self.seed, self.scale, self.blurred_fraction, region=self.region
+        )
         self._lock = threading.RLock()
         self._tiles: OrderedDict[tuple[int, int, int], TileImages] = OrderedDict()
         self._cached_images = 0
         self.max_cached_images = 2_000_000
         self._summaries: dict[tuple[int, int], dict] = {}
+        self._nonempty: dict[int, list[tuple[int, int]]] = {}
 
     def __repr__(self) -> str:
-        return f"World(seed={self.seed}, scale={self.scale}, epoch={self.epoch})"
+        region = "" if self.region.name == "zurich" else f", region={self.region.name!r}"
+        return f"World(seed={self.seed}, scale={self.scale}, epoch={self.epoch}{region})"
 
     # -- public API ---------------------------------------------------------------------------
 
@@ -94,6 +110,12 @@ class World:
             out.extend(self.record(tile, int(r)) for r in rows)
         return out
 
+    def image_ids_in_polygon(self, polygon) -> list[str]:
+        """Ids of the images in ``polygon`` (ground truth), generating only the tiles it touches."""
+        return [
+            str(v) for tile, rows in self._rows_in_polygon(polygon) for v in tile.ids[rows].tolist()
+        ]
+
     def count_in_polygon(self, polygon) -> int:
         """Number of images in ``polygon`` without building records (cheap ground truth at scale 1.0)."""
         return sum(len(rows) for _, rows in self._rows_in_polygon(polygon))
@@ -122,7 +144,22 @@ class World:
         return sum(len(self._generator.sequence_lengths(x, y, e)) for e in range(epoch + 1))
 
     def nonempty_tiles(self, epoch: int | None = None) -> list[tuple[int, int]]:
-        return [t for t in self.candidate_tiles() if self.tile_sequence_count(*t, epoch=epoch)]
+        epoch = self.epoch if epoch is None else epoch
+        tiles = self._nonempty.get(epoch)
+        if tiles is None:
+            tiles = [t for t in self.candidate_tiles() if self.tile_sequence_count(*t, epoch=epoch)]
+            self._nonempty[epoch] = tiles
+        return tiles
+
+    def tile_image_count(self, x: int, y: int) -> int:
+        """Images of the tile at the world's epoch: from the sequence lengths alone where the region
+        turns back at the void (every tile of ``switzerland``), else by generating the tile."""
+        count = self._generator.image_count(x, y, self.epoch)
+        return len(self.tile_images(x, y)) if count is None else count
+
+    def image_count(self) -> int:
+        """Images in the whole world (the sum of ``tile_image_count`` over the non-empty tiles)."""
+        return sum(self.tile_image_count(x, y) for x, y in self.nonempty_tiles())
 
     def tile_images(self, x: int, y: int) -> TileImages:
         key = (x, y, self.epoch)

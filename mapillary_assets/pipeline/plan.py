@@ -22,7 +22,6 @@ from __future__ import annotations
 import asyncio
 import json
 import math
-import os
 import tempfile
 import time
 from dataclasses import dataclass, field
@@ -37,7 +36,6 @@ from mapillary_assets.pipeline.discovery.tile_cache import TileCache
 from mapillary_assets.pipeline.discovery.tiles import DEFAULT_CACHE_MAX_AGE_S, covered_z14_tiles
 from mapillary_assets.storage import DataLayout
 
-DEFAULT_TILES_PER_DAY = 50_000
 IMAGES_PER_COVERAGE_LINE = 180.0
 IDS_PER_METADATA_REQUEST = 50
 # mean thumbnail sizes: 1024 px as the emulator's and Mapillary's CDN JPEGs (~240 KB, bench_download);
@@ -45,11 +43,6 @@ IDS_PER_METADATA_REQUEST = 50
 THUMBNAIL_BYTES = {256: 24_000, 1024: 240_000}
 DISK_BLOCK = 4096
 RESULTS_PATH = Path(__file__).resolve().parents[2] / "benchmarks" / "RESULTS.json"
-
-
-def tiles_per_day() -> int:
-    """MAPILLARY_TILES_PER_DAY, the tile server's daily quota per app (default 50,000)."""
-    return int(os.environ.get("MAPILLARY_TILES_PER_DAY") or DEFAULT_TILES_PER_DAY)
 
 
 @dataclass
@@ -162,15 +155,14 @@ async def plan_area(
         found[tile_key(partition)] = (len(coverage.z14_tiles), coverage.coverage_lines)
 
     await run_all(descend(p) for p in partitions)
-    settings = getattr(client, "settings", None)
     return AreaPlan(
         partitions=len(partitions),
         coverage_tiles=stats.coverage_requests + stats.cache_hits,
         coverage_requests=stats.coverage_requests,
         nonempty_z14_tiles=sum(tiles for tiles, _ in found.values()),
         coverage_lines=sum(lines for _, lines in found.values()),
-        entity_per_minute=getattr(settings, "entity_per_minute", 50_000),
-        tiles_per_day=tiles_per_day(),
+        entity_per_minute=client.settings.entity_per_minute,
+        tiles_per_day=client.settings.tiles_per_day,
         blur_images_per_s=blur_images_per_s or measured_blur_rate(),
         estimated_images_by_partition={
             key: round(lines * IMAGES_PER_COVERAGE_LINE)

@@ -1,12 +1,14 @@
 """Discovery: which images exist in each tile partition, and their stable assignment to id chunks."""
 
 import asyncio
+import datetime
 
 import dagster as dg
 import mercantile
 import pandas as pd
 import pyarrow.parquet as pq
 
+from mapillary_assets.api import DailyQuotaSpent
 from mapillary_assets.defs.area import current_aoi
 from mapillary_assets.defs.partitions import (
     CHUNK_PARTITIONS_NAME,
@@ -43,10 +45,11 @@ SEQUENCE_ROUTE_KEY = "sequences"
 
 
 async def _discover(
-    api: MapillaryApiResource, layout: DataLayout, settings: PipelineSettings, keys, log
+    api: MapillaryApiResource, layout: DataLayout, settings: PipelineSettings, keys, log, results
 ):
+    """Discovers `keys` in order into `results` (key -> (frame, stats)), which keeps the partitions
+    done when an error (the daily tile quota spent) stops the rest."""
     aoi = current_aoi()
-    results = {}
     async with api.client() as client:
         for key in keys:
             tile = parse_tile_key(key)
@@ -74,7 +77,29 @@ async def _discover(
                 f"tiles, {stats.requests} requests, {stats.cache_hits} cached tiles"
             )
             results[key] = (frame, stats)
-    return results
+
+
+def _daily_quota_failure(
+    spent: DailyQuotaSpent, tiles_per_day: int, keys: list[str], done: dict
+) -> dg.Failure:
+    """The run's failure when the day's tile quota is spent: transient, with when it resumes."""
+    not_reached = [key for key in keys if key not in done]
+    shown = ", ".join(not_reached[:5]) + (", ..." if len(not_reached) > 5 else "")
+    reason = DailyQuotaSpent.for_quota(tiles_per_day, spent.resume_at).message
+    resumes = datetime.datetime.fromtimestamp(spent.resume_at, datetime.UTC).isoformat()
+    return dg.Failure(
+        description=f"{reason}. Discovery stopped cleanly: {len(not_reached)} partition(s) not "
+        f"reached ({shown}); {len(done)} done in this run (files written). Transient: re-run the "
+        "failed partitions once the quota resumes; tiles already fetched come from the tile cache.",
+        metadata={
+            "transient": True,
+            "reason": "daily tile quota spent",
+            "resumes_at": resumes,
+            "partitions_not_reached": len(not_reached),
+            "partitions_done": len(done),
+        },
+        allow_retries=False,  # a run retry now would meet the same spent quota
+    )
 
 
 def _tile_map_png(
@@ -130,9 +155,22 @@ def build_discovered_images(partitions: dg.PartitionsDefinition) -> dg.AssetsDef
         storage: DataStorageResource,
         settings: PipelineSettings,
     ) -> dg.MaterializeResult:
-        results = asyncio.run(
-            _discover(mapillary_api, storage.layout, settings, context.partition_keys, context.log)
-        )
+        results: dict = {}
+        try:
+            asyncio.run(
+                _discover(
+                    mapillary_api,
+                    storage.layout,
+                    settings,
+                    context.partition_keys,
+                    context.log,
+                    results,
+                )
+            )
+        except DailyQuotaSpent as spent:
+            raise _daily_quota_failure(
+                spent, mapillary_api.tiles_per_day, list(context.partition_keys), results
+            ) from None
         frames = [frame for frame, _ in results.values()]
         total = sum(len(frame) for frame in frames)
         requests = sum(stats.requests for _, stats in results.values())
