@@ -12,98 +12,20 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import logging
 import os
-import re
-import signal
-import subprocess
 import sys
 from pathlib import Path
 
+from mapillary_assets.cli_errors import (
+    console_without_stack_traces,
+    reason_of_failed_run,
+    user_error_types,
+)
 from mapillary_assets.errors import PipelineFailed, UserError
+from mapillary_assets.process_tree import serve_until_stopped
 
 DEMO_TOKEN = "MLY|emulator-demo|not-a-secret"
 REPO_ROOT = Path(__file__).resolve().parent.parent
-
-
-def _user_error_types() -> tuple[type[BaseException], ...]:
-    """Errors raised for bad input (the AOI, a setting, the token, a damaged stage file); their messages
-    name the problem and the fix."""
-    from dagster import DagsterInvalidConfigError
-
-    from mapillary_assets.api.errors import AuthError
-    from mapillary_assets.defs.resources import ConfigError
-    from mapillary_assets.pipeline.aoi import AoiError
-    from mapillary_assets.pipeline.chunks import ChunkError
-    from mapillary_assets.pipeline.filters import FilterPolygonError
-    from mapillary_assets.storage import StorageError
-
-    return (
-        UserError,
-        AoiError,
-        ConfigError,
-        AuthError,
-        ChunkError,
-        FilterPolygonError,
-        StorageError,
-        DagsterInvalidConfigError,
-    )
-
-
-_STACK_TRACE = re.compile(r"\n?Stack Trace:\n(?:[ \t].*(?:\n|$))*")
-
-
-def without_stack_traces(message: str) -> str:
-    """A Dagster event line with its serialised error chain, every stack trace removed (the messages stay)."""
-    return _STACK_TRACE.sub("\n", message)
-
-
-class _StackTraceFilter(logging.Filter):
-    def filter(self, record: logging.LogRecord) -> bool:
-        message = record.getMessage()
-        if "Stack Trace:" in message:
-            record.msg, record.args = without_stack_traces(message), ()
-        return True
-
-
-@contextlib.contextmanager
-def _console_without_stack_traces():
-    """The runs' console lines without stack traces (the event log, which the UI shows, keeps them).
-    Dagster builds each run's console logger with `logging.getLoggerClass()` and offers no other hook
-    for runs without run config, so for as long as this lasts new loggers are created with the filter."""
-    base = logging.getLoggerClass()
-
-    class ConciseLogger(base):
-        def __init__(self, *args, **kwargs) -> None:
-            super().__init__(*args, **kwargs)
-            self.addFilter(_StackTraceFilter())
-
-    logging.setLoggerClass(ConciseLogger)
-    try:
-        yield
-    finally:
-        logging.setLoggerClass(base)
-
-
-def _reason_of_failed_run(instance, failure: PipelineFailed, debug: bool = False) -> str:
-    """The user's error inside the run that just failed: the first user error in its events' chains
-    of causes, else the innermost cause; `failure`'s own message says which job and run."""
-    import dagster as dg
-
-    from mapillary_assets.runners.failures import error_chains
-
-    user_errors = {error_type.__name__ for error_type in _user_error_types()}
-    runs = instance.get_runs(filters=dg.RunsFilter(statuses=[dg.DagsterRunStatus.FAILURE]), limit=1)
-    innermost = []
-    for chain in error_chains(instance, runs[0].run_id) if runs else []:
-        if debug:
-            print(chain[0].to_string(), file=sys.stderr)
-        for error in chain:
-            if error.cls_name in user_errors:  # its message reads "module.Class: text"
-                text = error.message.strip().split(f"{error.cls_name}: ", 1)[-1]
-                return f"{text}\n  ({failure})"
-            innermost.append(error.message.strip())
-    return f"{failure}" + (f": {innermost[-1]}" if innermost else "")
 
 
 def _emulator_env(server, data_dir: Path) -> dict[str, str]:
@@ -181,12 +103,12 @@ def _run_and_summarise(args: argparse.Namespace, data_dir: Path, until: str = "b
         configure_pools(instance)
         try:
             with (
-                contextlib.nullcontext() if args.debug else _console_without_stack_traces(),
+                contextlib.nullcontext() if args.debug else console_without_stack_traces(),
                 ProgressDisplay(layout, stages),
             ):
                 summary = run_pipeline(instance, until=until)
         except PipelineFailed as failure:
-            raise UserError(_reason_of_failed_run(instance, failure, debug=args.debug)) from failure
+            raise UserError(reason_of_failed_run(instance, failure, debug=args.debug)) from failure
     gpkg = layout.geopackage_path
     images = (  # published: the current area's images (the assignment may hold an earlier area's too)
         int(pyogrio.read_info(gpkg, layer="images")["features"]) if gpkg.exists() else 0
@@ -250,7 +172,7 @@ def ui(args: argparse.Namespace) -> int:
             "-p",
             str(args.port),
         ]
-        return _serve(command, dict(os.environ))
+        return serve_until_stopped(command, dict(os.environ), cwd=REPO_ROOT, name="dagster dev")
 
 
 def plan_command(args: argparse.Namespace) -> int:
@@ -281,56 +203,6 @@ def plan_command(args: argparse.Namespace) -> int:
     print(f"plan for {aoi.source} ({aoi.area_km2:,.0f} km2, partition zoom {zoom})")
     print(plan.table())
     return 0
-
-
-def _serve(command: list[str], env: dict[str, str]) -> int:
-    """Run `dagster dev` until it exits or this process is told to stop (SIGTERM, SIGHUP, Ctrl-C), then stop
-    everything it started. It runs in its own session, so a signal reaches it only through here, and
-    SIGINT is never inherited as ignored (a background job's `&` ignores it, and `dagster dev` maps
-    SIGTERM to its SIGINT handler: ignored there, it could not be stopped at all). A watchdog process
-    stops the tree when this process dies without running its handlers (SIGKILL, OOM)."""
-    from mapillary_assets import process_tree
-
-    stop_requested: list[int] = []
-
-    def request_stop(signum, _frame) -> None:
-        stop_requested.append(signum)
-
-    interrupt_was_ignored = signal.getsignal(signal.SIGINT) == signal.SIG_IGN
-    handled = (
-        (signal.SIGTERM, signal.SIGHUP)
-        if interrupt_was_ignored
-        else (signal.SIGTERM, signal.SIGHUP, signal.SIGINT)
-    )
-    previous = {sig: signal.signal(sig, request_stop) for sig in handled}
-    if (
-        interrupt_was_ignored
-    ):  # a Python handler (not SIG_IGN) so the child starts with SIGINT's default
-        previous[signal.SIGINT] = signal.signal(signal.SIGINT, lambda _signum, _frame: None)
-    process = subprocess.Popen(command, env=env, cwd=REPO_ROOT, start_new_session=True)
-    watchdog = subprocess.Popen(
-        [sys.executable, "-m", "mapillary_assets.process_tree", str(process.pid)],
-        stdin=subprocess.PIPE,
-        env=env,
-        cwd=REPO_ROOT,
-        start_new_session=True,
-    )
-    try:
-        while process.poll() is None and not stop_requested:
-            with contextlib.suppress(subprocess.TimeoutExpired):
-                process.wait(0.5)
-        if stop_requested:
-            print(
-                f"stopping dagster dev ({signal.Signals(stop_requested[0]).name})", file=sys.stderr
-            )
-        process_tree.stop_group(process.pid, reap=process.poll)
-        return 0 if stop_requested else process.returncode
-    finally:
-        watchdog.stdin.close()  # EOF: the watchdog finds the group gone and exits
-        with contextlib.suppress(subprocess.TimeoutExpired):
-            watchdog.wait(10)
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -405,7 +277,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return _dispatch(parser, args, rest)
     except Exception as error:
-        if args.debug or not isinstance(error, _user_error_types()):
+        if args.debug or not isinstance(error, user_error_types()):
             raise  # a bug, or --debug: the traceback is what helps
         print(f"error: {error}", file=sys.stderr)
         return 1

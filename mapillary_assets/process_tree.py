@@ -15,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import os
 import signal
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -100,6 +101,53 @@ def stop_group(
         signal_group(pgid, signal.SIGKILL)
         wait_for_group_exit(pgid, group_grace_s, reap)
     return False
+
+
+def serve_until_stopped(command: list[str], env: dict[str, str], cwd: Path, name: str) -> int:
+    """Run `command` (e.g. `dagster dev`) until it exits or this process is told to stop (SIGTERM,
+    SIGHUP, Ctrl-C), then stop everything it started. It runs in its own session, so a signal
+    reaches it only through here, and SIGINT is never inherited as ignored (a background job's `&`
+    ignores it, and `dagster dev` maps SIGTERM to its SIGINT handler: ignored there, it could not be
+    stopped at all). A watchdog process stops the tree when this process dies without running its
+    handlers (SIGKILL, OOM)."""
+    stop_requested: list[int] = []
+
+    def request_stop(signum, _frame) -> None:
+        stop_requested.append(signum)
+
+    interrupt_was_ignored = signal.getsignal(signal.SIGINT) == signal.SIG_IGN
+    handled = (
+        (signal.SIGTERM, signal.SIGHUP)
+        if interrupt_was_ignored
+        else (signal.SIGTERM, signal.SIGHUP, signal.SIGINT)
+    )
+    previous = {sig: signal.signal(sig, request_stop) for sig in handled}
+    if (
+        interrupt_was_ignored
+    ):  # a Python handler (not SIG_IGN) so the child starts with SIGINT's default
+        previous[signal.SIGINT] = signal.signal(signal.SIGINT, lambda _signum, _frame: None)
+    process = subprocess.Popen(command, env=env, cwd=cwd, start_new_session=True)
+    watchdog = subprocess.Popen(
+        [sys.executable, "-m", "mapillary_assets.process_tree", str(process.pid)],
+        stdin=subprocess.PIPE,
+        env=env,
+        cwd=cwd,
+        start_new_session=True,
+    )
+    try:
+        while process.poll() is None and not stop_requested:
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                process.wait(0.5)
+        if stop_requested:
+            print(f"stopping {name} ({signal.Signals(stop_requested[0]).name})", file=sys.stderr)
+        stop_group(process.pid, reap=process.poll)
+        return 0 if stop_requested else process.returncode
+    finally:
+        watchdog.stdin.close()  # EOF: the watchdog finds the group gone and exits
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            watchdog.wait(10)
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
 
 
 def watchdog_main(argv: list[str]) -> int:

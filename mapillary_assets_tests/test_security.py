@@ -308,8 +308,8 @@ def test_ui_listens_on_localhost_unless_told_otherwise(monkeypatch, tmp_path):
     class Emulator:
         base_url = graph_url = tiles_url = "http://127.0.0.1:1"
 
-        def __init__(self, *args, **kwargs):
-            pass
+        def __init__(self, *args, world=None, **kwargs):
+            self.world = world
 
         def start(self):
             return self
@@ -322,9 +322,11 @@ def test_ui_listens_on_localhost_unless_told_otherwise(monkeypatch, tmp_path):
 
     monkeypatch.setenv("DAGSTER_HOME", str(tmp_path))
     monkeypatch.setattr("mapillary_assets.emulator.EmulatorServer", Emulator)
-    monkeypatch.setattr(cli, "configure_pools", lambda instance: None)
+    monkeypatch.setattr("mapillary_assets.runners.instance.configure_pools", lambda instance: None)
     monkeypatch.setattr("dagster.DagsterInstance.get", lambda: _Nothing())
-    monkeypatch.setattr(cli, "_serve", lambda command, env: launched.append(command) or 0)
+    monkeypatch.setattr(
+        cli, "serve_until_stopped", lambda command, env, **_: launched.append(command) or 0
+    )
 
     assert cli.main(["ui"]) == 0
     command = launched[-1]
