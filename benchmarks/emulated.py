@@ -115,10 +115,16 @@ def emulated_pipeline(folder: Path, world, faults=None) -> Iterator[EmulatedPipe
 
 
 def assert_same_images(actual, expected) -> None:
-    """Same ids (each once), positions and values in every column of two GeoPackage `images` layers."""
+    """Same columns, ids (each once), positions and values in every column of two GeoPackage `images`
+    layers."""
     import numpy as np
     import pandas as pd
 
+    if set(actual.columns) != set(expected.columns):
+        raise AssertionError(
+            f"columns differ: missing {sorted(set(expected.columns) - set(actual.columns))}, "
+            f"unexpected {sorted(set(actual.columns) - set(expected.columns))}"
+        )
     if not actual["image_id"].is_unique:
         raise AssertionError("an image id appears twice in the GeoPackage")
     missing = set(expected["image_id"]) - set(actual["image_id"])

@@ -40,13 +40,59 @@ def write_jpeg(path: Path, image: np.ndarray, quality: int = 90) -> Path:
     return path
 
 
+# The independent reference: the metrics from their definitions in plain NumPy, not through OpenCV's
+# filters. Kernels are applied as correlation (as cv2.filter2D does; the sign of a Sobel response does not
+# matter once squared) over a border mirrored without repeating the edge pixel: OpenCV's BORDER_DEFAULT
+# (BORDER_REFLECT_101, "gfedcb|abcdefgh|gfedcba"), which is NumPy's pad mode "reflect".
+LAPLACIAN_4_NEIGHBOUR = np.array([[0, 1, 0], [1, -4, 1], [0, 1, 0]])
+SOBEL_X = np.array([[-1, 0, 1], [-2, 0, 2], [-1, 0, 1]])
+SOBEL_Y = SOBEL_X.T
+
+
+def correlate3x3(gray: np.ndarray, kernel: np.ndarray) -> np.ndarray:
+    padded = np.pad(np.asarray(gray, dtype=np.float64), 1, mode="reflect")
+    height, width = gray.shape
+    out = np.zeros((height, width))
+    for dy in range(3):
+        for dx in range(3):
+            if kernel[dy, dx]:
+                out += kernel[dy, dx] * padded[dy : dy + height, dx : dx + width]
+    return out
+
+
+def reference_laplacian_variance(gray: np.ndarray) -> float:
+    lap = correlate3x3(gray, LAPLACIAN_4_NEIGHBOUR)
+    mean = lap.sum() / lap.size
+    return float(((lap - mean) ** 2).sum() / lap.size)
+
+
+def reference_tenengrad(gray: np.ndarray) -> float:
+    gx, gy = correlate3x3(gray, SOBEL_X), correlate3x3(gray, SOBEL_Y)
+    return float((gx * gx + gy * gy).sum() / gx.size)
+
+
+def reference_resize(gray: np.ndarray, box: tuple[int, int]) -> np.ndarray:
+    """The analysis box (width, height), transposed for a portrait image, reached with INTER_AREA."""
+    width, height = box
+    if gray.shape[0] > gray.shape[1]:
+        width, height = height, width
+    if gray.shape == (height, width):
+        return gray
+    return cv2.resize(gray, (width, height), interpolation=cv2.INTER_AREA)
+
+
+def block_mean(gray: np.ndarray, factor: int) -> np.ndarray:
+    """Area averaging for an integer factor: each output pixel the exact mean of its factor x factor block."""
+    height, width = gray.shape[0] // factor, gray.shape[1] // factor
+    blocks = gray[: height * factor, : width * factor].reshape(height, factor, width, factor)
+    return blocks.astype(np.float64).mean(axis=(1, 3))
+
+
 def reference_scores(path: Path, analysis_size=blur.DEFAULT_ANALYSIS_SIZE) -> tuple[float, float]:
-    """The OpenCV reference on the same pixels the pipeline scores."""
+    """The reference on the same decoded pixels the pipeline scores."""
     gray = cv2.imdecode(np.fromfile(str(path), np.uint8), cv2.IMREAD_GRAYSCALE)
-    gray = blur.resize_to_analysis(gray, analysis_size)
-    gx = cv2.Sobel(gray, cv2.CV_64F, 1, 0, ksize=3)
-    gy = cv2.Sobel(gray, cv2.CV_64F, 0, 1, ksize=3)
-    return float(cv2.Laplacian(gray, cv2.CV_64F).var()), float(np.mean(gx**2 + gy**2))
+    gray = reference_resize(gray, analysis_size)
+    return reference_laplacian_variance(gray), reference_tenengrad(gray)
 
 
 @pytest.fixture(scope="module")
@@ -66,16 +112,31 @@ def sample_images(tmp_path_factory) -> list[Path]:
     ]
 
 
-def test_pure_functions_equal_opencv_reference():
+def test_pure_functions_equal_the_numpy_reference():
     rng = np.random.default_rng(7)
-    for shape in [(768, 1024), (333, 517), (3, 3), (1, 9)]:
+    for shape in [(768, 1024), (333, 517), (3, 3), (2, 2), (1, 9)]:
         gray = rng.integers(0, 256, shape, dtype=np.uint8)
-        expected = cv2.Laplacian(gray, cv2.CV_64F).var()
-        assert laplacian_variance(gray) == pytest.approx(expected, rel=1e-12)
-        assert laplacian_variance(gray.astype(np.float64)) == pytest.approx(expected, rel=1e-12)
-        gx = cv2.Sobel(gray, cv2.CV_64F, 1, 0)
-        gy = cv2.Sobel(gray, cv2.CV_64F, 0, 1)
-        assert tenengrad(gray) == pytest.approx(float(np.mean(gx**2 + gy**2)), rel=1e-12)
+        expected_variance = reference_laplacian_variance(gray)
+        expected_gradient = reference_tenengrad(gray)
+        assert laplacian_variance(gray) == pytest.approx(expected_variance, rel=1e-12), shape
+        assert laplacian_variance(gray.astype(np.float64)) == pytest.approx(
+            expected_variance, rel=1e-12
+        )
+        assert tenengrad(gray) == pytest.approx(expected_gradient, rel=1e-12), shape
+        assert tenengrad(gray.astype(np.float64)) == pytest.approx(expected_gradient, rel=1e-12)
+
+
+def test_numpy_reference_on_a_hand_computed_image():
+    """The reference itself, on an image small enough to work out by hand, where the border mode shows."""
+    gray = np.tile(np.array([8, 0, 0, 0], np.uint8), (3, 1))  # every row the same: no vertical term
+    # Each row mirrored without its edge pixel: 0 | 8 0 0 0 | 0. Laplacian per row: -16, 8, 0, 0
+    # (mean -2): variance (256 + 64) / 4 - 4 = 76. A replicated or edge-repeating border would give -8
+    # at the first pixel instead.
+    assert reference_laplacian_variance(gray) == pytest.approx(76.0)
+    # Sobel x per row: 4 * (right - left) = 0, -32, 0, 0: mean square 256 (512 with a replicated border).
+    assert reference_tenengrad(gray) == pytest.approx(256.0)
+    assert laplacian_variance(gray) == pytest.approx(76.0)
+    assert tenengrad(gray) == pytest.approx(256.0)
 
 
 def test_constant_image_scores_zero():
@@ -148,6 +209,45 @@ def test_portrait_uses_transposed_analysis_box():
     assert blur.resize_to_analysis(gray, (1024, 768)).shape == (1024, 768)
     assert blur.resize_to_analysis(np.zeros((300, 400), np.uint8), (1024, 768)).shape == (768, 1024)
     assert blur.resize_to_analysis(gray, None) is gray
+
+
+@pytest.mark.parametrize(
+    ("shape", "box"),
+    [
+        ((600, 800), (1024, 768)),  # upscaled
+        ((333, 517), (1024, 768)),  # odd size, upscaled by a different factor per axis
+        ((1537, 2049), (1024, 768)),  # odd size, downscaled by a non-integer factor
+        ((1500, 1100), (1024, 768)),  # portrait, downscaled into the transposed box
+        ((200, 150), (256, 192)),  # portrait, upscaled into the transposed box
+    ],
+)
+def test_resize_matches_area_interpolation(shape, box):
+    gray = cv2.cvtColor(street_like(*shape, seed=sum(shape)), cv2.COLOR_BGR2GRAY)
+    resized = blur.resize_to_analysis(gray, box)
+    expected = reference_resize(gray, box)
+    assert resized.dtype == np.uint8 and resized.shape == expected.shape
+    np.testing.assert_array_equal(resized, expected)
+
+
+@pytest.mark.parametrize(("factor", "box"), [(2, (1024, 768)), (4, (256, 192)), (3, (1024, 768))])
+def test_integer_downscale_is_the_block_mean(factor, box):
+    """Independent of OpenCV: for an integer factor, area interpolation is the mean of each block."""
+    width, height = box
+    gray = cv2.cvtColor(
+        street_like(height * factor, width * factor, seed=factor), cv2.COLOR_BGR2GRAY
+    )
+    resized = blur.resize_to_analysis(gray, box)
+    assert resized.shape == (height, width)
+    # Each pixel is the block mean rounded to a nearest integer (OpenCV breaks a tie of x.5 up for factor
+    # 2 and to even for 4, so at a tie either neighbour is right; elsewhere the rounding is unique).
+    assert np.abs(resized - block_mean(gray, factor)).max() <= 0.5
+
+
+def test_decoded_pixels_are_the_resized_decode(sample_images):
+    for path in sample_images:
+        decoded = cv2.imdecode(np.fromfile(str(path), np.uint8), cv2.IMREAD_GRAYSCALE)
+        expected = reference_resize(decoded, blur.DEFAULT_ANALYSIS_SIZE)
+        np.testing.assert_array_equal(blur.decode_gray(path).gray, expected)
 
 
 @pytest.mark.parametrize("backend", ["opencv", "kornia-cpu"])

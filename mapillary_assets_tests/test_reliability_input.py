@@ -423,12 +423,14 @@ def test_a_non_digit_id_in_a_stage_file_is_refused_before_any_path(materialised)
 @pytest.fixture
 def tile_with_a_non_digit_id(materialised):
     """The densest cached z14 tile, re-encoded with one image id replaced by NASTY_ID, as if the API
-    had served it; then one discovery run over every partition."""
+    had served it; then one discovery run over every partition. Yields the run, its result, the
+    fingerprints before it, the tile's `14/x/y` and the id NASTY_ID replaced."""
     data_dir = materialised / "data"
     tile = max(
         (materialised / "data" / "tile_cache").rglob("14/*/*.mvt"), key=lambda p: p.stat().st_size
     )
     layers = mapbox_vector_tile.decode(tile.read_bytes(), default_options={"y_coord_down": True})
+    replaced_id = str(layers["image"]["features"][0]["properties"]["id"])
     layers["image"]["features"][0]["properties"]["id"] = NASTY_ID
     tile.write_bytes(
         mapbox_vector_tile.encode(
@@ -439,36 +441,41 @@ def tile_with_a_non_digit_id(materialised):
     before = fingerprints(data_dir)
     with emulated_run(materialised) as run:
         result = run.execute("discovery_job", tile_partitions().get_partition_keys())
-        yield run, result, before
+        yield run, result, before, f"14/{tile.parent.name}/{tile.stem}", replaced_id
 
 
-def test_a_non_digit_id_served_in_a_tile_never_becomes_a_path(
-    materialised, tile_with_a_non_digit_id
+def discovered_ids(layout) -> set[str]:
+    keys = tile_partitions().get_partition_keys()
+    return set(pd.concat(read_parquet(layout.discovery_path(k)) for k in keys)["image_id"])
+
+
+def test_a_non_digit_id_served_in_a_tile_is_dropped_and_never_becomes_a_path(
+    materialised, reference, tile_with_a_non_digit_id
 ):
-    run, result, before = tile_with_a_non_digit_id
+    """The decided behaviour: the bad id is dropped (only it), the rest of the tile is kept and the
+    discovery run succeeds; only discovery files may change."""
+    run, result, before, _, replaced_id = tile_with_a_non_digit_id
+    assert result.success, errors_of(run, result)
     assert not [path for path in materialised.parent.rglob("*escape*")], "the id became a path"
-    if result.success:
-        ids = pd.concat(
-            read_parquet(run.layout.discovery_path(k))
-            for k in tile_partitions().get_partition_keys()
-        )
-        assert NASTY_ID not in set(ids["image_id"])
-    else:
-        assert_untouched(before, run.data_dir)
+    reference_ids = discovered_ids(type(run.layout)(reference.data_dir))
+    assert replaced_id in reference_ids
+    assert discovered_ids(run.layout) == reference_ids - {replaced_id}
+    after = fingerprints(run.data_dir)
+    changed = {name for name in before.keys() | after.keys() if before.get(name) != after.get(name)}
+    assert changed and all(name.startswith("discovery/") for name in changed), sorted(changed)
 
 
-def test_a_non_digit_id_served_in_a_tile_is_reported_clearly(tile_with_a_non_digit_id):
-    """Dropped with a warning that names the tile (or, were it refused, an error that does)."""
-    run, result, _ = tile_with_a_non_digit_id
-    if result.success:
-        message = "\n".join(
-            entry.user_message
-            for entry in run.instance.all_logs(result.run_id)
-            if entry.level >= logging.WARNING
-        )
-    else:
-        message = errors_of(run, result)
-    assert "decimal digits" in message and "tile 14/" in message and "escape" in message, message
+def test_a_non_digit_id_served_in_a_tile_is_reported_with_the_tile(tile_with_a_non_digit_id):
+    """Dropped with a warning in the run's log that names the tile and the id."""
+    run, result, _, tile, _ = tile_with_a_non_digit_id
+    assert result.success, errors_of(run, result)
+    message = "\n".join(
+        entry.user_message
+        for entry in run.instance.all_logs(result.run_id)
+        if entry.level >= logging.WARNING
+    )
+    assert f"tile {tile}: dropped 1 image id(s) that are not decimal digits" in message, message
+    assert repr(NASTY_ID) in message, message
 
 
 # ---------------------------------------------------------------------------------------------
