@@ -196,8 +196,17 @@ def plan_command(args: argparse.Namespace) -> int:
     tileset = os.environ.get("MAPILLARY_TILESET") or "mly1_public"
 
     async def planned():
-        async with MapillaryClient(ClientSettings.from_env()) as client:
-            return await plan_area(client, aoi, DataLayout(Path(args.data_dir)), zoom, tileset)
+        settings = ClientSettings.from_env()
+        async with MapillaryClient(settings) as client:
+            return await plan_area(
+                client,
+                aoi,
+                DataLayout(Path(args.data_dir)),
+                zoom,
+                tileset,
+                tiles_per_day=settings.tiles_per_day,
+                entity_per_minute=settings.entity_per_minute,
+            )
 
     plan = asyncio.run(planned())
     print(f"plan for {aoi.source} ({aoi.area_km2:,.0f} km2, partition zoom {zoom})")

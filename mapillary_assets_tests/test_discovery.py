@@ -13,13 +13,13 @@ from shapely.geometry import box
 
 from mapillary_assets.api import ClientSettings, MapillaryClient, RequestTooLargeError, Secret
 from mapillary_assets.emulator import EmulatorServer, World
-from mapillary_assets.emulator.tiles import render_tile
 from mapillary_assets.pipeline.aoi import load_aoi
 from mapillary_assets.pipeline.discovery.results import DISCOVERY_COLUMNS
 from mapillary_assets.pipeline.discovery.search import SEARCH_LIMIT, discover_by_bbox_search
 from mapillary_assets.pipeline.discovery.sequences import discover_by_sequences
 from mapillary_assets.pipeline.discovery.tiles import discover_partition, touched_z14_tiles
 from mapillary_assets.storage import DataLayout
+from mapillary_assets_tests.support.tile_clients import TileClient
 
 CENTRE = mercantile.Tile(2145, 1434, 12)  # Zurich HB; the AOI edge crosses it
 QUANTUM_M = 1.0  # z14 tile points are quantised to ~0.4 m
@@ -27,19 +27,6 @@ QUANTUM_M = 1.0  # z14 tile points are quantised to ~0.4 m
 
 # ---------------------------------------------------------------------------------------------
 # helpers
-
-
-class TileClient:
-    """Serves the emulator's tiles in-process (no HTTP) and counts requests."""
-
-    def __init__(self, world: World):
-        self.world = world
-        self.tile_requests: list[tuple[int, int, int]] = []
-
-    async def get_tile(self, z, x, y, tileset="mly1_public"):
-        self.tile_requests.append((z, x, y))
-        await asyncio.sleep(0)
-        return render_tile(self.world, tileset, z, x, y)
 
 
 class SearchClient:

@@ -13,9 +13,9 @@ import pyogrio
 import pytest
 
 from mapillary_assets.pipeline.geopackage import write_geopackage
-from mapillary_assets.pipeline.staging import connect_staging, load_staging
+from mapillary_assets.pipeline.staging import connect_staging
 from mapillary_assets.storage import DataLayout
-from mapillary_assets_tests.support.staging_samples import write_sample_stages
+from mapillary_assets_tests.support.staging_samples import built_staging
 
 LAYERS = {"images": "Point", "images_filtered": "Point", "sequences": "LineString"}
 # Debian 12's GDAL 3.6 validator (package python3-gdal; scripts/test.sh installs it), run by the system
@@ -27,20 +27,13 @@ DEBIAN_VALIDATORS = (
 )
 
 
-def _staging(layout: DataLayout, with_data: bool = True):
-    if with_data:
-        write_sample_stages(layout)
-    load_staging(layout)
-    return connect_staging(layout.staging_db_path, read_only=True)
-
-
 @pytest.fixture
 def layout(tmp_path) -> DataLayout:
     return DataLayout(tmp_path / "data")
 
 
 def test_layers_crs_counts_and_spatial_index(layout):
-    con = _staging(layout)
+    con = built_staging(layout)
     try:
         counts = write_geopackage(con, layout.geopackage_path)
     finally:
@@ -90,7 +83,7 @@ def _feature_counts(ogrinfo_summary: str) -> dict[str, int]:
     reason="needs GDAL's ogrinfo (gdal-bin; scripts/test.sh installs it)",
 )
 def test_gdal_ogrinfo_reads_the_counts_and_uses_the_rtree(layout):
-    con = _staging(layout)
+    con = built_staging(layout)
     try:
         counts = write_geopackage(con, layout.geopackage_path)
     finally:
@@ -114,7 +107,7 @@ def test_gdal_ogrinfo_reads_the_counts_and_uses_the_rtree(layout):
 
 
 def test_image_columns_are_typed_and_never_urls(layout):
-    con = _staging(layout)
+    con = built_staging(layout)
     try:
         write_geopackage(con, layout.geopackage_path)
     finally:
@@ -156,7 +149,7 @@ def test_image_columns_are_typed_and_never_urls(layout):
 
 
 def test_sequences_follow_capture_time(layout):
-    con = _staging(layout)
+    con = built_staging(layout)
     try:
         write_geopackage(con, layout.geopackage_path)
     finally:
@@ -174,7 +167,7 @@ def test_sequences_follow_capture_time(layout):
 
 
 def test_empty_staging_gives_empty_layers(layout):
-    con = _staging(layout, with_data=False)
+    con = built_staging(layout, with_data=False)
     try:
         assert write_geopackage(con, layout.geopackage_path) == dict.fromkeys(LAYERS, 0)
     finally:
@@ -183,7 +176,7 @@ def test_empty_staging_gives_empty_layers(layout):
 
 
 def test_failed_write_keeps_previous_file_and_leaves_no_temporary(layout, tmp_path):
-    con = _staging(layout)
+    con = built_staging(layout)
     try:
         write_geopackage(con, layout.geopackage_path)
     finally:
@@ -228,7 +221,7 @@ def _validate(path: Path) -> subprocess.CompletedProcess:
 
 def _write(layout: DataLayout, path: Path, **options) -> dict[str, int]:
     con = (
-        _staging(layout)
+        built_staging(layout)
         if not layout.staging_db_path.exists()
         else connect_staging(layout.staging_db_path, read_only=True)
     )

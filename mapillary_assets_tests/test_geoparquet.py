@@ -12,12 +12,12 @@ from mapillary_assets.pipeline.geopackage import write_geopackage
 from mapillary_assets.pipeline.geoparquet import write_geoparquet
 from mapillary_assets.pipeline.staging import connect_staging
 from mapillary_assets.storage import DataLayout
-from mapillary_assets_tests.test_geopackage import _staging
+from mapillary_assets_tests.support.staging_samples import built_staging
 
 
 def test_geoparquet_round_trips_beside_the_geopackage(tmp_path):
     layout = DataLayout(tmp_path / "data")
-    with _staging(layout) as con:
+    with built_staging(layout) as con:
         counts = write_geopackage(con, layout.geopackage_path)
         rows = write_geoparquet(con, layout.geoparquet_path)
     assert rows == counts["images"] > 0

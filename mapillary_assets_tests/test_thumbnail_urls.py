@@ -10,7 +10,7 @@ from mapillary_assets.pipeline.metadata import fetch_metadata, metadata_frame
 from mapillary_assets.pipeline.thumbnail_urls import SAFETY_MARGIN_S, SignedUrl, signed_url
 from mapillary_assets.storage import DataLayout, write_parquet_atomic
 from mapillary_assets_tests import test_download
-from mapillary_assets_tests.test_download import download_via, emulator_client, world_ids
+from mapillary_assets_tests.support.downloads import download_via, emulator_client, world_ids
 
 emulator = test_download.emulator  # the fixtures of test_download's emulator tests
 server = test_download.server

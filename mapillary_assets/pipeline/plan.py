@@ -29,6 +29,7 @@ from pathlib import Path
 
 import numpy as np
 
+from mapillary_assets.api.settings import ClientSettings
 from mapillary_assets.pipeline.aoi import AreaOfInterest, partition_tiles, tile_key
 from mapillary_assets.pipeline.concurrency import run_all
 from mapillary_assets.pipeline.discovery.results import DEFAULT_TILESET, DiscoveryStats
@@ -141,8 +142,11 @@ async def plan_area(
     cache_max_age_s: float = DEFAULT_CACHE_MAX_AGE_S,
     concurrency: int = 16,
     blur_images_per_s: float | None = None,
+    tiles_per_day: int = ClientSettings.tiles_per_day,
+    entity_per_minute: int = ClientSettings.entity_per_minute,
 ) -> AreaPlan:
-    """The plan of `aoi` partitioned at `partition_zoom`, from coverage tiles only."""
+    """The plan of `aoi` partitioned at `partition_zoom`, from coverage tiles only, priced at the
+    daily tile quota and the entity budget (the client's settings; the documented defaults)."""
     stats = DiscoveryStats()
     cache = TileCache(client, layout, tileset, cache_max_age_s, stats)
     partitions = partition_tiles(aoi, partition_zoom)
@@ -161,8 +165,8 @@ async def plan_area(
         coverage_requests=stats.coverage_requests,
         nonempty_z14_tiles=sum(tiles for tiles, _ in found.values()),
         coverage_lines=sum(lines for _, lines in found.values()),
-        entity_per_minute=client.settings.entity_per_minute,
-        tiles_per_day=client.settings.tiles_per_day,
+        entity_per_minute=entity_per_minute,
+        tiles_per_day=tiles_per_day,
         blur_images_per_s=blur_images_per_s or measured_blur_rate(),
         estimated_images_by_partition={
             key: round(lines * IMAGES_PER_COVERAGE_LINE)

@@ -7,6 +7,7 @@ from datetime import UTC, datetime
 
 import pyarrow as pa
 
+from mapillary_assets.pipeline.staging import connect_staging, load_staging
 from mapillary_assets.storage import DataLayout, write_parquet_atomic
 
 T0_MS = 1_600_000_000_000  # 2020-09-13T12:26:40Z
@@ -151,3 +152,10 @@ def write_sample_stages(layout: DataLayout) -> None:
         ),
         layout.blur_path("chunk-000000"),
     )
+
+
+def built_staging(layout: DataLayout, with_data: bool = True):
+    if with_data:
+        write_sample_stages(layout)
+    load_staging(layout)
+    return connect_staging(layout.staging_db_path, read_only=True)

@@ -1,0 +1,21 @@
+"""A tile client that serves the emulator world's tiles in-process (no HTTP) and counts requests."""
+
+from __future__ import annotations
+
+import asyncio
+
+from mapillary_assets.emulator import World
+from mapillary_assets.emulator.tiles import render_tile
+
+
+class TileClient:
+    """Serves the emulator's tiles in-process (no HTTP) and counts requests."""
+
+    def __init__(self, world: World):
+        self.world = world
+        self.tile_requests: list[tuple[int, int, int]] = []
+
+    async def get_tile(self, z, x, y, tileset="mly1_public"):
+        self.tile_requests.append((z, x, y))
+        await asyncio.sleep(0)
+        return render_tile(self.world, tileset, z, x, y)
