@@ -13,11 +13,12 @@ from mapillary_assets.errors import PipelineFailed, UserError
 
 
 def user_error_types() -> tuple[type[BaseException], ...]:
-    """Errors raised for bad input (the AOI, a setting, the token, a damaged stage file); their messages
+    """Errors raised for bad input (the AOI, a setting, the token, a damaged stage file) or by the
+    API once the client's retries are spent (an unreachable host, a refused request); their messages
     name the problem and the fix."""
     from dagster import DagsterInvalidConfigError
 
-    from mapillary_assets.api.errors import AuthError
+    from mapillary_assets.api.errors import MapillaryError
     from mapillary_assets.defs.resources import ConfigError
     from mapillary_assets.pipeline.aoi import AoiError
     from mapillary_assets.pipeline.chunks import ChunkError
@@ -28,7 +29,7 @@ def user_error_types() -> tuple[type[BaseException], ...]:
         UserError,
         AoiError,
         ConfigError,
-        AuthError,
+        MapillaryError,
         ChunkError,
         FilterPolygonError,
         StorageError,

@@ -184,14 +184,15 @@ def test_a_discovery_run_that_meets_a_spent_quota_fails_transiently_with_the_res
 
     from mapillary_assets.definitions import build_definitions
     from mapillary_assets.defs.partitions import partition_tags, tile_partitions
-    from mapillary_assets_tests.harness import TEST_TOKEN, make_resources
+    from mapillary_assets_tests.support.emulated_runs import emulator_resources
+    from mapillary_assets_tests.support.world import TEST_TOKEN
 
     keys = tile_partitions().get_partition_keys()
     with (
         EmulatorServer(World(seed=7, scale=0.01), token=TEST_TOKEN) as server,
         dg.instance_for_test(temp_dir=str(tmp_path)) as instance,
     ):
-        resources = make_resources(server, tmp_path / "data")
+        resources = emulator_resources(server, tmp_path / "data")
         resources["mapillary_api"] = MapillaryApiResource(
             **{**resources["mapillary_api"].model_dump(), "tiles_per_day": 2}
         )

@@ -66,14 +66,15 @@ def test_plan_is_within_5_percent_of_tile_requests_and_25_percent_of_images(
     )
 
 
-def test_a_second_plan_reads_the_cache_and_the_table_says_so(tmp_path, monkeypatch):
-    monkeypatch.setenv("MAPILLARY_TILES_PER_DAY", "10000")
+def test_a_second_plan_reads_the_cache_and_the_table_says_so(tmp_path):
     world = World(seed=11, scale=0.005)
     layout = DataLayout(tmp_path)
     aoi = load_aoi()
     first = asyncio.run(plan_area(TileClient(world), aoi, layout, 12, blur_images_per_s=400.0))
     client = TileClient(world)
-    again = asyncio.run(plan_area(client, aoi, layout, 12, blur_images_per_s=400.0))
+    again = asyncio.run(
+        plan_area(client, aoi, layout, 12, blur_images_per_s=400.0, tiles_per_day=10_000)
+    )
     assert client.tile_requests == [] and again.coverage_requests == 0
     assert again.tile_requests == first.tile_requests and again.tiles_per_day == 10_000
     table = again.table()
