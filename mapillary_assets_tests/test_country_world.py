@@ -159,3 +159,23 @@ def test_the_demo_on_the_country_world_defaults_its_aoi_to_the_outline(monkeypat
     assert "MAPILLARY_AOI" not in cli._emulator_env(city, tmp_path)
     monkeypatch.setenv("MAPILLARY_AOI", "/my/area.geojson")
     assert "MAPILLARY_AOI" not in cli._emulator_env(country, tmp_path)  # the user's area wins
+
+
+def test_tiles_render_alike_from_many_threads_at_once():
+    """The emulator renders tiles in worker threads; GEOS prepared geometries shared between threads
+    crashed it (a segfault), so each thread prepares its own. A crash here ends the test run."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    tiles = list(mercantile.tiles(*swiss.outline().bounds, zooms=10))[:24]
+
+    def render(tile):
+        fresh = World(
+            region="switzerland", scale=0.01, seed=3
+        )  # its own caches: real work per call
+        return render_tile(fresh, "mly1_public", tile.z, tile.x, tile.y)
+
+    sequential = [render(tile) for tile in tiles[:8]]
+    with ThreadPoolExecutor(max_workers=8) as pool:
+        concurrent = list(pool.map(render, tiles))
+    assert concurrent[:8] == sequential
+    assert any(concurrent)

@@ -9,12 +9,14 @@ in the lake.
 from __future__ import annotations
 
 import math
+import threading
+from collections.abc import Callable
 
 import mercantile
 import numpy as np
 import shapely
 from shapely.geometry import Polygon, box
-from shapely.prepared import prep
+from shapely.geometry.base import BaseGeometry
 
 ZOOM = 14
 CENTRE = (8.540, 47.378)  # Zurich HB
@@ -54,7 +56,26 @@ LAKE = Polygon(
         (8.5385, 47.3630),
     ]
 )
-_LAKE_PREPARED = prep(LAKE)
+
+
+def per_thread_prepared(build: Callable[[], BaseGeometry]) -> Callable[[], BaseGeometry]:
+    """A getter of the geometry `build` makes, prepared once per thread: GEOS prepared geometries
+    are not thread-safe (libgeos/geos#825), and the server renders tiles in worker threads, where
+    two threads sharing one crashed the country world's emulator with a segfault."""
+    local = threading.local()
+
+    def get() -> BaseGeometry:
+        geometry = getattr(local, "geometry", None)
+        if geometry is None:
+            geometry = build()
+            shapely.prepare(geometry)
+            local.geometry = geometry
+        return geometry
+
+    return get
+
+
+_prepared_lake = per_thread_prepared(lambda: shapely.Polygon(LAKE))
 
 
 def tile_lon(x: np.ndarray | float, z: int = ZOOM):
@@ -70,7 +91,7 @@ def in_lake(lon: np.ndarray, lat: np.ndarray) -> np.ndarray:
 
 
 def point_in_lake(lon: float, lat: float) -> bool:
-    return _LAKE_PREPARED.contains(shapely.Point(lon, lat))
+    return bool(shapely.contains_xy(_prepared_lake(), lon, lat))
 
 
 def tile_geometry(x: int, y: int) -> tuple[tuple[float, float, float, float], bool]:
@@ -81,7 +102,7 @@ def tile_geometry(x: int, y: int) -> tuple[tuple[float, float, float, float], bo
         float(tile_lon(x + 1)),
         float(tile_lat(y)),
     )
-    return bounds, _LAKE_PREPARED.intersects(box(*bounds))
+    return bounds, bool(shapely.intersects(_prepared_lake(), box(*bounds)))
 
 
 def density_per_km2(lon: np.ndarray, lat: np.ndarray) -> np.ndarray:

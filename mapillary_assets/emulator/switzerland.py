@@ -25,6 +25,7 @@ from .geography import (
     KM_PER_DEG_LAT,
     ZOOM,
     cell_centres,
+    per_thread_prepared,
     tile_area_km2,
     tile_lat,
     tile_lon,
@@ -205,12 +206,8 @@ def outline() -> Polygon:
     return shape(json.loads(outline_path().read_text())["features"][0]["geometry"])
 
 
-@functools.cache
-def _void():
-    """Where no image lies: the lakes and the high mountains (one prepared geometry)."""
-    geometry = unary_union([*LAKES, *MOUNTAINS])
-    shapely.prepare(geometry)
-    return geometry
+# Where no image lies: the lakes and the high mountains (one geometry, prepared per thread).
+_void = per_thread_prepared(lambda: unary_union([*LAKES, *MOUNTAINS]))
 
 
 def in_void(lon: np.ndarray, lat: np.ndarray) -> np.ndarray:
