@@ -146,11 +146,15 @@ def atomic_write_bytes(path: Path, data: bytes, durable: bool = True) -> None:
     re-verify content on every run (thumbnails) simply fetch again."""
     fd, tmp = _temporary_sibling(path)
     try:
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(data)
+        # Plain os.write on the descriptor: a file object would add an fstat, an isatty ioctl and a buffer.
+        try:
+            view = memoryview(data)
+            while view:
+                view = view[os.write(fd, view) :]
             if durable:
-                handle.flush()
-                os.fsync(handle.fileno())
+                os.fsync(fd)
+        finally:
+            os.close(fd)
         os.replace(tmp, path)
     except BaseException:
         tmp.unlink(missing_ok=True)
