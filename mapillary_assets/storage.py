@@ -140,13 +140,6 @@ def _temporary_sibling(path: Path) -> tuple[int, str]:
             continue
 
 
-def _remove_if_present(path: str) -> None:
-    try:
-        os.unlink(path)
-    except FileNotFoundError:
-        pass
-
-
 def atomic_write_bytes(path: Path, data: bytes, durable: bool = True) -> None:
     """`durable=False` skips the fsync: the rename still never exposes a partial file to a reader or to a
     re-run after the process is killed; only a power loss can leave an empty file, which callers that
@@ -164,7 +157,7 @@ def atomic_write_bytes(path: Path, data: bytes, durable: bool = True) -> None:
             os.close(fd)
         os.replace(tmp, path)
     except BaseException:
-        _remove_if_present(tmp)
+        Path(tmp).unlink(missing_ok=True)
         raise
 
 
@@ -180,7 +173,7 @@ def write_parquet_atomic(frame: pd.DataFrame | pa.Table, path: Path) -> None:
             os.fsync(handle.fileno())
         os.replace(tmp, path)
     except BaseException:
-        _remove_if_present(tmp)
+        Path(tmp).unlink(missing_ok=True)
         raise
 
 
