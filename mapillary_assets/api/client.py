@@ -257,7 +257,8 @@ class MapillaryClient:
                 "MapillaryClient is not open: use `async with MapillaryClient(settings) as client:`"
             )
         limiter = self.limiters.get(family)
-        description = self._describe(url, family)
+        # Built only when a log line or an error needs it: most requests succeed with DEBUG off.
+        description: str | None = None
         headers = {}
         if send_auth and family != "tiles":
             headers["Authorization"] = f"OAuth {self.settings.token.reveal()}"
@@ -276,22 +277,27 @@ class MapillaryClient:
                     break
                 await limiter.acquire()
             if family == "tiles":
-                await self._count_against_daily_quota(limiter, description)
+                await self._count_against_daily_quota(limiter, url)
             self.request_counts[family] += 1
             started = time.monotonic()
             try:
-                status, body, response_headers, error = await self._send(url, headers, description)
+                status, body, response_headers, error = await self._send(url, headers)
             finally:
                 if family == "tiles":
                     self._sent_tile_requests -= 1
+            debug = logger.isEnabledFor(logging.DEBUG)
+            if debug and description is None:
+                description = self._describe(url, family)
             elapsed_ms = (time.monotonic() - started) * 1000
             if error is None:
-                logger.debug(
-                    "%s -> %d (%d bytes, %.0f ms)", description, status, len(body), elapsed_ms
-                )
-                usage = app_usage_percent(response_headers)
-                if usage is not None and limiter is not None:
-                    limiter.note_usage(usage)
+                if debug:
+                    logger.debug(
+                        "%s -> %d (%d bytes, %.0f ms)", description, status, len(body), elapsed_ms
+                    )
+                if limiter is not None:  # the CDN has no limiter, so its headers need no parsing
+                    usage = app_usage_percent(response_headers)
+                    if usage is not None:
+                        limiter.note_usage(usage)
                 if 200 <= status < 300 or status in empty_statuses:
                     if parse_json:
                         error = self._json_error(status, body, response_headers)
@@ -299,7 +305,7 @@ class MapillaryClient:
                         return status, body
                 else:
                     error = classify_error(status, body, response_headers)
-            else:
+            elif debug:
                 logger.debug("%s -> %s (%.0f ms)", description, error.message, elapsed_ms)
             if not error.transient:
                 break
@@ -326,6 +332,7 @@ class MapillaryClient:
                 if error.retry_after is not None:
                     wait = max(wait, min(error.retry_after, self.settings.backoff_max_s))
             self.retry_counts[family] += 1
+            description = description or self._describe(url, family)
             logger.info(
                 "%s failed (%s); retry %d/%d in %.2f s",
                 description,
@@ -337,14 +344,13 @@ class MapillaryClient:
             if wait > 0:
                 await asyncio.sleep(wait)
         assert error is not None
+        description = description or self._describe(url, family)
         suffix = (
             f"; gave up after {attempt + 1} attempts" if error.transient and attempt > 0 else ""
         )
         raise error.with_context(description + suffix)
 
-    async def _count_against_daily_quota(
-        self, limiter: SharedRateLimiter, description: str
-    ) -> None:
+    async def _count_against_daily_quota(self, limiter: SharedRateLimiter, url: str) -> None:
         """Count the tile request about to be sent against the day's quota, or raise DailyQuotaSpent
         once the tile requests already sent are answered (their callers cache them: none is lost)."""
         resume_at = limiter.take_daily()
@@ -354,7 +360,7 @@ class MapillaryClient:
         while self._sent_tile_requests > 0:
             await asyncio.sleep(0.01)
         raise DailyQuotaSpent.for_quota(self.settings.tiles_per_day, resume_at).with_context(
-            description
+            self._describe(url, "tiles")
         )
 
     def _json_error(
@@ -373,7 +379,7 @@ class MapillaryClient:
         return None
 
     async def _send(
-        self, url: URL, headers: Mapping[str, str], description: str
+        self, url: URL, headers: Mapping[str, str]
     ) -> tuple[int, bytes, Mapping[str, str], MapillaryError | None]:
         """One HTTP attempt. Never raises aiohttp's exceptions: their text may hold the token."""
         assert self._session is not None

@@ -243,8 +243,8 @@ class _ThumbnailDownloader:
 
     def create_shard_folders(self, image_ids: list[str]) -> None:
         """Each shard folder once per run, so no write pays for a failed open and a mkdir."""
-        for folder in {self.layout.thumbnail_path(i, self.size).parent for i in image_ids}:
-            folder.mkdir(parents=True, exist_ok=True)
+        for folder in {self.relative(i).rpartition("/")[0] for i in image_ids}:
+            (self.layout.root / folder).mkdir(parents=True, exist_ok=True)
 
     async def downloader(self, reusable: Iterator[tuple[str, str]], queue: asyncio.Queue) -> None:
         # URLs from the metadata request first: no lookup, no queue hop (a shared iterator)
