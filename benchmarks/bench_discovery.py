@@ -26,7 +26,7 @@ import shapely
 from shapely.geometry import box
 
 from benchmarks.harness import Figure, Stopwatch
-from mapillary_assets.api import ClientSettings, MapillaryClient, Secret, decode_image_layer
+from mapillary_assets.api import ClientConfig, MapillaryClient, Secret, decode_image_layer
 from mapillary_assets.emulator import EmulatorServer, Faults, World
 from mapillary_assets.pipeline.aoi import load_aoi, partition_tiles
 from mapillary_assets.pipeline.discovery.search import discover_by_bbox_search
@@ -39,7 +39,7 @@ NAME = "discovery"
 def _client(server: EmulatorServer, store: Path) -> MapillaryClient:
     # Limits far above what the emulator serves here: the benchmark measures requests, not pacing.
     return MapillaryClient(
-        ClientSettings(
+        ClientConfig(
             token=Secret(server.token),
             graph_url=server.graph_url,
             tiles_url=server.tiles_url,

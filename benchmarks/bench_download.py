@@ -35,7 +35,7 @@ from pathlib import Path
 import aiohttp
 
 from benchmarks.harness import Figure, Stopwatch
-from mapillary_assets.api import ClientSettings, MapillaryClient, Secret
+from mapillary_assets.api import ClientConfig, MapillaryClient, Secret
 from mapillary_assets.pipeline import download, jpeg_verification
 from mapillary_assets.pipeline.download import RESOLVE_BATCH_SIZE, download_thumbnails
 from mapillary_assets.storage import DataLayout, atomic_write_bytes
@@ -70,7 +70,7 @@ def world_ids(count: int) -> list[str]:
 
 def _client(base_url: str) -> MapillaryClient:
     return MapillaryClient(
-        ClientSettings(
+        ClientConfig(
             token=Secret(TOKEN),
             graph_url=base_url + "/graph",
             tiles_url=base_url + "/tiles",

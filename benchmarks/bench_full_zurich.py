@@ -246,12 +246,12 @@ def cross_chunk_overlap_s(
 
 def price_1024(layout, emulator: Emulator, image_ids: list[str]) -> dict[str, float]:
     """Download + blur the same sample at 256 and 1024 px into a scratch layout: seconds per image each."""
-    from mapillary_assets.api import ClientSettings, MapillaryClient, Secret
+    from mapillary_assets.api import ClientConfig, MapillaryClient, Secret
     from mapillary_assets.pipeline.blur import analysis_box, score_images
     from mapillary_assets.pipeline.download import download_thumbnails
     from mapillary_assets.storage import DataLayout
 
-    settings = ClientSettings(
+    settings = ClientConfig(
         token=Secret(TOKEN),
         graph_url=emulator.graph_url,
         tiles_url=emulator.tiles_url,

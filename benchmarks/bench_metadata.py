@@ -25,7 +25,7 @@ import aiohttp
 import numpy as np
 
 from benchmarks.harness import Figure, Stopwatch
-from mapillary_assets.api import ClientSettings, MapillaryClient, Secret
+from mapillary_assets.api import ClientConfig, MapillaryClient, Secret
 from mapillary_assets.emulator import EmulatorServer, Faults, World
 from mapillary_assets.pipeline.chunks import DEFAULT_CHUNK_SIZE
 from mapillary_assets.pipeline.metadata import BATCH_SIZE, fetch_metadata
@@ -49,7 +49,7 @@ def _peak_rss_mb() -> float:
 
 
 async def _pipeline(server: EmulatorServer, ids: list[str], per_minute: int, store: Path) -> dict:
-    settings = ClientSettings(
+    settings = ClientConfig(
         token=Secret(server.token),
         graph_url=server.graph_url,
         tiles_url=server.tiles_url,
@@ -69,7 +69,7 @@ async def _pipeline(server: EmulatorServer, ids: list[str], per_minute: int, sto
 async def _paced_per_id(
     server: EmulatorServer, ids: list[str], per_minute: int, store: Path
 ) -> int:
-    settings = ClientSettings(
+    settings = ClientConfig(
         token=Secret(server.token),
         graph_url=server.graph_url,
         tiles_url=server.tiles_url,

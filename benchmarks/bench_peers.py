@@ -42,7 +42,7 @@ import mercantile
 from shapely.geometry import box, mapping
 
 from benchmarks.harness import Figure, Stopwatch
-from mapillary_assets.api import ClientSettings, MapillaryClient, Secret
+from mapillary_assets.api import ClientConfig, MapillaryClient, Secret
 from mapillary_assets.api.entity_decoders import DEFAULT_IMAGE_FIELDS
 from mapillary_assets.emulator import EmulatorServer, Faults, World, thumbnails
 from mapillary_assets.pipeline.aoi import load_aoi, partition_tiles
@@ -85,7 +85,7 @@ def _faults() -> Faults:
 
 def _client(server: EmulatorServer, store: Path) -> MapillaryClient:
     return MapillaryClient(
-        ClientSettings(
+        ClientConfig(
             token=Secret(server.token),
             graph_url=server.graph_url,
             tiles_url=server.tiles_url,

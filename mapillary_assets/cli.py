@@ -181,7 +181,7 @@ def plan_command(args: argparse.Namespace) -> int:
     import asyncio
 
     from mapillary_assets.api.client import MapillaryClient
-    from mapillary_assets.api.settings import ClientSettings
+    from mapillary_assets.api.client_config import ClientConfig
     from mapillary_assets.defs.area import choose_partition_zoom, partition_zoom
     from mapillary_assets.pipeline.aoi import load_aoi
     from mapillary_assets.pipeline.plan import plan_area
@@ -196,7 +196,7 @@ def plan_command(args: argparse.Namespace) -> int:
     tileset = os.environ.get("MAPILLARY_TILESET") or "mly1_public"
 
     async def planned():
-        settings = ClientSettings.from_env()
+        settings = ClientConfig.from_env()
         async with MapillaryClient(settings) as client:
             return await plan_area(
                 client,

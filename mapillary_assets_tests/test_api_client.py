@@ -14,7 +14,7 @@ from aiohttp.test_utils import TestServer
 from mapillary_assets.api import (
     DEFAULT_IMAGE_FIELDS,
     AuthError,
-    ClientSettings,
+    ClientConfig,
     MapillaryClient,
     MapillaryError,
     PermanentError,
@@ -67,7 +67,7 @@ def dense_tile(server):
     return max(tiles, key=lambda t: len(server.world.images_in_z14_tile(*t)))
 
 
-def settings_for(server, **overrides) -> ClientSettings:
+def settings_for(server, **overrides) -> ClientConfig:
     values = {
         "token": Secret(server.token),
         "graph_url": server.graph_url,
@@ -75,7 +75,7 @@ def settings_for(server, **overrides) -> ClientSettings:
         **FAST,
     }
     values.update(overrides)
-    return ClientSettings(**values)
+    return ClientConfig(**values)
 
 
 def run(coro):
@@ -370,12 +370,12 @@ def test_settings_from_env(monkeypatch, tmp_path):
     monkeypatch.delenv("MAPILLARY_ACCESS_TOKEN", raising=False)
     monkeypatch.delenv("MAPILLARY_RATE_LIMIT_STORE", raising=False)
     with pytest.raises(ValueError, match="MAPILLARY_ACCESS_TOKEN is not set"):
-        ClientSettings.from_env()
+        ClientConfig.from_env()
     monkeypatch.setenv("MAPILLARY_ACCESS_TOKEN", "MLY|abc")
     monkeypatch.setenv("MAPILLARY_GRAPH_URL", "http://127.0.0.1:9/graph/")
     monkeypatch.setenv("MAPILLARY_TILES_URL", "http://127.0.0.1:9/tiles//")
     monkeypatch.setenv("MAPILLARY_RATE_LIMIT_STORE", str(tmp_path / "rl.sqlite"))
-    settings = ClientSettings.from_env(max_retries=2)
+    settings = ClientConfig.from_env(max_retries=2)
     assert settings.token.reveal() == "MLY|abc"
     assert (
         settings.graph_url == "http://127.0.0.1:9/graph"
@@ -383,9 +383,9 @@ def test_settings_from_env(monkeypatch, tmp_path):
     )
     assert settings.rate_limit_store == tmp_path / "rl.sqlite" and settings.max_retries == 2
     assert "MLY|abc" not in repr(settings) and "***" in repr(settings)
-    assert ClientSettings.from_env(token="MLY|other").token.reveal() == "MLY|other"
+    assert ClientConfig.from_env(token="MLY|other").token.reveal() == "MLY|other"
     with pytest.raises(ValueError, match="MAPILLARY_ACCESS_TOKEN is not set"):
-        MapillaryClient(ClientSettings(token=Secret("")))
+        MapillaryClient(ClientConfig(token=Secret("")))
 
 
 def test_secret_never_prints():
@@ -448,7 +448,7 @@ def test_token_never_leaks(server, dense_tile, caplog):
         flaky = await _flaky_app(seen_cdn)
         base = str(flaky.make_url("")).rstrip("/")
         try:
-            settings = ClientSettings(
+            settings = ClientConfig(
                 token=Secret(CANARY),
                 graph_url=base + "/graph",
                 tiles_url=base + "/tiles",
@@ -466,7 +466,7 @@ def test_token_never_leaks(server, dense_tile, caplog):
                     == b"\xff\xd8\xff\xd9"
                 )
                 texts = [repr(client), repr(settings), str(settings.token)]
-            dead = ClientSettings(
+            dead = ClientConfig(
                 token=Secret(CANARY),
                 graph_url="http://127.0.0.1:9/graph",
                 tiles_url="http://127.0.0.1:9/tiles",

@@ -299,7 +299,7 @@ def emulator_thumbnails(tmp_path_factory):
     from shapely.geometry import box
 
     from mapillary_assets.api.client import MapillaryClient
-    from mapillary_assets.api.settings import ClientSettings
+    from mapillary_assets.api.client_config import ClientConfig
     from mapillary_assets.emulator import EmulatorServer, World
     from mapillary_assets.pipeline.download import download_thumbnails
     from mapillary_assets.storage import DataLayout
@@ -314,7 +314,7 @@ def emulator_thumbnails(tmp_path_factory):
     layout = DataLayout(tmp_path_factory.mktemp("blur-emulator"))
 
     async def fetch(server):
-        settings = ClientSettings(
+        settings = ClientConfig(
             token=EMULATOR_TOKEN, graph_url=server.graph_url, tiles_url=server.tiles_url
         )
         async with MapillaryClient(settings) as client:

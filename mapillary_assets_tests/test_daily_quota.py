@@ -13,7 +13,7 @@ import pandas as pd
 import pytest
 import requests
 
-from mapillary_assets.api import ClientSettings, DailyQuotaSpent, MapillaryClient, Secret
+from mapillary_assets.api import ClientConfig, DailyQuotaSpent, MapillaryClient, Secret
 from mapillary_assets.api.ratelimit import SharedRateLimiter
 from mapillary_assets.defs.assets.discovery import _daily_quota_failure
 from mapillary_assets.defs.resources import ConfigError, MapillaryApiResource
@@ -31,7 +31,7 @@ def wait_for_a_fresh_day(day_seconds: float, at_least: float) -> None:
 
 def client_for(server: EmulatorServer, tmp_path, **overrides) -> MapillaryClient:
     return MapillaryClient(
-        ClientSettings(
+        ClientConfig(
             token=Secret(server.token),
             graph_url=server.graph_url,
             tiles_url=server.tiles_url,
@@ -70,10 +70,10 @@ def test_quota_spent_is_transient_says_when_it_resumes_and_pickles():
 
 def test_settings_and_resource_read_the_quota_from_the_environment(monkeypatch):
     monkeypatch.setenv("MAPILLARY_ACCESS_TOKEN", "MLY|x")
-    assert ClientSettings.from_env().tiles_per_day == 50_000
+    assert ClientConfig.from_env().tiles_per_day == 50_000
     monkeypatch.setenv("MAPILLARY_TILES_PER_DAY", "10000")
     monkeypatch.setenv("MAPILLARY_QUOTA_DAY_SECONDS", "30")
-    settings = ClientSettings.from_env()
+    settings = ClientConfig.from_env()
     assert (settings.tiles_per_day, settings.quota_day_seconds) == (10_000, 30.0)
     resource = MapillaryApiResource.from_env(default_rate_limit_store="/tmp/x.sqlite")
     assert (resource.tiles_per_day, resource.quota_day_seconds) == (10_000, 30.0)

@@ -11,7 +11,7 @@ import pytest
 import shapely
 from shapely.geometry import box
 
-from mapillary_assets.api import ClientSettings, MapillaryClient, RequestTooLargeError, Secret
+from mapillary_assets.api import ClientConfig, MapillaryClient, RequestTooLargeError, Secret
 from mapillary_assets.emulator import EmulatorServer, World
 from mapillary_assets.pipeline.aoi import load_aoi
 from mapillary_assets.pipeline.discovery.results import DISCOVERY_COLUMNS
@@ -263,7 +263,7 @@ def test_bbox_search_splits_on_request_too_large(world):
 
 def emulator_client(server: EmulatorServer, tmp_path, **overrides) -> MapillaryClient:
     return MapillaryClient(
-        ClientSettings(
+        ClientConfig(
             token=Secret(server.token),
             graph_url=server.graph_url,
             tiles_url=server.tiles_url,

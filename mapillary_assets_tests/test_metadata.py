@@ -9,7 +9,7 @@ import pandas as pd
 import pyarrow.parquet as pq
 import pytest
 
-from mapillary_assets.api import ClientSettings, MapillaryClient, Secret
+from mapillary_assets.api import ClientConfig, MapillaryClient, Secret
 from mapillary_assets.api.entity_decoders import IMAGE_COLUMNS
 from mapillary_assets.api.errors import AuthError, PermanentError, TransientError
 from mapillary_assets.emulator import EmulatorServer, World
@@ -238,7 +238,7 @@ def test_sequence_image_ids():
 
 def emulator_client(server: EmulatorServer, tmp_path, **overrides) -> MapillaryClient:
     return MapillaryClient(
-        ClientSettings(
+        ClientConfig(
             token=Secret(server.token),
             graph_url=server.graph_url,
             tiles_url=server.tiles_url,
@@ -318,7 +318,7 @@ def test_emulator_rejected_token_is_fatal(tmp_path, world, records):
 
         async def attempt():
             async with MapillaryClient(
-                ClientSettings(
+                ClientConfig(
                     token=Secret("MLY|wrong"),
                     graph_url=server.graph_url,
                     tiles_url=server.tiles_url,

@@ -8,7 +8,7 @@ import asyncio
 import pytest
 from shapely.geometry import box
 
-from mapillary_assets.api import ClientSettings
+from mapillary_assets.api import ClientConfig
 from mapillary_assets.emulator import World
 from mapillary_assets.pipeline.aoi import load_aoi, partition_tiles
 from mapillary_assets.pipeline.discovery.tiles import discover_partition
@@ -58,9 +58,7 @@ def test_plan_is_within_5_percent_of_tile_requests_and_25_percent_of_images(
     requests, images = discover_all(world, aoi, zoom, DataLayout(tmp_path / "actual"))
     assert abs(plan.tile_requests - requests) <= 0.05 * requests
     assert abs(plan.estimated_images - images) <= 0.25 * images
-    assert (
-        plan.tiles_per_day == ClientSettings.tiles_per_day
-    )  # the client's quota, 50,000 by default
+    assert plan.tiles_per_day == ClientConfig.tiles_per_day  # the client's quota, 50,000 by default
     assert sum(plan.estimated_images_by_partition.values()) == pytest.approx(
         plan.estimated_images, abs=len(plan.estimated_images_by_partition)
     )

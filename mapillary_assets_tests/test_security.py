@@ -27,7 +27,7 @@ import pytest
 from dagster import serialize_value
 
 from mapillary_assets import cli
-from mapillary_assets.api import ClientSettings, MapillaryClient
+from mapillary_assets.api import ClientConfig, MapillaryClient
 from mapillary_assets.api.errors import AuthError, MapillaryError
 from mapillary_assets.definitions import build_definitions
 from mapillary_assets.defs.partitions import tile_partitions
@@ -279,7 +279,7 @@ def _client_exceptions(server: EmulatorServer, rejecting: EmulatorServer) -> lis
     route (token in the query string) and on the Graph API, and an outage that outlasts the retries."""
 
     async def failure(target: EmulatorServer, call) -> str:
-        settings = ClientSettings(
+        settings = ClientConfig(
             token=TEST_TOKEN,
             graph_url=target.graph_url,
             tiles_url=target.tiles_url,

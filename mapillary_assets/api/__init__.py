@@ -1,6 +1,7 @@
 """Dagster-free client for the Mapillary API v4 (real API or the emulator: only URLs and token differ)."""
 
 from mapillary_assets.api.client import MapillaryClient
+from mapillary_assets.api.client_config import ClientConfig, Secret
 from mapillary_assets.api.entity_decoders import (
     DEFAULT_IMAGE_FIELDS,
     IMAGE_COLUMNS,
@@ -20,7 +21,6 @@ from mapillary_assets.api.errors import (
     classify_error,
 )
 from mapillary_assets.api.ratelimit import SharedRateLimiter
-from mapillary_assets.api.settings import ClientSettings, Secret
 from mapillary_assets.api.tile_decoders import (
     TileDecodeError,
     TilePoint,
@@ -33,7 +33,7 @@ __all__ = [
     "IMAGE_COLUMNS",
     "IMAGE_SCHEMA",
     "AuthError",
-    "ClientSettings",
+    "ClientConfig",
     "DailyQuotaSpent",
     "MapillaryClient",
     "MapillaryError",

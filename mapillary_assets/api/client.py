@@ -2,7 +2,7 @@
 
 The same code talks to the real API and to the emulator: only the base URLs and the token differ.
 The access token never leaves this module except inside the HTTP request itself: it is wrapped
-in `Secret` (api/settings.py), URLs are redacted before they reach a log line or an exception, and aiohttp's own
+in `Secret` (api/client_config.py), URLs are redacted before they reach a log line or an exception, and aiohttp's own
 exceptions (whose text can include the request URL, with the token for tile requests) are
 replaced by MapillaryErrors raised outside any `except` block, so no traceback chains to them.
 """
@@ -23,6 +23,7 @@ from urllib.parse import quote, quote_plus
 import aiohttp
 from yarl import URL
 
+from mapillary_assets.api.client_config import REDACTED, TOKEN_MISSING_MESSAGE, ClientConfig
 from mapillary_assets.api.coercion import app_usage_percent, query_value
 from mapillary_assets.api.errors import (
     DailyQuotaSpent,
@@ -33,7 +34,6 @@ from mapillary_assets.api.errors import (
     classify_error,
 )
 from mapillary_assets.api.ratelimit import SharedRateLimiter
-from mapillary_assets.api.settings import REDACTED, TOKEN_MISSING_MESSAGE, ClientSettings
 
 __all__ = ["MapillaryClient", "MAX_IDS_PER_REQUEST", "MAX_SEARCH_LIMIT"]
 
@@ -70,7 +70,7 @@ class MapillaryClient:
     is spent, DailyQuotaSpent (transient, with `resume_at`) is raised instead of sending.
     """
 
-    def __init__(self, settings: ClientSettings) -> None:
+    def __init__(self, settings: ClientConfig) -> None:
         if not settings.token.reveal().strip():
             raise ValueError(TOKEN_MISSING_MESSAGE)
         self.settings = settings

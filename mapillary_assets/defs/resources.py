@@ -9,7 +9,7 @@ from pathlib import Path
 
 import dagster as dg
 
-from mapillary_assets.api import ClientSettings, MapillaryClient, Secret
+from mapillary_assets.api import ClientConfig, MapillaryClient, Secret
 from mapillary_assets.api.ratelimit import redis_url_from_env
 from mapillary_assets.pipeline.geopackage import DEFAULT_GPKG_VERSION, GPKG_VERSIONS
 from mapillary_assets.storage import DataLayout
@@ -46,8 +46,8 @@ class MapillaryApiResource(dg.ConfigurableResource):
     rate_limit_backend: str = "sqlite"
     redis_url: str = ""
 
-    def client_settings(self) -> ClientSettings:
-        return ClientSettings(
+    def client_settings(self) -> ClientConfig:
+        return ClientConfig(
             token=Secret(self.access_token),
             graph_url=self.graph_url,
             tiles_url=self.tiles_url,

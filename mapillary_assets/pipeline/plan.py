@@ -29,7 +29,7 @@ from pathlib import Path
 
 import numpy as np
 
-from mapillary_assets.api.settings import ClientSettings
+from mapillary_assets.api.client_config import ClientConfig
 from mapillary_assets.pipeline.aoi import AreaOfInterest, partition_tiles, tile_key
 from mapillary_assets.pipeline.concurrency import run_all
 from mapillary_assets.pipeline.discovery.results import DEFAULT_TILESET, DiscoveryStats
@@ -142,8 +142,8 @@ async def plan_area(
     cache_max_age_s: float = DEFAULT_CACHE_MAX_AGE_S,
     concurrency: int = 16,
     blur_images_per_s: float | None = None,
-    tiles_per_day: int = ClientSettings.tiles_per_day,
-    entity_per_minute: int = ClientSettings.entity_per_minute,
+    tiles_per_day: int = ClientConfig.tiles_per_day,
+    entity_per_minute: int = ClientConfig.entity_per_minute,
 ) -> AreaPlan:
     """The plan of `aoi` partitioned at `partition_zoom`, from coverage tiles only, priced at the
     daily tile quota and the entity budget (the client's settings; the documented defaults)."""

@@ -24,9 +24,9 @@ def world_ids(world, count: int) -> list[str]:
 
 def emulator_client(server):
     from mapillary_assets.api.client import MapillaryClient
-    from mapillary_assets.api.settings import ClientSettings
+    from mapillary_assets.api.client_config import ClientConfig
 
-    settings = ClientSettings(
+    settings = ClientConfig(
         token=EMULATOR_TOKEN,
         graph_url=server.graph_url,
         tiles_url=server.tiles_url,

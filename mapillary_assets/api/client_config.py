@@ -1,4 +1,4 @@
-"""Client settings (`ClientSettings`, read from the environment by `from_env`) and `Secret`, the
+"""Client settings (`ClientConfig`, read from the environment by `from_env`) and `Secret`, the
 wrapper that keeps the access token out of every string, log line and repr."""
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ from typing import Any
 
 from mapillary_assets.api.ratelimit import redis_url_from_env
 
-__all__ = ["REDACTED", "TOKEN_MISSING_MESSAGE", "ClientSettings", "Secret"]
+__all__ = ["REDACTED", "TOKEN_MISSING_MESSAGE", "ClientConfig", "Secret"]
 
 TOKEN_MISSING_MESSAGE = (
     "MAPILLARY_ACCESS_TOKEN is not set: create a client token (MLY|...) at "
@@ -47,7 +47,7 @@ class Secret:
 
 
 @dataclasses.dataclass(frozen=True)
-class ClientSettings:
+class ClientConfig:
     token: Secret
     graph_url: str = "https://graph.mapillary.com"
     tiles_url: str = "https://tiles.mapillary.com"
@@ -83,10 +83,10 @@ class ClientSettings:
             "max_connections",
         ):
             if getattr(self, name) < 1:
-                raise ValueError(f"ClientSettings.{name} must be >= 1, got {getattr(self, name)}")
+                raise ValueError(f"ClientConfig.{name} must be >= 1, got {getattr(self, name)}")
         if not self.quota_day_seconds > 0:
             raise ValueError(
-                f"ClientSettings.quota_day_seconds must be > 0, got {self.quota_day_seconds}"
+                f"ClientConfig.quota_day_seconds must be > 0, got {self.quota_day_seconds}"
             )
         if (
             self.max_retries < 0
@@ -95,11 +95,11 @@ class ClientSettings:
             or self.backoff_max_s < 0
         ):
             raise ValueError(
-                "ClientSettings: max_retries, backoff_*_s must be >= 0 and timeout_s > 0"
+                "ClientConfig: max_retries, backoff_*_s must be >= 0 and timeout_s > 0"
             )
 
     @classmethod
-    def from_env(cls, **overrides: Any) -> ClientSettings:
+    def from_env(cls, **overrides: Any) -> ClientConfig:
         """Settings from MAPILLARY_ACCESS_TOKEN, MAPILLARY_GRAPH_URL, MAPILLARY_TILES_URL,
         MAPILLARY_RATE_LIMIT_STORE, MAPILLARY_TILES_PER_DAY and MAPILLARY_QUOTA_DAY_SECONDS; keyword
         overrides win over the environment."""
