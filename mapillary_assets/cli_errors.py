@@ -79,7 +79,7 @@ def reason_of_failed_run(instance, failure: PipelineFailed, debug: bool = False)
 
     from mapillary_assets.runners.failures import error_chains
 
-    user_errors = {error_type.__name__ for error_type in user_error_types()}
+    user_errors = {name for error_type in user_error_types() for name in _class_names(error_type)}
     runs = instance.get_runs(filters=dg.RunsFilter(statuses=[dg.DagsterRunStatus.FAILURE]), limit=1)
     innermost = []
     for chain in error_chains(instance, runs[0].run_id) if runs else []:
@@ -91,3 +91,11 @@ def reason_of_failed_run(instance, failure: PipelineFailed, debug: bool = False)
                 return f"{text}\n  ({failure})"
             innermost.append(error.message.strip())
     return f"{failure}" + (f": {innermost[-1]}" if innermost else "")
+
+
+def _class_names(error_type: type) -> set[str]:
+    """The names of a class and its subclasses: a run's event log keeps only an error's class name."""
+    names = {error_type.__name__}
+    for subclass in error_type.__subclasses__():
+        names |= _class_names(subclass)
+    return names

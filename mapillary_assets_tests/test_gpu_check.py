@@ -93,7 +93,15 @@ def test_merge_replaces_the_checks_rows_in_results_and_keeps_the_others(tmp_path
 
     after = json.loads(results.with_suffix(".json").read_text())["figures"]
     assert [f for f in after if f["benchmark"] == gpu_check.BENCHMARK] == [
-        {**figure, "baseline": None, "baseline_name": None, "goal": None, "met": None, "extra": {}}
+        {
+            **figure,
+            "baseline": None,
+            "baseline_name": None,
+            "goal": None,
+            "met": None,
+            "extra": {},
+            "reference": False,
+        }
     ]
     others = [f for f in before if f["benchmark"] != gpu_check.BENCHMARK]
     assert len(after) == len(others) + 1

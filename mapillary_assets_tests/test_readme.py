@@ -23,6 +23,11 @@ EXERCISED_BY = {
     ".venv/bin/python -m benchmarks.run": "test_benchmark_harness_runs_a_benchmark",
     "export MAPILLARY_": "test_definitions.py / resources_from_env (environment configuration)",
     "DAGSTER_HOME=$PWD .venv/bin/dagster dev": "test_ui.py (dagster dev -m mapillary_assets.definitions)",
+    ".venv/bin/mapillary-assets run": "test_run_against_the_api_until_thumbnails",
+    ".venv/bin/ruff": "test_the_test_script_lints_formats_and_loads_the_definitions",
+    "VIRTUAL_ENV=$PWD/.venv .venv/bin/dg check defs": (
+        "test_the_test_script_lints_formats_and_loads_the_definitions"
+    ),
     "scripts/stack.sh": "test_scaleout.py (the stack module the script runs: start, the pipeline, stop; "
     "`status` through the script itself)",
 }
@@ -65,6 +70,13 @@ def test_every_place_named_in_exercised_by_exists():
                 assert (tests / place).exists(), (command, place)
             else:
                 assert place in defined, f"{command!r}: no test function {place}"
+
+
+def test_the_test_script_lints_formats_and_loads_the_definitions():
+    script = (ROOT / "scripts" / "test.sh").read_text()
+    for step in ("ruff check", "ruff format --check", "dg check defs"):
+        assert f".venv/bin/{step}" in script, step
+    assert script.index("dg check defs") < script.index("-m pytest"), "the checks come first"
 
 
 def test_scripts_exist_and_are_executable():

@@ -28,7 +28,7 @@ from mapillary_assets_tests.support.emulated_runs import pipeline_run, read_imag
 from mapillary_assets_tests.support.world import TEST_SCALE, TEST_TOKEN
 
 REPO = Path(__file__).resolve().parents[1]
-ENTITY_BUDGET = 20  # per minute; the pipeline sends ~24 entity requests, so the budget binds
+ENTITY_BUDGET = 8  # per minute; the pipeline sends ~12 entity requests, so the budget binds
 
 
 def _services_missing() -> str | None:

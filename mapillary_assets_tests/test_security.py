@@ -109,12 +109,15 @@ def _parquet_leaks(path: Path) -> list[str]:
     return [
         f"column {name}"
         for name in table.column_names
-        if any(
-            _value_leaks(v)
-            for v in table[name].cast("string", safe=False).to_pylist()
-            if v is not None
-        )
+        if any(_value_leaks(v) for v in _as_text_or_bytes(table[name]) if v is not None)
     ]
+
+
+def _as_text_or_bytes(column) -> list:
+    """A column's values as str, or as bytes where they are binary (GeoParquet's WKB geometry)."""
+    if pa.types.is_binary(column.type) or pa.types.is_large_binary(column.type):
+        return column.to_pylist()
+    return column.cast("string", safe=False).to_pylist()
 
 
 def _duckdb_leaks(path: Path) -> list[str]:

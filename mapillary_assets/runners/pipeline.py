@@ -71,7 +71,9 @@ def run_pipeline(
         if defs is None:  # built now, from the environment the caller just set
             defs = build_definitions()
         runner = LocalRunner(instance, defs, log=log)
-    if defs is not None:  # before any run: the runs would fail on another data dir's chunk keys
+    if isinstance(
+        defs, dg.Definitions
+    ):  # before any run, which would read another dir's chunk keys
         bind_instance_to_data_dir(instance, defs.resources["storage"].layout.root)
     runs: dict[str, list[str]] = {}
     stage_seconds: dict[str, float] = {}
