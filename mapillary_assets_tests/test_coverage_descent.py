@@ -21,7 +21,7 @@ from mapillary_assets.pipeline.discovery.tiles import (
     covered_z14_tiles,
 )
 from mapillary_assets.storage import DataLayout
-from mapillary_assets_tests.support.tile_clients import TileClient
+from mapillary_assets_tests.support.clients import TileClient
 
 ZURICH = (8.540, 47.378)
 

@@ -13,7 +13,7 @@ import pandas as pd
 import pytest
 import requests
 
-from mapillary_assets.api import ClientConfig, DailyQuotaSpent, MapillaryClient, Secret
+from mapillary_assets.api import ClientConfig, DailyQuotaSpent
 from mapillary_assets.api.ratelimit import SharedRateLimiter
 from mapillary_assets.defs.assets.discovery import _daily_quota_failure
 from mapillary_assets.defs.resources import ConfigError, MapillaryApiResource
@@ -21,25 +21,13 @@ from mapillary_assets.emulator import EmulatorServer, World
 from mapillary_assets.pipeline.aoi import load_aoi, partition_tiles
 from mapillary_assets.pipeline.discovery.tiles import discover_partition
 from mapillary_assets.storage import DataLayout
+from mapillary_assets_tests.support.clients import emulator_client
 
 
 def wait_for_a_fresh_day(day_seconds: float, at_least: float) -> None:
     """Sleep into a quota day with at least `at_least` seconds left."""
     while day_seconds - time.time() % day_seconds < at_least:
         time.sleep(0.05)
-
-
-def client_for(server: EmulatorServer, tmp_path, **overrides) -> MapillaryClient:
-    return MapillaryClient(
-        ClientConfig(
-            token=Secret(server.token),
-            graph_url=server.graph_url,
-            tiles_url=server.tiles_url,
-            rate_limit_store=tmp_path / "rate_limits.sqlite",
-            backoff_base_s=0.01,
-            **overrides,
-        )
-    )
 
 
 def test_the_sqlite_store_shares_the_days_count_and_a_new_day_starts_afresh(tmp_path):
@@ -102,7 +90,9 @@ def test_the_client_stops_at_its_quota_before_the_emulator_refuses(tmp_path):
         server.set_faults(tiles_per_day=5, day_seconds=600.0)
 
         async def fetch_many():
-            async with client_for(server, tmp_path, tiles_per_day=5, quota_day_seconds=600.0) as c:
+            async with emulator_client(
+                server, tmp_path, tiles_per_day=5, quota_day_seconds=600.0
+            ) as c:
                 await asyncio.gather(*(c.get_tile(14, 8580 + i, 5737) for i in range(8)))
 
         with pytest.raises(DailyQuotaSpent, match="daily tile quota is spent"):
@@ -117,7 +107,7 @@ def discover_all(server, tmp_path, aoi, partitions, layout, **quota):
     frames, days, pending = {}, 0, list(partitions)
 
     async def one_day(keys):
-        async with client_for(server, tmp_path, **quota) as client:
+        async with emulator_client(server, tmp_path, **quota) as client:
             for partition in keys:
                 frames[partition], _ = await discover_partition(client, aoi, partition, layout)
 

@@ -11,7 +11,7 @@ import pytest
 import shapely
 from shapely.geometry import box
 
-from mapillary_assets.api import ClientConfig, MapillaryClient, RequestTooLargeError, Secret
+from mapillary_assets.api import RequestTooLargeError
 from mapillary_assets.emulator import EmulatorServer, World
 from mapillary_assets.pipeline.aoi import load_aoi
 from mapillary_assets.pipeline.discovery.results import DISCOVERY_COLUMNS
@@ -19,7 +19,7 @@ from mapillary_assets.pipeline.discovery.search import SEARCH_LIMIT, discover_by
 from mapillary_assets.pipeline.discovery.sequences import discover_by_sequences
 from mapillary_assets.pipeline.discovery.tiles import discover_partition, touched_z14_tiles
 from mapillary_assets.storage import DataLayout
-from mapillary_assets_tests.support.tile_clients import TileClient
+from mapillary_assets_tests.support.clients import TileClient, emulator_client
 
 CENTRE = mercantile.Tile(2145, 1434, 12)  # Zurich HB; the AOI edge crosses it
 QUANTUM_M = 1.0  # z14 tile points are quantised to ~0.4 m
@@ -259,19 +259,6 @@ def test_bbox_search_splits_on_request_too_large(world):
 
 # ---------------------------------------------------------------------------------------------
 # against the emulator (HTTP, the real client)
-
-
-def emulator_client(server: EmulatorServer, tmp_path, **overrides) -> MapillaryClient:
-    return MapillaryClient(
-        ClientConfig(
-            token=Secret(server.token),
-            graph_url=server.graph_url,
-            tiles_url=server.tiles_url,
-            rate_limit_store=tmp_path / "rate_limits.sqlite",
-            backoff_base_s=0.01,
-            **overrides,
-        )
-    )
 
 
 async def discover_via(server, tmp_path, aoi, partition, layout, **kwargs):

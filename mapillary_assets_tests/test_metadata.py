@@ -25,6 +25,7 @@ from mapillary_assets.pipeline.metadata import (
     merge_with_existing,
 )
 from mapillary_assets.storage import read_parquet, write_parquet_atomic
+from mapillary_assets_tests.support.clients import emulator_client
 
 
 def entity(image_id: str) -> dict:
@@ -234,19 +235,6 @@ def test_sequence_image_ids():
 
 # ---------------------------------------------------------------------------------------------
 # against the emulator (HTTP, the real client)
-
-
-def emulator_client(server: EmulatorServer, tmp_path, **overrides) -> MapillaryClient:
-    return MapillaryClient(
-        ClientConfig(
-            token=Secret(server.token),
-            graph_url=server.graph_url,
-            tiles_url=server.tiles_url,
-            rate_limit_store=tmp_path / "rate_limits.sqlite",
-            backoff_base_s=0.01,
-            **overrides,
-        )
-    )
 
 
 async def fetch_via(server, tmp_path, image_ids, **overrides) -> MetadataResult:

@@ -14,7 +14,7 @@ from mapillary_assets.pipeline.aoi import load_aoi, partition_tiles
 from mapillary_assets.pipeline.discovery.tiles import discover_partition
 from mapillary_assets.pipeline.plan import measured_blur_rate, plan_area
 from mapillary_assets.storage import DataLayout
-from mapillary_assets_tests.support.tile_clients import TileClient
+from mapillary_assets_tests.support.clients import TileClient
 
 AROUND_ZURICH = box(8.35, 47.25, 8.75, 47.5)
 

@@ -94,14 +94,14 @@ def point_in_lake(lon: float, lat: float) -> bool:
     return bool(shapely.contains_xy(_prepared_lake(), lon, lat))
 
 
+def tile_bounds(x: int, y: int) -> tuple[float, float, float, float]:
+    """The z14 tile's (west, south, east, north)."""
+    return float(tile_lon(x)), float(tile_lat(y + 1)), float(tile_lon(x + 1)), float(tile_lat(y))
+
+
 def tile_geometry(x: int, y: int) -> tuple[tuple[float, float, float, float], bool]:
-    """The z14 tile's (west, south, east, north) and whether it touches the lake."""
-    bounds = (
-        float(tile_lon(x)),
-        float(tile_lat(y + 1)),
-        float(tile_lon(x + 1)),
-        float(tile_lat(y)),
-    )
+    """The z14 tile's bounds and whether it touches the lake."""
+    bounds = tile_bounds(x, y)
     return bounds, bool(shapely.intersects(_prepared_lake(), box(*bounds)))
 
 

@@ -27,6 +27,7 @@ from .geography import (
     cell_centres,
     per_thread_prepared,
     tile_area_km2,
+    tile_bounds,
     tile_lat,
     tile_lon,
 )
@@ -219,13 +220,8 @@ def point_in_void(lon: float, lat: float) -> bool:
 
 
 def tile_geometry(x: int, y: int) -> tuple[tuple[float, float, float, float], bool]:
-    """The z14 tile's (west, south, east, north) and whether it touches a lake or a mountain zone."""
-    bounds = (
-        float(tile_lon(x)),
-        float(tile_lat(y + 1)),
-        float(tile_lon(x + 1)),
-        float(tile_lat(y)),
-    )
+    """The z14 tile's bounds and whether it touches a lake or a mountain zone."""
+    bounds = tile_bounds(x, y)
     return bounds, bool(shapely.intersects(_void(), box(*bounds)))
 
 
