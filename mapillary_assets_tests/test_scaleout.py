@@ -308,6 +308,29 @@ def test_runner_follows_a_retry_that_is_still_being_created():
     assert ClusterRunner(instance, poll_s=0, log=lambda *_: None).wait("a") == ("b", True)
 
 
+def test_runner_waits_for_the_retry_decision_of_a_run_that_monitoring_failed():
+    """Run monitoring fails a run whose worker died without the will-retry tag; the retry daemon
+    adds it (and then the retry) on a later tick: the runner must not report the failure first."""
+    from mapillary_assets.runners.cluster import ClusterRunner
+
+    failed = dg.DagsterRunStatus.FAILURE
+    instance = _Runs(
+        [
+            {"a": (failed, {})},  # failed by run monitoring: no decision yet
+            {"a": (failed, {})},
+            {
+                "a": (failed, {"dagster/will_retry": "true", AUTO_RETRY_RUN_ID_TAG: "b"}),
+                "b": (dg.DagsterRunStatus.SUCCESS, {}),
+            },
+        ]
+    )
+    runner = ClusterRunner(instance, poll_s=0, log=lambda *_: None)
+    assert runner.wait("a") == ("b", True)
+    undecided_forever = _Runs([{"a": (failed, {})}])
+    runner = ClusterRunner(undecided_forever, poll_s=0, retry_decision_s=0.2, log=lambda *_: None)
+    assert runner.wait("a") == ("a", False)
+
+
 def test_runner_reports_a_failure_that_will_not_be_retried():
     from mapillary_assets.runners.cluster import ClusterRunner
 

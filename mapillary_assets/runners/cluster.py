@@ -39,12 +39,15 @@ class ClusterRunner:
         dagster_url: str = DEFAULT_DAGSTER_URL,
         poll_s: float = 1.0,
         timeout_s: float = 6 * 3600.0,
+        retry_decision_s: float = 60.0,
         log: Callable[[str], None] = print,
     ) -> None:
         self.instance = instance
         self.dagster_url = dagster_url
         self.poll_s = poll_s
         self.timeout_s = timeout_s
+        self.retry_decision_s = retry_decision_s
+        self._undecided: dict[str, float] = {}
         self.log = log
 
     def run_many(
@@ -105,7 +108,14 @@ class ClusterRunner:
         if retry:
             self.log(f"run {run_id} failed ({run.job_name}); following its retry {retry}")
             return retry
-        return None if run.tags.get(WILL_RETRY_TAG) == "true" else (run_id, False)
+        decided = run.tags.get(WILL_RETRY_TAG)
+        if decided is None:
+            # A run that run monitoring failed (its worker died) carries no decision until the
+            # retry daemon's next tick sets one: wait for it, for at most retry_decision_s.
+            first_seen = self._undecided.setdefault(run_id, time.monotonic())
+            if time.monotonic() - first_seen < self.retry_decision_s:
+                return None
+        return None if decided == "true" else (run_id, False)
 
     def wait(self, run_id: str) -> tuple[str, bool]:
         """(id of the last run of the retry chain, success) once no retry is due any more."""
