@@ -23,6 +23,7 @@ spread of the ratio is visible, not only the medians'.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import multiprocessing
 import os
@@ -30,6 +31,7 @@ import shutil
 import statistics
 import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import aiohttp
@@ -52,6 +54,26 @@ def _serve(port_pipe, stop_event) -> None:
     with EmulatorServer(world=World(seed=SEED, scale=SCALE), token=TOKEN) as server:
         port_pipe.send(server.base_url)
         stop_event.wait()
+
+
+@contextlib.contextmanager
+def emulator_process() -> Iterator[str]:
+    """The benchmark world's emulator in a process of its own (its CPU is not the client's); its
+    base URL while the block runs."""
+    context = multiprocessing.get_context("spawn")
+    receive, send = context.Pipe(duplex=False)
+    stop = context.Event()
+    emulator = context.Process(target=_serve, args=(send, stop), daemon=True)
+    emulator.start()
+    try:
+        if not receive.poll(60):
+            raise RuntimeError("the emulator did not start within 60 s")
+        yield receive.recv()
+    finally:
+        stop.set()
+        emulator.join(10)
+        if emulator.is_alive():
+            emulator.terminate()
 
 
 def world_ids(count: int) -> list[str]:
@@ -221,42 +243,27 @@ def _round_ratios(values: list[float], baselines: list[float]) -> list[float]:
 def run(quick: bool) -> list[Figure]:
     count = 300 if quick else 2000
     ids = world_ids(count)
-    context = multiprocessing.get_context("spawn")
-    receive, send = context.Pipe(duplex=False)
-    stop = context.Event()
-    emulator = context.Process(target=_serve, args=(send, stop), daemon=True)
-    emulator.start()
-    try:
-        if not receive.poll(60):
-            raise RuntimeError("the emulator did not start within 60 s")
-        base_url = receive.recv()
-        with tempfile.TemporaryDirectory(prefix="bench-download-") as tmp:
-            scratch = Path(tmp)
-            asyncio.run(
-                baseline_run(base_url, scratch / "warm-up", ids)
-            )  # emulator renders its pool
-            load_before = os.getloadavg()[0]
-            rates, cpu = interleaved(
-                {
-                    "baseline": baseline_run,
-                    "durable": functools.partial(baseline_run, durable=True),
-                    "ours": pipeline_run,
-                    "decoding": functools.partial(pipeline_run, decode_check=True),
-                },
-                base_url,
-                scratch,
-                ids,
-                2 if quick else REPEATS,
-            )
-            costs = check_costs(ids, scratch)
-            load = (
-                f"load average {load_before:.1f} at the start, {os.getloadavg()[0]:.1f} at the end"
-            )
-    finally:
-        stop.set()
-        emulator.join(10)
-        if emulator.is_alive():
-            emulator.terminate()
+    with (
+        emulator_process() as base_url,
+        tempfile.TemporaryDirectory(prefix="bench-download-") as tmp,
+    ):
+        scratch = Path(tmp)
+        asyncio.run(baseline_run(base_url, scratch / "warm-up", ids))  # emulator renders its pool
+        load_before = os.getloadavg()[0]
+        rates, cpu = interleaved(
+            {
+                "baseline": baseline_run,
+                "durable": functools.partial(baseline_run, durable=True),
+                "ours": pipeline_run,
+                "decoding": functools.partial(pipeline_run, decode_check=True),
+            },
+            base_url,
+            scratch,
+            ids,
+            2 if quick else REPEATS,
+        )
+        costs = check_costs(ids, scratch)
+        load = f"load average {load_before:.1f} at the start, {os.getloadavg()[0]:.1f} at the end"
     baseline, durable, ours, decoding = (
         statistics.median(rates[name]) for name in ("baseline", "durable", "ours", "decoding")
     )

@@ -22,7 +22,6 @@ from __future__ import annotations
 import asyncio
 import cProfile
 import math
-import multiprocessing
 import os
 import pstats
 import shutil
@@ -220,29 +219,16 @@ def blur_ledger(ids: list[str], scratch: Path) -> dict:
 def run(quick: bool) -> list[Figure]:
     count = 300 if quick else 1000
     ids = bench_download.world_ids(count)
-    context = multiprocessing.get_context("spawn")
-    receive, send = context.Pipe(duplex=False)
-    stop = context.Event()
-    emulator = context.Process(target=bench_download._serve, args=(send, stop), daemon=True)
-    emulator.start()
-    try:
-        if not receive.poll(60):
-            raise RuntimeError("the emulator did not start within 60 s")
-        base_url = receive.recv()
-        with tempfile.TemporaryDirectory(prefix="bench-ledger-") as tmp:
-            scratch = Path(tmp)
-            asyncio.run(bench_download.baseline_run(base_url, scratch / "warm-up", ids))
-            load_before = os.getloadavg()[0]
-            download = download_ledger(base_url, scratch, ids)
-            blurring = blur_ledger(ids, scratch)
-            load = (
-                f"load average {load_before:.1f} at the start, {os.getloadavg()[0]:.1f} at the end"
-            )
-    finally:
-        stop.set()
-        emulator.join(10)
-        if emulator.is_alive():
-            emulator.terminate()
+    with (
+        bench_download.emulator_process() as base_url,
+        tempfile.TemporaryDirectory(prefix="bench-ledger-") as tmp,
+    ):
+        scratch = Path(tmp)
+        asyncio.run(bench_download.baseline_run(base_url, scratch / "warm-up", ids))
+        load_before = os.getloadavg()[0]
+        download = download_ledger(base_url, scratch, ids)
+        blurring = blur_ledger(ids, scratch)
+        load = f"load average {load_before:.1f} at the start, {os.getloadavg()[0]:.1f} at the end"
     blur_floor = sum(v for v in blurring["floors"].values() if v)
     return [
         Figure(

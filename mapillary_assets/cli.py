@@ -182,17 +182,13 @@ def plan_command(args: argparse.Namespace) -> int:
 
     from mapillary_assets.api.client import MapillaryClient
     from mapillary_assets.api.client_config import ClientConfig
-    from mapillary_assets.defs.area import choose_partition_zoom, partition_zoom
+    from mapillary_assets.defs.area import partition_zoom
     from mapillary_assets.pipeline.aoi import load_aoi
     from mapillary_assets.pipeline.plan import plan_area
     from mapillary_assets.storage import DataLayout
 
     aoi = load_aoi(args.aoi)
-    zoom = (
-        partition_zoom()
-        if os.environ.get("MAPILLARY_PARTITION_ZOOM")
-        else choose_partition_zoom(aoi)
-    )
+    zoom = partition_zoom(aoi)
     tileset = os.environ.get("MAPILLARY_TILESET") or "mly1_public"
 
     async def planned():

@@ -23,10 +23,13 @@ DEFAULT_PARTITION_ZOOM = 12  # the finest chosen zoom: a city keeps its z12 part
 TARGET_MAX_PARTITIONS = 2_000
 
 
-def partition_zoom() -> int:
-    """MAPILLARY_PARTITION_ZOOM when set, else the zoom chosen for the configured area."""
+def partition_zoom(aoi: AreaOfInterest | None = None) -> int:
+    """MAPILLARY_PARTITION_ZOOM when set, else the zoom chosen for `aoi` (default: the configured
+    area)."""
     raw = os.environ.get("MAPILLARY_PARTITION_ZOOM")
     if not raw:
+        if aoi is not None:
+            return choose_partition_zoom(aoi)
         return _chosen_zoom(os.environ.get("MAPILLARY_AOI") or None)
     try:
         zoom = int(raw)
@@ -40,12 +43,13 @@ def partition_zoom() -> int:
 
 
 @lru_cache(maxsize=4)
-def _load(source: str | None) -> AreaOfInterest:
+def area_from(source: str | None) -> AreaOfInterest:
+    """The area in the GeoJSON file `source` (None: the shipped default), loaded once per process."""
     return load_aoi(source)
 
 
 def current_aoi() -> AreaOfInterest:
-    return _load(os.environ.get("MAPILLARY_AOI") or None)
+    return area_from(os.environ.get("MAPILLARY_AOI") or None)
 
 
 def area_fingerprint(aoi: AreaOfInterest | None = None) -> str:
@@ -68,4 +72,4 @@ def choose_partition_zoom(aoi: AreaOfInterest, max_partitions: int = TARGET_MAX_
 
 @lru_cache(maxsize=4)
 def _chosen_zoom(source: str | None) -> int:
-    return choose_partition_zoom(_load(source))
+    return choose_partition_zoom(area_from(source))

@@ -22,9 +22,9 @@ from mapillary_assets.dagster_compat import (
     ASSET_PARTITION_RANGE_START_TAG,
     PARTITION_NAME_TAG,
 )
-from mapillary_assets.defs.area import partition_zoom
+from mapillary_assets.defs.area import area_from, partition_zoom
 from mapillary_assets.errors import UserError
-from mapillary_assets.pipeline.aoi import load_aoi, partition_tiles, tile_key
+from mapillary_assets.pipeline.aoi import partition_tiles, tile_key
 from mapillary_assets.storage import data_dir_identity
 
 CHUNK_PARTITIONS_NAME = "id_chunks"
@@ -41,7 +41,7 @@ def tile_partitions() -> dg.StaticPartitionsDefinition:
 
 @lru_cache(maxsize=4)
 def _tile_partitions(aoi_source: str | None, zoom: int) -> dg.StaticPartitionsDefinition:
-    tiles = partition_tiles(load_aoi(aoi_source), zoom)
+    tiles = partition_tiles(area_from(aoi_source), zoom)
     return dg.StaticPartitionsDefinition([tile_key(tile) for tile in tiles])
 
 

@@ -115,6 +115,7 @@ class ClusterRunner:
             first_seen = self._undecided.setdefault(run_id, time.monotonic())
             if time.monotonic() - first_seen < self.retry_decision_s:
                 return None
+        self._undecided.pop(run_id, None)
         return None if decided == "true" else (run_id, False)
 
     def wait(self, run_id: str) -> tuple[str, bool]:
