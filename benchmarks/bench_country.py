@@ -67,12 +67,7 @@ PIPELINE_STAGES = ("discovery", "chunking", "metadata", "staging", "geopackage")
 def aoi_file(region_name: str) -> Path:
     from mapillary_assets.emulator.regions import region
 
-    return (
-        Path(__file__).resolve().parent.parent
-        / "mapillary_assets"
-        / "data"
-        / region(region_name).aoi_file
-    )
+    return REPO_ROOT / "mapillary_assets" / "data" / region(region_name).aoi_file
 
 
 def bbox_z14_tiles(geometry) -> int:
