@@ -129,6 +129,11 @@ class AreaPlan:
         width = max(len(name) for name, _ in self.rows())
         return "\n".join(f"{name:<{width}}  {value}" for name, value in self.rows())
 
+    def markdown(self) -> str:
+        """The table as Markdown (the `area_plan` asset's metadata)."""
+        lines = ["| | |", "|---|---|"]
+        return "\n".join(lines + [f"| {name} | {value} |" for name, value in self.rows()])
+
 
 def _gb(n: int) -> str:
     return f"{n / 1e9:,.2f} GB"
