@@ -302,7 +302,7 @@ def image_chunks(
     path = layout.chunk_assignment_path
     remove_leftovers_of([path])  # of an interrupted earlier run (this asset's pool has one slot)
     existing = read_parquet(path) if path.exists() else None
-    assignment = assign_chunks(existing, discovered, settings.chunk_size)
+    assignment = assign_chunks(existing, discovered, settings.chunk_size or None)
     write_parquet_atomic(assignment, path)
     registered = set(context.instance.get_dynamic_partitions(CHUNK_PARTITIONS_NAME))
     new_keys = [key for key in chunk_keys(assignment) if key not in registered]
