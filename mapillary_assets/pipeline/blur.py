@@ -19,7 +19,10 @@ the blur asset records the size it used.
 
 Backends:
 - "opencv": the reference and the fastest CPU path. The 4-neighbour Laplacian and the 3x3 Sobel run in
-  int16 (exact for 8-bit input) and are reduced with exact float64 sums, ~4x cheaper than CV_64F.
+  int16 (exact for 8-bit input) and are reduced with exact float64 sums, ~4x cheaper than CV_64F; both
+  Sobel derivatives come from one `cv2.spatialGradient` pass. Each thread-pool task takes a slice of up
+  to 32 files (decodes and scores them; for Kornia, decodes them): one task per file cost 0.03-0.1 ms of
+  CPU per 256 px image in thread hand-offs (benchmarks/bench_ledger.py has the blur step's ledger).
 - "kornia-cpu" / "kornia-cuda": `kornia.filters.filter2d` with the explicit kernels (Kornia's own
   `laplacian` is a normalised 8-neighbour kernel) and border 'reflect' (torch's reflect == OpenCV's
   BORDER_REFLECT_101 == BORDER_DEFAULT). Filters run in float32, which is exact here: pixels are
@@ -209,10 +212,10 @@ def score_images(
     reasons: list[str | None] = [None] * total
     counter = _ProgressCounter(total, progress)
 
+    size = _slice_size(total, workers)
+    slices = [paths[start : start + size] for start in range(0, total, size)]
     with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="blur-decode") as executor:
         if resolved == "opencv":
-            size = _slice_size(total, workers)
-            slices = [paths[start : start + size] for start in range(0, total, size)]
             index = 0
             for scored in _ordered_map(
                 executor, lambda part: _score_slice(part, analysis_size), slices, 2 * workers
@@ -228,8 +231,16 @@ def score_images(
             if device == "cpu":
                 batch_size = min(batch_size, _KORNIA_CPU_MAX_BATCH)
             scorer = KorniaScorer(device)
-            decoded_stream = _ordered_map(
-                executor, lambda p: decode_gray(p, analysis_size), paths, 2 * batch_size + workers
+            # About 2 batches + a slice per worker of decoded images in flight, as many as the GPU needs.
+            decoded_stream = (
+                decoded
+                for part in _ordered_map(
+                    executor,
+                    lambda part: [decode_gray(p, analysis_size) for p in part],
+                    slices,
+                    max(workers, (2 * batch_size) // size + workers),
+                )
+                for decoded in part
             )
             batch_indices: list[int] = []
             batch_images: list[np.ndarray] = []
