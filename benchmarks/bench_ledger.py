@@ -38,7 +38,7 @@ import cv2
 import numpy as np
 
 from benchmarks import bench_download
-from benchmarks.harness import Figure
+from benchmarks.harness import Figure, previous_row
 
 DOWNLOAD_STEPS = {  # step -> functions (file suffix, name) whose cumulative CPU it is
     "HTTP GET (client request)": [("api/client.py", "get_thumbnail")],
@@ -335,7 +335,7 @@ def run(quick: bool) -> list[Figure]:
     # The blur step's chunk is the default chunk size: its per-chunk costs (pictures, Dagster) spread as in a run.
     blur_count = 1000 if quick else 5000
     ids = bench_download.world_ids(max(count, blur_count))
-    before = _previous_figure(BLUR_METRIC)
+    before = previous_row("ledger", BLUR_METRIC)
     with (
         bench_download.emulator_process() as base_url,
         tempfile.TemporaryDirectory(prefix="bench-ledger-") as tmp,
@@ -386,19 +386,6 @@ def run(quick: bool) -> list[Figure]:
 
 
 BLUR_METRIC = "blur step: CPU ms per image (Dagster blur_scores, opencv)"
-
-
-def _previous_figure(metric_prefix: str) -> dict | None:
-    """The row of RESULTS.json this run will replace (its figures measured before, in their own run)."""
-    import json
-
-    store = Path(__file__).parent / "RESULTS.json"
-    if not store.exists():
-        return None
-    for row in json.loads(store.read_text()).get("figures", []):
-        if row["benchmark"] == "ledger" and row["metric"].startswith(metric_prefix):
-            return row
-    return None
 
 
 def _cell(value: float | None) -> str:
