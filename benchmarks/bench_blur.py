@@ -6,13 +6,14 @@ baseline is the textbook loop: `cv2.imread` (colour) + `cvtColor` + `cv2.Laplaci
 scoring only the Laplacian variance while the pipeline also computes Tenengrad.
 
 The per-core figure pins both sides to one core (one worker, `cv2.setNumThreads(1)`); the all-core
-figure lets each use the machine as it would by default.
+figure lets each use the machine as it would by default. Both sides run in interleaved rounds (medians).
 """
 
 from __future__ import annotations
 
 import math
 import os
+import statistics
 import tempfile
 import time
 from pathlib import Path
@@ -21,7 +22,7 @@ import cv2
 import numpy as np
 import pandas as pd
 
-from benchmarks.harness import Figure, Stopwatch, median_of
+from benchmarks.harness import Figure, Stopwatch, median_of, previous_row
 from mapillary_assets.pipeline import blur
 from mapillary_assets.storage import write_parquet_atomic
 
@@ -81,6 +82,30 @@ def images_per_second(paths: list[Path], run) -> float:
     return median_of(REPEATS, once)
 
 
+def interleaved_rates(paths: list[Path], sides: dict) -> dict[str, float]:
+    """Median images/s of every side over REPEATS rounds, each round running every side once in an
+    order rotating by one, so a change of load touches both sides alike."""
+    names = list(sides)
+    rates: dict[str, list[float]] = {name: [] for name in names}
+    for round_number in range(REPEATS):
+        shift = round_number % len(names)
+        for name in names[shift:] + names[:shift]:
+            with Stopwatch() as watch:
+                sides[name]()
+            rates[name].append(len(paths) / watch.seconds)
+    return {name: statistics.median(values) for name, values in rates.items()}
+
+
+def _replaced(metric_prefix: str) -> str:
+    before = previous_row("blur", metric_prefix)
+    if not before or not before.get("baseline"):
+        return ""
+    return (
+        f"; the row this run replaced: {before['value']:,.0f} vs {before['baseline']:,.0f} images/s "
+        f"({before['value'] / before['baseline']:.2f}x)"
+    )
+
+
 def decode_ms(paths: list[Path]) -> dict[str, float]:
     """Milliseconds per image for each decode option, on the in-memory bytes (single thread)."""
     blobs = [p.read_bytes() for p in paths[:40]]
@@ -123,14 +148,32 @@ def run(quick: bool) -> list[Figure]:
         out = folder / "scores.parquet"
         decode = decode_ms(paths)
 
+        load_before = os.getloadavg()[0]
         cv2.setNumThreads(1)
         try:
-            base_one = images_per_second(paths, lambda: baseline_loop(paths, out))
-            ours_one = images_per_second(paths, lambda: pipeline_path(paths, out, "opencv", 1))
+            one = interleaved_rates(
+                paths,
+                {
+                    "baseline": lambda: baseline_loop(paths, out),
+                    "ours": lambda: pipeline_path(paths, out, "opencv", 1),
+                },
+            )
         finally:
             cv2.setNumThreads(default_threads)
-        base_all = images_per_second(paths, lambda: baseline_loop(paths, out))
-        ours_all = images_per_second(paths, lambda: pipeline_path(paths, out, "opencv", cores))
+        every = interleaved_rates(
+            paths,
+            {
+                "baseline": lambda: baseline_loop(paths, out),
+                "ours": lambda: pipeline_path(paths, out, "opencv", cores),
+            },
+        )
+        base_one, ours_one, base_all, ours_all = (
+            one["baseline"],
+            one["ours"],
+            every["baseline"],
+            every["ours"],
+        )
+        load = f"load average {load_before:.1f} at the start, {os.getloadavg()[0]:.1f} at the end"
         kornia_paths = paths[:kornia_count]
         kornia_cpu = images_per_second(
             kornia_paths, lambda: pipeline_path(kornia_paths, out, "kornia-cpu", cores)
@@ -148,7 +191,8 @@ def run(quick: bool) -> list[Figure]:
                 baseline_name + " (1 cv2 thread)",
                 ">= 2x per core",
                 ours_one / base_one >= 2.0,
-                f"pipeline also computes Tenengrad; decode per image: {decode_note}",
+                f"pipeline also computes Tenengrad; decode per image: {decode_note}; medians of {REPEATS} "
+                f"interleaved rounds{_replaced('images/s per core')}; {load}",
                 extra={"images": count, "decode_ms": decode},
             )
         )
@@ -162,7 +206,8 @@ def run(quick: bool) -> list[Figure]:
                 baseline_name + f" ({default_threads} cv2 threads)",
                 None,
                 None,
-                f"{ours_all / cores:,.0f} images/s per core",
+                f"{ours_all / cores:,.0f} images/s per core; medians of {REPEATS} interleaved rounds"
+                f"{_replaced('images/s all cores')}; {load}",
                 extra={"images": count, "workers": cores},
             )
         )

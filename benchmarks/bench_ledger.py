@@ -11,10 +11,14 @@ Each step's floor is the same work done bare, measured alone: the plain aiohttp 
 (GET + event loop), the marker checks on a body in memory, a plain `open().write()` into one folder,
 a dict insert, and the client's CPU per 50-id lookup divided by 50.
 
-Blur (256 px emulator thumbnails, analysis box 256x192, the `thumb_256_url` size the full run uses):
-each step of the pipeline's per-image path (read, grayscale decode, resize, the two filters) is timed
-as the pipeline calls it, beside its floor: the bare cv2 call on bytes in memory with one OpenCV thread;
-`score_images` end to end gives the per-image CPU with its thread pool and bookkeeping.
+Blur (256 px emulator thumbnails, analysis box 256x192, the `thumb_256_url` size the full run uses, in a
+chunk of the default 5,000 images): the blur step itself is the `blur_scores` asset materialised in this
+process (reading the downloads file, `score_images`, the scores file, the two pictures), its CPU per image
+beside the floor (grayscale decode of bytes in memory + both filters, bare cv2, one OpenCV thread) and
+`score_images` alone, in interleaved rounds. Each step of the per-image path (read, grayscale decode,
+resize, the two filters) is timed alone as the pipeline calls it, beside its bare cv2 floor; the thread
+pool's share is `score_images` less those steps, and the Dagster step's own share is the step less
+`score_images` and the pictures.
 """
 
 from __future__ import annotations
@@ -34,7 +38,7 @@ import cv2
 import numpy as np
 
 from benchmarks import bench_download
-from benchmarks.harness import Figure
+from benchmarks.harness import Figure, previous_row
 
 DOWNLOAD_STEPS = {  # step -> functions (file suffix, name) whose cumulative CPU it is
     "HTTP GET (client request)": [("api/client.py", "get_thumbnail")],
@@ -53,6 +57,11 @@ DOWNLOAD_STEPS = {  # step -> functions (file suffix, name) whose cumulative CPU
     "URL resolution (`?ids=` lookups)": [("pipeline/download.py", "resolve")],
 }
 EVENT_LOOP = "event loop + aiohttp transport (socket reads, response parsing)"
+BLUR_CHUNK_KEY = "chunk-000000"
+BLUR_POOL = "thread pool + result frame (score_images beyond the steps above)"
+BLUR_PICTURES = "pictures (histogram + contact sheet, once per chunk)"
+BLUR_REST = "Dagster step, downloads file in, scores file out"
+BLUR_STEP = "**the blur step end to end** (floor: decode + both filters, same rounds)"
 
 
 def _cumulative(stats: pstats.Stats, wanted: list[tuple[str, str]]) -> float:
@@ -165,22 +174,117 @@ def _cpu_ms_each(action, items, repeats: int = 3) -> float:
     return statistics.median(one() for _ in range(repeats))
 
 
-def blur_ledger(ids: list[str], scratch: Path) -> dict:
-    from mapillary_assets.emulator.thumbnails import thumbnail_bytes
-    from mapillary_assets.pipeline import blur
+def _blur_chunk(ids: list[str], scratch: Path) -> tuple[Path, list[Path]]:
+    """A data dir holding one downloaded chunk of 256 px emulator thumbnails (at their layout paths, with
+    the chunk's downloads file), as the blur step finds it in a full run."""
+    import pandas as pd
 
-    folder = scratch / "blur256"
-    folder.mkdir()
-    paths = []
+    from mapillary_assets.emulator.thumbnails import thumbnail_bytes
+    from mapillary_assets.storage import DataLayout, write_parquet_atomic
+
+    layout = DataLayout(scratch / "blur-data")
+    rows, paths = [], []
     for image_id in ids:
-        path = folder / f"{image_id}.jpg"
-        path.write_bytes(thumbnail_bytes(image_id, 256, int(image_id) % 10 == 0))
+        path = layout.thumbnail_path(image_id, 256)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        body = thumbnail_bytes(image_id, 256, int(image_id) % 10 == 0)
+        path.write_bytes(body)
+        rows.append(
+            (image_id, layout.thumbnail_relative_path(image_id, 256), len(body), "ok", None, False)
+        )
         paths.append(path)
+    downloads = pd.DataFrame(
+        rows, columns=["image_id", "path", "bytes", "status", "reason", "transient"]
+    )
+    layout.downloads_path(BLUR_CHUNK_KEY).parent.mkdir(parents=True, exist_ok=True)
+    write_parquet_atomic(downloads, layout.downloads_path(BLUR_CHUNK_KEY))
+    return layout.root, paths
+
+
+def _blur_step(data_dir: Path):
+    """One materialisation of the `blur_scores` asset for the chunk (in this process: its CPU is ours)."""
+    import dagster as dg
+
+    from mapillary_assets.defs.assets.chunks import blur_scores
+    from mapillary_assets.defs.partitions import CHUNK_PARTITIONS_NAME
+    from mapillary_assets.defs.resources import DataStorageResource, PipelineSettings
+
+    instance = dg.DagsterInstance.ephemeral()
+    instance.add_dynamic_partitions(CHUNK_PARTITIONS_NAME, [BLUR_CHUNK_KEY])
+    resources = {
+        "storage": DataStorageResource(data_dir=str(data_dir)),
+        "settings": PipelineSettings(thumbnail_size=256, blur_backend="opencv"),
+    }
+
+    def step() -> None:
+        result = dg.materialize(
+            [blur_scores], partition_key=BLUR_CHUNK_KEY, instance=instance, resources=resources
+        )
+        if not result.success:
+            raise RuntimeError("the blur step failed")
+
+    return step
+
+
+def _bare_floor(bodies: list[bytes]) -> None:
+    """The floor: grayscale decode of bytes in memory plus both filters, bare cv2, one OpenCV thread."""
+    threads = cv2.getNumThreads()
+    cv2.setNumThreads(1)
+    try:
+        for body in bodies:
+            gray = cv2.imdecode(np.frombuffer(body, np.uint8), cv2.IMREAD_GRAYSCALE)
+            lap = cv2.Laplacian(gray, cv2.CV_16S)
+            cv2.norm(lap, cv2.NORM_L2SQR)
+            cv2.sumElems(lap)
+            cv2.norm(cv2.Sobel(gray, cv2.CV_16S, 1, 0), cv2.NORM_L2SQR)
+            cv2.norm(cv2.Sobel(gray, cv2.CV_16S, 0, 1), cv2.NORM_L2SQR)
+    finally:
+        cv2.setNumThreads(threads)
+
+
+def _interleaved_cpu_ms(sides: dict, n: int, repeats: int) -> dict[str, list[float]]:
+    """CPU ms per image of every side, `repeats` rounds, each round running every side once in an order
+    rotating by one, so load changes touch every side alike."""
+    names = list(sides)
+    cpu: dict[str, list[float]] = {name: [] for name in names}
+    for round_number in range(repeats):
+        shift = round_number % len(names)
+        for name in names[shift:] + names[:shift]:
+            started = time.process_time()
+            sides[name]()
+            cpu[name].append((time.process_time() - started) * 1000 / n)
+    return cpu
+
+
+def blur_ledger(ids: list[str], scratch: Path, repeats: int = 3) -> dict:
+    from mapillary_assets.pipeline import blur
+    from mapillary_assets.pipeline.charts import blur_histogram_png, contact_sheet_png
+
+    data_dir, paths = _blur_chunk(ids, scratch)
+    n = len(paths)
     box = blur.analysis_box(256)
     bodies = [path.read_bytes() for path in paths]
     grays = [cv2.imdecode(np.frombuffer(b, np.uint8), cv2.IMREAD_GRAYSCALE) for b in bodies]
-    threads = cv2.getNumThreads()
-    pipeline_steps = {
+    step = _blur_step(data_dir)
+    step()  # warm-up: Dagster's and matplotlib's first-use costs are not per image
+    rounds = _interleaved_cpu_ms(
+        {
+            "blur step": step,
+            "score_images": lambda: blur.score_images(paths, backend="opencv", analysis_size=box),
+            "floor": lambda: _bare_floor(bodies),
+        },
+        n,
+        repeats,
+    )
+    step_ms, score_ms, floor_ms = (
+        statistics.median(rounds[name]) for name in ("blur step", "score_images", "floor")
+    )
+    values = blur.score_images(paths, backend="opencv", analysis_size=box)["blur_value"]
+    started = time.process_time()
+    blur_histogram_png(values, blur.DEFAULT_THRESHOLD)
+    contact_sheet_png(paths, values, blur.DEFAULT_THRESHOLD)
+    pictures_ms = (time.process_time() - started) * 1000 / n
+    steps = {
         "read + marker checks + grayscale decode (decode_gray)": _cpu_ms_each(
             lambda p: blur.decode_gray(p, None), paths
         ),
@@ -191,9 +295,11 @@ def blur_ledger(ids: list[str], scratch: Path) -> dict:
             lambda g: (blur.laplacian_variance(g), blur.tenengrad(g)), grays
         ),
     }
-    started = time.process_time()
-    blur.score_images(paths, backend="opencv", analysis_size=box)
-    end_to_end = (time.process_time() - started) * 1000 / len(paths)
+    steps[BLUR_POOL] = max(score_ms - sum(steps.values()), 0.0)
+    steps[BLUR_PICTURES] = pictures_ms
+    steps[BLUR_REST] = max(step_ms - score_ms - pictures_ms, 0.0)
+    steps[BLUR_STEP] = step_ms
+    threads = cv2.getNumThreads()
     cv2.setNumThreads(1)
     try:
 
@@ -210,26 +316,46 @@ def blur_ledger(ids: list[str], scratch: Path) -> dict:
             ),
             "resize to the analysis box": 0.0,
             "filters (Laplacian variance + Tenengrad)": _cpu_ms_each(bare_filters, grays),
+            BLUR_STEP: floor_ms,
         }
     finally:
         cv2.setNumThreads(threads)
-    return {"steps": pipeline_steps, "floors": floors, "score_images_cpu_ms": end_to_end}
+    return {
+        "steps": steps,
+        "floors": floors,
+        "step_cpu_ms": step_ms,
+        "score_images_cpu_ms": score_ms,
+        "floor_cpu_ms": floor_ms,
+        "rounds": rounds,
+    }
 
 
 def run(quick: bool) -> list[Figure]:
     count = 300 if quick else 1000
-    ids = bench_download.world_ids(count)
+    # The blur step's chunk is the default chunk size: its per-chunk costs (pictures, Dagster) spread as in a run.
+    blur_count = 1000 if quick else 5000
+    ids = bench_download.world_ids(max(count, blur_count))
+    before = previous_row("ledger", BLUR_METRIC)
     with (
         bench_download.emulator_process() as base_url,
         tempfile.TemporaryDirectory(prefix="bench-ledger-") as tmp,
     ):
         scratch = Path(tmp)
-        asyncio.run(bench_download.baseline_run(base_url, scratch / "warm-up", ids))
+        asyncio.run(bench_download.baseline_run(base_url, scratch / "warm-up", ids[:count]))
         load_before = os.getloadavg()[0]
-        download = download_ledger(base_url, scratch, ids)
-        blurring = blur_ledger(ids, scratch)
+        download = download_ledger(base_url, scratch, ids[:count])
+        blur_load_before = os.getloadavg()[0]
+        blurring = blur_ledger(ids[:blur_count], scratch)
+        blur_load = (
+            f"load average {blur_load_before:.1f} at its start, {os.getloadavg()[0]:.1f} at its end"
+        )
         load = f"load average {load_before:.1f} at the start, {os.getloadavg()[0]:.1f} at the end"
-    blur_floor = sum(v for v in blurring["floors"].values() if v)
+    replaced = (
+        f"; the row this run replaced: {before['value']:.3f} ms vs floor {before['baseline']:.3f} ms "
+        f"({before['notes'].split('; ')[-1]})"
+        if before and before.get("baseline")
+        else ""
+    )
     return [
         Figure(
             "ledger",
@@ -245,17 +371,21 @@ def run(quick: bool) -> list[Figure]:
         ),
         Figure(
             "ledger",
-            f"blur: CPU ms per image at 256 px (256x192 box), {count} images, score_images end to end",
-            blurring["score_images_cpu_ms"],
+            f"{BLUR_METRIC}, a chunk of {blur_count} images (256 px, 256x192 box)",
+            blurring["step_cpu_ms"],
             "ms",
-            blur_floor,
-            "grayscale decode + both filters, bare cv2, one thread",
+            blurring["floor_cpu_ms"],
+            "grayscale decode of bytes in memory + both filters, bare cv2, one thread",
             None,
             None,
-            f"opencv backend, default workers; {load}",
+            f"opencv backend, default workers; score_images alone {blurring['score_images_cpu_ms']:.3f} ms; "
+            f"median of 3 interleaved rounds{replaced}; {blur_load}",
             extra={"ledger": blurring},
         ),
     ]
+
+
+BLUR_METRIC = "blur step: CPU ms per image (Dagster blur_scores, opencv)"
 
 
 def _cell(value: float | None) -> str:
@@ -291,7 +421,13 @@ def markdown_section(figures: list[Figure]) -> list[str]:
         else:
             lines += [
                 "",
-                f"`score_images` end to end: {ledger['score_images_cpu_ms']:.3f} ms/image (its thread pool, "
-                f"result frame); the floors sum to {sum(v for v in ledger['floors'].values() if v):.3f} ms.",
+                "Blur steps measured alone on the same chunk (CPU clock); the three end-to-end figures (the "
+                "step, `score_images`, the floor) are medians of interleaved rounds, CPU ms per image: step "
+                f"{_rounds(ledger['rounds']['blur step'])}, score_images {_rounds(ledger['rounds']['score_images'])}, "
+                f"floor {_rounds(ledger['rounds']['floor'])}.",
             ]
     return lines
+
+
+def _rounds(values: list[float]) -> str:
+    return "[" + ", ".join(f"{v:.3f}" for v in values) + "]"

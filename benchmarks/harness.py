@@ -9,11 +9,13 @@ measurement and report the median (`median_of`).
 
 from __future__ import annotations
 
+import json
 import platform
 import statistics
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 
 
 @dataclass
@@ -56,3 +58,15 @@ def machine_description() -> str:
     import os
 
     return f"{platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}"
+
+
+def previous_row(benchmark: str, metric_prefix: str) -> dict | None:
+    """The row of benchmarks/RESULTS.json that a new run of `benchmark` replaces (measured before, in its
+    own run), so a figure can name what it was before a change."""
+    store = Path(__file__).parent / "RESULTS.json"
+    if not store.exists():
+        return None
+    for row in json.loads(store.read_text()).get("figures", []):
+        if row["benchmark"] == benchmark and row["metric"].startswith(metric_prefix):
+            return row
+    return None

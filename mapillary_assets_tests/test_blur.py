@@ -126,6 +126,15 @@ def test_pure_functions_equal_the_numpy_reference():
         assert tenengrad(gray.astype(np.float64)) == pytest.approx(expected_gradient, rel=1e-12)
 
 
+def test_tenengrad_equals_the_reference_exactly():
+    """Integer derivatives summed exactly: the very same float as the reference, not just a close one, so a
+    change of filter calls cannot move a published score."""
+    rng = np.random.default_rng(11)
+    for shape in [(192, 256), (768, 1024), (333, 517), (2, 2)]:
+        gray = rng.integers(0, 256, shape, dtype=np.uint8)
+        assert tenengrad(gray) == reference_tenengrad(gray), shape
+
+
 def test_numpy_reference_on_a_hand_computed_image():
     """The reference itself, on an image small enough to work out by hand, where the border mode shows."""
     gray = np.tile(np.array([8, 0, 0, 0], np.uint8), (3, 1))  # every row the same: no vertical term

@@ -63,12 +63,19 @@ def blur_histogram_png(values, threshold: float | None = None, bins: int = 40) -
     low, high = float(data.min()), float(data.max())
     if threshold and threshold > 0:
         low, high = min(low, threshold), max(high, threshold)
-    edges = np.geomspace(low, max(high, low * 1.001), bins + 1)
-    counts, _ = np.histogram(data, bins=edges)
+    # Drawn on log10 of the scores with a linear axis labelled in decades: matplotlib's log axis (its
+    # minor ticks, mathtext labels) and layout="constrained" were most of the drawing time, and the blur
+    # step draws this once per chunk.
+    edges = np.linspace(math.log10(low), math.log10(max(high, low * 1.001)), bins + 1)
+    counts, _ = np.histogram(np.log10(data), bins=edges)
     blurry = int((data < threshold).sum()) if threshold else 0
-    figure = Figure(figsize=(6, 2.8), dpi=_DPI, layout="constrained")
+    figure = Figure(figsize=(6, 2.8), dpi=_DPI)
+    figure.subplots_adjust(left=0.1, right=0.98, bottom=0.17, top=0.9)
     axes = figure.add_subplot()
-    colours = ["#d62728" if threshold and right <= threshold else "#1f77b4" for right in edges[1:]]
+    colours = [
+        "#d62728" if threshold and right <= math.log10(threshold) else "#1f77b4"
+        for right in edges[1:]
+    ]
     axes.bar(
         edges[:-1],
         counts,
@@ -78,10 +85,12 @@ def blur_histogram_png(values, threshold: float | None = None, bins: int = 40) -
         edgecolor="white",
         linewidth=0.3,
     )
-    axes.set_xscale("log")
+    decades = np.arange(math.floor(edges[0]), math.ceil(edges[-1]) + 1)
+    axes.set_xticks(decades, [f"{10.0**k:,.0f}" if k >= 0 else f"{10.0**k:g}" for k in decades])
+    axes.set_xlim(edges[0] - 0.05, edges[-1] + 0.05)
     if threshold and threshold > 0:
         axes.axvline(
-            threshold,
+            math.log10(threshold),
             color="black",
             linestyle="--",
             linewidth=1.2,
@@ -111,33 +120,51 @@ def contact_sheet_png(
         ("blurriest", [(paths[i], data[i]) for i in blurriest]),
         ("sharpest", [(paths[i], data[i]) for i in sharpest]),
     ]
-    columns = len(blurriest)
-    figure = Figure(figsize=(max(1.25 * columns, 4.5), 2.6), dpi=_DPI, layout="constrained")
-    grid = figure.subplots(2, columns, squeeze=False)
-    for row, (label, items) in enumerate(rows):
-        for column in range(columns):
-            axes = grid[row][column]
-            axes.set_xticks([])
-            axes.set_yticks([])
-            if column >= len(items):
-                axes.set_axis_off()
-                continue
-            path, score = items[column]
-            axes.imshow(_thumbnail(path))
+    # The thumbnails are pasted into one pixel mosaic (figimage) with their frames, and only the texts
+    # are matplotlib artists: a grid of 12 axes cost the blur step ~0.2 s of CPU per chunk.
+    cell_width, frame, gap, title, label, heading = 96, 3, 8, 16, 22, 22
+    tiles = [[_thumbnail(path, cell_width) for path, _ in items] for _, items in rows]
+    cell_height = max(tile.shape[0] for row in tiles for tile in row) + 2 * frame
+    pitch_x, pitch_y = cell_width + 2 * frame + gap, title + cell_height + gap
+    width_px = max(label + len(blurriest) * pitch_x, round(4.5 * _DPI))
+    height_px = heading + 2 * pitch_y
+    mosaic = np.full((height_px, width_px, 3), 255, np.uint8)
+    figure = Figure(figsize=(width_px / _DPI, height_px / _DPI), dpi=_DPI)
+    for row, ((name, items), row_tiles) in enumerate(zip(rows, tiles, strict=True)):
+        if not items:
+            continue
+        top = heading + row * pitch_y + title  # mosaic rows count from the top
+        figure.text(
+            4 / width_px, 1 - (top + cell_height / 2) / height_px, name, fontsize=8,
+            rotation=90, va="center",
+        )  # fmt: skip
+        for column, ((_, score), tile) in enumerate(zip(items, row_tiles, strict=True)):
             blurry = score < threshold
-            axes.set_title(
+            colour = _FAILED_COLOUR if blurry else "#2ca02c"
+            left = label + column * pitch_x
+            mosaic[top : top + tile.shape[0] + 2 * frame, left : left + cell_width + 2 * frame] = (
+                _rgb(colour)
+            )
+            mosaic[
+                top + frame : top + frame + tile.shape[0], left + frame : left + frame + cell_width
+            ] = tile
+            figure.text(
+                (left + frame + cell_width / 2) / width_px,
+                1 - (top - 3) / height_px,
                 f"{score:,.0f}" if score >= 10 else f"{score:.2f}",
                 fontsize=8,
+                ha="center",
                 color=_FAILED_COLOUR if blurry else "black",
             )
-            for spine in axes.spines.values():
-                spine.set_edgecolor(_FAILED_COLOUR if blurry else "#2ca02c")
-                spine.set_linewidth(2)
-        grid[row][0].set_ylabel(label, fontsize=8)
+    figure.figimage(mosaic, origin="upper")
     figure.suptitle(
         f"blur_value of the extremes (red: below the threshold {threshold:g})", fontsize=9
     )
     return _png(figure)
+
+
+def _rgb(colour: str) -> tuple[int, int, int]:
+    return tuple(int(colour[i : i + 2], 16) for i in (1, 3, 5))
 
 
 def _thumbnail(path: Path, width: int = 96) -> np.ndarray:
