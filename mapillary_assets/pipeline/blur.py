@@ -41,7 +41,7 @@ from collections import deque
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
-from pathlib import Path
+from pathlib import Path, PurePath
 
 import cv2
 import numpy as np
@@ -108,12 +108,19 @@ class _Decoded:
     reason: str | None
 
 
+def read_file(path: Path | str) -> bytes:
+    return Path(path).read_bytes()
+
+
 def decode_gray(
-    path: Path, analysis_size: tuple[int, int] | None = DEFAULT_ANALYSIS_SIZE
+    path: Path | str,
+    analysis_size: tuple[int, int] | None = DEFAULT_ANALYSIS_SIZE,
+    read: Callable[[Path | str], bytes] = read_file,
 ) -> _Decoded:
-    """Read one file and decode it to 8-bit grayscale at the analysis size; never raises for bad files."""
+    """Read one image (a file, or what `read` returns for `path`) and decode it to 8-bit grayscale at the
+    analysis size; never raises for bad files."""
     try:
-        data = Path(path).read_bytes()
+        data = read(path)
     except OSError as exc:
         return _Decoded(None, f"unreadable: {type(exc).__name__}: {exc.strerror or exc}")
     if data[:2] != b"\xff\xd8":
@@ -174,15 +181,17 @@ def score_images(
     batch_size: int = 64,
     workers: int | None = None,
     progress: Progress | None = None,
+    read: Callable[[Path | str], bytes] = read_file,
 ) -> pd.DataFrame:
-    """Score JPEG files; one row per path in input order (image_id = file stem).
+    """Score JPEG files (or the objects `read` returns for the keys in `paths`); one row per path in
+    input order (image_id = file stem).
 
     Unreadable or non-JPEG files give a row with NaN scores, is_blurry False and a `reason`.
     `batch_size` is the number of images per Kornia batch (capped at 8 on the CPU); `workers` the
     decode threads (default: the usable CPU cores).
     """
     resolved = resolve_backend(backend)
-    paths = [Path(p) for p in paths]
+    paths = list(paths)
     workers = workers or default_workers()
     total = len(paths)
     blur = np.full(total, np.nan)
@@ -194,7 +203,7 @@ def score_images(
         if resolved == "opencv":
 
             def decode_and_score(path: Path) -> tuple[float, float, str | None]:
-                decoded = decode_gray(path, analysis_size)
+                decoded = decode_gray(path, analysis_size, read)
                 if decoded.gray is None:
                     return math.nan, math.nan, decoded.reason
                 return laplacian_variance(decoded.gray), tenengrad(decoded.gray), None
@@ -210,7 +219,10 @@ def score_images(
                 batch_size = min(batch_size, _KORNIA_CPU_MAX_BATCH)
             scorer = KorniaScorer(device)
             decoded_stream = _ordered_map(
-                executor, lambda p: decode_gray(p, analysis_size), paths, 2 * batch_size + workers
+                executor,
+                lambda p: decode_gray(p, analysis_size, read),
+                paths,
+                2 * batch_size + workers,
             )
             batch_indices: list[int] = []
             batch_images: list[np.ndarray] = []
@@ -238,7 +250,7 @@ def score_images(
 
     return pd.DataFrame(
         {
-            "image_id": pd.Series([p.stem for p in paths], dtype=object),
+            "image_id": pd.Series([PurePath(p).stem for p in paths], dtype=object),
             "blur_value": blur.astype(np.float64),
             "sobel_value": sobel.astype(np.float64),
             "is_blurry": np.where(np.isnan(blur), False, blur < threshold).astype(bool),

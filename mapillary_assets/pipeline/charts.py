@@ -11,7 +11,7 @@ from __future__ import annotations
 import base64
 import io
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 
 import cv2
@@ -96,7 +96,11 @@ def blur_histogram_png(values, threshold: float | None = None, bins: int = 40) -
 
 
 def contact_sheet_png(
-    paths: Sequence[Path], values, threshold: float, per_row: int = 6
+    paths: Sequence[Path | str],
+    values,
+    threshold: float,
+    per_row: int = 6,
+    read: Callable[[Path | str], bytes] | None = None,
 ) -> bytes | None:
     """Two rows of thumbnails with their scores, the blurriest on top and the sharpest below, to judge
     the threshold by eye; unreadable files show as a grey tile. None when nothing was scored."""
@@ -123,7 +127,7 @@ def contact_sheet_png(
                 axes.set_axis_off()
                 continue
             path, score = items[column]
-            axes.imshow(_thumbnail(path))
+            axes.imshow(_thumbnail(path, read))
             blurry = score < threshold
             axes.set_title(
                 f"{score:,.0f}" if score >= 10 else f"{score:.2f}",
@@ -140,9 +144,16 @@ def contact_sheet_png(
     return _png(figure)
 
 
-def _thumbnail(path: Path, width: int = 96) -> np.ndarray:
+def _thumbnail(path: Path | str, read=None, width: int = 96) -> np.ndarray:
     # IMREAD_REDUCED_* decodes at 1/4 size directly: a 1024 px JPEG costs a fraction of a full decode.
-    image = cv2.imread(str(path), cv2.IMREAD_REDUCED_COLOR_4)
+    if read is None:
+        image = cv2.imread(str(path), cv2.IMREAD_REDUCED_COLOR_4)
+    else:
+        try:
+            data = np.frombuffer(read(path), np.uint8)
+        except OSError:
+            data = np.zeros(0, np.uint8)
+        image = cv2.imdecode(data, cv2.IMREAD_REDUCED_COLOR_4) if data.size else None
     if image is None:
         return np.full((width * 3 // 4, width, 3), 200, np.uint8)
     height = max(1, round(image.shape[0] * width / image.shape[1]))
