@@ -104,7 +104,8 @@ def _run_and_summarise(args: argparse.Namespace, data_dir: Path, until: str = "b
         try:
             with (
                 contextlib.nullcontext() if args.debug else console_without_stack_traces(),
-                ProgressDisplay(layout, stages),
+                # polls the stage files; a bucket only from the runs (see storage.in_fresh_child)
+                ProgressDisplay(layout, stages) if layout.is_local else contextlib.nullcontext(),
             ):
                 summary = run_pipeline(instance, until=until)
         except PipelineFailed as failure:

@@ -81,6 +81,9 @@ def start(folder: Path, port: int, log: Path, access_key_id: str, secret_access_
         f"-s3.port.grpc={grpc['s3']}",
         f"-s3.config={config}",
         "-s3.autoCreateBucket=false",  # buckets are made by create_bucket only
+        # no Iceberg / Lance catalogs: their fixed default ports (8181, 9101) collide between servers
+        "-s3.port.iceberg=0",
+        "-s3.port.lance=0",
     ]
     with open(log, "ab") as output:
         process = subprocess.Popen(

@@ -23,7 +23,7 @@ import pandas as pd
 
 from mapillary_assets.storage.files import StorageError, safe_key, validate_image_id
 from mapillary_assets.storage.local_store import LocalStore
-from mapillary_assets.storage.object_store import ObjectStore, is_object_store_url
+from mapillary_assets.storage.object_store import ObjectStore, in_fresh_child, is_object_store_url
 
 SCRATCH_DIR_VARIABLE = "MAPILLARY_SCRATCH_DIR"
 
@@ -234,7 +234,14 @@ def disk_full_error(layout: DataLayout, thumbnail_size: int | str) -> StorageErr
 def data_dir_identity(layout: DataLayout) -> str:
     """The data dir's id: a UUID written once into `data_dir_id` (put only if absent, so the first
     writer's id holds), so a Dagster instance can tell this data dir from another even after it is
-    moved or renamed."""
+    moved or renamed. A bucket's is read in a forked child (the driver that calls this forks its
+    runs afterwards: see object_store.in_fresh_child)."""
+    if not layout.is_local:
+        return in_fresh_child(_identity, layout)
+    return _identity(layout)
+
+
+def _identity(layout: DataLayout) -> str:
     key = layout.data_dir_id_key
     try:
         return layout.store.get(key).decode().strip()

@@ -11,10 +11,12 @@ from __future__ import annotations
 
 import importlib.util
 import io
+import multiprocessing
 import os
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TypeVar
 from urllib.parse import urlsplit
 
 import duckdb
@@ -27,6 +29,8 @@ from obstore.store import S3Store
 
 from mapillary_assets.storage.files import StorageError
 
+T = TypeVar("T")
+_client_process: int | None = None  # the pid that built an ObjectStore (forked children inherit it)
 SCHEME = "s3://"
 # Objects above this go up in parts (the GeoPackage); below, one PUT.
 MULTIPART_THRESHOLD = 16 * 1024 * 1024
@@ -99,6 +103,8 @@ class ObjectStore:
     is_local = False
 
     def __init__(self, url: str, settings: S3Settings | None = None) -> None:
+        global _client_process
+        _client_process = os.getpid()  # this process talks to a bucket: see in_fresh_child
         self.url = url.rstrip("/")
         self.bucket, self.prefix = split_url(self.url)
         self.settings = settings or s3_settings_from_env()
@@ -219,6 +225,41 @@ class ObjectStore:
             raise StorageError(
                 f"DuckDB could not take the credentials for {self.url} ({type(exc).__name__})"
             ) from None
+
+
+def in_fresh_child(fn: Callable[..., T], *args) -> T:
+    """`fn(*args)` in a short-lived forked child, its result (or exception) sent back pickled.
+
+    obstore's Rust runtime is not fork-safe: a process that has used it hands its forked children a
+    runtime without threads, and their first request hangs. A process that forks workers later (the
+    pipeline's driver, `runners/local.LocalRunner`) must therefore reach the bucket only through this.
+    A process that already holds a store (a run) calls `fn` itself: a child forked from it would hang."""
+    if _client_process == os.getpid():
+        return fn(*args)
+    context = multiprocessing.get_context("fork")
+    receiver, sender = context.Pipe(duplex=False)
+    child = context.Process(target=_send_result, args=(sender, fn, args), daemon=True)
+    child.start()
+    sender.close()
+    try:
+        succeeded, value = receiver.recv()
+    except EOFError:
+        raise StorageError("the object store's helper process died before answering") from None
+    finally:
+        receiver.close()
+        child.join()
+    if succeeded:
+        return value
+    raise value
+
+
+def _send_result(sender, fn, args) -> None:
+    try:
+        sender.send((True, fn(*args)))
+    except Exception as error:  # the parent raises it
+        sender.send((False, error))
+    finally:
+        sender.close()
 
 
 def _sql_literal(value: str) -> str:
