@@ -97,14 +97,15 @@ def _run_and_summarise(args: argparse.Namespace, data_dir: Path, until: str = "b
     from mapillary_assets.runners.pipeline import STAGES, run_pipeline
     from mapillary_assets.storage import DataLayout
 
-    layout = DataLayout(data_dir)
+    layout = DataLayout.at(data_dir)
     stages = STAGES[: STAGES.index(until) + 1]
     with DagsterInstance.get() as instance:
         configure_pools(instance)
         try:
             with (
                 contextlib.nullcontext() if args.debug else console_without_stack_traces(),
-                ProgressDisplay(layout, stages),
+                # polls the stage files; a bucket only from the runs (see storage.in_fresh_child)
+                ProgressDisplay(layout, stages) if layout.is_local else contextlib.nullcontext(),
             ):
                 summary = run_pipeline(instance, until=until)
         except PipelineFailed as failure:
@@ -197,7 +198,7 @@ def plan_command(args: argparse.Namespace) -> int:
             return await plan_area(
                 client,
                 aoi,
-                DataLayout(Path(args.data_dir)),
+                DataLayout.at(args.data_dir),
                 zoom,
                 tileset,
                 tiles_per_day=settings.tiles_per_day,

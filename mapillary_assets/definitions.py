@@ -7,10 +7,10 @@ own resources (emulator URLs, temporary folders)."""
 from __future__ import annotations
 
 import os
-from pathlib import Path
 
 import dagster as dg
 
+from mapillary_assets.api.ratelimit import redis_url_from_env
 from mapillary_assets.defs.assets.chunks import blur_scores, image_metadata, thumbnail_downloads
 from mapillary_assets.defs.assets.discovery import (
     build_discovered_images,
@@ -32,6 +32,7 @@ from mapillary_assets.defs.jobs import (
 )
 from mapillary_assets.defs.partitions import tile_partitions
 from mapillary_assets.defs.resources import (
+    ConfigError,
     DataStorageResource,
     MapillaryApiResource,
     PipelineSettings,
@@ -40,7 +41,13 @@ from mapillary_assets.storage import DataLayout
 
 
 def resources_from_env() -> dict:
-    layout = DataLayout(Path(os.environ.get("MAPILLARY_DATA_DIR", "data")).resolve())
+    layout = DataLayout.at(os.environ.get("MAPILLARY_DATA_DIR", "data"))
+    if not layout.is_local and not redis_url_from_env():
+        raise ConfigError(
+            f"MAPILLARY_DATA_DIR={layout.root} is an object store, so several machines share one API "
+            "budget, and the SQLite rate-limit store can not be shared through a bucket: set "
+            "MAPILLARY_REDIS_URL (redis://host:port/db) so every worker draws from the same budget"
+        )
     return {
         "mapillary_api": MapillaryApiResource.from_env(
             default_rate_limit_store=layout.rate_limit_store_path

@@ -3,7 +3,7 @@
 The runs execute in forked worker processes (runners/local.py), so the driver cannot see their
 counters; it polls what they leave in the data dir instead: each chunk's stage file is written once,
 atomically, when the chunk's stage is done, and its row count sits in the Parquet footer. Polling a
-few hundred footers (cached by mtime and size) every couple of seconds costs next to nothing. The
+few hundred footers (cached by modification time) every couple of seconds costs next to nothing. The
 granularity is a chunk (MAPILLARY_CHUNK_SIZE images).
 
 In a terminal the stages show as a live display (rich): images done/total, rate, ETA. Elsewhere
@@ -16,21 +16,18 @@ import sys
 import threading
 import time
 from collections.abc import Sequence
-from pathlib import Path
 from typing import TextIO
 
-import pyarrow.parquet as pq
-
-from mapillary_assets.storage import TEMP_MARKER, DataLayout
+from mapillary_assets.storage import DataLayout
 
 POLL_INTERVAL_S = 2.0
 
 
-def _stage_folder(layout: DataLayout, stage: str) -> Path:
+def _stage_folder(layout: DataLayout, stage: str) -> str:
     return {
-        "metadata": layout.metadata_path("x").parent,
-        "thumbnails": layout.downloads_path("x").parent,
-        "blur": layout.blur_path("x").parent,
+        "metadata": layout.metadata_folder,
+        "thumbnails": layout.downloads_folder,
+        "blur": layout.blur_folder,
     }[stage]
 
 
@@ -39,33 +36,28 @@ class StageCounts:
 
     def __init__(self, layout: DataLayout):
         self.layout = layout
-        self._rows: dict[Path, tuple[tuple[int, int], int]] = {}  # path -> ((mtime, size), rows)
+        self._rows: dict[str, tuple[float, int]] = {}  # key -> (modified, rows)
 
-    def _row_count(self, path: Path) -> int:
+    def _row_count(self, key: str) -> int:
+        store = self.layout.store
         try:
-            stat = path.stat()
-            signature = (stat.st_mtime_ns, stat.st_size)
-            cached = self._rows.get(path)
-            if cached is None or cached[0] != signature:
-                cached = (signature, pq.read_metadata(path).num_rows)
-                self._rows[path] = cached
+            modified = store.modified(key)
+            if modified is None:
+                return 0
+            cached = self._rows.get(key)
+            if cached is None or cached[0] != modified:
+                cached = (modified, store.parquet_rows(key) or 0)
+                self._rows[key] = cached
             return cached[1]
         except (OSError, ValueError):  # gone, or being replaced: counted at the next poll
             return 0
 
     def total(self) -> int:
-        path = self.layout.chunk_assignment_path
-        return self._row_count(path) if path.exists() else 0
+        return self._row_count(self.layout.chunk_assignment_key)
 
     def done(self, stage: str) -> int:
         folder = _stage_folder(self.layout, stage)
-        if not folder.is_dir():
-            return 0
-        return sum(
-            self._row_count(path)
-            for path in folder.glob("*.parquet")
-            if TEMP_MARKER not in path.name
-        )
+        return sum(self._row_count(key) for key in self.layout.store.list(folder))
 
 
 def _duration(seconds: float) -> str:

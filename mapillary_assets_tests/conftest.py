@@ -12,6 +12,8 @@ os.environ.pop("MAPILLARY_ACCESS_TOKEN", None)
 
 import pytest  # noqa: E402
 
+from mapillary_assets_tests.support.object_store import s3_server  # noqa: E402, F401 (a fixture)
+
 
 @pytest.fixture(autouse=True)
 def _environment_restored():

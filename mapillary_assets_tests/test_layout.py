@@ -7,7 +7,7 @@ import ast
 from pathlib import Path
 
 PACKAGE = Path(__file__).resolve().parents[1] / "mapillary_assets"
-PLAIN_LAYERS = ("api", "emulator", "pipeline", "storage.py", "errors.py")
+PLAIN_LAYERS = ("api", "emulator", "pipeline", "storage", "errors.py")
 MAX_LINES = 450
 
 

@@ -6,21 +6,27 @@ environment, `resources_from_env`: the token stays a `dg.EnvVar`), runs complete
 (a rejected token, an outage), and everything is searched: every Dagster event of every run, the runs'
 tags and config, captured Python logging and console output, the exceptions, and every file under the
 data folder and DAGSTER_HOME, read as bytes and, for formats that compress (SQLite blobs, Parquet,
-DuckDB, gzip), as their decoded content."""
+DuckDB, gzip), as their decoded content. The object store's keys (AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY)
+are searched for the same way after a run on an s3:// data dir, the bucket's objects included."""
 
 from __future__ import annotations
 
 import asyncio
 import base64
+import dataclasses
 import gzip
+import itertools
 import logging
 import sqlite3
 import time
 import traceback
+import uuid
 import zlib
+from collections.abc import Sequence
 from pathlib import Path
 
 import duckdb
+import obstore
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
@@ -35,7 +41,8 @@ from mapillary_assets.emulator import EmulatorServer
 from mapillary_assets.runners.failures import failure_messages
 from mapillary_assets.runners.instance import open_instance
 from mapillary_assets.runners.pipeline import run_pipeline
-from mapillary_assets.storage import DataLayout, read_parquet
+from mapillary_assets.storage import DataLayout, ObjectStore, read_parquet
+from mapillary_assets_tests.support.bucket_run import run_on_bucket
 from mapillary_assets_tests.support.emulated_runs import emulated_run, execute
 from mapillary_assets_tests.support.world import TEST_TOKEN, reference_world
 
@@ -45,38 +52,39 @@ FORMS = (CANARY, base64.b64encode(TEST_TOKEN.encode()).decode())
 REJECTED_TOKEN = "MLY|9999|the-emulator-wants-this-one"
 
 
-def leaks_in_text(text: str) -> bool:
-    return any(form in text for form in FORMS)
+def leaks_in_text(text: str, forms: Sequence[str] = FORMS) -> bool:
+    return any(form in text for form in forms)
 
 
-def leaks_in_bytes(data: bytes) -> bool:
-    return any(form.encode() in data for form in FORMS)
+def leaks_in_bytes(data: bytes, forms: Sequence[str] = FORMS) -> bool:
+    return any(form.encode() in data for form in forms)
 
 
 # ---------------------------------------------------------------------------------------------
 # searching files, decoded
 
 
-def files_holding_the_token(root: Path) -> list[str]:
+def files_holding_the_token(root: Path, forms: Sequence[str] = FORMS) -> list[str]:
+    """Files under `root` holding any of `forms` (the token's, by default), raw or decoded."""
     found = []
     for path in sorted(p for p in Path(root).rglob("*") if p.is_file()):
         data = path.read_bytes()
         where = []
-        if leaks_in_bytes(data):
+        if leaks_in_bytes(data, forms):
             where.append("raw bytes")
         if data.startswith(b"SQLite format 3\x00"):
-            where += _sqlite_leaks(path)
+            where += _sqlite_leaks(path, forms)
         elif data[:4] == b"PAR1":
-            where += _parquet_leaks(path)
+            where += _parquet_leaks(path, forms)
         elif data[8:12] == b"DUCK":
-            where += _duckdb_leaks(path)
-        elif data[:2] == b"\x1f\x8b" and leaks_in_bytes(gzip.decompress(data)):
+            where += _duckdb_leaks(path, forms)
+        elif data[:2] == b"\x1f\x8b" and leaks_in_bytes(gzip.decompress(data), forms):
             where.append("gzip content")
         found += [f"{path.relative_to(root)}: {place}" for place in where]
     return found
 
 
-def _sqlite_leaks(path: Path) -> list[str]:
+def _sqlite_leaks(path: Path, forms: Sequence[str]) -> list[str]:
     """Every value of every table, blobs also zlib-inflated (Dagster stores snapshots compressed)."""
     where = []
     with sqlite3.connect(f"file:{path}?mode=ro", uri=True) as con:
@@ -86,30 +94,30 @@ def _sqlite_leaks(path: Path) -> list[str]:
         for table in tables:
             for row in con.execute(f'SELECT * FROM "{table}"'):
                 for value in row:
-                    if _value_leaks(value):
+                    if _value_leaks(value, forms):
                         where.append(f"table {table}")
     return sorted(set(where))
 
 
-def _value_leaks(value) -> bool:
+def _value_leaks(value, forms: Sequence[str]) -> bool:
     if isinstance(value, str):
-        return leaks_in_text(value)
+        return leaks_in_text(value, forms)
     if isinstance(value, bytes):
-        if leaks_in_bytes(value):
+        if leaks_in_bytes(value, forms):
             return True
         try:
-            return leaks_in_bytes(zlib.decompress(value))
+            return leaks_in_bytes(zlib.decompress(value), forms)
         except zlib.error:
             return False
     return False
 
 
-def _parquet_leaks(path: Path) -> list[str]:
+def _parquet_leaks(path: Path, forms: Sequence[str]) -> list[str]:
     table = pq.read_table(path)
     return [
         f"column {name}"
         for name in table.column_names
-        if any(_value_leaks(v) for v in _as_text_or_bytes(table[name]) if v is not None)
+        if any(_value_leaks(v, forms) for v in _as_text_or_bytes(table[name]) if v is not None)
     ]
 
 
@@ -120,7 +128,7 @@ def _as_text_or_bytes(column) -> list:
     return column.cast("string", safe=False).to_pylist()
 
 
-def _duckdb_leaks(path: Path) -> list[str]:
+def _duckdb_leaks(path: Path, forms: Sequence[str]) -> list[str]:
     where = []
     with duckdb.connect(str(path), read_only=True) as con:
         columns = con.execute(
@@ -130,8 +138,8 @@ def _duckdb_leaks(path: Path) -> list[str]:
         for table, column in columns:
             hits = con.execute(
                 f'SELECT count(*) FROM "{table}" WHERE '
-                + " OR ".join(f'position(? IN "{column}") > 0' for _ in FORMS),
-                list(FORMS),
+                + " OR ".join(f'position(? IN "{column}") > 0' for _ in forms),
+                list(forms),
             ).fetchone()[0]
             if hits:
                 where.append(f"{table}.{column}")
@@ -299,6 +307,62 @@ def _client_exceptions(server: EmulatorServer, rejecting: EmulatorServer) -> lis
 
     calls = (lambda c: c.get_tile(14, 8579, 5737), lambda c: c.get_images(["1"], ["id"]))
     return [asyncio.run(failure(target, call)) for target in (rejecting, server) for call in calls]
+
+
+@pytest.mark.slow
+def test_the_object_store_keys_appear_in_no_log_event_output_error_or_object(
+    tmp_path, monkeypatch, caplog, capfd, s3_server
+):
+    """A run on an s3:// data dir, then a store with a wrong secret: the access key id and the secret
+    (read from AWS_* only) are in no Dagster event or run, log record, console line, error, local file
+    (DAGSTER_HOME, scratch) or object in the bucket."""
+    caplog.set_level(logging.DEBUG)
+    keys = (s3_server.access_key_id, s3_server.secret_access_key)
+    for name, value in s3_server.environment().items():
+        monkeypatch.setenv(name, value)
+    monkeypatch.setenv("MAPILLARY_SCRATCH_DIR", str(tmp_path / "scratch"))
+    url = f"s3://{s3_server.bucket}/security-{uuid.uuid4().hex[:8]}"
+    finished = run_on_bucket(tmp_path, url)  # a process of its own: see support/bucket_run.py
+    assert finished.returncode == 0, finished.stderr[-3000:]
+    with open_instance(tmp_path / "home") as instance:
+        runs = instance.get_runs()
+        event_leaks = [
+            f"run {each.run_id[:8]} ({each.job_name}): {entry.dagster_event_type or 'log'}"
+            for each in runs
+            for entry in instance.all_logs(each.run_id)
+            if leaks_in_text(serialize_value(entry), keys)
+        ]
+        run_leaks = [each.run_id for each in runs if leaks_in_text(serialize_value(each), keys)]
+    assert len(runs) >= 5
+    wrong = ObjectStore(
+        url, dataclasses.replace(s3_server.settings, secret_access_key="wr0ng-" * 4)
+    )
+    errors = []
+    for attempt in (lambda: wrong.get("chunks/assignment.parquet"), lambda: wrong.put("x", b"x")):
+        with pytest.raises(Exception) as refused:
+            attempt()
+        errors.append("".join(traceback.format_exception(refused.value)) + repr(refused.value))
+    captured = capfd.readouterr()
+    record_leaks = [
+        f"{record.name}: {record.getMessage()[:200]}"
+        for record in caplog.records
+        if leaks_in_text(record.getMessage(), keys)
+        or leaks_in_text(str(record.exc_text or ""), keys)
+    ]
+    mirror = tmp_path / "bucket"
+    store = DataLayout(url).store
+    for meta in itertools.chain.from_iterable(obstore.list(store._store)):
+        (mirror / meta["path"]).parent.mkdir(parents=True, exist_ok=True)
+        (mirror / meta["path"]).write_bytes(store.get(meta["path"]))
+    assert len(list(mirror.rglob("*.jpg"))) > 100, "the run stored its thumbnails in the bucket"
+    assert not event_leaks, event_leaks
+    assert not run_leaks, run_leaks
+    assert not record_leaks, record_leaks
+    console = finished.stdout + finished.stderr + captured.out + captured.err
+    assert "blur_scores" in console, "the run's console output was not captured"
+    assert not leaks_in_text(console, keys), "console output holds a key"
+    assert not [error for error in errors if leaks_in_text(error, keys + ("wr0ng-",))], errors
+    assert files_holding_the_token(tmp_path, keys) == []  # home, scratch and the bucket's objects
 
 
 # ---------------------------------------------------------------------------------------------

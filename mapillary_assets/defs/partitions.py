@@ -25,7 +25,7 @@ from mapillary_assets.dagster_compat import (
 from mapillary_assets.defs.area import area_from, partition_zoom
 from mapillary_assets.errors import UserError
 from mapillary_assets.pipeline.aoi import partition_tiles, tile_key
-from mapillary_assets.storage import data_dir_identity
+from mapillary_assets.storage import DataLayout, data_dir_identity
 
 CHUNK_PARTITIONS_NAME = "id_chunks"
 _BOUND_DATA_DIR_ID = "mapillary_assets/data_dir_id"
@@ -66,20 +66,25 @@ def describe_partitions(tags: dict[str, str]) -> str:
     return "(unpartitioned)"
 
 
-def bind_instance_to_data_dir(instance: dg.DagsterInstance, root: Path) -> None:
-    """Bind `instance` to the data dir at `root` on first use; refuse (UserError naming both and the fix)
-    when it is bound to another data dir, whose chunk partitions and materialisations it holds."""
-    root = Path(root).resolve()
-    identity = data_dir_identity(root)
+def bind_instance_to_data_dir(instance: dg.DagsterInstance, root: Path | str) -> None:
+    """Bind `instance` to the data dir at `root` (a folder or an s3:// URL) on first use; refuse (UserError
+    naming both and the fix) when it is bound to another data dir, whose chunk partitions and
+    materialisations it holds."""
+    layout = DataLayout(root)
+    root = layout.root.resolve() if layout.is_local else layout.root
+    identity = data_dir_identity(DataLayout(root))
     storage = instance.run_storage
     bound = storage.get_cursor_values({_BOUND_DATA_DIR_ID, _BOUND_DATA_DIR_PATH})
     bound_id, bound_path = bound.get(_BOUND_DATA_DIR_ID), bound.get(_BOUND_DATA_DIR_PATH)
     if bound_id is not None and bound_id != identity:
         home = instance.root_directory or "this Dagster instance"
+        home_hint = (
+            f"DAGSTER_HOME={root / 'dagster_home'}" if layout.is_local else "its own DAGSTER_HOME"
+        )
         raise UserError(
             f"the Dagster instance in {home} belongs to the data dir {bound_path}, not to {root}: its chunk "
             f"partitions and materialisations describe that data dir's files. Use {bound_path} as the data dir, "
-            f"or give {root} its own instance: DAGSTER_HOME={root / 'dagster_home'}"
+            f"or give {root} its own instance: {home_hint}"
         )
     if bound_id is None or bound_path != str(root):  # first use, or the same data dir moved
         storage.set_cursor_values({_BOUND_DATA_DIR_ID: identity, _BOUND_DATA_DIR_PATH: str(root)})

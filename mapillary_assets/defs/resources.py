@@ -92,13 +92,13 @@ class MapillaryApiResource(dg.ConfigurableResource):
 
 
 class DataStorageResource(dg.ConfigurableResource):
-    """Root folder of every stage's files (see storage.DataLayout)."""
+    """The data dir of every stage's files: a folder or s3://bucket/prefix (see storage.DataLayout)."""
 
     data_dir: str
 
     @property
     def layout(self) -> DataLayout:
-        return DataLayout(Path(self.data_dir).resolve())
+        return DataLayout.at(self.data_dir)
 
 
 class PipelineSettings(dg.ConfigurableResource):
@@ -185,16 +185,16 @@ def api_resources(
     """The three resources of the pipeline against the API at explicit URLs (the emulator's, in the
     tests and benchmarks), its files under `data_dir`: `access_token` a str or `dg.EnvVar`, `api`
     MapillaryApiResource fields (rate budgets, retries), `settings` PipelineSettings fields."""
-    data_dir = Path(data_dir)
+    layout = DataLayout.at(data_dir)
     return {
         "mapillary_api": MapillaryApiResource(
             access_token=access_token,
             graph_url=graph_url,
             tiles_url=tiles_url,
-            rate_limit_store=str(DataLayout(data_dir).rate_limit_store_path),
+            rate_limit_store=str(layout.rate_limit_store_path),
             **(api or {}),
         ),
-        "storage": DataStorageResource(data_dir=str(data_dir)),
+        "storage": DataStorageResource(data_dir=str(layout.root)),
         "settings": PipelineSettings(**(settings or {})).validated(),
     }
 

@@ -44,7 +44,7 @@ from collections import deque
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
-from pathlib import Path
+from pathlib import Path, PurePath
 
 import cv2
 import numpy as np
@@ -111,12 +111,19 @@ class _Decoded:
     reason: str | None
 
 
+def read_file(path: Path | str) -> bytes:
+    return Path(path).read_bytes()
+
+
 def decode_gray(
-    path: Path, analysis_size: tuple[int, int] | None = DEFAULT_ANALYSIS_SIZE
+    path: Path | str,
+    analysis_size: tuple[int, int] | None = DEFAULT_ANALYSIS_SIZE,
+    read: Callable[[Path | str], bytes] = read_file,
 ) -> _Decoded:
-    """Read one file and decode it to 8-bit grayscale at the analysis size; never raises for bad files."""
+    """Read one image (a file, or what `read` returns for `path`) and decode it to 8-bit grayscale at the
+    analysis size; never raises for bad files."""
     try:
-        data = Path(path).read_bytes()
+        data = read(path)
     except OSError as exc:
         return _Decoded(None, f"unreadable: {type(exc).__name__}: {exc.strerror or exc}")
     if data[:2] != b"\xff\xd8":
@@ -176,11 +183,13 @@ def _slice_size(total: int, workers: int) -> int:
 
 
 def _score_slice(
-    paths: Sequence[Path], analysis_size: tuple[int, int] | None
+    paths: Sequence[Path | str],
+    analysis_size: tuple[int, int] | None,
+    read: Callable[[Path | str], bytes] = read_file,
 ) -> list[tuple[float, float, str | None]]:
     scores: list[tuple[float, float, str | None]] = []
     for path in paths:
-        decoded = decode_gray(path, analysis_size)
+        decoded = decode_gray(path, analysis_size, read)
         if decoded.gray is None:
             scores.append((math.nan, math.nan, decoded.reason))
         else:
@@ -196,15 +205,17 @@ def score_images(
     batch_size: int = 64,
     workers: int | None = None,
     progress: Progress | None = None,
+    read: Callable[[Path | str], bytes] = read_file,
 ) -> pd.DataFrame:
-    """Score JPEG files; one row per path in input order (image_id = file stem).
+    """Score JPEG files (or the objects `read` returns for the keys in `paths`); one row per path in
+    input order (image_id = file stem).
 
     Unreadable or non-JPEG files give a row with NaN scores, is_blurry False and a `reason`.
     `batch_size` is the number of images per Kornia batch (capped at 8 on the CPU); `workers` the
     decode threads (default: the usable CPU cores).
     """
     resolved = resolve_backend(backend)
-    paths = [Path(p) for p in paths]
+    paths = list(paths)
     workers = workers or default_workers()
     total = len(paths)
     blur = np.full(total, np.nan)
@@ -218,7 +229,7 @@ def score_images(
         if resolved == "opencv":
             index = 0
             for scored in _ordered_map(
-                executor, lambda part: _score_slice(part, analysis_size), slices, 2 * workers
+                executor, lambda part: _score_slice(part, analysis_size, read), slices, 2 * workers
             ):
                 failed = 0
                 for b, s, reason in scored:
@@ -236,7 +247,7 @@ def score_images(
                 decoded
                 for part in _ordered_map(
                     executor,
-                    lambda part: [decode_gray(p, analysis_size) for p in part],
+                    lambda part: [decode_gray(p, analysis_size, read) for p in part],
                     slices,
                     max(workers, (2 * batch_size) // size + workers),
                 )
@@ -268,7 +279,7 @@ def score_images(
 
     return pd.DataFrame(
         {
-            "image_id": pd.Series([p.stem for p in paths], dtype=object),
+            "image_id": pd.Series([PurePath(p).stem for p in paths], dtype=object),
             "blur_value": blur.astype(np.float64),
             "sobel_value": sobel.astype(np.float64),
             "is_blurry": np.where(np.isnan(blur), False, blur < threshold).astype(bool),

@@ -11,7 +11,7 @@ from __future__ import annotations
 import base64
 import io
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 
 import cv2
@@ -105,7 +105,11 @@ def blur_histogram_png(values, threshold: float | None = None, bins: int = 40) -
 
 
 def contact_sheet_png(
-    paths: Sequence[Path], values, threshold: float, per_row: int = 6
+    paths: Sequence[Path | str],
+    values,
+    threshold: float,
+    per_row: int = 6,
+    read: Callable[[Path | str], bytes] | None = None,
 ) -> bytes | None:
     """Two rows of thumbnails with their scores, the blurriest on top and the sharpest below, to judge
     the threshold by eye; unreadable files show as a grey tile. None when nothing was scored."""
@@ -123,7 +127,7 @@ def contact_sheet_png(
     # The thumbnails are pasted into one pixel mosaic (figimage) with their frames, and only the texts
     # are matplotlib artists: a grid of 12 axes cost the blur step ~0.2 s of CPU per chunk.
     cell_width, frame, gap, title, label, heading = 96, 3, 8, 16, 22, 22
-    tiles = [[_thumbnail(path, cell_width) for path, _ in items] for _, items in rows]
+    tiles = [[_thumbnail(path, read, cell_width) for path, _ in items] for _, items in rows]
     cell_height = max(tile.shape[0] for row in tiles for tile in row) + 2 * frame
     pitch_x, pitch_y = cell_width + 2 * frame + gap, title + cell_height + gap
     width_px = max(label + len(blurriest) * pitch_x, round(4.5 * _DPI))
@@ -167,9 +171,16 @@ def _rgb(colour: str) -> tuple[int, int, int]:
     return tuple(int(colour[i : i + 2], 16) for i in (1, 3, 5))
 
 
-def _thumbnail(path: Path, width: int = 96) -> np.ndarray:
+def _thumbnail(path: Path | str, read=None, width: int = 96) -> np.ndarray:
     # IMREAD_REDUCED_* decodes at 1/4 size directly: a 1024 px JPEG costs a fraction of a full decode.
-    image = cv2.imread(str(path), cv2.IMREAD_REDUCED_COLOR_4)
+    if read is None:
+        image = cv2.imread(str(path), cv2.IMREAD_REDUCED_COLOR_4)
+    else:
+        try:
+            data = np.frombuffer(read(path), np.uint8)
+        except OSError:
+            data = np.zeros(0, np.uint8)
+        image = cv2.imdecode(data, cv2.IMREAD_REDUCED_COLOR_4) if data.size else None
     if image is None:
         return np.full((width * 3 // 4, width, 3), 200, np.uint8)
     height = max(1, round(image.shape[0] * width / image.shape[1]))

@@ -38,7 +38,7 @@ from mapillary_assets.api.errors import (
 )
 from mapillary_assets.pipeline.jpeg_verification import is_complete_jpeg, verify_jpeg
 from mapillary_assets.pipeline.thumbnail_urls import SignedUrl
-from mapillary_assets.storage import DataLayout, atomic_write_bytes, validate_image_id
+from mapillary_assets.storage import DataLayout, validate_image_id
 
 THUMBNAIL_SIZES: tuple[int | str, ...] = (256, 1024, 2048, "original")
 RESOLVE_BATCH_SIZE = 50  # Graph API `?ids=` limit
@@ -93,6 +93,9 @@ class _ThumbnailDownloader:
     ) -> None:
         self.client = client
         self.layout = layout
+        # One store for the whole chunk: its put is the per-image write (a temp+rename file on a local
+        # disk, one PUT to a bucket); a shard writer would replace exactly this and _existing_size.
+        self.store = layout.store
         self.size = size
         self.field = thumbnail_field(size)
         self.concurrency = concurrency
@@ -120,9 +123,8 @@ class _ThumbnailDownloader:
 
     # step 1: what is already on disk
     def _existing_size(self, image_id: str) -> int | None:
-        path = self.layout.thumbnail_path(image_id, self.size)
         try:
-            data = path.read_bytes()
+            data = self.store.get(self.relative(image_id))
         except OSError:
             return None
         return len(data) if is_complete_jpeg(data) else None
@@ -202,7 +204,6 @@ class _ThumbnailDownloader:
 
     async def fetch(self, image_id: str, url: str) -> _Outcome:
         relative = self.relative(image_id)
-        path = self.layout.root / relative
         refreshes = 0
         bad_bodies = 0
         while True:
@@ -231,9 +232,8 @@ class _ThumbnailDownloader:
                 )
             problem = await self.verify(data)
             if problem is None:
-                atomic_write_bytes(
-                    path, data, durable=False
-                )  # on the loop (see above); re-verified every run
+                # on the loop (see above); not fsynced: re-verified every run
+                self.store.put(relative, data, durable=False)
                 return _Outcome(image_id, relative, len(data), "ok")
             bad_bodies += 1
             if bad_bodies >= MAX_JPEG_ATTEMPTS:
@@ -243,6 +243,8 @@ class _ThumbnailDownloader:
 
     def create_shard_folders(self, image_ids: list[str]) -> None:
         """Each shard folder once per run, so no write pays for a failed open and a mkdir."""
+        if not self.layout.is_local:
+            return  # a bucket has no folders
         for folder in {self.relative(i).rpartition("/")[0] for i in image_ids}:
             (self.layout.root / folder).mkdir(parents=True, exist_ok=True)
 

@@ -22,7 +22,7 @@ from shapely.geometry.base import BaseGeometry
 
 from mapillary_assets.pipeline.filters import load_filter_polygons
 from mapillary_assets.pipeline.staging_images import build_images, build_sequences
-from mapillary_assets.storage import TEMP_MARKER, DataLayout, StorageError, read_parquet
+from mapillary_assets.storage import TEMP_MARKER, DataLayout, StorageError
 
 # DuckDB spills to disk beyond this instead of growing with the image count (its default is 80 % of RAM).
 # Some of its allocations bypass the limit (DuckDB's OOM guide), so it sits well under the 2 GB budget of
@@ -104,7 +104,7 @@ BLUR_COLUMNS: dict[str, str] = {
 @dataclass(frozen=True)
 class _Stage:
     table: str
-    folder: Callable[[DataLayout], Path]
+    folder: str  # a DataLayout folder key
     columns: dict[str, str]
     source_column: str  # partition or chunk key, taken from the file name
     accepts: Callable[[str], bool]
@@ -115,15 +115,14 @@ def _is_failures(name: str) -> bool:
     return name.endswith(".failures.parquet")
 
 
-# DataLayout names files, not folders (except discovery); the folder is the parent of any file path.
 _STAGES = (
-    _Stage("discovered_images", lambda lay: lay.discovery_dir, DISCOVERY_COLUMNS, "partition", lambda n: True,
+    _Stage("discovered_images", DataLayout.discovery_folder, DISCOVERY_COLUMNS, "partition", lambda n: True,
            derived=", ST_Point(lon, lat) AS geom"),
-    _Stage("image_metadata", lambda lay: lay.metadata_path("x").parent, METADATA_COLUMNS, "chunk",
+    _Stage("image_metadata", DataLayout.metadata_folder, METADATA_COLUMNS, "chunk",
            lambda n: not _is_failures(n)),
-    _Stage("metadata_failures", lambda lay: lay.metadata_path("x").parent, FAILURE_COLUMNS, "chunk", _is_failures),
-    _Stage("downloads", lambda lay: lay.downloads_path("x").parent, DOWNLOAD_COLUMNS, "chunk", lambda n: True),
-    _Stage("blur_scores", lambda lay: lay.blur_path("x").parent, BLUR_COLUMNS, "chunk", lambda n: True),
+    _Stage("metadata_failures", DataLayout.metadata_folder, FAILURE_COLUMNS, "chunk", _is_failures),
+    _Stage("downloads", DataLayout.downloads_folder, DOWNLOAD_COLUMNS, "chunk", lambda n: True),
+    _Stage("blur_scores", DataLayout.blur_folder, BLUR_COLUMNS, "chunk", lambda n: True),
 )  # fmt: skip
 
 TABLES = tuple(stage.table for stage in _STAGES) + ("images", "sequences")
@@ -198,6 +197,7 @@ def load_staging(
     try:
         con = connect_staging(temporary)
         try:
+            layout.store.prepare_duckdb(con)  # a bucket's files are read over S3 (httpfs)
             con.execute("BEGIN TRANSACTION")
             for stage in _STAGES:
                 _load_stage(con, layout, stage, discovery_keys)
@@ -234,23 +234,20 @@ def _sql_string(text: str) -> str:
 
 def _stage_files(
     layout: DataLayout, stage: _Stage, discovery_keys: Collection[str] | None = None
-) -> list[Path]:
-    folder = stage.folder(layout)
-    if not folder.is_dir():
-        return []
+) -> list[str]:
+    """Keys of the stage's Parquet files (the store lists no write leftovers)."""
     wanted = (
-        {f"{key}.parquet" for key in discovery_keys}
+        {layout.discovery_key(key) for key in discovery_keys}
         if discovery_keys is not None and stage.table == "discovered_images"
         else None
     )
-    return sorted(
-        path
-        for path in folder.glob("*.parquet")
-        if TEMP_MARKER not in path.name
-        and path.is_file()
-        and stage.accepts(path.name)
-        and (wanted is None or path.name in wanted)
-    )
+    return [
+        key
+        for key in layout.store.list(stage.folder)
+        if key.endswith(".parquet")
+        and stage.accepts(key.rpartition("/")[2])
+        and (wanted is None or key in wanted)
+    ]
 
 
 def _typed_nulls(columns: dict[str, str]) -> str:
@@ -272,7 +269,7 @@ def _load_stage(
         )
         return
     source = "read_parquet($files, union_by_name = true, filename = 'source_file')"
-    parameters = {"files": [str(path) for path in files]}
+    parameters = {"files": [layout.store.duckdb_source(key) for key in files]}
     try:
         present = {
             row[0]: row[1]
@@ -292,17 +289,17 @@ def _load_stage(
             parameters,
         )
     except duckdb.Error as exc:
-        raise _diagnose(files, exc) from None
+        raise _diagnose(layout, files, exc) from None
 
 
-def _diagnose(files: list[Path], exc: duckdb.Error) -> StorageError:
+def _diagnose(layout: DataLayout, files: list[str], exc: duckdb.Error) -> StorageError:
     """Name the file DuckDB choked on (its messages do not always name it)."""
-    for path in files:
+    for key in files:
         try:
-            read_parquet(path)
+            layout.store.read_parquet(key)
         except StorageError as error:
             return error
-    folder = files[0].parent
+    folder = layout.store.describe(files[0].rpartition("/")[0])
     return StorageError(
         f"the Parquet files in {folder} do not match their data contract ({exc}); re-materialise the "
         "partitions that wrote them"
@@ -312,17 +309,17 @@ def _diagnose(files: list[Path], exc: duckdb.Error) -> StorageError:
 def _load_chunk_assignment(con: duckdb.DuckDBPyConnection, layout: DataLayout) -> bool:
     """Once ids are chunked, `images` holds the chunked ids only: the same set in a full run, and just the
     first N ids in a sample run (MAPILLARY_SAMPLE_LIMIT)."""
-    path = layout.chunk_assignment_path
-    if not path.exists():
+    key = layout.chunk_assignment_key
+    if not layout.store.exists(key):
         return False
     try:
         con.execute(
             "CREATE TEMP TABLE chunk_assignment AS SELECT CAST(image_id AS VARCHAR) AS image_id "
             "FROM read_parquet($path)",
-            {"path": str(path)},
+            {"path": layout.store.duckdb_source(key)},
         )
     except duckdb.Error as exc:
-        raise _diagnose([path], exc) from None
+        raise _diagnose(layout, [key], exc) from None
     return True
 
 

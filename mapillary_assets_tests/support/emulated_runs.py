@@ -167,20 +167,19 @@ def emulated_run(
     token: str | None = None,
     server_token: str | None = None,
     api: Mapping[str, object] | None = None,
+    data_dir: Path | str | None = None,
     **settings,
 ) -> Iterator[EmulatedRun]:
     """An emulator of the reference world (with `faults`) and a persistent instance + data folder in
-    `folder`, wired together (the client's token may differ from the server's: `server_token`)."""
+    `folder` (or the data dir `data_dir`: another folder, an s3:// URL), wired together (the client's
+    token may differ from the server's: `server_token`)."""
     folder = Path(folder)
+    data_dir = folder / "data" if data_dir is None else data_dir
     with (
         EmulatorServer(
             reference_world(), faults=faults, token=server_token or TEST_TOKEN
         ) as server,
         open_instance(folder / "home") as instance,
     ):
-        resources = emulator_resources(
-            server, folder / "data", token or TEST_TOKEN, api=api, **settings
-        )
-        yield EmulatedRun(
-            server, instance, build_definitions(resources), folder / "data", folder / "home"
-        )
+        resources = emulator_resources(server, data_dir, token or TEST_TOKEN, api=api, **settings)
+        yield EmulatedRun(server, instance, build_definitions(resources), data_dir, folder / "home")

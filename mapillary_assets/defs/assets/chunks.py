@@ -26,19 +26,17 @@ from mapillary_assets.defs.resources import (
     PipelineSettings,
 )
 from mapillary_assets.pipeline import thumbnail_urls
-from mapillary_assets.pipeline.blur import analysis_box, score_images
+from mapillary_assets.pipeline.blur import analysis_box, read_file, score_images
 from mapillary_assets.pipeline.charts import blur_histogram_png, contact_sheet_png, png_markdown
 from mapillary_assets.pipeline.chunks import chunk_image_ids
 from mapillary_assets.pipeline.download import download_thumbnails, thumbnail_field
 from mapillary_assets.pipeline.metadata import fetch_metadata, ids_to_fetch, merge_with_existing
 from mapillary_assets.storage import (
     DataLayout,
+    Store,
     disk_full_error,
     is_disk_full,
-    read_parquet,
-    remove_leftovers_of,
     validate_image_id,
-    write_parquet_atomic,
 )
 
 CHUNK_BACKFILL = dg.BackfillPolicy.multi_run(max_partitions_per_run=4)
@@ -47,28 +45,31 @@ CHUNK_BACKFILL = dg.BackfillPolicy.multi_run(max_partitions_per_run=4)
 def _chunk_ids(layout: DataLayout, chunk_key: str) -> list[str]:
     # only this chunk's rows: the assignment holds every id (1.2 M at full scale), read by every chunk run
     return chunk_image_ids(
-        read_parquet(layout.chunk_assignment_path, filters=[("chunk", "==", chunk_key)]), chunk_key
+        layout.store.read_parquet(
+            layout.chunk_assignment_key, filters=[("chunk", "==", chunk_key)]
+        ),
+        chunk_key,
     )
 
 
-def _read_if_exists(path) -> pd.DataFrame | None:
-    return read_parquet(path) if path.exists() else None
+def _read_if_exists(store: Store, key: str) -> pd.DataFrame | None:
+    return store.read_parquet(key) if store.exists(key) else None
 
 
-def _remove_leftovers(log, chunk_key: str, paths) -> None:
+def _remove_leftovers(log, chunk_key: str, store: Store, keys) -> None:
     """A killed attempt of this partition may have left `<file>.tmp-*` beside its files: remove them."""
-    removed = remove_leftovers_of(paths)
+    removed = store.remove_leftovers_of(keys)
     if removed:
         log.info(f"{chunk_key}: removed {removed} temporary file(s) left by an interrupted attempt")
 
 
-def _thumbnail_paths(layout: DataLayout, image_ids, size: int):
+def _thumbnail_keys(layout: DataLayout, image_ids, size: int):
     for image_id in image_ids:
         try:
             validate_image_id(image_id)
         except ValueError:
-            continue  # never turned into a path
-        yield layout.thumbnail_path(image_id, size)
+            continue  # never turned into a key
+        yield layout.thumbnail_key(image_id, size)
 
 
 @contextlib.contextmanager
@@ -112,17 +113,18 @@ def image_metadata(
     settings: PipelineSettings,
 ) -> dg.MaterializeResult:
     layout = storage.layout
+    store = layout.store
 
     async def fetch_all():
         outcome = {}
         async with mapillary_api.client() as client:
             for key in context.partition_keys:
-                rows_path, failures_path = (
-                    layout.metadata_path(key),
-                    layout.metadata_failures_path(key),
+                rows_key, failures_key = layout.metadata_key(key), layout.metadata_failures_key(key)
+                _remove_leftovers(context.log, key, store, [rows_key, failures_key])
+                rows, failures = (
+                    _read_if_exists(store, rows_key),
+                    _read_if_exists(store, failures_key),
                 )
-                _remove_leftovers(context.log, key, [rows_path, failures_path])
-                rows, failures = _read_if_exists(rows_path), _read_if_exists(failures_path)
                 todo = ids_to_fetch(_chunk_ids(layout, key), rows, failures)
                 result = await fetch_metadata(
                     client,
@@ -132,8 +134,8 @@ def image_metadata(
                 )
                 thumbnail_urls.remember(layout.root, key, result.thumbnail_urls)
                 rows, failures = merge_with_existing(rows, failures, result)
-                write_parquet_atomic(rows, rows_path)
-                write_parquet_atomic(failures, failures_path)
+                store.write_parquet(rows_key, rows)
+                store.write_parquet(failures_key, failures)
                 outcome[key] = (rows, failures, len(todo), result.requests)
         return outcome
 
@@ -181,12 +183,13 @@ def thumbnail_downloads(
     settings: PipelineSettings,
 ) -> dg.MaterializeResult:
     layout = storage.layout
+    store = layout.store
 
     async def download_all():
         outcome = {}
         async with mapillary_api.client() as client:
             for key in context.partition_keys:
-                failures = _read_if_exists(layout.metadata_failures_path(key))
+                failures = _read_if_exists(store, layout.metadata_failures_key(key))
                 unknown = (
                     set(failures.loc[~failures["transient"], "image_id"])
                     if failures is not None
@@ -196,9 +199,10 @@ def thumbnail_downloads(
                 _remove_leftovers(
                     context.log,
                     key,
+                    store,
                     [
-                        layout.downloads_path(key),
-                        *_thumbnail_paths(layout, chunk_ids, settings.thumbnail_size),
+                        layout.downloads_key(key),
+                        *_thumbnail_keys(layout, chunk_ids, settings.thumbnail_size),
                     ],
                 )
                 ids = [i for i in chunk_ids if i not in unknown]
@@ -211,7 +215,7 @@ def thumbnail_downloads(
                     progress=progress_logger(context.log, key, unit="images"),
                     known_urls=thumbnail_urls.take(layout.root, key),
                 )
-                write_parquet_atomic(frame, layout.downloads_path(key))
+                store.write_parquet(layout.downloads_key(key), frame)
                 outcome[key] = frame
         return outcome
 
@@ -250,21 +254,26 @@ def blur_scores(
     context: dg.AssetExecutionContext, storage: DataStorageResource, settings: PipelineSettings
 ) -> dg.MaterializeResult:
     layout = storage.layout
+    store = layout.store
+    # a local data dir's thumbnails are read as files; a bucket's by key
+    read = read_file if layout.is_local else store.get
     box = analysis_box(settings.thumbnail_size)
     frames, paths = {}, []
     for key in context.partition_keys:
-        _remove_leftovers(context.log, key, [layout.blur_path(key)])
-        downloads = read_parquet(layout.downloads_path(key))
-        ok = [layout.root / path for path in downloads.loc[downloads["status"] == "ok", "path"]]
+        _remove_leftovers(context.log, key, store, [layout.blur_key(key)])
+        downloads = store.read_parquet(layout.downloads_key(key))
+        stored = downloads.loc[downloads["status"] == "ok", "path"]
+        ok = [layout.root / k for k in stored] if layout.is_local else list(stored)
         scores = score_images(
             ok,
+            read=read,
             backend=settings.blur_backend,
             threshold=settings.blur_threshold,
             analysis_size=box,
             progress=progress_logger(context.log, key, unit="images"),
         )
         with disk_full_as_error(layout, settings.thumbnail_size):
-            write_parquet_atomic(scores, layout.blur_path(key))
+            store.write_parquet(layout.blur_key(key), scores)
         frames[key] = scores
         paths.extend(ok)  # scores come one row per path, in input order
     scores = pd.concat(frames.values())
@@ -290,7 +299,9 @@ def blur_scores(
             ),
             "contact_sheet": dg.MetadataValue.md(
                 png_markdown(
-                    contact_sheet_png(paths, scores["blur_value"], settings.blur_threshold),
+                    contact_sheet_png(
+                        paths, scores["blur_value"], settings.blur_threshold, read=read
+                    ),
                     "blurriest and sharpest",
                 )
             ),

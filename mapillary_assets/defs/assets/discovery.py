@@ -6,7 +6,6 @@ import datetime
 import dagster as dg
 import mercantile
 import pandas as pd
-import pyarrow.parquet as pq
 
 from mapillary_assets.api import DailyQuotaSpent
 from mapillary_assets.defs.area import current_aoi
@@ -33,9 +32,6 @@ from mapillary_assets.storage import (
     IMAGE_ID_PATTERN,
     DataLayout,
     StorageError,
-    read_parquet,
-    remove_leftovers_of,
-    write_parquet_atomic,
 )
 
 _INVALID_IDS_SHOWN = 3
@@ -53,7 +49,9 @@ async def _discover(
     async with api.client() as client:
         for key in keys:
             tile = parse_tile_key(key)
-            removed = remove_leftovers_of(_partition_files(layout, settings.tileset, tile, key))
+            removed = layout.store.remove_leftovers_of(
+                _partition_files(layout, settings.tileset, tile, key)
+            )
             if removed:
                 log.info(
                     f"{key}: removed {removed} temporary file(s) left by an interrupted attempt"
@@ -71,7 +69,7 @@ async def _discover(
                     tileset=settings.tileset,
                     cache_max_age_s=settings.tile_cache_max_age_hours * 3600,
                 )
-            write_parquet_atomic(frame, layout.discovery_path(key))
+            layout.store.write_parquet(layout.discovery_key(key), frame)
             log.info(
                 f"{key}: {len(frame):,} images in the area from {stats.nonempty_z14_tiles} non-empty z14 "
                 f"tiles, {stats.requests} requests, {stats.cache_hits} cached tiles"
@@ -118,9 +116,7 @@ def _tile_map_png(
     counts = {
         key: run_counts[key]
         if key in run_counts
-        else pq.read_metadata(path).num_rows
-        if (path := layout.discovery_path(key)).exists()
-        else None
+        else layout.store.parquet_rows(layout.discovery_key(key))
         for key in keys
     }
     return tile_map_png(current_aoi().geometry, counts, failed, list(run_counts))
@@ -129,12 +125,12 @@ def _tile_map_png(
 def _partition_files(layout: DataLayout, tileset: str, tile: mercantile.Tile, key: str):
     """Every file this partition writes: its discovery file and the cached tiles inside it (the coverage
     tiles of the descent and the z14 tiles); no other partition writes any of them."""
-    yield layout.discovery_path(key)
+    yield layout.discovery_key(key)
     for zoom in [*coverage_zooms(tile.z), IMAGE_ZOOM]:
         span = 2 ** (zoom - tile.z)
         for x in range(tile.x * span, (tile.x + 1) * span):
             for y in range(tile.y * span, (tile.y + 1) * span):
-                yield layout.tile_cache_path(tileset, zoom, x, y)
+                yield layout.tile_cache_key(tileset, zoom, x, y)
 
 
 def build_discovered_images(partitions: dg.PartitionsDefinition) -> dg.AssetsDefinition:
@@ -219,25 +215,26 @@ def sequence_images(
     settings: PipelineSettings,
 ) -> dg.MaterializeResult:
     layout = storage.layout
-    path, failures_path = layout.discovery_path(SEQUENCE_ROUTE_KEY), layout.sequence_failures_path
-    remove_leftovers_of([path, failures_path])  # of an interrupted earlier run
+    store = layout.store
+    key, failures_key = layout.discovery_key(SEQUENCE_ROUTE_KEY), layout.sequence_failures_key
+    store.remove_leftovers_of([key, failures_key])  # of an interrupted earlier run
     sequence_ids = settings.sequence_id_list()
     if not sequence_ids:
-        path.unlink(missing_ok=True)
-        failures_path.unlink(missing_ok=True)
+        store.delete(key)
+        store.delete(failures_key)
         context.log.info("sequence route: no sequences configured (MAPILLARY_SEQUENCE_IDS)")
         return dg.MaterializeResult(metadata={"sequences": 0, "images": 0})
 
     async def discover():
         async with mapillary_api.client() as client:
-            existing = read_parquet(path) if path.exists() else None
+            existing = store.read_parquet(key) if store.exists(key) else None
             return await discover_by_sequences(
                 client, current_aoi(), sequence_ids, existing, settings.tileset
             )
 
     frame, failures, stats = asyncio.run(discover())
-    write_parquet_atomic(frame, path)
-    write_parquet_atomic(failures, failures_path)
+    store.write_parquet(key, frame)
+    store.write_parquet(failures_key, failures)
     transient = int(failures["transient"].sum())
     context.log.info(
         f"sequence route: {len(frame):,} images in the area from {len(sequence_ids)} sequence(s), "
@@ -264,14 +261,16 @@ def read_discovered_ids(layout: DataLayout, partition_keys: list[str]) -> list[s
     file paths and URLs downstream), with the file and the fix named."""
     ids: list[str] = []
     for key in partition_keys:
-        path = layout.discovery_path(key)
-        if path.exists():
-            found = read_parquet(path, columns=["image_id"])["image_id"].astype(str).tolist()
+        file_key = layout.discovery_key(key)
+        if layout.store.exists(file_key):
+            found = layout.store.read_parquet(file_key, columns=["image_id"])["image_id"]
+            found = found.astype(str).tolist()
             invalid = [image_id for image_id in found if not IMAGE_ID_PATTERN.match(image_id)]
             if invalid:
                 shown = ", ".join(repr(i) for i in invalid[:_INVALID_IDS_SHOWN])
                 raise StorageError(
-                    f"{path} holds {len(invalid):,} invalid image id(s) ({shown}): Mapillary ids are 1-20 "
+                    f"{layout.store.describe(file_key)} holds {len(invalid):,} invalid image id(s) ({shown}): "
+                    "Mapillary ids are 1-20 "
                     f"decimal digits. Delete the file and re-materialise discovered_images partition {key}"
                 )
             ids.extend(found)
@@ -294,16 +293,18 @@ def image_chunks(
     tile_keys = tile_partitions().get_partition_keys()
     discovered = read_discovered_ids(layout, [*tile_keys, SEQUENCE_ROUTE_KEY])
     warning = None
-    if not discovered and all(layout.discovery_path(key).exists() for key in tile_keys):
+    if not discovered and all(layout.store.exists(layout.discovery_key(k)) for k in tile_keys):
         warning = no_images_warning(current_aoi(), settings.tileset)  # the whole area was searched
         context.log.warning(warning)
     if settings.sample_limit:
         discovered = sorted(set(discovered), key=int)[: settings.sample_limit]
-    path = layout.chunk_assignment_path
-    remove_leftovers_of([path])  # of an interrupted earlier run (this asset's pool has one slot)
-    existing = read_parquet(path) if path.exists() else None
+    store, key = layout.store, layout.chunk_assignment_key
+    store.remove_leftovers_of(
+        [key]
+    )  # of an interrupted earlier run (this asset's pool has one slot)
+    existing = store.read_parquet(key) if store.exists(key) else None
     assignment = assign_chunks(existing, discovered, settings.chunk_size or None)
-    write_parquet_atomic(assignment, path)
+    store.write_parquet(key, assignment)
     registered = set(context.instance.get_dynamic_partitions(CHUNK_PARTITIONS_NAME))
     new_keys = [key for key in chunk_keys(assignment) if key not in registered]
     if new_keys:

@@ -17,7 +17,7 @@ from mapillary_assets.pipeline.filters import load_filter_polygons
 from mapillary_assets.pipeline.geopackage import published_overview, write_geopackage
 from mapillary_assets.pipeline.geoparquet import write_geoparquet
 from mapillary_assets.pipeline.staging import connect_staging, load_staging
-from mapillary_assets.storage import atomic_write_bytes, remove_leftovers_of, sweep_temporary_files
+from mapillary_assets.storage import remove_leftovers_of, sweep_temporary_files
 
 AREA_FINGERPRINT = "aoi_fingerprint"
 
@@ -31,10 +31,10 @@ AREA_FINGERPRINT = "aoi_fingerprint"
 def filter_areas(
     context: dg.AssetExecutionContext, storage: DataStorageResource, settings: PipelineSettings
 ) -> dg.MaterializeResult:
-    target = storage.layout.filter_areas_path
-    remove_leftovers_of([target])  # of an interrupted earlier run
+    store, target = storage.layout.store, storage.layout.filter_areas_key
+    store.remove_leftovers_of([target])  # of an interrupted earlier run
     if not settings.filter_areas_path:
-        target.unlink(missing_ok=True)  # no file: staging tags every image as outside
+        store.delete(target)  # no file: staging tags every image as outside
         context.log.info(
             "filter areas: none configured (MAPILLARY_FILTER_AREAS); every image counts as outside"
         )
@@ -45,9 +45,7 @@ def filter_areas(
         "properties": {},
         "geometry": json.loads(shapely.to_geojson(geometry)),
     }
-    atomic_write_bytes(
-        target, json.dumps({"type": "FeatureCollection", "features": [feature]}).encode()
-    )
+    store.put(target, json.dumps({"type": "FeatureCollection", "features": [feature]}).encode())
     polygons = len(getattr(geometry, "geoms", [geometry]))
     context.log.info(f"filter areas: {polygons:,} polygon(s) from {settings.filter_areas_path}")
     return dg.MaterializeResult(
@@ -75,11 +73,8 @@ def staging_tables(
     sweep_temporary_files(
         layout.staging_db_path.parent
     )  # leftovers of a killed load; this pool has one slot
-    polygons = (
-        load_filter_polygons(layout.filter_areas_path)
-        if layout.filter_areas_path.exists()
-        else None
-    )
+    areas = layout.fetched(layout.filter_areas_key)
+    polygons = load_filter_polygons(areas) if areas is not None else None
     counts = load_staging(
         layout,
         filter_polygons=polygons,
@@ -114,6 +109,7 @@ def mapillary_geopackage(
     context: dg.AssetExecutionContext, storage: DataStorageResource, settings: PipelineSettings
 ) -> dg.MaterializeResult:
     layout = storage.layout
+    # built where tools write files (the data dir, or scratch beside a bucket), then stored whole
     remove_leftovers_of(
         [layout.geopackage_path, layout.geoparquet_path]
     )  # of an interrupted earlier write (this pool has one slot)
@@ -122,15 +118,17 @@ def mapillary_geopackage(
         parquet_rows = write_geoparquet(con, layout.geoparquet_path)
         aoi = current_aoi().geometry
         picture = published_map_png(aoi, published_overview(con, aoi.bounds))
+    layout.store.upload(layout.geopackage_key, layout.geopackage_path)
+    layout.store.upload(layout.geoparquet_key, layout.geoparquet_path)
     context.log.info(
-        f"GeoPackage written to {layout.geopackage_path}: "
+        f"GeoPackage written to {layout.store.describe(layout.geopackage_key)}: "
         + ", ".join(f"{layer} {rows:,}" for layer, rows in counts.items())
     )
     return dg.MaterializeResult(
         metadata={
             **{f"features_{layer}": rows for layer, rows in counts.items()},
-            "path": dg.MetadataValue.path(str(layout.geopackage_path)),
-            "geoparquet_path": dg.MetadataValue.path(str(layout.geoparquet_path)),
+            "path": dg.MetadataValue.path(layout.store.describe(layout.geopackage_key)),
+            "geoparquet_path": dg.MetadataValue.path(layout.store.describe(layout.geoparquet_key)),
             "geoparquet_rows": parquet_rows,
             "gpkg_version": settings.gpkg_version,
             AREA_FINGERPRINT: area_fingerprint(),  # the sensor compares it with the current area's

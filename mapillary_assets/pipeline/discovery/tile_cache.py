@@ -1,21 +1,20 @@
-"""Raw vector tiles cached on disk for the tile route, decoded off the event loop one at a time."""
+"""Raw vector tiles cached in the data dir for the tile route, decoded off the event loop one at a time."""
 
 from __future__ import annotations
 
 import asyncio
 import logging
 import time
-from pathlib import Path
 
 from mapillary_assets.pipeline.discovery.results import DiscoveryStats
-from mapillary_assets.storage import DataLayout, atomic_write_bytes
+from mapillary_assets.storage import DataLayout
 
 log = logging.getLogger(__name__)
 
 
 class TileCache:
-    """Raw tile bytes on disk (an empty tile is a zero-length file); fetched when absent or older
-    than `max_age_s`. A cached tile that fails to decode is deleted and fetched again."""
+    """Raw tile bytes in the data dir's store (an empty tile is a zero-length file); fetched when absent
+    or older than `max_age_s`. A cached tile that fails to decode is deleted and fetched again."""
 
     def __init__(
         self, client, layout: DataLayout, tileset: str, max_age_s: float, stats: DiscoveryStats
@@ -25,8 +24,8 @@ class TileCache:
         self._decoding = asyncio.Semaphore(1)  # one decode at a time bounds decoded-tile memory
 
     async def decoded(self, z: int, x: int, y: int, decode, counter: str):
-        path = self.layout.tile_cache_path(self.tileset, z, x, y)
-        data = self._read_fresh(path)
+        key = self.layout.tile_cache_key(self.tileset, z, x, y)
+        data = self._read_fresh(key)
         if data is not None:
             self.stats.cache_hits += 1
             try:
@@ -42,17 +41,18 @@ class TileCache:
                     exc,
                 )
                 self.stats.corrupt_cache_tiles += 1
-                path.unlink(missing_ok=True)
+                self.layout.store.delete(key)
         data = await self.client.get_tile(z, x, y, tileset=self.tileset)
         setattr(self.stats, counter, getattr(self.stats, counter) + 1)
-        atomic_write_bytes(path, data)
+        self.layout.store.put(key, data)
         return await self._decode(decode, data, z, x, y)
 
-    def _read_fresh(self, path: Path) -> bytes | None:
+    def _read_fresh(self, key: str) -> bytes | None:
+        modified = self.layout.store.modified(key)
+        if modified is None or time.time() - modified >= self.max_age_s:
+            return None
         try:
-            if time.time() - path.stat().st_mtime >= self.max_age_s:
-                return None
-            return path.read_bytes()
+            return self.layout.store.get(key)
         except FileNotFoundError:
             return None
 

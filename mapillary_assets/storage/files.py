@@ -1,4 +1,4 @@
-"""Where every stage keeps its files, and the one way files are written: atomically.
+"""Files on a local disk, written one way only: atomically.
 
 Dagster-free. Each partition writes its own file under a temporary name and renames it into
 place, so a run killed at any point leaves either the previous complete file or the new complete
@@ -12,11 +12,8 @@ import errno
 import itertools
 import os
 import re
-import shutil
-import uuid
 from collections import defaultdict
 from collections.abc import Iterable
-from dataclasses import dataclass
 from pathlib import Path
 
 import pandas as pd
@@ -39,71 +36,6 @@ def is_disk_full(error: BaseException) -> bool:
     )
 
 
-# Typical JPEG sizes per thumbnail size, used only before any thumbnail of that size is on disk.
-_TYPICAL_THUMBNAIL_BYTES = {256: 20_000, 1024: 200_000, 2048: 600_000, "original": 3_000_000}
-_SAMPLED_THUMBNAILS = 200
-
-
-def thumbnail_bytes_needed(layout: DataLayout, size: int | str) -> int:
-    """About how many bytes the thumbnails not yet on disk need: the assigned images without an `ok`
-    download times the mean size of the stored ones (a sample of the files on disk before any chunk
-    recorded its downloads)."""
-    assigned = (
-        pq.read_metadata(layout.chunk_assignment_path).num_rows
-        if layout.chunk_assignment_path.exists()
-        else 0
-    )
-    folder = layout.downloads_path("x").parent
-    ok = pd.Series([], dtype="int64")
-    if folder.is_dir():
-        for path in folder.glob("*.parquet"):
-            if TEMP_MARKER not in path.name:
-                frame = pq.read_table(path, columns=["status", "bytes"]).to_pandas()
-                ok = pd.concat([ok, frame.loc[frame["status"] == "ok", "bytes"]])
-    if len(ok):
-        done, mean = len(ok), float(ok.mean())
-    else:
-        sizes = [
-            path.stat().st_size
-            for path in itertools.islice(
-                (layout.root / "thumbnails" / str(size)).rglob("*.jpg"), _SAMPLED_THUMBNAILS
-            )
-        ]
-        done = 0
-        mean = sum(sizes) / len(sizes) if sizes else _TYPICAL_THUMBNAIL_BYTES.get(size, 200_000)
-    return int(max(assigned - done, 0) * mean)
-
-
-def disk_full_error(layout: DataLayout, thumbnail_size: int | str) -> StorageError:
-    """`<data dir> is full: N GB free, about M GB needed for the remaining thumbnails`."""
-    free = shutil.disk_usage(layout.root).free
-    needed = thumbnail_bytes_needed(layout, thumbnail_size)
-    return StorageError(
-        f"{layout.root} is full: {free / 1e9:.2f} GB free, about {needed / 1e9:.2f} GB needed for the "
-        "remaining thumbnails; free space (or use a data dir on a larger disk) and re-run: what is "
-        "stored is kept"
-    )
-
-
-def data_dir_identity(root: Path) -> str:
-    """The data dir's id: a UUID written once into `<root>/data_dir_id` (created with the folder), so a
-    Dagster instance can tell this data dir from another even after it is moved or renamed."""
-    path = Path(root) / "data_dir_id"
-    try:
-        return path.read_text().strip()
-    except FileNotFoundError:
-        pass
-    Path(root).mkdir(parents=True, exist_ok=True)
-    identity = str(uuid.uuid4())
-    try:
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
-    except FileExistsError:  # another process wrote it first: theirs holds
-        return path.read_text().strip()
-    with os.fdopen(fd, "w") as handle:
-        handle.write(identity + "\n")
-    return identity
-
-
 def validate_image_id(image_id: str) -> str:
     """Image ids are decimal digit strings; anything else must never reach a file path or URL."""
     text = str(image_id)
@@ -112,7 +44,7 @@ def validate_image_id(image_id: str) -> str:
     return text
 
 
-def _safe_key(key: str) -> str:
+def safe_key(key: str) -> str:
     if not _PARTITION_KEY.match(key):
         raise ValueError(f"invalid partition key {key!r}: letters, digits, '.', '_' and '-' only")
     return key
@@ -232,77 +164,3 @@ def sweep_temporary_files(folder: Path) -> int:
             leftover.unlink(missing_ok=True)
             removed += 1
     return removed
-
-
-@dataclass(frozen=True)
-class DataLayout:
-    """The folder layout under one data root (MAPILLARY_DATA_DIR)."""
-
-    root: Path
-
-    # discovery
-    def tile_cache_path(self, tileset: str, z: int, x: int, y: int) -> Path:
-        return self.root / "tile_cache" / tileset / str(int(z)) / str(int(x)) / f"{int(y)}.mvt"
-
-    def discovery_path(self, partition_key: str) -> Path:
-        return self.root / "discovery" / f"{_safe_key(partition_key)}.parquet"
-
-    @property
-    def discovery_dir(self) -> Path:
-        return self.root / "discovery"
-
-    @property
-    def sequence_failures_path(self) -> Path:
-        """Image lookups of the sequence route that failed (its images are discovery_path("sequences"))."""
-        return self.root / "sequences" / "failures.parquet"
-
-    # chunking
-    @property
-    def chunk_assignment_path(self) -> Path:
-        return self.root / "chunks" / "assignment.parquet"
-
-    # metadata
-    def metadata_path(self, chunk_key: str) -> Path:
-        return self.root / "metadata" / f"{_safe_key(chunk_key)}.parquet"
-
-    def metadata_failures_path(self, chunk_key: str) -> Path:
-        return self.root / "metadata" / f"{_safe_key(chunk_key)}.failures.parquet"
-
-    # images
-    def thumbnail_path(self, image_id: str, size: int | str) -> Path:
-        return self.root / self.thumbnail_relative_path(image_id, size)
-
-    @staticmethod
-    def thumbnail_relative_path(image_id: str, size: int | str) -> str:
-        """thumbnails/<size>/<last 3 digits of the id>/<id>.jpg: 1,000 folders per size, so a folder holds
-        about 1,200 files at 1.2 M images and a million only past a billion."""
-        image_id = validate_image_id(image_id)
-        size_folder = "original" if size == "original" else str(int(size))
-        return f"thumbnails/{size_folder}/{image_id.zfill(3)[-3:]}/{image_id}.jpg"
-
-    def downloads_path(self, chunk_key: str) -> Path:
-        return self.root / "downloads" / f"{_safe_key(chunk_key)}.parquet"
-
-    def blur_path(self, chunk_key: str) -> Path:
-        return self.root / "blur" / f"{_safe_key(chunk_key)}.parquet"
-
-    # filters, staging and output
-    @property
-    def filter_areas_path(self) -> Path:
-        return self.root / "filters" / "areas.geojson"
-
-    @property
-    def staging_db_path(self) -> Path:
-        return self.root / "staging" / "mapillary.duckdb"
-
-    @property
-    def geopackage_path(self) -> Path:
-        return self.root / "output" / "mapillary_images.gpkg"
-
-    @property
-    def geoparquet_path(self) -> Path:
-        return self.root / "output" / "mapillary_images.parquet"
-
-    @property
-    def rate_limit_store_path(self) -> Path:
-        return self.root / "rate_limits.sqlite"
