@@ -273,3 +273,40 @@ def test_scaled_out_pipeline_survives_postgres_restarting_mid_run(tmp_path_facto
     assert max(entity_times) > outcome["up"]  # chunks were still being fetched after the restart
     assert busiest_window(entity_times, 60.0) <= ENTITY_BUDGET
     assert_same_images(images, reference.load_images())
+
+
+class _StorageDownFor:
+    """An instance whose database refuses `polls` reads (as dagster-postgres raises it), then reports
+    the run successful."""
+
+    def __init__(self, polls: int):
+        self.polls = polls
+
+    def get_run_by_id(self, run_id):
+        from types import SimpleNamespace
+
+        import dagster as dg
+        import sqlalchemy.exc
+
+        if self.polls > 0:
+            self.polls -= 1
+            try:
+                raise sqlalchemy.exc.OperationalError(
+                    "SELECT 1", {}, Exception("Connection refused")
+                )
+            except sqlalchemy.exc.OperationalError as cause:
+                raise RuntimeError("too many retries for DB connection") from cause
+        return SimpleNamespace(status=dg.DagsterRunStatus.SUCCESS, tags={}, job_name="fetch_job")
+
+
+def test_cluster_runner_waits_for_the_instance_storage():
+    from mapillary_assets.runners.cluster import ClusterRunner
+
+    lines: list[str] = []
+    runner = ClusterRunner(_StorageDownFor(3), poll_s=0, log=lines.append)
+    assert runner.wait("a") == ("a", True)
+    assert any("instance storage unreachable" in line for line in lines)
+    assert any("answers again" in line for line in lines)
+    gone = ClusterRunner(_StorageDownFor(10**6), poll_s=0.01, storage_wait_s=0.2, log=lines.append)
+    with pytest.raises(RuntimeError, match="too many retries"):
+        gone.wait("a")
