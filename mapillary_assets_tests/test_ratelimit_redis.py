@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 
+from mapillary_assets.api.errors import TransientError
 from mapillary_assets.api.rate_windows import busiest_window
 from mapillary_assets.api.ratelimit import SharedRateLimiter, redis_url_from_env
 from mapillary_assets.net import free_port
@@ -159,12 +160,17 @@ def test_backend_is_chosen_by_one_variable(redis_url):
         redis_url_from_env({"MAPILLARY_RATE_LIMIT_BACKEND": "memcached"})
 
 
-def test_unreachable_redis_is_a_clear_error_without_the_password():
+def test_unreachable_redis_is_a_clear_transient_error_without_the_password(caplog):
+    # The limiter waits for an unreachable Redis (MAPILLARY_REDIS_WAIT_S) before it gives up, transiently.
     with pytest.raises(
-        RuntimeError, match=r"redis://:\*\*\*@127.0.0.1:1/0 is not usable"
+        TransientError, match=r"redis://:\*\*\*@127.0.0.1:1/0 is not usable"
     ) as caught:
-        SharedRateLimiter("tiles", per_minute=60, redis_url="redis://:hunter2@127.0.0.1:1/0")
-    assert "hunter2" not in str(caught.value)
+        SharedRateLimiter(
+            "tiles", per_minute=60, redis_url="redis://:hunter2@127.0.0.1:1/0", redis_wait_s=1.0
+        )
+    assert caught.value.transient and "after waiting 1 s" in str(caught.value)
+    assert "hunter2" not in str(caught.value) and "hunter2" not in caplog.text
+    assert "waiting for Redis at redis://:***@127.0.0.1:1/0" in caplog.text
 
 
 def test_the_resource_passes_the_redis_backend_to_the_client(redis_url, monkeypatch, tmp_path):

@@ -10,7 +10,10 @@ With a `redis_url` (MAPILLARY_RATE_LIMIT_BACKEND=redis, for workers on several m
 one Redis hash per family, read and updated by one Lua script (`ratelimit_redis`) that Redis runs
 atomically on its own clock (`TIME`): the guarantee holds for the sum over every process on every
 machine, and a skewed client clock changes nothing. A crashed process holds no lease, so it leaks no
-budget.
+budget. While Redis is unreachable the limiter fails closed: `acquire` waits for it (up to
+MAPILLARY_REDIS_WAIT_S, then a transient `RateLimitStoreUnavailable`), never lets a request through
+unlimited; a Redis restarted empty starts the bucket empty, so the guarantee holds across the restart
+(`ratelimit_redis`).
 
 A daily quota (`per_day`, the tile server's 50,000 requests a day) lives in the same backend: a count
 per family of the current quota day, the window [k * day_seconds, (k + 1) * day_seconds) of unix
@@ -29,7 +32,12 @@ import threading
 import time
 from pathlib import Path
 
-from mapillary_assets.api.ratelimit_redis import RedisBucket, redacted
+from mapillary_assets.api.ratelimit_redis import (
+    DEFAULT_WAIT_S,
+    RedisBucket,
+    RedisUnreachable,
+    redacted,
+)
 from mapillary_assets.api.ratelimit_sqlite import (
     LOCK_TIMEOUT_S,
     BucketState,
@@ -38,7 +46,13 @@ from mapillary_assets.api.ratelimit_sqlite import (
     retry_locked,
 )
 
-__all__ = ["RATE_LIMIT_BACKENDS", "SharedRateLimiter", "redis_url_from_env", "usage_factor"]
+__all__ = [
+    "RATE_LIMIT_BACKENDS",
+    "SharedRateLimiter",
+    "redis_url_from_env",
+    "redis_wait_s_from_env",
+    "usage_factor",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -72,6 +86,19 @@ def redis_url_from_env(environ=None) -> str | None:
     return url
 
 
+def redis_wait_s_from_env(environ=None) -> float:
+    """How long the Redis limiter waits for an unreachable Redis (MAPILLARY_REDIS_WAIT_S, default 300 s)."""
+    env = os.environ if environ is None else environ
+    raw = (env.get("MAPILLARY_REDIS_WAIT_S") or "").strip()
+    try:
+        wait_s = float(raw) if raw else DEFAULT_WAIT_S
+    except ValueError:
+        raise ValueError(f"MAPILLARY_REDIS_WAIT_S={raw!r} is not a number of seconds") from None
+    if wait_s < 0:
+        raise ValueError(f"MAPILLARY_REDIS_WAIT_S must be >= 0, got {raw}")
+    return wait_s
+
+
 def usage_factor(percent: float) -> float:
     """Share of the nominal refill rate to use at an x-app-usage of `percent` (1 up to 95 %, 0.1 at 100 %)."""
     if percent <= _USAGE_SLOWDOWN_FROM:
@@ -97,6 +124,7 @@ class SharedRateLimiter:
         redis_url: str | None = None,
         per_day: int | None = None,
         day_seconds: float = 86_400.0,
+        redis_wait_s: float | None = None,
     ) -> None:
         if per_minute < 1:
             raise ValueError(f"per_minute must be >= 1, got {per_minute}")
@@ -129,6 +157,8 @@ class SharedRateLimiter:
         self._async_lock: asyncio.Lock | None = None
         self._async_lock_loop: asyncio.AbstractEventLoop | None = None
         self._last_usage: tuple[float, float] = (-1.0, 0.0)
+        # Pauses are also kept here: a Redis that restarts empty forgets them, this process does not.
+        self._local_paused_until = 0.0
         # Where the bucket lives: Redis (the arithmetic runs there), a SQLite file, or this process.
         # Each fails at construction, with the URL or path in the message, if unusable.
         self._redis: RedisBucket | None = None
@@ -142,6 +172,7 @@ class SharedRateLimiter:
                 self.window_s,
                 _USAGE_SLOWDOWN_FROM,
                 _USAGE_MIN_FACTOR,
+                redis_wait_s_from_env() if redis_wait_s is None else redis_wait_s,
             )
         elif self.store is not None:
             self._sqlite = SqliteBucketStore(self.store, family, self.burst)
@@ -163,8 +194,15 @@ class SharedRateLimiter:
             raise ValueError(f"cannot acquire {n} tokens at once: burst is {self.burst}")
         async with self._lock():
             while True:
+                paused = self._local_paused_until - time.time()
+                if paused > 0:
+                    await asyncio.sleep(min(paused, _MAX_SLEEP_S))
+                    continue
                 try:
-                    wait = self._try_take(n)
+                    if self._redis is not None:  # waits for an unreachable Redis without blocking
+                        wait = float(await self._redis.call_async("take", float(n)))
+                    else:
+                        wait = self._try_take(n)
                 except sqlite3.OperationalError as exc:
                     if not is_locked(exc):
                         raise
@@ -176,8 +214,12 @@ class SharedRateLimiter:
     def pause_until(self, unix_time: float) -> None:
         """No acquisition (in any process sharing the store) succeeds before `unix_time`."""
         if self._redis is not None:
-            # Sent as a duration so that the pause ends by Redis's clock, whatever this machine's says.
-            self._redis.call("pause", max(0.0, float(unix_time) - time.time()))
+            self._local_paused_until = max(self._local_paused_until, float(unix_time))
+            try:
+                # Sent as a duration so that the pause ends by Redis's clock, whatever this machine's says.
+                self._redis.call("pause", max(0.0, float(unix_time) - time.time()), wait=False)
+            except RedisUnreachable:
+                pass  # this process keeps the pause; acquire() waits for Redis anyway
             return
 
         def apply(bucket: BucketState) -> None:
@@ -196,7 +238,10 @@ class SharedRateLimiter:
             return
         self._last_usage = (percent, now)
         if self._redis is not None:
-            self._redis.call("usage", percent)
+            try:
+                self._redis.call("usage", percent, wait=False)
+            except RedisUnreachable:
+                pass  # advisory: the next response reports usage again
             return
 
         def apply(bucket: BucketState) -> None:
@@ -236,9 +281,14 @@ class SharedRateLimiter:
         return self._local_day[1] if self._local_day[0] == day else 0
 
     def paused_for(self) -> float:
-        """Seconds left of the current shared pause (0 when not paused)."""
+        """Seconds left of the current shared pause (0 when not paused). While Redis is unreachable: the
+        pause this process knows of (acquire() is the gate, and it waits for Redis)."""
         if self._redis is not None:
-            return float(self._redis.call("read", 0.0)[1])
+            local = max(0.0, self._local_paused_until - time.time())
+            try:
+                return max(local, float(self._redis.call("read", 0.0, wait=False)[1]))
+            except RedisUnreachable:
+                return local
         bucket = retry_locked(self._read)
         return max(0.0, bucket.paused_until - time.time())
 
@@ -285,8 +335,6 @@ class SharedRateLimiter:
         return self._async_lock
 
     def _try_take(self, n: int) -> float:
-        if self._redis is not None:
-            return float(self._redis.call("take", float(n)))
         result: list[float] = []
         self._update(lambda bucket: result.append(self._take(bucket, n)))
         return result[0]

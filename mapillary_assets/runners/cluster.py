@@ -5,7 +5,9 @@ tag set becomes one run, submitted through the webserver's GraphQL API to the in
 coordinator (deploy/dagster.yaml: queued, dequeued by dagster-daemon, launched as a Celery task on
 whichever worker takes it). A run whose worker was
 killed is failed by run monitoring and relaunched by run retries; the runner follows that chain and
-reports the last run of it.
+reports the last run of it. While the instance's database cannot be reached (PostgreSQL restarting:
+dagster-postgres gives up on a connection after a few seconds) the runner keeps waiting, up to
+`storage_wait_s`, instead of failing the whole pipeline.
 """
 
 from __future__ import annotations
@@ -40,6 +42,7 @@ class ClusterRunner:
         poll_s: float = 1.0,
         timeout_s: float = 6 * 3600.0,
         retry_decision_s: float = 60.0,
+        storage_wait_s: float = 300.0,
         log: Callable[[str], None] = print,
     ) -> None:
         self.instance = instance
@@ -48,6 +51,8 @@ class ClusterRunner:
         self.timeout_s = timeout_s
         self.retry_decision_s = retry_decision_s
         self._undecided: dict[str, float] = {}
+        self.storage_wait_s = storage_wait_s
+        self._storage_down_since: float | None = None
         self.log = log
 
     def run_many(
@@ -84,7 +89,7 @@ class ClusterRunner:
     def _submitter(self) -> Iterator[Callable[[str, dict[str, str]], str]]:
         """A function submitting one run of a job with tags through the webserver's GraphQL API
         (the job's own run tags, e.g. its Celery queue, are merged in by the webserver)."""
-        from dagster_graphql import DagsterGraphQLClient
+        from dagster_graphql import DagsterGraphQLClient, DagsterGraphQLClientError
 
         url = urlsplit(self.dagster_url)
         client = DagsterGraphQLClient(
@@ -92,14 +97,32 @@ class ClusterRunner:
         )
 
         def submit(job_name: str, tags: dict[str, str]) -> str:
-            return client.submit_job_execution(job_name, tags=tags)
+            while True:
+                try:
+                    run_id = client.submit_job_execution(job_name, tags=tags)
+                except DagsterGraphQLClientError as exc:
+                    # The webserver answers a database error as a PythonError naming it: no run was created.
+                    if "OperationalError" not in str(exc):
+                        raise
+                    self._wait_for_storage(exc)
+                    time.sleep(max(self.poll_s, 0.5))
+                    continue
+                self._storage_answered()
+                return run_id
 
         yield submit
 
     def poll(self, run_id: str) -> tuple[str, bool] | str | None:
         """None while the run (or a retry due for it) is not finished; the retry's id once it exists;
         else (run id, success)."""
-        run = self.instance.get_run_by_id(run_id)
+        try:
+            run = self.instance.get_run_by_id(run_id)
+        except Exception as exc:
+            if not _database_unreachable(exc):
+                raise
+            self._wait_for_storage(exc)
+            return None
+        self._storage_answered()
         if run is None or run.status not in _FINISHED:
             return None
         if run.status == dg.DagsterRunStatus.SUCCESS:
@@ -118,6 +141,23 @@ class ClusterRunner:
         self._undecided.pop(run_id, None)
         return None if decided == "true" else (run_id, False)
 
+    def _storage_answered(self) -> None:
+        if self._storage_down_since is not None:
+            self.log(
+                f"instance storage answers again after {time.monotonic() - self._storage_down_since:.0f} s"
+            )
+            self._storage_down_since = None
+
+    def _wait_for_storage(self, error: Exception) -> None:
+        now = time.monotonic()
+        if self._storage_down_since is None:
+            self._storage_down_since = now
+            self.log(
+                f"instance storage unreachable ({error}); waiting up to {self.storage_wait_s:.0f} s"
+            )
+        elif now - self._storage_down_since > self.storage_wait_s:
+            raise error
+
     def wait(self, run_id: str) -> tuple[str, bool]:
         """(id of the last run of the retry chain, success) once no retry is due any more."""
         deadline = time.monotonic() + self.timeout_s
@@ -130,3 +170,14 @@ class ClusterRunner:
                 return outcome
             time.sleep(self.poll_s)
         raise TimeoutError(f"run {run_id} did not finish within {self.timeout_s:.0f} s")
+
+
+def _database_unreachable(error: BaseException | None) -> bool:
+    """Whether `error` (or what caused it) is the database refusing or dropping the connection."""
+    import sqlalchemy.exc
+
+    while error is not None:
+        if isinstance(error, (sqlalchemy.exc.OperationalError, sqlalchemy.exc.InterfaceError)):
+            return True
+        error = error.__cause__ or error.__context__
+    return False

@@ -1,6 +1,6 @@
 """The services under the scaled-out stack, each on 127.0.0.1 with its files in a folder of its own:
 a PostgreSQL cluster (the instance's storage) and redis-server (Celery's broker and the shared token
-buckets), and how their processes are found and stopped."""
+buckets), how their processes are found and stopped, and restarting one mid-run (the fault tests)."""
 
 from __future__ import annotations
 
@@ -121,7 +121,9 @@ def postgres_running(folder: Path) -> bool:
 
 
 def start_redis(folder: Path, port: int, log: Path) -> None:
-    """redis-server on 127.0.0.1:`port`, no persistence (the broker's queue and the buckets are transient)."""
+    """redis-server on 127.0.0.1:`port` with appendonly persistence in `folder` (fsync once a second): a
+    restarted Redis keeps Celery's queue, the token buckets and the daily quota counts. A Redis that
+    loses its files anyway is survived by the limiter's fail-safe start (api/ratelimit_redis.py)."""
     folder.mkdir(parents=True, exist_ok=True)
     pidfile = folder / "redis.pid"
     if process_alive(read_pid(pidfile)):
@@ -149,7 +151,9 @@ def start_redis(folder: Path, port: int, log: Path) -> None:
             "--save",
             "",
             "--appendonly",
-            "no",
+            "yes",
+            "--appendfsync",
+            "everysec",
         ],
         f"redis-server on port {port}",
     )
@@ -160,6 +164,27 @@ def stop_redis(folder: Path) -> None:
     stop_process(
         read_pid(folder / "redis.pid")
     )  # redis-server --daemonize leads a session of its own
+
+
+def restart_redis(
+    folder: Path, port: int, log: Path, down_s: float, keep_data: bool = True
+) -> None:
+    """Stop redis-server, leave it down `down_s` seconds, start it again on the same port and folder;
+    keep_data=False deletes its files meanwhile, so it comes back empty."""
+    stop_redis(folder)
+    if not keep_data:
+        shutil.rmtree(folder / "appendonlydir", ignore_errors=True)
+        (folder / "dump.rdb").unlink(missing_ok=True)
+    time.sleep(down_s)
+    start_redis(folder, port, log)
+
+
+def restart_postgres(folder: Path, port: int, log: Path, down_s: float) -> None:
+    """Stop the PostgreSQL cluster (fast shutdown: open connections are cut), leave it down `down_s`
+    seconds, start it again on the same port and folder."""
+    stop_postgres(folder)
+    time.sleep(down_s)
+    start_postgres(folder, port, log)
 
 
 def stop_process(pid: int | None, grace_s: float = 20.0) -> None:

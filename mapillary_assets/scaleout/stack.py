@@ -30,6 +30,8 @@ from mapillary_assets.scaleout.services import (
     StackError,
     postgres_running,
     read_pid,
+    restart_postgres,
+    restart_redis,
     run_checked,
     start_postgres,
     start_redis,
@@ -218,6 +220,23 @@ def stop(config: StackConfig, log=print) -> None:
     stop_redis(config.root / "redis")
     stop_postgres(config.root / "postgres")
     log(f"stopped: {', '.join(names + ['redis', 'postgres'])}")
+
+
+def restart_service(
+    config: StackConfig, service: str, down_s: float, keep_data: bool = True
+) -> None:
+    """Stop `service` ("redis" or "postgres") for `down_s` seconds, then start it on its port and folder
+    again; `keep_data` (Redis only) False brings Redis back empty."""
+    if service == "redis":
+        restart_redis(
+            config.root / "redis", config.redis_port, config.logs / "redis.log", down_s, keep_data
+        )
+    elif service == "postgres":
+        restart_postgres(
+            config.root / "postgres", config.pg_port, config.logs / "postgres.log", down_s
+        )
+    else:
+        raise ValueError(f"no service {service!r} in the stack: redis or postgres")
 
 
 def status(config: StackConfig) -> dict[str, bool]:
