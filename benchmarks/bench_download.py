@@ -9,7 +9,8 @@ empty folder and resolve URLs the same way, `client.get_images` in batches of 50
 * baseline: all URL batches first (concurrently), then aiohttp + asyncio.Semaphore(100) + plain
   `open().write()` into one folder, no checks;
 * baseline with the same writes: the same loop, but each file written like the pipeline writes it
-  (storage.atomic_write_bytes to layout.thumbnail_path, on the event loop as the pipeline does). Against this one
+  (`download.write_file_atomically` to layout.thumbnail_path, shard folders made first, on the event loop as the
+  pipeline does). Against this one
   the pipeline's own work (fresh URLs, checks, retries) is isolated from the cost of the storage layout.
 
 A third figure prices the optional strict decode check (`decode_check=True`) against the same baseline.
@@ -40,7 +41,7 @@ from benchmarks.harness import Figure, Stopwatch
 from mapillary_assets.api import ClientConfig, MapillaryClient, Secret
 from mapillary_assets.pipeline import download, jpeg_verification
 from mapillary_assets.pipeline.download import RESOLVE_BATCH_SIZE, download_thumbnails
-from mapillary_assets.storage import DataLayout, atomic_write_bytes
+from mapillary_assets.storage import DataLayout
 
 TOKEN = "MLY|bench-download"
 SEED, SCALE = 42, 0.005
@@ -128,6 +129,9 @@ async def baseline_run(base_url: str, folder: Path, ids: list[str], durable: boo
         for image_id, entity in result.items()
     }
     limit = asyncio.Semaphore(100)
+    if durable:  # as the pipeline does: each shard folder once, before the writes
+        for image_id in urls:
+            layout.thumbnail_path(image_id, 1024).parent.mkdir(parents=True, exist_ok=True)
     async with aiohttp.ClientSession() as session:
 
         async def one(image_id: str, url: str) -> None:
@@ -136,7 +140,7 @@ async def baseline_run(base_url: str, folder: Path, ids: list[str], durable: boo
                     response.raise_for_status()
                     body = await response.read()
             if durable:
-                atomic_write_bytes(layout.thumbnail_path(image_id, 1024), body, durable=False)
+                download.write_file_atomically(str(layout.thumbnail_path(image_id, 1024)), body)
             else:
                 with open(folder / f"{image_id}.jpg", "wb") as handle:
                     handle.write(body)
@@ -226,8 +230,8 @@ def check_costs(ids: list[str], scratch: Path) -> dict[str, float]:
             write_plain, bodies, before_each_pass=empty_folders
         ),
         "atomic write (temp name + rename) to the sharded path": _microseconds_each(
-            lambda item: atomic_write_bytes(
-                layout.thumbnail_path(item[0], 1024), item[1], durable=False
+            lambda item: download.write_file_atomically(
+                str(layout.thumbnail_path(item[0], 1024)), item[1]
             ),
             bodies,
             before_each_pass=empty_folders,

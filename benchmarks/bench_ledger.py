@@ -40,13 +40,13 @@ DOWNLOAD_STEPS = {  # step -> functions (file suffix, name) whose cumulative CPU
     "HTTP GET (client request)": [("api/client.py", "get_thumbnail")],
     "body checks (marker checks)": [("pipeline/jpeg_verification.py", "verify_jpeg")],
     "write (temp file + rename, sharded)": [
-        ("mapillary_assets/storage.py", "atomic_write_bytes"),
-        ("pipeline/download.py", "write_thumbnail"),
+        ("pipeline/download.py", "write_file_atomically"),
+        ("pipeline/download.py", "create_shard_folders"),
     ],
     "bookkeeping (records, skip pass, queue, frame)": [
         ("pipeline/download.py", "record"),
         ("pipeline/download.py", "skip_existing"),
-        ("pipeline/download.py", "_frame"),
+        ("pipeline/download.py", "_result_frame"),
         ("asyncio/queues.py", "get"),
         ("asyncio/queues.py", "put"),
     ],
@@ -111,7 +111,8 @@ def _check_floors(ids: list[str], scratch: Path) -> dict[str, float]:
     each alone (CPU clock: the wall clock of a loaded machine says more about the neighbours)."""
     from mapillary_assets.emulator.thumbnails import thumbnail_bytes
     from mapillary_assets.pipeline import jpeg_verification
-    from mapillary_assets.storage import DataLayout, atomic_write_bytes
+    from mapillary_assets.pipeline.download import write_file_atomically
+    from mapillary_assets.storage import DataLayout
 
     bodies = [(image_id, thumbnail_bytes(image_id, 1024, False)) for image_id in ids[:200]]
     plain, layout = scratch / "floor-plain", DataLayout(scratch / "floor-sharded")
@@ -127,9 +128,7 @@ def _check_floors(ids: list[str], scratch: Path) -> dict[str, float]:
         "marker checks": _cpu_ms_each(lambda item: jpeg_verification.verify_jpeg(item[1]), bodies),
         "plain write": _cpu_ms_each(write_plain, bodies),
         "atomic sharded write": _cpu_ms_each(
-            lambda item: atomic_write_bytes(
-                layout.thumbnail_path(item[0], 1024), item[1], durable=False
-            ),
+            lambda item: write_file_atomically(str(layout.thumbnail_path(item[0], 1024)), item[1]),
             bodies,
         ),
     }

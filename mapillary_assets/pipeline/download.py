@@ -72,7 +72,7 @@ class _Outcome:
     transient: bool = False
 
 
-def _write_atomically(path: str, data: bytes) -> None:
+def write_file_atomically(path: str, data: bytes) -> None:
     """`data` as the file `path` (its folder exists), never visible half-written: written to a new
     `<path>.tmp-<pid>-<n>` (O_EXCL) in the same folder, then renamed over `path`. No fsync, as
     `storage.atomic_write_bytes(durable=False)`: a body is re-verified on every run. This is that
@@ -275,7 +275,7 @@ class _ThumbnailDownloader:
             if problem is None and self.decode_check:
                 problem = await self.in_thread(verify_jpeg, data, True)
             if problem is None:
-                _write_atomically(
+                write_file_atomically(
                     f"{self.root}/{relative}", data
                 )  # on the loop (see the docstring)
                 return _Outcome(image_id, relative, len(data), "ok")
@@ -391,7 +391,10 @@ async def download_thumbnails(
             known_urls or {},
         )
         await downloader.run(ids)
-    outcomes = [downloader.outcomes[i] for i in ids]
+    return _result_frame([downloader.outcomes[i] for i in ids])
+
+
+def _result_frame(outcomes: list[_Outcome]) -> pd.DataFrame:
     return pd.DataFrame(
         {
             "image_id": pd.Series([o.image_id for o in outcomes], dtype=object),
