@@ -9,7 +9,8 @@ empty folder and resolve URLs the same way, `client.get_images` in batches of 50
 * baseline: all URL batches first (concurrently), then aiohttp + asyncio.Semaphore(100) + plain
   `open().write()` into one folder, no checks;
 * baseline with the same writes: the same loop, but each file written like the pipeline writes it
-  (storage.atomic_write_bytes to layout.thumbnail_path, on the event loop as the pipeline does). Against this one
+  (`storage.atomic_write_bytes(durable=False)` to layout.thumbnail_path, shard folders made first,
+  on the event loop as the pipeline does). Against this one
   the pipeline's own work (fresh URLs, checks, retries) is isolated from the cost of the storage layout.
 
 A third figure prices the optional strict decode check (`decode_check=True`) against the same baseline.
@@ -128,6 +129,9 @@ async def baseline_run(base_url: str, folder: Path, ids: list[str], durable: boo
         for image_id, entity in result.items()
     }
     limit = asyncio.Semaphore(100)
+    if durable:  # as the pipeline does: each shard folder once, before the writes
+        for image_id in urls:
+            layout.thumbnail_path(image_id, 1024).parent.mkdir(parents=True, exist_ok=True)
     async with aiohttp.ClientSession() as session:
 
         async def one(image_id: str, url: str) -> None:

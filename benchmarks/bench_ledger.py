@@ -44,13 +44,13 @@ DOWNLOAD_STEPS = {  # step -> functions (file suffix, name) whose cumulative CPU
     "HTTP GET (client request)": [("api/client.py", "get_thumbnail")],
     "body checks (marker checks)": [("pipeline/jpeg_verification.py", "verify_jpeg")],
     "write (temp file + rename, sharded)": [
-        ("mapillary_assets/storage.py", "atomic_write_bytes"),
-        ("pipeline/download.py", "write_thumbnail"),
+        ("storage/files.py", "atomic_write_bytes"),
+        ("pipeline/download.py", "create_shard_folders"),
     ],
     "bookkeeping (records, skip pass, queue, frame)": [
         ("pipeline/download.py", "record"),
         ("pipeline/download.py", "skip_existing"),
-        ("pipeline/download.py", "_frame"),
+        ("pipeline/download.py", "_result_frame"),
         ("asyncio/queues.py", "get"),
         ("asyncio/queues.py", "put"),
     ],

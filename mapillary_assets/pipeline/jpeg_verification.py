@@ -2,8 +2,9 @@
 
 The marker checks (`is_complete_jpeg`, `verify_jpeg`): SOI at the start, EOI at the end, intact header
 segments with a frame header up to the first scan, and no marker inside the scan data that cannot occur
-there. That catches truncated transfers, HTML/JSON error bodies and garbage, and costs ~0.15 ms per
-1024 px thumbnail (a numpy scan for impossible markers). A strict decode of the whole stream
+there. That catches truncated transfers, HTML/JSON error bodies and garbage, and costs ~0.09 ms per
+1024 px thumbnail (two numpy reductions find whether any 0xFF is unstuffed; only then a lookup of
+the byte after each 0xFF). A strict decode of the whole stream
 (`verify_jpeg(data, decode=True)`, simplejpeg, which raises on libjpeg's "corrupt data" warnings that
 OpenCV paints over) also catches damage that leaves every marker intact, but costs ~2 ms of CPU per
 thumbnail: in benchmarks/bench_download.py (2 cores) it cut throughput by more than half (e.g. 308 vs
@@ -62,15 +63,36 @@ def _scan_start(data: bytes) -> int | None:
 
 def _has_stray_marker(data: bytes, start: int) -> bool:
     """True if the entropy-coded data (from `start` to the EOI) holds a marker that cannot occur there."""
-    scan = np.frombuffer(data, dtype=np.uint8, count=len(data) - 2 - start, offset=start)
+    length = len(data) - 2 - start
+    if length < 2:
+        return False
+    if not _has_ff_before_nonzero(data, start, length):
+        return False  # every 0xFF is stuffed (FF 00): the common case, decided without the lookup below
+    scan = np.frombuffer(data, dtype=np.uint8, count=length, offset=start)
     after_ff = np.flatnonzero(scan[:-1] == 0xFF) + 1
     return not _ALLOWED_AFTER_FF[scan[after_ff]].all()
+
+
+def _has_ff_before_nonzero(data: bytes, start: int, length: int) -> bool:
+    """True if some 0xFF in data[start:start + length] is followed by a non-zero byte there. Each pair of
+    bytes read as a big-endian 16-bit word, at both alignments, is above 0xFF00 exactly then: two max()
+    reductions (words at odd addresses copied first: numpy byte-swaps them slowly in place)."""
+    even = _big_endian_words(data, start, length // 2)
+    odd = _big_endian_words(data, start + 1, (length - 1) // 2)
+    return int(even.max()) > 0xFF00 or (len(odd) > 0 and int(odd.max()) > 0xFF00)
+
+
+def _big_endian_words(data: bytes, offset: int, count: int) -> np.ndarray:
+    # numpy's byte-swapping max over words at odd addresses costs more than copying them first
+    if offset % 2:
+        return np.frombuffer(data[offset : offset + 2 * count], dtype=">u2")
+    return np.frombuffer(data, dtype=">u2", count=count, offset=offset)
 
 
 def is_complete_jpeg(data: bytes) -> bool:
     """True if `data` is a structurally complete JPEG: SOI at the start, EOI at the end, intact header
     segments with a frame header up to the first scan, and no impossible marker inside the scan data.
-    Cheap (~0.1 ms for a 1024 px thumbnail): it checks markers, it does not decode."""
+    Cheap (~0.09 ms for a 1024 px thumbnail, half the old per-0xFF lookup): it checks markers, it does not decode."""
     if len(data) < 8 or data[:2] != _SOI or data[-2:] != _EOI:
         return False
     start = _scan_start(data)
