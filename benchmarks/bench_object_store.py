@@ -2,8 +2,9 @@
 
 SeaweedFS (`scaleout/object_store.py`, the stack's and the tests' S3 server) runs on loopback; the
 local data dir (today's one file per image, written like the downloader writes) is the baseline. The
-images are one chunk of real emulator JPEGs at 256 px (`emulator.thumbnails.thumbnail_bytes`, ~20 KB
-each), made in-process. Each round runs every side once on a fresh key prefix, the order rotating, and
+images are one chunk of real emulator JPEGs made in-process (`emulator.thumbnails.thumbnail_bytes`):
+5,000 at 256 px (~20 KB each), then 1,000 at the pipeline's default 1024 px (~240 KB; shard against
+objects only). Each round runs every side once on a fresh key prefix, the order rotating, and
 the figures are medians of the rounds:
 
 * write: one object per image, PUTs one at a time (what `pipeline/download.py` does today: the store's
@@ -37,20 +38,20 @@ from benchmarks.harness import Figure
 from mapillary_assets.storage import DataLayout
 
 NAME = "object_store"
-SIZE = 256
+SIZES = (256, 1024)  # the issue's chunk at 256 px; the pipeline's default size, fewer images
 CONCURRENCY = 64  # download_thumbnails' default concurrency
 ONE_BY_ID_SAMPLES = 40
 BUCKET = "bench-thumbnails"
-SHARD_KEY = f"thumbnails/{SIZE}/shards/chunk-000000.tar"
+SHARD_KEY = "thumbnails/shards/chunk-000000.tar"
 BLUR_THREADS = "s3 objects, blur's threads"
-INDEX_KEY = f"thumbnails/{SIZE}/shards/chunk-000000.index.parquet"
+INDEX_KEY = "thumbnails/shards/chunk-000000.index.parquet"
 
 
-def _chunk(count: int) -> list[tuple[str, bytes]]:
+def _chunk(count: int, size: int) -> list[tuple[str, bytes]]:
     from benchmarks.bench_download import world_ids
     from mapillary_assets.emulator.thumbnails import thumbnail_bytes
 
-    return [(image_id, thumbnail_bytes(image_id, SIZE, False)) for image_id in world_ids(count)]
+    return [(image_id, thumbnail_bytes(image_id, size, False)) for image_id in world_ids(count)]
 
 
 def _timed(action) -> float:
@@ -62,11 +63,13 @@ def _timed(action) -> float:
 class _Sides:
     """Every way of writing and reading the chunk, each on the store (and key prefix) it is given."""
 
-    def __init__(self, images: list[tuple[str, bytes]], settings, blur_threads: int) -> None:
+    def __init__(
+        self, images: list[tuple[str, bytes]], size: int, settings, blur_threads: int
+    ) -> None:
         self.images = images
         self.settings = settings
         self.blur_threads = blur_threads
-        self.keys = {image_id: DataLayout.thumbnail_key(image_id, SIZE) for image_id, _ in images}
+        self.keys = {image_id: DataLayout.thumbnail_key(image_id, size) for image_id, _ in images}
 
     def bucket(self, prefix: str):
         from mapillary_assets.storage import ObjectStore
@@ -159,13 +162,13 @@ def _rotated(names: list[str], round_number: int) -> list[str]:
     return names[shift:] + names[:shift]
 
 
-def measure(count: int, rounds: int) -> dict:
+def measure(count: int, rounds: int, size: int) -> dict:
     """Seconds of every side per round, ms of the read-one sides, load averages (runs in a child)."""
     from mapillary_assets.net import free_port
     from mapillary_assets.scaleout import object_store as seaweedfs
     from mapillary_assets.storage import LocalStore, S3Settings
 
-    images = _chunk(count)
+    images = _chunk(count, size)
     expected = [data for _, data in images]
     ids = random.Random(7).sample([image_id for image_id, _ in images], ONE_BY_ID_SAMPLES)
     access_key, secret = "bench" + secrets.token_hex(6), secrets.token_urlsafe(24)
@@ -180,7 +183,7 @@ def measure(count: int, rounds: int) -> dict:
                 secret_access_key=secret,
                 allow_http=True,
             )
-            sides = _Sides(images, settings, blur_threads=len(os.sched_getaffinity(0)))
+            sides = _Sides(images, size, settings, blur_threads=len(os.sched_getaffinity(0)))
             writes = {
                 "s3 objects, one PUT at a time": ("s3", "objects", sides.put_each),
                 "s3 objects, 64 concurrent PUTs": ("s3", "objects", sides.put_each_concurrently),
@@ -256,14 +259,21 @@ def measure(count: int, rounds: int) -> dict:
 
 
 def run(quick: bool) -> list[Figure]:
-    count, rounds = (1000, 2) if quick else (5000, 3)
+    settings = {256: (1000, 2), 1024: (300, 1)} if quick else {256: (5000, 3), 1024: (1000, 3)}
     context = multiprocessing.get_context("spawn")
+    figures = []
     with context.Pool(1) as pool:
-        measured = pool.apply(measure, (count, rounds))
-    return figures_of(measured, count, rounds)
+        for size, (count, rounds) in settings.items():
+            measured = pool.apply(measure, (count, rounds, size))
+            found = figures_of(measured, count, rounds, size)
+            # at the default 1024 px only shard against objects: the local baselines are the 256 px ones'
+            figures += (
+                found if size == SIZES[0] else [f for f in found if f.baseline_name[:5] != "local"]
+            )
+    return figures
 
 
-def figures_of(measured: dict, count: int, rounds: int) -> list[Figure]:
+def figures_of(measured: dict, count: int, rounds: int, size: int) -> list[Figure]:
     seconds, one_ms = measured["seconds"], measured["one_ms"]
 
     def rate(kind: str, name: str) -> float:
@@ -276,7 +286,7 @@ def figures_of(measured: dict, count: int, rounds: int) -> list[Figure]:
         return statistics.median(one_ms[name])
 
     loads = measured["loads"]
-    setting = f"{count:,} JPEGs at {SIZE} px (~{measured['jpeg_bytes'] / count / 1e3:.0f} KB), SeaweedFS on loopback"
+    setting = f"{count:,} JPEGs at {size} px (~{measured['jpeg_bytes'] / count / 1e3:.0f} KB), SeaweedFS on loopback"
     common = (
         f"median of {rounds} interleaved rounds; load average {loads[0]:.0f} at the start, "
         f"{', '.join(f'{value:.0f}' for value in loads[1:])} after each round; 2 shared cores"
