@@ -73,6 +73,19 @@ def test_upload_of_a_big_file_goes_up_whole(store, tmp_path):
     assert store.get("output/mapillary_images.gpkg") == payload
 
 
+def test_a_big_put_goes_up_whole_and_reads_back_by_range(store):
+    payload = os.urandom(1024) * (17 * 1024)  # 17 MiB: a put above the multipart threshold
+    store.put("thumbnails/256/shards/chunk.tar", payload)
+    assert store.get("thumbnails/256/shards/chunk.tar") == payload
+    offset = 9 * 1024 * 1024 - 100  # across the boundary of the first 8 MiB part
+    assert (
+        store.get_range("thumbnails/256/shards/chunk.tar", offset, 300)
+        == payload[offset : offset + 300]
+    )
+    with pytest.raises(FileNotFoundError):
+        store.get_range("thumbnails/256/shards/missing.tar", 0, 10)
+
+
 _WRITER = """
 import sys, time
 from mapillary_assets.storage import LocalStore, ObjectStore, S3Settings

@@ -1,6 +1,7 @@
 """Every stage's files: their keys under the data dir (layout.py) and one store interface over a local
 folder (local_store.py, atomic temp+rename writes of files.py) or an S3-compatible bucket
-(object_store.py, whole-object PUTs). Dagster-free."""
+(object_store.py, whole-object PUTs); shards.py packs a chunk's thumbnails into one tar with an index.
+Dagster-free."""
 
 from mapillary_assets.storage.files import (
     IMAGE_ID_PATTERN,

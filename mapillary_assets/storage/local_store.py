@@ -58,6 +58,12 @@ class LocalStore:
         with open(self._prefix + key, "rb", buffering=0) as handle:  # unbuffered: one read, no copy
             return handle.readall()
 
+    def get_range(self, key: str, offset: int, length: int) -> bytes:
+        """`length` bytes of the file from `offset`; FileNotFoundError when there is none."""
+        with open(self._prefix + key, "rb") as handle:
+            handle.seek(offset)
+            return handle.read(length)
+
     def exists(self, key: str) -> bool:
         return os.path.isfile(self._prefix + key)
 

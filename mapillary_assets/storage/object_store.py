@@ -114,8 +114,10 @@ class ObjectStore:
         return f"{self.url}/{key}"
 
     def put(self, key: str, data: bytes, durable: bool = True) -> None:
-        """One PUT: the object appears whole or not at all (`durable` is the store's business)."""
-        obstore.put(self._store, key, data, use_multipart=False)
+        """The object appears whole or not at all (`durable` is the store's business): one PUT, or
+        above MULTIPART_THRESHOLD a multipart upload, visible only once completed."""
+        big = len(data) > MULTIPART_THRESHOLD
+        obstore.put(self._store, key, data, use_multipart=big, chunk_size=MULTIPART_CHUNK)
 
     def put_if_absent(self, key: str, data: bytes) -> bool:
         """A conditional PUT (If-None-Match: *): False when the object existed (its content holds)."""
@@ -129,6 +131,13 @@ class ObjectStore:
         """The object's bytes; FileNotFoundError when there is none."""
         try:
             return bytes(obstore.get(self._store, key).bytes())
+        except (FileNotFoundError, NotFoundError):
+            raise FileNotFoundError(self.describe(key)) from None
+
+    def get_range(self, key: str, offset: int, length: int) -> bytes:
+        """`length` bytes of the object from `offset` (one ranged GET); FileNotFoundError when none."""
+        try:
+            return bytes(obstore.get_range(self._store, key, start=offset, length=length))
         except (FileNotFoundError, NotFoundError):
             raise FileNotFoundError(self.describe(key)) from None
 
