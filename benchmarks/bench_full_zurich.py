@@ -26,13 +26,20 @@ import json
 import math
 import os
 import shutil
-import subprocess
 import sys
-import threading
-import urllib.request
 from pathlib import Path
 
 from benchmarks.harness import Figure, Stopwatch
+from benchmarks.measurement import (
+    Emulator,
+    MemorySampler,
+    TimedRunner,
+    geopackage_rows,
+    ogrinfo_summary,
+    quantiles,
+    stage_times,
+    step_intervals,
+)
 
 TOKEN = "MLY|bench-full-zurich|not-a-secret"
 SEED = 42
@@ -42,171 +49,9 @@ THUMBNAIL_SIZE = 256
 SAMPLE_1024 = 2000  # ids priced at 1024 px (and again at 256 px) after the run
 RSS_GOAL_GB = 2.0
 OVERLAP_GOAL = 0.5  # share of the blur step time spent beside another chunk's downloads
-REPO_ROOT = Path(__file__).resolve().parent.parent
 # The notebook on the same 1.2 M images (RTX 4080 for blur); seconds.
 NOTEBOOK = {"discovery": (6 * 3600, 9 * 3600), "metadata": 2 * 3600 + 8 * 60, "blur": 26 * 60}
 NOTEBOOK_BLUR_RATE = 794.0
-STAGES = {  # stage -> asset step keys (from the event log)
-    "discovery": ["discovered_images"],
-    "chunking": ["sequence_images", "image_chunks"],
-    "metadata": ["image_metadata"],
-    "downloads": ["thumbnail_downloads"],
-    "blur": ["blur_scores"],
-    "staging": ["filter_areas", "staging_tables"],
-    "geopackage": ["mapillary_geopackage"],
-}
-
-
-class Emulator:
-    """`python -m mapillary_assets.emulator` in its own process on a free port."""
-
-    def __init__(self, scale: float):
-        env = {**os.environ, "PYTHONPATH": str(REPO_ROOT)}
-        self.process = subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "mapillary_assets.emulator",
-                "--port",
-                "0",
-                "--scale",
-                str(scale),
-                "--seed",
-                str(SEED),
-                "--token",
-                TOKEN,
-            ],
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            text=True,
-            env=env,
-            cwd=REPO_ROOT,
-        )
-        urls = {}
-        for line in self.process.stdout:
-            key, sep, value = line.strip().partition("=")
-            if sep and key in ("MAPILLARY_GRAPH_URL", "MAPILLARY_TILES_URL"):
-                urls[key] = value
-            if len(urls) == 2:
-                break
-        if len(urls) != 2:
-            raise RuntimeError(f"the emulator did not start (exit {self.process.poll()})")
-        self.graph_url, self.tiles_url = urls["MAPILLARY_GRAPH_URL"], urls["MAPILLARY_TILES_URL"]
-        self.base_url = self.graph_url.rsplit("/graph", 1)[0]
-        threading.Thread(
-            target=self.process.stdout.read, daemon=True
-        ).start()  # keep its pipe drained
-
-    def stats(self) -> dict[str, int]:
-        with urllib.request.urlopen(f"{self.base_url}/_emulator/stats", timeout=30) as answer:
-            return json.loads(answer.read())
-
-    def close(self) -> None:
-        self.process.terminate()
-        self.process.wait(30)
-
-
-def _pss_bytes(pid: int) -> int:
-    try:
-        for line in Path(f"/proc/{pid}/smaps_rollup").read_text().splitlines():
-            if line.startswith("Pss:"):
-                return int(line.split()[1]) * 1024
-    except (OSError, ValueError, IndexError):
-        pass
-    return 0
-
-
-def _descendants(pid: int) -> list[int]:
-    children = []
-    try:
-        for task in Path(f"/proc/{pid}/task").iterdir():
-            children += [int(c) for c in (task / "children").read_text().split()]
-    except OSError:
-        return []
-    return children + [grandchild for child in children for grandchild in _descendants(child)]
-
-
-class MemorySampler(threading.Thread):
-    """Summed PSS of this process and its descendants (the emulator's tree apart), once a second,
-    keeping the peak per label (the job running) and the emulator's own peak; and the 1-minute load
-    average, since a busy machine makes every figure indicative."""
-
-    def __init__(self, emulator_pid: int):
-        super().__init__(daemon=True)
-        self.emulator_pid = emulator_pid
-        self.label = "start"
-        self.peaks: dict[str, int] = {}
-        self.driver_peaks: dict[str, int] = {}  # this process alone (the pipeline's driver)
-        self.emulator_peak = 0
-        self.load_averages: list[float] = []
-        self.stopped = threading.Event()
-
-    def run(self) -> None:
-        while not self.stopped.wait(1.0):
-            emulator = {self.emulator_pid, *_descendants(self.emulator_pid)}
-            pids = [os.getpid(), *(pid for pid in _descendants(os.getpid()) if pid not in emulator)]
-            sizes = [_pss_bytes(pid) for pid in pids]
-            self.peaks[self.label] = max(self.peaks.get(self.label, 0), sum(sizes))
-            self.driver_peaks[self.label] = max(self.driver_peaks.get(self.label, 0), sizes[0])
-            self.emulator_peak = max(self.emulator_peak, sum(_pss_bytes(pid) for pid in emulator))
-            self.load_averages.append(os.getloadavg()[0])
-
-
-class TimedRunner:
-    """The default LocalRunner, labelling memory samples and timing each job."""
-
-    def __init__(self, local, sampler: MemorySampler, log):
-        self.local, self.sampler, self.log = local, sampler, log
-        self.job_seconds: dict[str, float] = {}
-        self.chunk_jobs = local.chunk_jobs
-
-    def run_many(self, job_name, tag_sets, then=()):
-        self.sampler.label = job_name
-        with Stopwatch() as watch:
-            results = self.local.run_many(job_name, tag_sets, then)
-        self.job_seconds[job_name] = watch.seconds
-        self.log(f"   {job_name}: {watch.seconds:,.0f} s")
-        return results
-
-
-def step_intervals(instance) -> dict[str, list[tuple[str, float, float]]]:
-    """Per stage: (chunk, start, end) of every step of it that ended, over every run, from the Dagster
-    event log; the chunk is the run's partitions (`describe_partitions`)."""
-    import dagster as dg
-
-    from mapillary_assets.defs.partitions import describe_partitions
-
-    kinds = {
-        dg.DagsterEventType.STEP_START,
-        dg.DagsterEventType.STEP_SUCCESS,
-        dg.DagsterEventType.STEP_FAILURE,
-    }
-    result: dict[str, list[tuple[str, float, float]]] = {}
-    for run in instance.get_runs():
-        spans: dict[str, list[float]] = {}
-        for entry in instance.all_logs(run.run_id, of_type=kinds):
-            spans.setdefault(entry.step_key, []).append(entry.timestamp)
-        chunk = describe_partitions(run.tags)
-        for stage, steps in STAGES.items():
-            for step in steps:
-                times = spans.get(step, [])
-                if len(times) >= 2:
-                    result.setdefault(stage, []).append((chunk, min(times), max(times)))
-    return result
-
-
-def stage_times(
-    intervals: dict[str, list[tuple[str, float, float]]],
-) -> dict[str, dict[str, float]]:
-    """Per stage: wall (first step start .. last step end, over every run) and summed step seconds."""
-    result = {}
-    for stage, spans in intervals.items():
-        result[stage] = {
-            "wall_s": max(end for _, _, end in spans) - min(start for _, start, _ in spans),
-            "step_s": sum(end - start for _, start, end in spans),
-            "steps": len(spans),
-        }
-    return result
 
 
 def cross_chunk_overlap_s(
@@ -303,7 +148,7 @@ def measure(scale: float, data_root: Path, log=print) -> dict:
     from mapillary_assets.runners.instance import prepare_dagster_home
 
     prepare_dagster_home(home)
-    emulator = Emulator(scale)
+    emulator = Emulator(scale, SEED, TOKEN)
     log(
         f"emulator pid {emulator.process.pid} at {emulator.base_url} (scale {scale}); data {data_dir}"
     )
@@ -337,8 +182,8 @@ def measure(scale: float, data_root: Path, log=print) -> dict:
             intervals = step_intervals(instance)
             runs = len(instance.get_runs())
         layout = DataLayout(data_dir)
-        images = _geopackage_rows(layout.geopackage_path)
-        ogrinfo = _ogrinfo_summary(layout.geopackage_path)
+        images = geopackage_rows(layout.geopackage_path)
+        ogrinfo = ogrinfo_summary(layout.geopackage_path)
         gpkg_mb = layout.geopackage_path.stat().st_size / 1e6
         event_log_mb = sum(p.stat().st_size for p in home.rglob("*.db")) / 1e6
         sample_ids = _sample_ids(layout, SAMPLE_1024)
@@ -367,76 +212,8 @@ def measure(scale: float, data_root: Path, log=print) -> dict:
         "price_1024": price,
         "floors": api_floors(scale),
         "ogrinfo": ogrinfo,
-        "load_average": _quantiles(sampler.load_averages),
+        "load_average": quantiles(sampler.load_averages),
     }
-
-
-def _quantiles(values: list[float]) -> dict[str, float]:
-    ordered = sorted(values) or [float("nan")]
-    return {"median": ordered[len(ordered) // 2], "max": ordered[-1]}
-
-
-def _ogrinfo_summary(path: Path) -> dict:
-    """What GDAL's `ogrinfo` (a QGIS-style reader) sees: feature count, spatial index, read time."""
-    if not shutil.which("ogrinfo"):
-        return {"available": False}
-    with Stopwatch() as watch:
-        summary = subprocess.run(
-            ["ogrinfo", "-ro", "-so", str(path), "images"], capture_output=True, text=True
-        )
-    with (
-        Stopwatch() as window
-    ):  # a map view's read: the features in a small box, through the R-tree
-        subprocess.run(
-            [
-                "ogrinfo",
-                "-ro",
-                "-q",
-                "-spat",
-                "8.54",
-                "47.37",
-                "8.55",
-                "47.38",
-                str(path),
-                "images",
-            ],
-            capture_output=True,
-            text=True,
-        )
-    count = next(
-        (
-            int(line.split(":")[1])
-            for line in summary.stdout.splitlines()
-            if line.startswith("Feature Count:")
-        ),
-        -1,
-    )
-    import sqlite3
-
-    with sqlite3.connect(f"file:{path}?mode=ro", uri=True) as con:
-        rtree = (
-            con.execute(
-                "SELECT count(*) FROM gpkg_extensions WHERE extension_name = 'gpkg_rtree_index' "
-                "AND table_name = 'images'"
-            ).fetchone()[0]
-            > 0
-        )
-    return {
-        "available": True,
-        "rc": summary.returncode,
-        "features": count,
-        "rtree": rtree,
-        "summary_s": watch.seconds,
-        "window_read_s": window.seconds,
-        "stderr": summary.stderr.strip()[:300],
-    }
-
-
-def _geopackage_rows(path: Path) -> int:
-    import sqlite3
-
-    with sqlite3.connect(f"file:{path}?mode=ro", uri=True) as con:
-        return con.execute("SELECT count(*) FROM images").fetchone()[0]
 
 
 def _sample_ids(layout, count: int) -> list[str]:

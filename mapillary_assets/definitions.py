@@ -17,6 +17,7 @@ from mapillary_assets.defs.assets.discovery import (
     image_chunks,
     sequence_images,
 )
+from mapillary_assets.defs.assets.plan import area_plan
 from mapillary_assets.defs.assets.publish import filter_areas, mapillary_geopackage, staging_tables
 from mapillary_assets.defs.automation import build_refresh_schedule, new_images_sensor
 from mapillary_assets.defs.checks import asset_checks
@@ -61,6 +62,7 @@ def build_definitions(resources: dict | None = None) -> dg.Definitions:
     environment's."""
     return dg.Definitions(
         assets=[
+            area_plan,
             build_discovered_images(tile_partitions()),
             sequence_images,
             image_chunks,

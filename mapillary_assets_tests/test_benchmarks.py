@@ -1,7 +1,10 @@
 """The benchmarks' own arithmetic, on synthetic inputs: a figure that cannot fall short is no figure."""
 
+import mercantile
 import pytest
+from shapely.geometry import box
 
+from benchmarks.bench_country import bbox_z14_tiles, metadata_request_floor
 from benchmarks.bench_full_zurich import cross_chunk_overlap_s
 
 
@@ -49,3 +52,14 @@ def test_results_mark_references_apart_from_measured_baselines():
     }
     assert "| 4 (same run) |" in rows["measured row"] and "reference" not in rows["measured row"]
     assert "| *reference* 8 (notebook) |" in rows["reference row"]
+
+
+def test_bounding_box_tiles_are_counted_as_mercantile_enumerates_them():
+    area = box(5.96, 45.82, 10.49, 47.81)  # Switzerland's bounding box
+    assert bbox_z14_tiles(area) == sum(1 for _ in mercantile.tiles(*area.bounds, 14)) > 25_000
+
+
+def test_metadata_floor_asks_for_each_chunks_ids_fifty_at_a_time():
+    assert metadata_request_floor([5000, 5000, 1]) == 100 + 100 + 1
+    assert metadata_request_floor([49, 51]) == 1 + 2
+    assert metadata_request_floor([]) == 0

@@ -9,7 +9,9 @@ import pytest
 
 from mapillary_assets.pipeline.chunks import (
     DEFAULT_CHUNK_SIZE,
+    MAX_CHUNK_SIZE,
     ChunkError,
+    adaptive_chunk_size,
     assign_chunks,
     chunk_image_ids,
     chunk_keys,
@@ -102,3 +104,34 @@ def test_invalid_ids_and_corrupt_existing_are_rejected():
         assign_chunks(broken, ids(1, 5), chunk_size=50)
     with pytest.raises(ChunkError, match="lacks column"):
         assign_chunks(pd.DataFrame({"image_id": ["1"]}), ids(1, 5), chunk_size=50)
+
+
+@pytest.mark.parametrize(
+    ("images", "size"),
+    [
+        (0, DEFAULT_CHUNK_SIZE),
+        (1_200_000, DEFAULT_CHUNK_SIZE),  # Zurich: 240 chunks
+        (10_000_000, DEFAULT_CHUNK_SIZE),  # 2,000 chunks exactly
+        (10_000_001, 6_000),
+        (10_946_055, 6_000),  # the Switzerland world: 1,825 chunks
+        (150_000_000, 75_000),
+        (200_000_000, MAX_CHUNK_SIZE),
+        (1_000_000_000, MAX_CHUNK_SIZE),  # beyond 200 M images the chunks grow in number again
+    ],
+)
+def test_adaptive_chunk_size_keeps_chunks_in_the_low_thousands(images, size):
+    assert adaptive_chunk_size(images) == size
+    if images <= 200_000_000:
+        assert -(-images // size) <= 2000
+
+
+def test_without_a_size_new_chunks_take_the_adaptive_size_and_old_ones_keep_theirs(monkeypatch):
+    monkeypatch.setattr("mapillary_assets.pipeline.chunks.TARGET_MAX_CHUNKS", 2)
+    monkeypatch.setattr("mapillary_assets.pipeline.chunks.DEFAULT_CHUNK_SIZE", 100)
+    monkeypatch.setattr("mapillary_assets.pipeline.chunks.CHUNK_SIZE_STEP", 10)
+    first = assign_chunks(None, ids(1, 151), chunk_size=None)  # 150 ids: the default 100 fits 2
+    assert first.groupby("chunk").size().tolist() == [100, 50]
+    # 400 more: 550 ids want chunks of ceil(550 / 2) = 275 rounded up to 280; old chunks stay as they are
+    refreshed = assign_chunks(first, ids(1, 551), chunk_size=None)
+    pd.testing.assert_frame_equal(refreshed.iloc[: len(first)], first)
+    assert refreshed.groupby("chunk").size().tolist() == [100, 50, 280, 120]

@@ -106,7 +106,11 @@ def test_coverage_is_empty_exactly_where_no_z14_tile_holds_images(world):
         data = render_tile(world, "mly1_public", parent.z, parent.x, parent.y)
         lines = decode_sequence_lines(data, parent.z, parent.x, parent.y)
         assert (data == b"") == (holding == 0)
-        assert len(lines) == holding  # one coverage line per non-empty z14 tile
+        # one coverage line per sequence, each starting in the z14 tile that holds its images
+        assert len(lines) == sum(world.tile_sequence_count(*c) for c in children)
+        assert {mercantile.tile(*line[0], 14)[:2] for line in lines} <= {
+            c for c in children if counts.get(c, 0) > 0
+        }
         for x, y in children:  # and a z14 tile is empty exactly where its count is 0
             assert (render_tile(world, "mly1_public", 14, x, y) == b"") == (
                 counts.get((x, y), 0) == 0

@@ -9,6 +9,7 @@ from mapillary_assets.definitions import build_definitions
 defs = build_definitions()
 
 EXPECTED_ASSETS = {
+    "area_plan",
     "discovered_images",
     "sequence_images",
     "image_chunks",

@@ -249,8 +249,16 @@ def test_low_zoom_tiles_cover_nonempty_z14_tiles(emulator, http, world):
     )
     assert list(decoded) == ["sequence"]
     children = [(c.x, c.y) for c in mercantile.children(z13)]
-    assert len(decoded["sequence"]["features"]) == sum(
-        1 for c in children if world.tile_sequence_count(*c)
+    assert len(decoded["sequence"]["features"]) == sum(  # one line per sequence
+        world.tile_sequence_count(*c) for c in children
+    )
+    z14_lines = []
+    for x, y in children:
+        content = http.get(tile_url(emulator, 14, x, y), params={"access_token": TOKEN}).content
+        z14_lines += mapbox_vector_tile.decode(content)["sequence"]["features"] if content else []
+    # each line carries its sequence's properties, as the z14 `sequence` layer shows them
+    assert sorted(str(f["properties"]) for f in decoded["sequence"]["features"]) == sorted(
+        str(f["properties"]) for f in z14_lines
     )
     z5 = mercantile.parent(mercantile.Tile(*CORE_TILE, 14), zoom=5)
     decoded = mapbox_vector_tile.decode(

@@ -1,5 +1,6 @@
 """The area plan: from coverage tiles alone, tile requests within 5 % and images within 25 % of what
-discovery then finds, on small emulator worlds; the table says what it spent."""
+discovery then finds, on small emulator worlds at the default density, on a small area of a denser
+one and on an area of the country world; the table says what it spent."""
 
 from __future__ import annotations
 
@@ -17,6 +18,9 @@ from mapillary_assets.storage import DataLayout
 from mapillary_assets_tests.support.clients import TileClient
 
 AROUND_ZURICH = box(8.35, 47.25, 8.75, 47.5)
+# ~2 km x 1.7 km of the city centre: at scale 0.1 its z14 tiles hold ~100 sequences each
+CITY_CENTRE = box(8.525, 47.37, 8.55, 47.385)
+AROUND_BERN = box(7.3, 46.85, 7.6, 47.05)  # in the country world: Bern, roads, countryside, lakes
 
 
 def discover_all(world: World, aoi, zoom: int, layout: DataLayout) -> tuple[int, int]:
@@ -35,14 +39,21 @@ def discover_all(world: World, aoi, zoom: int, layout: DataLayout) -> tuple[int,
 
 
 @pytest.mark.parametrize(
-    ("seed", "area", "zoom"),
-    [(11, None, 12), (12, AROUND_ZURICH, 10), (13, AROUND_ZURICH, 8), (14, None, 9)],
+    ("seed", "area", "zoom", "scale", "region"),
+    [
+        (11, None, 12, 0.005, "zurich"),
+        (12, AROUND_ZURICH, 10, 0.005, "zurich"),
+        (13, AROUND_ZURICH, 8, 0.005, "zurich"),
+        (14, None, 9, 0.005, "zurich"),
+        (15, CITY_CENTRE, 13, 0.1, "zurich"),  # 20x denser: coverage lines follow the density
+        (16, AROUND_BERN, 11, 0.02, "switzerland"),
+    ],
 )
 def test_plan_is_within_5_percent_of_tile_requests_and_25_percent_of_images(
-    tmp_path, monkeypatch, seed, area, zoom
+    tmp_path, monkeypatch, seed, area, zoom, scale, region
 ):
     monkeypatch.delenv("MAPILLARY_TILES_PER_DAY", raising=False)
-    world = World(seed=seed, scale=0.005)
+    world = World(seed=seed, scale=scale, region=region)
     aoi = (
         load_aoi()
         if area is None

@@ -107,7 +107,7 @@ class PipelineSettings(dg.ConfigurableResource):
     tileset: str = "mly1_public"
     discovery_route: str = "tiles"
     tile_cache_max_age_hours: float = 24.0
-    chunk_size: int = 5000
+    chunk_size: int = 0  # 0: chosen from the image count (chunks.adaptive_chunk_size)
     sample_limit: int = 0
     thumbnail_size: int = 1024
     download_concurrency: int = 64
@@ -148,7 +148,8 @@ class PipelineSettings(dg.ConfigurableResource):
         _choice("MAPILLARY_BLUR_BACKEND", self.blur_backend, BLUR_BACKENDS)
         _choice("MAPILLARY_THUMBNAIL_SIZE", self.thumbnail_size, THUMBNAIL_SIZES)
         _choice("MAPILLARY_GPKG_VERSION", self.gpkg_version, GPKG_VERSIONS)
-        _at_least("MAPILLARY_CHUNK_SIZE", self.chunk_size, 50, upper=100_000)
+        if self.chunk_size != 0:
+            _at_least("MAPILLARY_CHUNK_SIZE", self.chunk_size, 50, upper=100_000)
         _at_least("MAPILLARY_SAMPLE_LIMIT", self.sample_limit, 0)
         _at_least("MAPILLARY_DOWNLOAD_CONCURRENCY", self.download_concurrency, 1, upper=1000)
         _at_least("MAPILLARY_TILE_CACHE_MAX_AGE_HOURS", self.tile_cache_max_age_hours, 0)

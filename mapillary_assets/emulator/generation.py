@@ -26,7 +26,7 @@ import numpy as np
 
 from .geography import DENSITY_GRID, KM_PER_DEG_LAT, tile_lat, tile_lon
 from .ids import MAX_SEQUENCES_PER_TILE, encode_sequence_id, image_id_ints, unit_hash
-from .records import SequenceInfo, TileImages
+from .records import SequenceInfo, SequenceLines, TileImages
 from .regions import REGIONS, Region
 
 MAX_SEQUENCE_LENGTH = 300
@@ -123,18 +123,11 @@ class TileGenerator:
         sequences: list[SequenceInfo] = []
         parts: list[dict[str, np.ndarray]] = []
         offset = 0
-        index = 0
-        for e in range(epoch + 1):
-            for local, length in enumerate(self.sequence_lengths(x, y, e)):
-                if index >= MAX_SEQUENCES_PER_TILE:
-                    break
-                rng = np.random.default_rng([self.seed, x, y, e, local + 1])
-                info, cols = self._sequence(rng, x, y, e, index, length, bounds, touches_void)
-                info.offset = offset
-                offset += info.length
-                sequences.append(info)
-                parts.append(cols)
-                index += 1
+        for info, cols in self._sequences(x, y, epoch, bounds, touches_void):
+            info.offset = offset
+            offset += info.length
+            sequences.append(info)
+            parts.append(cols)
         if not parts:
             return TileImages.empty(x, y, epoch)
         columns = {name: np.concatenate([p[name] for p in parts]) for name in parts[0]}
@@ -156,19 +149,29 @@ class TileGenerator:
             return None
         rng = np.random.default_rng([self.seed, x, y, e, 1])
         info, cols = self._sequence(rng, x, y, e, 0, lengths[0], *self.region.tile_geometry(x, y))
-        return {
-            "sequence_id": info.id,
-            "image_id": int(
-                image_id_ints(x, y, cols["sequence_row"][:1], cols["image_index"][:1])[0]
-            ),
-            "captured_at": int(cols["captured_at"][0]),
-            "is_pano": bool(CAMERAS[info.camera][3]),
-            "organization_id": info.organization_id,
-            "first_lon": float(cols["lon"][0]),
-            "first_lat": float(cols["lat"][0]),
-            "last_lon": float(cols["lon"][-1]),
-            "last_lat": float(cols["lat"][-1]),
-        }
+        return _summary(info, cols, x, y)
+
+    def sequence_lines(self, x: int, y: int, epoch: int) -> SequenceLines:
+        """One coverage line per sequence of the tile at ``epoch`` (each sequence generated alone,
+        no image ids or blur flags: the cost of a tile's sequences, not of its images)."""
+        bounds, touches_void = self.region.tile_geometry(x, y)
+        return SequenceLines.from_summaries(
+            [
+                _summary(info, cols, x, y)
+                for info, cols in self._sequences(x, y, epoch, bounds, touches_void)
+            ]
+        )
+
+    def _sequences(self, x: int, y: int, epoch: int, bounds, touches_void: bool):
+        """(info, columns) of every sequence of the tile at ``epoch``, in index order."""
+        index = 0
+        for e in range(epoch + 1):
+            for local, length in enumerate(self.sequence_lengths(x, y, e)):
+                if index >= MAX_SEQUENCES_PER_TILE:
+                    return
+                rng = np.random.default_rng([self.seed, x, y, e, local + 1])
+                yield self._sequence(rng, x, y, e, index, length, bounds, touches_void)
+                index += 1
 
     def _sequence(
         self,
@@ -318,6 +321,21 @@ class TileGenerator:
             "image_index": np.arange(length, dtype=np.int32),
         }
         return info, cols
+
+
+def _summary(info: SequenceInfo, cols: dict[str, np.ndarray], x: int, y: int) -> dict:
+    """A sequence as the low-zoom layers show it: its id, its first image, its end points."""
+    return {
+        "sequence_id": info.id,
+        "image_id": int(image_id_ints(x, y, cols["sequence_row"][:1], cols["image_index"][:1])[0]),
+        "captured_at": int(cols["captured_at"][0]),
+        "is_pano": bool(CAMERAS[info.camera][3]),
+        "organization_id": info.organization_id,
+        "first_lon": float(cols["lon"][0]),
+        "first_lat": float(cols["lat"][0]),
+        "last_lon": float(cols["lon"][-1]),
+        "last_lat": float(cols["lat"][-1]),
+    }
 
 
 def _make_creators(seed: int) -> list[tuple[str, int]]:

@@ -140,3 +140,40 @@ class TileImages:
 
     def __len__(self) -> int:
         return len(self.lon)
+
+
+@dataclass(frozen=True, slots=True)
+class SequenceLines:
+    """The coverage of one z14 tile: one line per sequence, from its first to its last image, with the
+    properties of Mapillary's `sequence` layer (columns, one row per sequence in id order)."""
+
+    sequence_ids: tuple[str, ...]
+    image_ids: np.ndarray  # int64, the first image of each sequence
+    captured_at: np.ndarray  # int64 ms, of that image
+    is_pano: np.ndarray  # bool
+    organization_ids: np.ndarray  # int64, -1 where the sequence has none
+    first_lon: np.ndarray
+    first_lat: np.ndarray
+    last_lon: np.ndarray
+    last_lat: np.ndarray
+
+    @classmethod
+    def from_summaries(cls, summaries: list[dict]) -> SequenceLines:
+        def column(key: str, dtype) -> np.ndarray:
+            return np.array([s[key] for s in summaries], dtype=dtype)
+
+        organizations = [s["organization_id"] for s in summaries]
+        return cls(
+            sequence_ids=tuple(s["sequence_id"] for s in summaries),
+            image_ids=column("image_id", np.int64),
+            captured_at=column("captured_at", np.int64),
+            is_pano=column("is_pano", bool),
+            organization_ids=np.array([-1 if o is None else o for o in organizations], np.int64),
+            first_lon=column("first_lon", float),
+            first_lat=column("first_lat", float),
+            last_lon=column("last_lon", float),
+            last_lat=column("last_lat", float),
+        )
+
+    def __len__(self) -> int:
+        return len(self.sequence_ids)

@@ -3,9 +3,10 @@
 Layers, by zoom (``mly1_public``):
 
 * z14: ``sequence`` (one LineString per sequence, all its images) then ``image`` (one Point per image);
-* z6-13: ``sequence`` only, simplified to one 2-point line per non-empty z14 tile (from the first to
-  the last image of the tile's first sequence), so the layer is an exact coverage mask of non-empty
-  z14 tiles and stays cheap at scale 1.0;
+* z6-13: ``sequence`` only, one 2-point line per sequence (from its first to its last image), as
+  Mapillary draws one line per sequence (piece): an exact coverage mask of non-empty z14 tiles whose
+  line count follows the image count at any density (each sequence is generated alone, without its
+  image ids, and kept by the world: ``World.tile_lines``);
 * z0-5: ``overview``, one Point per non-empty z14 tile (the first image of its first sequence).
 
 ``mly1_computed_public`` places z14 images at their computed (SfM) position (the original one when
@@ -189,37 +190,10 @@ def _low_zoom_tile(world: World, z: int, x: int, y: int) -> bytes:
     below = [(tx, ty) for tx, ty in world.nonempty_tiles() if tx >> shift == x and ty >> shift == y]
     if not below:
         return b""
+    if z >= 6:
+        return _coverage_lines(world, below, z, x, y)
     summaries = [world.tile_summary(tx, ty) for tx, ty in below]
     values = LayerValues()
-    features = []
-    if z >= 6:
-        for fid, s in enumerate(summaries, start=1):
-            px, py = tile_pixels(
-                np.array([s["first_lon"], s["last_lon"]]),
-                np.array([s["first_lat"], s["last_lat"]]),
-                z,
-                x,
-                y,
-            )
-            tags = [
-                0,
-                values.add(s["captured_at"]),
-                1,
-                values.add(s["sequence_id"]),
-                2,
-                values.add(s["image_id"]),
-                3,
-                values.add(s["is_pano"]),
-            ]
-            if s["organization_id"] is not None:
-                tags += [4, values.add(s["organization_id"])]
-            features.append(line_feature(fid, tags, px, py))
-        return layer(
-            "sequence",
-            ["captured_at", "id", "image_id", "is_pano", "organization_id"],
-            values,
-            b"".join(features),
-        )
     px, py = tile_pixels(
         np.array([s["first_lon"] for s in summaries]),
         np.array([s["first_lat"] for s in summaries]),
@@ -245,3 +219,41 @@ def _low_zoom_tile(world: World, z: int, x: int, y: int) -> bytes:
     )
     features = point_features(1, tags, np.ones(tags.shape, bool), px, py)
     return layer("overview", ["captured_at", "id", "sequence_id", "is_pano"], values, features)
+
+
+def _coverage_lines(world: World, below: list[tuple[int, int]], z: int, x: int, y: int) -> bytes:
+    """The `sequence` layer of a z6-13 tile: one 2-point line per sequence of the z14 tiles below
+    (from its first to its last image), so the line count follows the image count at any density."""
+    values = LayerValues()
+    features = []
+    for tx, ty in below:
+        lines = world.tile_lines(tx, ty)
+        first_x, first_y = tile_pixels(lines.first_lon, lines.first_lat, z, x, y)
+        last_x, last_y = tile_pixels(lines.last_lon, lines.last_lat, z, x, y)
+        for row, sequence_id in enumerate(lines.sequence_ids):
+            tags = [
+                0,
+                values.add(int(lines.captured_at[row])),
+                1,
+                values.add(sequence_id),
+                2,
+                values.add(int(lines.image_ids[row])),
+                3,
+                values.add(bool(lines.is_pano[row])),
+            ]
+            if lines.organization_ids[row] >= 0:
+                tags += [4, values.add(int(lines.organization_ids[row]))]
+            features.append(
+                line_feature(
+                    len(features) + 1,
+                    tags,
+                    np.array([first_x[row], last_x[row]]),
+                    np.array([first_y[row], last_y[row]]),
+                )
+            )
+    return layer(
+        "sequence",
+        ["captured_at", "id", "image_id", "is_pano", "organization_id"],
+        values,
+        b"".join(features),
+    )

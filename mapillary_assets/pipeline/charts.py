@@ -178,13 +178,15 @@ def tile_map_png(
     image_counts: Mapping[str, int | None],
     failed: Sequence[str] = (),
     run_keys: Sequence[str] = (),
+    counted: str = "images",
 ) -> bytes:
     """The AOI outline and its partition tiles coloured by image count: empty tiles white, tiles not
-    discovered yet grey (count None), failed tiles crossed in red, the tiles of this run outlined."""
+    discovered yet grey (count None), failed tiles crossed in red, the tiles of this run outlined.
+    `counted` names what the counts are ("estimated images" for the area's plan)."""
     figure = Figure(figsize=(6, 4.2), dpi=_DPI, layout="constrained")
     axes = figure.add_subplot()
-    counted = {key: count for key, count in image_counts.items() if count}
-    norm = LogNorm(vmin=1, vmax=max(max(counted.values(), default=1), 2))
+    nonempty = {key: count for key, count in image_counts.items() if count}
+    norm = LogNorm(vmin=1, vmax=max(max(nonempty.values(), default=1), 2))
     rectangles, faces = [], []
     for key, count in image_counts.items():
         west, south, east, north = mercantile.bounds(parse_tile_key(key))
@@ -217,11 +219,11 @@ def tile_map_png(
     _outline(axes, aoi_geometry)
     axes.autoscale_view()
     _geographic_aspect(axes, aoi_geometry)
-    if counted:
+    if nonempty:
         figure.colorbar(ScalarMappable(norm=norm, cmap=cmap), ax=axes, shrink=0.8).set_label(
-            "images per tile", fontsize=8
+            f"{counted} per tile", fontsize=8
         )
-    legend = [Patch(facecolor=_EMPTY_COLOUR, edgecolor="#555555", label="no images")]
+    legend = [Patch(facecolor=_EMPTY_COLOUR, edgecolor="#555555", label=f"no {counted}")]
     if any(count is None for count in image_counts.values()):
         legend.append(Patch(facecolor=_MISSING_COLOUR, edgecolor="#555555", label="not discovered"))
     if failed:
@@ -229,9 +231,9 @@ def tile_map_png(
             Patch(facecolor="none", edgecolor=_FAILED_COLOUR, label=f"failed ({len(failed)})")
         )
     axes.legend(handles=legend, loc="lower left", fontsize=7, framealpha=0.8)
-    total = sum(counted.values())
+    total = sum(nonempty.values())
     axes.set_title(
-        f"{total:,} images in {len(image_counts):,} partition tiles ({len(counted):,} non-empty)",
+        f"{total:,} {counted} in {len(image_counts):,} partition tiles ({len(nonempty):,} non-empty)",
         fontsize=9,
     )
     return _png(figure)

@@ -2,10 +2,14 @@
 
 Once a chunk exists its membership never changes: a refresh keeps every existing row untouched and
 puts ids it has not seen before into new chunks only, so materialised chunk partitions stay valid.
+Unless a size is given (MAPILLARY_CHUNK_SIZE), new chunks get `adaptive_chunk_size` of the area's
+image count, so a country's chunk partitions stay in the low thousands (Dagster's UI slows past tens
+of thousands of partitions).
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable
 
 import numpy as np
@@ -16,6 +20,10 @@ from mapillary_assets.storage import validate_image_id
 DEFAULT_CHUNK_SIZE = 5000
 MIN_CHUNK_SIZE = 50  # one metadata batch
 MAX_CHUNK_SIZE = 100_000
+TARGET_MAX_CHUNKS = (
+    2000  # the adaptive size keeps an area within this many chunks up to 200 M images
+)
+CHUNK_SIZE_STEP = 1000
 CHUNK_PREFIX = "chunk-"
 ASSIGNMENT_COLUMNS = ("image_id", "chunk", "position")
 
@@ -52,24 +60,37 @@ def validate_chunk_size(chunk_size: int) -> int:
     if not MIN_CHUNK_SIZE <= chunk_size <= MAX_CHUNK_SIZE:
         raise ChunkError(
             f"chunk size {chunk_size:,} is out of range: use {MIN_CHUNK_SIZE} to {MAX_CHUNK_SIZE:,} "
-            f"(MAPILLARY_CHUNK_SIZE, default {DEFAULT_CHUNK_SIZE:,})"
+            "(MAPILLARY_CHUNK_SIZE; unset, it is chosen from the image count)"
         )
     return int(chunk_size)
 
 
+def adaptive_chunk_size(image_count: int) -> int:
+    """DEFAULT_CHUNK_SIZE while that keeps `image_count` images within TARGET_MAX_CHUNKS chunks (up to
+    10 M images), else the size that does, rounded up to CHUNK_SIZE_STEP, at most MAX_CHUNK_SIZE."""
+    needed = math.ceil(image_count / TARGET_MAX_CHUNKS)
+    if needed <= DEFAULT_CHUNK_SIZE:
+        return DEFAULT_CHUNK_SIZE
+    return min(MAX_CHUNK_SIZE, math.ceil(needed / CHUNK_SIZE_STEP) * CHUNK_SIZE_STEP)
+
+
 def assign_chunks(
-    existing: pd.DataFrame | None, discovered_ids: Iterable[str], chunk_size: int
+    existing: pd.DataFrame | None, discovered_ids: Iterable[str], chunk_size: int | None
 ) -> pd.DataFrame:
     """Existing rows unchanged, then ids not yet assigned, sorted numerically, in new chunks of
-    `chunk_size` (the last one may be smaller; a later refresh starts a new chunk after it).
+    `chunk_size` (the last one may be smaller; a later refresh starts a new chunk after it). None:
+    `adaptive_chunk_size` of the ids assigned once this refresh is done (existing chunks keep theirs).
 
     `position` is the row's running number over the whole assignment (stable order)."""
-    chunk_size = validate_chunk_size(chunk_size)
+    if chunk_size is not None:
+        chunk_size = validate_chunk_size(chunk_size)
     existing = _checked_existing(existing)
     known = set(existing["image_id"])
     new_ids = sorted({validate_image_id(i) for i in map(str, discovered_ids)} - known, key=int)
     if not new_ids:
         return existing
+    if chunk_size is None:
+        chunk_size = adaptive_chunk_size(len(existing) + len(new_ids))
     first_chunk = max(map(_chunk_index, existing["chunk"].unique()), default=-1) + 1
     first_position = int(existing["position"].max()) + 1 if len(existing) else 0
     offsets = np.arange(len(new_ids))

@@ -7,10 +7,11 @@ coverage-tile requests only (and discovery within the cache age reuses them). Fr
 * tile requests needed = coverage tiles read + non-empty z14 tiles (exactly discovery's requests
   from a cold cache), and the days they take at MAPILLARY_TILES_PER_DAY (default 50,000);
 * images = coverage lines in those z14 tiles x IMAGES_PER_COVERAGE_LINE. Mapillary's `sequence`
-  layer holds one line per sequence piece, so the count of lines tracks the sequences; the factor
-  was calibrated on the emulator at its default density (scale 0.005: 150-235 images per line
-  over Zurich-sized AOIs, seeds 1-6). The emulator draws one line per non-empty z14 tile whatever
-  its density, so on a denser emulator world (scale 1.0) the estimate is a floor, not a count;
+  layer holds one line per sequence (piece), and so does the emulator's, so the count of lines
+  follows the image count at any density; the factor is the emulator's images per sequence (103.0
+  on the Switzerland world at scale 1.0: 10,946,055 images in 106,223 sequences; 103-117 over the
+  Zurich world at scale 0.005, seeds 1-12), calibrated there: Mapillary's own mean sequence length
+  in an area may differ, and the estimate scales with it;
 * metadata requests = ceil(images / 50), and their time at the entity budget;
 * thumbnail bytes and disk at 256 px and 1024 px (disk rounds each file up to a 4 KiB block);
 * blur time at this machine's measured rate (the latest `blur` figure in benchmarks/RESULTS.json,
@@ -37,7 +38,7 @@ from mapillary_assets.pipeline.discovery.tile_cache import TileCache
 from mapillary_assets.pipeline.discovery.tiles import DEFAULT_CACHE_MAX_AGE_S, covered_z14_tiles
 from mapillary_assets.storage import DataLayout
 
-IMAGES_PER_COVERAGE_LINE = 180.0
+IMAGES_PER_COVERAGE_LINE = 103.0
 IDS_PER_METADATA_REQUEST = 50
 # mean thumbnail sizes: 1024 px as the emulator's and Mapillary's CDN JPEGs (~240 KB, bench_download);
 # 256 px about a tenth of that (a sixteenth of the pixels, compressing less well)
@@ -127,6 +128,11 @@ class AreaPlan:
     def table(self) -> str:
         width = max(len(name) for name, _ in self.rows())
         return "\n".join(f"{name:<{width}}  {value}" for name, value in self.rows())
+
+    def markdown(self) -> str:
+        """The table as Markdown (the `area_plan` asset's metadata)."""
+        lines = ["| | |", "|---|---|"]
+        return "\n".join(lines + [f"| {name} | {value} |" for name, value in self.rows()])
 
 
 def _gb(n: int) -> str:

@@ -303,7 +303,7 @@ def image_chunks(
         [key]
     )  # of an interrupted earlier run (this asset's pool has one slot)
     existing = store.read_parquet(key) if store.exists(key) else None
-    assignment = assign_chunks(existing, discovered, settings.chunk_size)
+    assignment = assign_chunks(existing, discovered, settings.chunk_size or None)
     store.write_parquet(key, assignment)
     registered = set(context.instance.get_dynamic_partitions(CHUNK_PARTITIONS_NAME))
     new_keys = [key for key in chunk_keys(assignment) if key not in registered]

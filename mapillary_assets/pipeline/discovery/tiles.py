@@ -108,7 +108,7 @@ async def discover_partition(
 @dataclass(frozen=True)
 class PartitionCoverage:
     """What the coverage descent found in one partition: the z14 tiles to fetch (overlapping the
-    AOI, sorted) and how many coverage lines of the selection zoom lie in them."""
+    AOI, sorted) and how many coverage lines of the selection zoom start in them inside the AOI."""
 
     z14_tiles: list[tuple[int, int]]
     coverage_lines: int
@@ -156,7 +156,7 @@ async def covered_z14_tiles(
         xs, ys = xs[keep], ys[keep]
         if next_zoom == IMAGE_ZOOM:
             tiles = list(zip(xs.tolist(), ys.tolist()))
-            return PartitionCoverage(tiles, _lines_in_tiles(lines, set(tiles)))
+            return PartitionCoverage(tiles, _lines_in_tiles(lines, set(tiles), geometry))
         level = [mercantile.Tile(int(x), int(y), next_zoom) for x, y in zip(xs, ys)]
     raise AssertionError("the descent always ends at the image zoom")
 
@@ -175,14 +175,16 @@ def _inside(
 
 
 def _lines_in_tiles(
-    lines: Sequence[Sequence[tuple[float, float]]], tiles: set[tuple[int, int]]
+    lines: Sequence[Sequence[tuple[float, float]]], tiles: set[tuple[int, int]], geometry
 ) -> int:
-    """Lines whose first vertex lies in one of the z14 `tiles` (each line counted once)."""
+    """Lines whose first vertex lies in one of the z14 `tiles` and inside the AOI `geometry` (each
+    line counted once): a sequence starting outside the AOI mostly holds images outside it."""
     if not lines or not tiles:
         return 0
     first = np.array([line[0] for line in lines], dtype=float)
     cells = np.floor(_tile_units(first[:, 0], first[:, 1], IMAGE_ZOOM)).astype(np.int64)
-    return sum((int(x), int(y)) in tiles for x, y in cells)
+    in_tiles = np.array([(int(x), int(y)) in tiles for x, y in cells], dtype=bool)
+    return int((in_tiles & shapely.intersects_xy(geometry, first[:, 0], first[:, 1])).sum())
 
 
 def touched_z14_tiles(
