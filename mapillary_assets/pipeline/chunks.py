@@ -26,6 +26,9 @@ TARGET_MAX_CHUNKS = (
 CHUNK_SIZE_STEP = 1000
 CHUNK_PREFIX = "chunk-"
 ASSIGNMENT_COLUMNS = ("image_id", "chunk", "position")
+# The assignment is written in chunk order in row groups of this many rows, so a chunk run's filtered
+# read decodes the one or two groups holding its chunk, not all 10 M rows of a country's assignment.
+ASSIGNMENT_ROW_GROUP_ROWS = 50_000
 
 
 class ChunkError(ValueError):

@@ -23,7 +23,7 @@ from mapillary_assets.defs.resources import (
 )
 from mapillary_assets.pipeline.aoi import no_images_warning, parse_tile_key
 from mapillary_assets.pipeline.charts import png_markdown, tile_map_png
-from mapillary_assets.pipeline.chunks import assign_chunks, chunk_keys
+from mapillary_assets.pipeline.chunks import ASSIGNMENT_ROW_GROUP_ROWS, assign_chunks, chunk_keys
 from mapillary_assets.pipeline.discovery.results import IMAGE_ZOOM
 from mapillary_assets.pipeline.discovery.search import discover_by_bbox_search
 from mapillary_assets.pipeline.discovery.sequences import discover_by_sequences
@@ -304,7 +304,7 @@ def image_chunks(
     )  # of an interrupted earlier run (this asset's pool has one slot)
     existing = store.read_parquet(key) if store.exists(key) else None
     assignment = assign_chunks(existing, discovered, settings.chunk_size or None)
-    store.write_parquet(key, assignment)
+    store.write_parquet(key, assignment, row_group_size=ASSIGNMENT_ROW_GROUP_ROWS)
     registered = set(context.instance.get_dynamic_partitions(CHUNK_PARTITIONS_NAME))
     new_keys = [key for key in chunk_keys(assignment) if key not in registered]
     if new_keys:
