@@ -97,12 +97,15 @@ def assign_chunks(
     first_chunk = max(map(_chunk_index, existing["chunk"].unique()), default=-1) + 1
     first_position = int(existing["position"].max()) + 1 if len(existing) else 0
     offsets = np.arange(len(new_ids))
+    chunk_of_row = offsets // chunk_size
+    # one key object per chunk, shared by its rows (a string per row cost ~60 bytes x 10 M rows)
+    keys = np.array(
+        [chunk_key(first_chunk + i) for i in range(int(chunk_of_row[-1]) + 1)], dtype=object
+    )
     added = pd.DataFrame(
         {
             "image_id": pd.Series(new_ids, dtype="str"),
-            "chunk": pd.Series(
-                [chunk_key(first_chunk + i) for i in offsets // chunk_size], dtype="str"
-            ),
+            "chunk": pd.Series(keys[chunk_of_row], dtype="str"),
             "position": pd.Series(first_position + offsets, dtype="int64"),
         }
     )
