@@ -10,6 +10,8 @@ import time
 import uuid
 
 import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 
 from mapillary_assets.storage import (
@@ -63,6 +65,22 @@ def test_parquet_round_trip_with_filters(store):
     store.put("chunks/broken.parquet", b"not parquet")
     with pytest.raises(StorageError, match="chunks/broken.parquet is not a readable Parquet"):
         store.read_parquet("chunks/broken.parquet")
+
+
+def test_parquet_row_groups_carry_statistics_a_filter_can_skip_by(store):
+    frame = pd.DataFrame({"image_id": [str(i) for i in range(6)], "chunk": list("aabbcc")})
+    store.write_parquet("chunks/assignment.parquet", frame, row_group_size=2)
+    footer = pq.ParquetFile(pa.BufferReader(store.get("chunks/assignment.parquet"))).metadata
+    assert footer.num_rows == 6 and footer.num_row_groups == 3
+    chunk_column = footer.schema.names.index("chunk")
+    bounds = [
+        (footer.row_group(g).column(chunk_column).statistics.min,
+         footer.row_group(g).column(chunk_column).statistics.max)
+        for g in range(footer.num_row_groups)
+    ]  # fmt: skip
+    assert bounds == [("a", "a"), ("b", "b"), ("c", "c")]
+    back = store.read_parquet("chunks/assignment.parquet", filters=[("chunk", "==", "b")])
+    assert back["image_id"].tolist() == ["2", "3"]
 
 
 def test_upload_of_a_big_file_goes_up_whole(store, tmp_path):

@@ -30,7 +30,21 @@ def progress_logger(
     return report
 
 
-def preview_markdown(frame: pd.DataFrame, rows: int = 10, columns: list[str] | None = None) -> str:
+PREVIEW_ROWS = 10
+
+
+def preview_rows(frame: pd.DataFrame, rows: int = PREVIEW_ROWS) -> pd.DataFrame:
+    """The first `rows` rows as a frame of their own: a `head()` shares its parent's column buffers
+    (numpy blocks, Arrow chunks) and so keeps the whole frame alive."""
+    head = frame.head(rows)
+    return pd.DataFrame(
+        {name: pd.array(head[name].tolist(), dtype=head[name].dtype) for name in head.columns}
+    )
+
+
+def preview_markdown(
+    frame: pd.DataFrame, rows: int = PREVIEW_ROWS, columns: list[str] | None = None
+) -> str:
     shown = frame[columns] if columns else frame
     return shown.head(rows).to_markdown(index=False) if len(shown) else "(no rows)"
 

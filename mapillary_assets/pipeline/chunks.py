@@ -26,6 +26,9 @@ TARGET_MAX_CHUNKS = (
 CHUNK_SIZE_STEP = 1000
 CHUNK_PREFIX = "chunk-"
 ASSIGNMENT_COLUMNS = ("image_id", "chunk", "position")
+# The assignment is written in chunk order in row groups of this many rows, so a chunk run's filtered
+# read decodes the one or two groups holding its chunk, not all 10 M rows of a country's assignment.
+ASSIGNMENT_ROW_GROUP_ROWS = 50_000
 
 
 class ChunkError(ValueError):
@@ -94,12 +97,15 @@ def assign_chunks(
     first_chunk = max(map(_chunk_index, existing["chunk"].unique()), default=-1) + 1
     first_position = int(existing["position"].max()) + 1 if len(existing) else 0
     offsets = np.arange(len(new_ids))
+    chunk_of_row = offsets // chunk_size
+    # one key object per chunk, shared by its rows (a string per row cost ~60 bytes x 10 M rows)
+    keys = np.array(
+        [chunk_key(first_chunk + i) for i in range(int(chunk_of_row[-1]) + 1)], dtype=object
+    )
     added = pd.DataFrame(
         {
             "image_id": pd.Series(new_ids, dtype="str"),
-            "chunk": pd.Series(
-                [chunk_key(first_chunk + i) for i in offsets // chunk_size], dtype="str"
-            ),
+            "chunk": pd.Series(keys[chunk_of_row], dtype="str"),
             "position": pd.Series(first_position + offsets, dtype="int64"),
         }
     )

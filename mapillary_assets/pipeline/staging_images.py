@@ -17,8 +17,8 @@ from shapely.geometry.base import BaseGeometry
 from mapillary_assets.pipeline.aoi import in_area
 from mapillary_assets.pipeline.filters import spacing_filter, tag_in_polygons
 
-WALK_BATCH_ROWS = 200_000  # rows of the spacing walk held in pandas at once
-SEQUENCE_BATCH_IMAGES = 200_000  # images per batch of the sequences build
+WALK_BATCH_ROWS = 50_000  # rows of the spacing walk held in pandas at once
+SEQUENCE_BATCH_IMAGES = 50_000  # images per batch of the sequences build
 
 # Columns the joined `images` table takes from metadata as they are (the shared ones are merged).
 _METADATA_ONLY = [
@@ -42,7 +42,7 @@ def build_images(
     )
     con.execute(
         f"""
-        CREATE TEMP TABLE images_base AS
+        CREATE TABLE images_base AS
         WITH d AS (
             SELECT * FROM discovered_images {assigned_only}
             QUALIFY row_number() OVER (PARTITION BY image_id ORDER BY partition) = 1

@@ -7,6 +7,7 @@ start per chunk; the pools already overlap the chunks)."""
 
 from __future__ import annotations
 
+import gc
 import multiprocessing
 import os
 import time
@@ -73,7 +74,7 @@ class LocalRunner:
                     name=f"{chain[position]}-{run_id[:8]}",
                     daemon=False,
                 )
-                process.start()
+                _fork_sharing_the_heap(process)
                 sender.close()
                 running[index] = (process, run_id, receiver, position)
             for index, (process, run_id, receiver, position) in list(running.items()):
@@ -108,6 +109,18 @@ class LocalRunner:
         if not_started:  # e.g. a config error: the same for every run, and no run logs to point to
             raise PipelineFailed(f"{' -> '.join(chain)} could not start: {not_started[0]}")
         return [results[index] for index in range(len(tag_sets))]
+
+
+def _fork_sharing_the_heap(process: multiprocessing.Process) -> None:
+    """Start the forked worker with this process's objects frozen out of the garbage collector, so the
+    worker's collections do not write to them: otherwise every worker soon holds a private copy of the
+    driver's whole heap (copy-on-write), and the summed memory grows with workers x driver size. The
+    driver unfreezes at once and collects as before; the worker keeps its inherited objects frozen."""
+    gc.freeze()
+    try:
+        process.start()
+    finally:
+        gc.unfreeze()
 
 
 def _execute_run(

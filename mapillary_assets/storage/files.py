@@ -93,14 +93,18 @@ def atomic_write_bytes(path: Path, data: bytes, durable: bool = True) -> None:
         raise
 
 
-def write_parquet_atomic(frame: pd.DataFrame | pa.Table, path: Path) -> None:
+def write_parquet_atomic(
+    frame: pd.DataFrame | pa.Table, path: Path, row_group_size: int | None = None
+) -> None:
+    """`row_group_size`: rows per row group (pyarrow's default when None); small groups of a file sorted
+    by a column let a filtered read decode only the groups whose statistics match."""
     table = (
         frame if isinstance(frame, pa.Table) else pa.Table.from_pandas(frame, preserve_index=False)
     )
     fd, tmp = _temporary_sibling(path)
     os.close(fd)
     try:
-        pq.write_table(table, tmp, compression="zstd")
+        pq.write_table(table, tmp, compression="zstd", row_group_size=row_group_size)
         with open(tmp, "rb") as handle:
             os.fsync(handle.fileno())
         os.replace(tmp, path)

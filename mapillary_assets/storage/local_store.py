@@ -99,8 +99,10 @@ class LocalStore:
         path = self._prefix + key
         return pq.read_metadata(path).num_rows if os.path.isfile(path) else None
 
-    def write_parquet(self, key: str, frame: pd.DataFrame | pa.Table) -> None:
-        write_parquet_atomic(frame, Path(self._prefix + key))
+    def write_parquet(
+        self, key: str, frame: pd.DataFrame | pa.Table, row_group_size: int | None = None
+    ) -> None:
+        write_parquet_atomic(frame, Path(self._prefix + key), row_group_size)
 
     def upload(self, key: str, source: Path) -> None:
         """Place the finished local file `source` at `key` (nothing to do when it was built in place)."""

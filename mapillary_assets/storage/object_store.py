@@ -184,14 +184,16 @@ class ObjectStore:
         except FileNotFoundError:
             return None
 
-    def write_parquet(self, key: str, frame: pd.DataFrame | pa.Table) -> None:
+    def write_parquet(
+        self, key: str, frame: pd.DataFrame | pa.Table, row_group_size: int | None = None
+    ) -> None:
         table = (
             frame
             if isinstance(frame, pa.Table)
             else pa.Table.from_pandas(frame, preserve_index=False)
         )
         buffer = io.BytesIO()
-        pq.write_table(table, buffer, compression="zstd")
+        pq.write_table(table, buffer, compression="zstd", row_group_size=row_group_size)
         self.put(key, buffer.getvalue())
 
     def upload(self, key: str, source: Path) -> None:

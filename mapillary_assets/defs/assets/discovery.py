@@ -15,7 +15,11 @@ from mapillary_assets.defs.partitions import (
     tile_partitions,
 )
 from mapillary_assets.defs.pools import API_POOL
-from mapillary_assets.defs.reporting import partition_counts_metadata, preview_markdown
+from mapillary_assets.defs.reporting import (
+    partition_counts_metadata,
+    preview_markdown,
+    preview_rows,
+)
 from mapillary_assets.defs.resources import (
     DataStorageResource,
     MapillaryApiResource,
@@ -23,7 +27,7 @@ from mapillary_assets.defs.resources import (
 )
 from mapillary_assets.pipeline.aoi import no_images_warning, parse_tile_key
 from mapillary_assets.pipeline.charts import png_markdown, tile_map_png
-from mapillary_assets.pipeline.chunks import assign_chunks, chunk_keys
+from mapillary_assets.pipeline.chunks import ASSIGNMENT_ROW_GROUP_ROWS, assign_chunks, chunk_keys
 from mapillary_assets.pipeline.discovery.results import IMAGE_ZOOM
 from mapillary_assets.pipeline.discovery.search import discover_by_bbox_search
 from mapillary_assets.pipeline.discovery.sequences import discover_by_sequences
@@ -43,8 +47,9 @@ SEQUENCE_ROUTE_KEY = "sequences"
 async def _discover(
     api: MapillaryApiResource, layout: DataLayout, settings: PipelineSettings, keys, log, results
 ):
-    """Discovers `keys` in order into `results` (key -> (frame, stats)), which keeps the partitions
-    done when an error (the daily tile quota spent) stops the rest."""
+    """Discovers `keys` in order into `results` (key -> (the frame's first PREVIEW_ROWS rows, its row
+    count, stats)), which keeps the partitions done when an error (the daily tile quota spent) stops
+    the rest. Whole frames are not kept: a ranged run over a country's partitions held every image."""
     aoi = current_aoi()
     async with api.client() as client:
         for key in keys:
@@ -74,7 +79,7 @@ async def _discover(
                 f"{key}: {len(frame):,} images in the area from {stats.nonempty_z14_tiles} non-empty z14 "
                 f"tiles, {stats.requests} requests, {stats.cache_hits} cached tiles"
             )
-            results[key] = (frame, stats)
+            results[key] = (preview_rows(frame), len(frame), stats)
 
 
 def _daily_quota_failure(
@@ -167,15 +172,15 @@ def build_discovered_images(partitions: dg.PartitionsDefinition) -> dg.AssetsDef
             raise _daily_quota_failure(
                 spent, mapillary_api.tiles_per_day, list(context.partition_keys), results
             ) from None
-        frames = [frame for frame, _ in results.values()]
-        total = sum(len(frame) for frame in frames)
-        requests = sum(stats.requests for _, stats in results.values())
+        heads = [head for head, _, _ in results.values()]
+        total = sum(rows for _, rows, _ in results.values())
+        requests = sum(stats.requests for _, _, stats in results.values())
         context.log.info(
             f"discovered {total:,} images in {len(results)} partition(s) with {requests:,} tile requests"
         )
         counts = {
-            key: {"images": len(frame), "tile_requests": stats.requests}
-            for key, (frame, stats) in results.items()
+            key: {"images": rows, "tile_requests": stats.requests}
+            for key, (_, rows, stats) in results.items()
         }
         return dg.MaterializeResult(
             metadata={
@@ -183,14 +188,14 @@ def build_discovered_images(partitions: dg.PartitionsDefinition) -> dg.AssetsDef
                 "tileset": settings.tileset,
                 "route": settings.discovery_route,
                 "preview": dg.MetadataValue.md(
-                    preview_markdown(pd.concat(frames) if frames else pd.DataFrame())
+                    preview_markdown(pd.concat(heads) if heads else pd.DataFrame())
                 ),
                 "tile_map": dg.MetadataValue.md(
                     png_markdown(
                         _tile_map_png(
                             context,
                             storage.layout,
-                            {key: len(frame) for key, (frame, _) in results.items()},
+                            {key: rows for key, (_, rows, _) in results.items()},
                         ),
                         "partition tiles by image count",
                     )
@@ -304,7 +309,7 @@ def image_chunks(
     )  # of an interrupted earlier run (this asset's pool has one slot)
     existing = store.read_parquet(key) if store.exists(key) else None
     assignment = assign_chunks(existing, discovered, settings.chunk_size or None)
-    store.write_parquet(key, assignment)
+    store.write_parquet(key, assignment, row_group_size=ASSIGNMENT_ROW_GROUP_ROWS)
     registered = set(context.instance.get_dynamic_partitions(CHUNK_PARTITIONS_NAME))
     new_keys = [key for key in chunk_keys(assignment) if key not in registered]
     if new_keys:
