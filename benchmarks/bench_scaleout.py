@@ -24,7 +24,12 @@ entity budget at the average rate two workers sent unbounded; they send in burst
 batches come first), so the budget, not the workers, sets the pace there, and its busiest 60-s window
 must stay within it.
 
-MAPILLARY_BENCH_SCALEOUT_ROUNDS (default 3) sets the rounds of both comparisons: each round starts fresh
+Part (b) (issue 20) puts the data dir in the stack's object store (SeaweedFS, `s3://mapillary/data`) against
+the same stack on a local data dir: 2 workers, 50 ms latency, the chunk stage (metadata, thumbnail
+downloads, blur) in images/s. On loopback the store costs its own CPU on the same 2 cores; what it costs
+across a network is not measured here.
+
+MAPILLARY_BENCH_SCALEOUT_ROUNDS (default 3) sets the rounds of every comparison: each round starts fresh
 stacks, several minutes on a loaded machine.
 """
 
@@ -65,8 +70,10 @@ def _pipeline(
     entity_per_minute: int | None,
     gpu_workers: int = 1,
     max_connections: int | None = None,
+    on_bucket: bool = False,
 ) -> dict:
     from mapillary_assets.scaleout import stack
+    from mapillary_assets.storage import DataLayout, ObjectStore, s3_settings_from_env
 
     root = Path(tempfile.mkdtemp(prefix="mapillary-bench-stack-", dir="/tmp"))
     os.chmod(root, 0o755)  # PostgreSQL runs as the postgres user when we are root
@@ -77,8 +84,9 @@ def _pipeline(
         pg_port=free_port(),
         redis_port=free_port(),
         webserver_port=free_port(),  # runs are submitted through its GraphQL API
+        s3_port=free_port(),
         automation=False,
-        data_dir=root / "data",
+        data_dir=None if on_bucket else root / "data",
     )
     with EmulatorServer(world=world, faults=faults, token=TOKEN) as server:
         base = {
@@ -106,6 +114,11 @@ def _pipeline(
                 text=True,
                 timeout=1800,
             )
+            geopackage = root / "data" / "output" / "mapillary_images.gpkg"
+            if on_bucket and driver.returncode == 0:
+                bucket = ObjectStore(env["MAPILLARY_DATA_DIR"], s3_settings_from_env(env))
+                geopackage = root / "published.gpkg"
+                geopackage.write_bytes(bucket.get(DataLayout.geopackage_key))
         finally:
             stack.stop(config, log=lambda *_: None)
             os.environ.clear()
@@ -115,9 +128,7 @@ def _pipeline(
         entity_times = server.request_times("entity")
         rate_limited = server.stats().get("rate_limited", 0)
     chunk_seconds = float(re.search(CHUNK_STAGE_LINE, driver.stdout).group(1))
-    images = pyogrio.read_info(root / "data" / "output" / "mapillary_images.gpkg", layer="images")[
-        "features"
-    ]
+    images = pyogrio.read_info(geopackage, layer="images")["features"]
     subprocess.run(["rm", "-rf", str(root)], check=False)
     return {
         "images": images,
@@ -205,6 +216,36 @@ def _latency_bound(world: World, rounds: int) -> list[Figure]:
     ]
 
 
+def _object_store_vs_local(world: World, chunk_size: int, rounds: int) -> Figure:
+    """(b): the chunk stage with the data dir in the stack's bucket vs on local disk, 2 workers."""
+    latency = Faults(latency_s=0.05)
+    pairs = [
+        (
+            _pipeline(2, world, latency, chunk_size, None),
+            _pipeline(2, world, latency, chunk_size, None, on_bucket=True),
+        )
+        for _ in range(rounds)
+    ]
+    if {local["images"] for local, _ in pairs} != {bucket["images"] for _, bucket in pairs}:
+        raise RuntimeError("the bucket's GeoPackage holds other images than the local one's")
+    rate_local = statistics.median(local["images"] / local["chunk_seconds"] for local, _ in pairs)
+    rate_bucket = statistics.median(
+        bucket["images"] / bucket["chunk_seconds"] for _, bucket in pairs
+    )
+    return Figure(
+        NAME,
+        f"chunk stage images/s, data dir in the object store (2 workers; median of {len(pairs)})",
+        rate_bucket,
+        "images/s",
+        rate_local,
+        "local data dir, median",
+        notes=f"{pairs[0][0]['images']:,} images, chunks of {chunk_size}, 50 ms latency; metadata, "
+        f"thumbnail downloads and blur to s3://mapillary/data on the stack's SeaweedFS vs a local folder; "
+        f"chunk stage s per round, bucket {_seconds([b['chunk_seconds'] for _, b in pairs])} vs local "
+        f"{_seconds([local['chunk_seconds'] for local, _ in pairs])}; SeaweedFS shares the 2 cores",
+    )
+
+
 def run(quick: bool) -> list[Figure]:
     from mapillary_assets.scaleout.services import StackError, postgres_bin
 
@@ -240,6 +281,7 @@ def run(quick: bool) -> list[Figure]:
     times = sorted(limited["entity_times"])
     sustained, busiest = _sustained(times)
     latency_bound = _latency_bound(world, round_count)
+    object_store = _object_store_vs_local(world, chunk_size, round_count)
     return [
         Figure(
             NAME,
@@ -269,4 +311,5 @@ def run(quick: bool) -> list[Figure]:
             f"{limited['images'] / limited['chunk_seconds']:.1f} images/s",
         ),
         *latency_bound,
+        object_store,
     ]

@@ -1,6 +1,8 @@
-"""The scaled-out mode on loopback: PostgreSQL instance storage, Redis broker and rate budget, 2 Celery
-workers (one SIGKILLed mid-chunk), the whole pipeline submitted as runs; the GeoPackage must equal the
-single-machine run's and the emulator's budget must hold over both workers together."""
+"""The scaled-out mode on loopback, shared-nothing: PostgreSQL instance storage, Redis broker and rate
+budget, the data and the compute logs in SeaweedFS's bucket, 2 Celery workers each in a private folder (one
+SIGKILLed mid-chunk), the whole pipeline submitted as runs; the GeoPackage in the bucket must equal the
+single-machine run's, the emulator's budget must hold over both workers together, and no data file may
+be written locally outside a worker's scratch."""
 
 from __future__ import annotations
 
@@ -15,6 +17,8 @@ import time
 from pathlib import Path
 
 import dagster as dg
+import geopandas as gpd
+import obstore
 import pyogrio
 import pytest
 import redis
@@ -23,17 +27,30 @@ from mapillary_assets.api.rate_windows import busiest_window
 from mapillary_assets.dagster_compat import AUTO_RETRY_RUN_ID_TAG, PARTITION_NAME_TAG
 from mapillary_assets.emulator import EmulatorServer, Faults, World
 from mapillary_assets.net import free_port
+from mapillary_assets.storage import DataLayout, s3_settings_from_env
+from mapillary_assets.storage.object_store import s3_store
 from mapillary_assets_tests.support.assertions import assert_same_images
 from mapillary_assets_tests.support.emulated_runs import pipeline_run, read_images
+from mapillary_assets_tests.support.object_store import weed_unavailable
 from mapillary_assets_tests.support.world import TEST_SCALE, TEST_TOKEN
 
 REPO = Path(__file__).resolve().parents[1]
 ENTITY_BUDGET = 8  # per minute; the pipeline sends ~12 entity requests, so the budget binds
+# What a run may leave on local disks besides a worker's scratch: the services' own folders (the database,
+# the broker and the object store server: not the pipeline's files), process logs and pid files, the
+# instance's dagster.yaml and env.sh, and per worker its DAGSTER_HOME, TMPDIR and compute-log staging.
+STACK_ENTRIES = {"postgres", "redis", "seaweedfs", "logs", "pids", "dagster_home", "env.sh"}
+STACK_ENTRIES |= {"compute-logs", "workers"}
+WORKER_ENTRIES = {"scratch", "tmp", "dagster_home", "compute-logs"}
+# A data file: any stage's output (Parquet, thumbnails, tiles, the GeoPackage, DuckDB, the SQLite budget).
+DATA_SUFFIXES = (".parquet", ".jpg", ".jpeg", ".mvt", ".pbf", ".gpkg", ".duckdb", ".sqlite", ".npy")
 
 
 def _services_missing() -> str | None:
     from mapillary_assets.scaleout.services import StackError, postgres_bin
 
+    if weed_unavailable():
+        return weed_unavailable()
     if shutil.which("redis-server") is None:
         return "redis-server is not installed (scripts/install_services.sh installs it)"
     try:
@@ -117,11 +134,11 @@ def test_stack_script_status_reports_what_runs(tmp_path):
         timeout=120,
     )
     assert result.returncode == 3, result.stderr  # nothing started here
-    assert json.loads(result.stdout) == {"redis": False, "postgres": False}
+    assert json.loads(result.stdout) == {"redis": False, "postgres": False, "object_store": False}
 
 
 def test_worker_command_listens_on_its_queues_one_run_at_a_time():
-    from mapillary_assets.scaleout.stack import worker_command
+    from mapillary_assets.scaleout.workers import worker_command
 
     first, second = worker_command(1), worker_command(2)
     assert first[first.index("-q") + 1] == "dagster,publish,gpu" and first.count("-q") == 1
@@ -151,8 +168,8 @@ def test_two_workers_one_killed_equal_the_single_machine_run(tmp_path, monkeypat
         pg_port=free_port(),
         redis_port=free_port(),
         webserver_port=free_port(),  # runs are submitted through its GraphQL API
+        s3_port=free_port(),
         automation=False,
-        data_dir=root / "data",
     )
     faults = Faults(rate_limit_per_minute={"entity": ENTITY_BUDGET})
     with EmulatorServer(
@@ -168,21 +185,10 @@ def test_two_workers_one_killed_equal_the_single_machine_run(tmp_path, monkeypat
             monkeypatch.setenv(name, value)
         try:
             env = stack.start(config, log=lambda *_: None)
-            for name in (
-                "DAGSTER_HOME",
-                "MAPILLARY_CELERY_BROKER",
-                "DAGSTER_PG_HOST",
-                "DAGSTER_PG_PORT",
-                "DAGSTER_PG_USER",
-                "DAGSTER_PG_PASSWORD",
-                "DAGSTER_PG_DB",
-                "MAPILLARY_DATA_DIR",
-                "MAPILLARY_RATE_LIMIT_BACKEND",
-                "MAPILLARY_REDIS_URL",
-                "MAPILLARY_RUN_EXECUTOR",
-                "MAPILLARY_DAGSTER_URL",
-            ):
-                monkeypatch.setenv(name, env[name])
+            for name in env:
+                if name.startswith(("DAGSTER_", "MAPILLARY_", "AWS_")):
+                    monkeypatch.setenv(name, env[name])
+            assert env["MAPILLARY_DATA_DIR"] == "s3://mapillary/data"
             with dg.DagsterInstance.get() as instance:
                 app, stop, killed = celery_app(), threading.Event(), {}
                 killer = threading.Thread(
@@ -229,13 +235,27 @@ def test_two_workers_one_killed_equal_the_single_machine_run(tmp_path, monkeypat
                     pool: instance.event_log_storage.get_concurrency_info(pool).slot_count
                     for pool in ("mapillary_api", "duckdb_writer", "gpu")
                 }
+            worker_paths = [_private_paths(config.pids / f"{name}.pid") for name in ("w1", "w2")]
+            # Everything written locally, before anything is downloaded: the stack's folder and this test's.
+            local_files = [
+                p for folder in (root, tmp_path) for p in folder.rglob("*") if p.is_file()
+            ]
+            layout = DataLayout(env["MAPILLARY_DATA_DIR"])
+            published = tmp_path / "published.gpkg"
+            published.write_bytes(layout.store.get(layout.geopackage_key))
+            sqlite_bucket_used = layout.store.exists("rate_limits.sqlite")
+            bucket = s3_store(config.bucket, s3_settings_from_env())
+            compute_logs = [
+                meta["path"]
+                for batch in obstore.list(bucket, prefix="compute-logs")
+                for meta in batch
+            ]
         finally:
             stack.stop(config, log=lambda *_: None)
         entity_times = server.request_times("entity")
         rate_limited = server.stats().get("rate_limited", 0)
-    cluster_layers = layer_feature_counts(root / "data" / "output" / "mapillary_images.gpkg")
-    cluster_images = read_images(root / "data")
-    sqlite_bucket_used = (root / "data" / "rate_limits.sqlite").exists()
+    cluster_layers = layer_feature_counts(published)
+    cluster_images = gpd.read_file(published, layer="images", engine="pyogrio")
     shutil.rmtree(root, ignore_errors=True)
 
     assert summary["chunks"] == 3
@@ -271,6 +291,53 @@ def test_two_workers_one_killed_equal_the_single_machine_run(tmp_path, monkeypat
     assert not sqlite_bucket_used
     assert cluster_layers == expected_layers
     assert_same_images(cluster_images, expected_images)
+    # Shared-nothing: the workers' cwd, DAGSTER_HOME, scratch, TMPDIR and compute-log staging (read from the
+    # running processes) have no path in common ...
+    assert all(len(paths) == 5 for paths in worker_paths), worker_paths
+    assert not any(
+        a.is_relative_to(b) or b.is_relative_to(a) for a in worker_paths[0] for b in worker_paths[1]
+    ), worker_paths
+    # ... and nothing of the data was written locally but staging work in a worker's scratch (the data
+    # dir is the bucket; the single-machine reference run keeps its own folder, `single/`).
+    outside = [p for p in local_files if not _allowed_local_file(p, root, tmp_path)]
+    assert not outside, outside
+    # Compute logs in the bucket: a successful blur run's (w1's) stdout/stderr are objects under the prefix.
+    blur_run = next(run.run_id for run in blur_runs if run.status == dg.DagsterRunStatus.SUCCESS)
+    assert any(
+        key.startswith(f"compute-logs/storage/{blur_run}/") and key.endswith((".out", ".err"))
+        for key in compute_logs
+    ), compute_logs
+
+
+def _private_paths(pidfile: Path) -> set[Path]:
+    """The folders a running worker works in, from its process: cwd and its private variables."""
+    pid = int(pidfile.read_text())
+    environ = dict(
+        entry.split("=", 1)
+        for entry in Path(f"/proc/{pid}/environ").read_text().split("\0")
+        if "=" in entry
+    )
+    names = ("DAGSTER_HOME", "MAPILLARY_SCRATCH_DIR", "TMPDIR", "MAPILLARY_COMPUTE_LOG_DIR")
+    return {Path(os.readlink(f"/proc/{pid}/cwd"))} | {
+        Path(environ[n]) for n in names if n in environ
+    }
+
+
+def _allowed_local_file(path: Path, root: Path, test_dir: Path) -> bool:
+    """Whether `path` may exist after a shared-nothing run: see STACK_ENTRIES; a data file only in a
+    worker's scratch."""
+    if path.is_relative_to(test_dir):
+        return path.relative_to(test_dir).parts[0] == "single"
+    parts = path.relative_to(root).parts
+    if parts[0] not in STACK_ENTRIES:
+        return False
+    if parts[0] == "workers":
+        return (
+            len(parts) > 3
+            and parts[2] in WORKER_ENTRIES
+            and (parts[2] == "scratch" or not path.name.endswith(DATA_SUFFIXES))
+        )
+    return parts[0] in {"postgres", "redis", "seaweedfs"} or not path.name.endswith(DATA_SUFFIXES)
 
 
 class _Runs:

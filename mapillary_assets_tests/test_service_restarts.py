@@ -1,8 +1,10 @@
 """Services restarting under a running pipeline (issue 20): Redis stopped ~20 s and restarted empty or
-with its data, PostgreSQL (the scaled-out instance's storage) stopped ~20 s. The rate limiter fails
-closed while Redis is down (it waits, no API request is sent), a Redis restarted empty hands out no
-budget already spent (the busiest 60-s window stays within it), and the runs or their retries
-complete with the single-machine run's GeoPackage: nothing lost, nothing duplicated."""
+with its data; PostgreSQL (the scaled-out instance's storage) and then the object store (SeaweedFS, the
+data dir and the compute logs) each stopped ~20 s in one scaled-out run. The rate limiter fails closed
+while Redis is down (it waits, no API request is sent), a Redis restarted empty hands out no budget
+already spent (the busiest 60-s window stays within it), an unreachable object store is waited out
+(storage/object_store.py's retries), and the runs or their retries complete with the single-machine
+run's GeoPackage: nothing lost, nothing duplicated."""
 
 from __future__ import annotations
 
@@ -23,7 +25,8 @@ from mapillary_assets.api.ratelimit import SharedRateLimiter
 from mapillary_assets.emulator import EmulatorServer, Faults
 from mapillary_assets.net import free_port
 from mapillary_assets_tests.support.assertions import assert_same_images
-from mapillary_assets_tests.support.emulated_runs import pipeline_run, read_images
+from mapillary_assets_tests.support.emulated_runs import pipeline_run
+from mapillary_assets_tests.support.object_store import weed_unavailable
 from mapillary_assets_tests.support.reference import fault_free_reference, shared_temp_root
 from mapillary_assets_tests.support.world import TEST_TOKEN, reference_world
 
@@ -191,6 +194,8 @@ def test_pipeline_survives_redis_restarting_mid_run(
 def _stack_services_missing() -> str | None:
     from mapillary_assets.scaleout.services import StackError, postgres_bin
 
+    if weed_unavailable():
+        return weed_unavailable()
     if shutil.which("redis-server") is None:
         return "redis-server is not installed (scripts/install_services.sh installs it)"
     try:
@@ -204,12 +209,16 @@ def _stack_services_missing() -> str | None:
 
 @pytest.mark.slow
 @pytest.mark.skipif(_stack_services_missing() is not None, reason=str(_stack_services_missing()))
-def test_scaled_out_pipeline_survives_postgres_restarting_mid_run(tmp_path_factory, monkeypatch):
+def test_scaled_out_pipeline_survives_postgres_then_the_object_store_restarting_mid_run(
+    tmp_path, tmp_path_factory, monkeypatch
+):
     import dagster as dg
+    import geopandas as gpd
 
     from mapillary_assets.runners.cluster import ClusterRunner
     from mapillary_assets.runners.pipeline import run_pipeline
     from mapillary_assets.scaleout import stack
+    from mapillary_assets.storage import DataLayout
 
     reference = fault_free_reference(shared_temp_root(tmp_path_factory))
     # PostgreSQL runs as the `postgres` user when we are root: its folder must not sit under pytest's 0700 tmp.
@@ -221,8 +230,8 @@ def test_scaled_out_pipeline_survives_postgres_restarting_mid_run(tmp_path_facto
         pg_port=free_port(),
         redis_port=free_port(),
         webserver_port=free_port(),
+        s3_port=free_port(),
         automation=False,
-        data_dir=root / "data",
     )
     faults = Faults(rate_limit_per_minute={"entity": ENTITY_BUDGET})
     with EmulatorServer(world=reference_world(), faults=faults, token=TEST_TOKEN) as server:
@@ -234,20 +243,27 @@ def test_scaled_out_pipeline_survives_postgres_restarting_mid_run(tmp_path_facto
             "MAPILLARY_ENTITY_PER_MINUTE": str(ENTITY_BUDGET),
         }.items():
             monkeypatch.setenv(name, value)
-        outcome, stop = {}, threading.Event()
+        outcome, store_outage, stop = {}, {}, threading.Event()
         try:
             env = stack.start(config, log=lambda *_: None)
             for name in env:
-                if name.startswith(("DAGSTER_", "MAPILLARY_")):
+                if name.startswith(("DAGSTER_", "MAPILLARY_", "AWS_")):
                     monkeypatch.setenv(name, env[name])
 
-            def restart_postgres():
+            def restart_postgres_then_the_object_store():
                 began = time.time()
                 stack.restart_service(config, "postgres", DOWN_S)
-                return began, time.time()
+                up = time.time()
+                store_outage["began"] = up
+                stack.restart_service(config, "object_store", DOWN_S)
+                store_outage["up"] = time.time()
+                return began, up
 
             watcher = restart_when(
-                lambda: len(server.request_times("entity")) >= 2, restart_postgres, outcome, stop
+                lambda: len(server.request_times("entity")) >= 2,
+                restart_postgres_then_the_object_store,
+                outcome,
+                stop,
             )
             with dg.DagsterInstance.get() as instance:
                 try:
@@ -261,16 +277,23 @@ def test_scaled_out_pipeline_survives_postgres_restarting_mid_run(tmp_path_facto
                     )
                 finally:
                     stop.set()
-                    watcher.join(DOWN_S + 60)
+                    watcher.join(2 * DOWN_S + 60)
+            layout = DataLayout(env["MAPILLARY_DATA_DIR"])
+            published = tmp_path / "published.gpkg"
+            published.write_bytes(layout.store.get(layout.geopackage_key))
         finally:
             stack.stop(config, log=lambda *_: None)
         entity_times = server.request_times("entity")
-    images = read_images(root / "data")
+        thumbnail_times = server.request_times("cdn")
+    images = gpd.read_file(published, layer="images", engine="pyogrio")
     shutil.rmtree(root, ignore_errors=True)
 
     assert outcome, "PostgreSQL was not restarted mid-run"
+    assert "up" in store_outage, "the object store was not restarted mid-run"
+    assert store_outage["up"] - store_outage["began"] >= DOWN_S
     assert summary["chunks"] == 3
     assert max(entity_times) > outcome["up"]  # chunks were still being fetched after the restart
+    assert max(thumbnail_times) > store_outage["up"]  # ... and thumbnails stored after the store's
     assert busiest_window(entity_times, 60.0) <= ENTITY_BUDGET
     assert_same_images(images, reference.load_images())
 

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
-# The scaled-out stack on this machine's loopback: PostgreSQL + Redis + N Celery workers + dagster-daemon +
-# the UI (127.0.0.1:3100), files under .stack/. Idempotent.
-#   scripts/stack.sh start [--workers N]   # installs postgresql/redis-server with apt-get when missing
+# The scaled-out stack on this machine's loopback: PostgreSQL + Redis + SeaweedFS (the S3 object store: the
+# data dir and the compute logs) + N Celery workers, each in a private folder + dagster-daemon + the UI
+# (127.0.0.1:3100), files under .stack/. Idempotent.
+#   scripts/stack.sh start [--workers N] [--data-dir local]   # installs postgresql/redis-server with apt-get when missing
 #   scripts/stack.sh status | stop
 #   scripts/stack.sh run                   # the whole pipeline, its runs executed by the workers
 set -euo pipefail

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import secrets
 import shutil
 import signal
 import subprocess
@@ -20,7 +21,7 @@ import urllib.request
 from pathlib import Path
 
 from mapillary_assets.net import LOOPBACK, free_port
-from mapillary_assets.process_tree import stop_group
+from mapillary_assets.process_tree import process_alive, stop_group
 
 PIDFILE, PORTS = "weed.pid", "ports.json"
 
@@ -50,17 +51,39 @@ def _identity_config(access_key_id: str, secret_access_key: str) -> dict:
     }
 
 
-def start(folder: Path, port: int, log: Path, access_key_id: str, secret_access_key: str) -> str:
+def stack_identity(folder: Path) -> tuple[str, str]:
+    """The (access key id, secret) of the server in `folder`: those of its identity file when it was
+    started before, else a new random pair (the loopback stack's own; nothing else knows them)."""
+    try:
+        credential = json.loads((folder / "s3.json").read_text())["identities"][0]["credentials"][0]
+        return credential["accessKey"], credential["secretKey"]
+    except (FileNotFoundError, ValueError, KeyError, IndexError):
+        return f"STACK{secrets.token_hex(8).upper()}", secrets.token_urlsafe(30)
+
+
+def start(
+    folder: Path,
+    port: int,
+    log: Path,
+    access_key_id: str,
+    secret_access_key: str,
+    same_ports: bool = False,
+) -> str:
     """Start SeaweedFS with its S3 gateway on 127.0.0.1:`port`; returns the endpoint URL once it
-    answers. The identity file is private to the folder's owner (it holds the secret)."""
+    answers. The identity file is private to the folder's owner (it holds the secret). `same_ports`:
+    the master, volume and filer ports of the last start in this folder (a restart), else free ones."""
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "data").mkdir(exist_ok=True)
     config = folder / "s3.json"
     descriptor = os.open(config, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     with os.fdopen(descriptor, "w") as handle:
         json.dump(_identity_config(access_key_id, secret_access_key), handle)
-    ports = {name: free_port() for name in ("master", "volume", "filer")}
-    grpc = {name: free_port() for name in ("master", "volume", "filer", "s3")}
+    last = json.loads((folder / PORTS).read_text()) if same_ports else {}
+    ports = {name: last.get(name) or free_port() for name in ("master", "volume", "filer")}
+    grpc = {
+        name: last.get(f"{name}_grpc") or free_port()
+        for name in ("master", "volume", "filer", "s3")
+    }
     command = [
         weed_binary(),
         "server",
@@ -95,7 +118,9 @@ def start(folder: Path, port: int, log: Path, access_key_id: str, secret_access_
             start_new_session=True,  # its own group: stop_group ends every process it starts
         )
     (folder / PIDFILE).write_text(str(process.pid))
-    (folder / PORTS).write_text(json.dumps({**ports, "master_grpc": grpc["master"], "s3": port}))
+    (folder / PORTS).write_text(
+        json.dumps({**ports, **{f"{name}_grpc": value for name, value in grpc.items()}, "s3": port})
+    )
     endpoint = f"http://{LOOPBACK}:{port}"
     try:
         wait_until_ready(endpoint, process, log)
@@ -121,6 +146,21 @@ def wait_until_ready(endpoint: str, process: subprocess.Popen, log: Path, timeou
     raise ObjectStoreError(
         f"SeaweedFS's S3 gateway did not answer at {endpoint} in {timeout_s:.0f} s; see {log}"
     )
+
+
+def running(folder: Path) -> bool:
+    try:
+        return process_alive(int((folder / PIDFILE).read_text()))
+    except (FileNotFoundError, ValueError):
+        return False
+
+
+def restart(folder: Path, log: Path, access_key_id: str, secret_access_key: str, down_s: float):
+    """Stop SeaweedFS, leave it down `down_s` seconds, start it again on the same ports and data."""
+    port = json.loads((folder / PORTS).read_text())["s3"]
+    stop(folder)
+    time.sleep(down_s)
+    start(folder, port, log, access_key_id, secret_access_key, same_ports=True)
 
 
 def stop(folder: Path) -> None:

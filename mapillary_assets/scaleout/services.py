@@ -11,6 +11,7 @@ import shutil
 import signal
 import socket
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -217,3 +218,8 @@ def run_checked(argv: list[str], what: str, env: dict[str, str] | None = None) -
         raise StackError(
             f"{what} failed ({shlex.join(argv[:3])} ...): {(result.stderr or result.stdout).strip()[-800:]}"
         )
+
+
+def tool(name: str) -> str:
+    """A console script of this interpreter's environment (dagster, dagster-celery, ...)."""
+    return str(Path(sys.executable).parent / name)

@@ -1,10 +1,16 @@
-"""The scaled-out stack on one machine's loopback: PostgreSQL, Redis, N Celery workers, the daemon, the UI.
+"""The scaled-out stack on one machine's loopback: PostgreSQL, Redis, SeaweedFS (the S3-compatible object
+store), N Celery workers, the daemon, the UI.
 
 `scripts/stack.sh start|stop|status` drives this module (it installs the Debian packages first). Every
-process is bound to 127.0.0.1, keeps its files under one folder (`.stack/` by default: data dirs, logs,
-pid files, the DAGSTER_HOME with deploy/dagster.yaml) and is started in its own session, so `stop`
-ends exactly the processes `start` began. `start` is idempotent: what already runs is left alone.
-PostgreSQL and Redis themselves, and stopping a service's processes: `services.py`.
+process is bound to 127.0.0.1, keeps its files under one folder (`.stack/` by default: the services' own
+folders, logs, pid files, the DAGSTER_HOME with deploy/dagster.yaml) and is started in its own session, so
+`stop` ends exactly the processes `start` began. `start` is idempotent: what already runs is left alone.
+
+The data dir is `s3://mapillary/data` on the stack's SeaweedFS and the compute logs go to the same bucket,
+so the workers share no disk: each runs in a private folder (`workers/wN/`: its cwd, DAGSTER_HOME, scratch,
+TMPDIR and compute-log staging) that no other process uses, as on separate machines. `--data-dir local`
+keeps the former shared local data dir (`data/`). PostgreSQL and Redis themselves, and stopping a
+service's processes: `services.py`; SeaweedFS: `object_store.py`.
 """
 
 from __future__ import annotations
@@ -20,9 +26,9 @@ import time
 from pathlib import Path
 
 from mapillary_assets.cli import DEMO_TOKEN
-from mapillary_assets.defs.jobs import GPU_QUEUE, PUBLISH_QUEUE
 from mapillary_assets.defs.pools import GPU_POOL
 from mapillary_assets.process_tree import process_alive
+from mapillary_assets.scaleout import object_store
 from mapillary_assets.scaleout.services import (
     PG_DB,
     PG_USER,
@@ -38,8 +44,10 @@ from mapillary_assets.scaleout.services import (
     stop_postgres,
     stop_process,
     stop_redis,
+    tool,
     wait_for_port,
 )
+from mapillary_assets.scaleout.workers import worker_command, worker_env
 
 
 @dataclasses.dataclass(frozen=True)
@@ -54,6 +62,9 @@ class StackConfig:
     api_slots: int = 4
     # Workers 1..gpu_workers also serve the `gpu` queue (blur runs); the `gpu` pool gets as many slots.
     gpu_workers: int = 1
+    s3_port: int = 18333
+    bucket: str = "mapillary"
+    # None: s3://<bucket>/data on the stack's object store; a local folder: the data dir all workers share.
     data_dir: Path | None = None
     webserver: bool = True
     # False: the schedule and the new-images sensor are stopped, so only explicitly submitted runs run.
@@ -75,22 +86,18 @@ class StackConfig:
     def env_file(self) -> Path:
         return self.root / "env.sh"
 
+    @property
+    def object_store(self) -> Path:
+        return self.root / "seaweedfs"
 
-def worker_queues(index: int, gpu_workers: int = 1) -> list[str]:
-    """Every worker serves `dagster` (discovery, chunking, fetch runs). Worker 1 also serves `publish`:
-    staging and the GeoPackage stay on the one disk that holds DuckDB. Workers 1..`gpu_workers` also serve
-    `gpu` (blur runs): on a real cluster those are the machines with a GPU."""
-    return [
-        "dagster",
-        *([PUBLISH_QUEUE] if index == 1 else []),
-        *([GPU_QUEUE] if index <= gpu_workers else []),
-    ]
+    def worker_dir(self, index: int) -> Path:
+        return self.root / "workers" / f"w{index}"
 
 
 def stack_env(config: StackConfig, base: dict[str, str] | None = None) -> dict[str, str]:
     """What every process of the stack (and a driver submitting runs to it) needs in its environment."""
     env = dict(os.environ if base is None else base)
-    data_dir = config.data_dir or config.root / "data"
+    access_key_id, secret_access_key = object_store.stack_identity(config.object_store)
     env.update(
         {
             "DAGSTER_HOME": str(config.dagster_home),
@@ -105,7 +112,21 @@ def stack_env(config: StackConfig, base: dict[str, str] | None = None) -> dict[s
             # worker's pool process (see definitions._executor_from_env).
             "MAPILLARY_RUN_EXECUTOR": "in_process",
             "MAPILLARY_REDIS_URL": f"redis://127.0.0.1:{config.redis_port}/1",
-            "MAPILLARY_DATA_DIR": str(Path(data_dir).resolve()),
+            "MAPILLARY_DATA_DIR": str(Path(config.data_dir).resolve())
+            if config.data_dir
+            else f"s3://{config.bucket}/data",
+            # The object store: the data dir (unless local) and the compute logs (deploy/dagster.yaml).
+            "AWS_ENDPOINT_URL": f"http://127.0.0.1:{config.s3_port}",
+            "AWS_REGION": "us-east-1",
+            "AWS_ACCESS_KEY_ID": access_key_id,
+            "AWS_SECRET_ACCESS_KEY": secret_access_key,
+            # boto3 (the compute logs' uploads) waits out a restarting store too: up to 10 tries, backoff
+            # to 20 s (obstore's and DuckDB's own retries: storage/object_store.py).
+            "AWS_RETRY_MODE": "standard",
+            "AWS_MAX_ATTEMPTS": "10",
+            "MAPILLARY_COMPUTE_LOG_BUCKET": config.bucket,
+            # where a process stages compute logs before uploading them; each worker has its own
+            "MAPILLARY_COMPUTE_LOG_DIR": str(config.root / "compute-logs"),
             # Where drivers submit runs (runners.cluster.ClusterRunner, through GraphQL).
             "MAPILLARY_DAGSTER_URL": f"http://127.0.0.1:{config.webserver_port}",
             "PYTHONPATH": str(REPO_ROOT),
@@ -125,7 +146,18 @@ def start(config: StackConfig, log=print) -> dict[str, str]:
     shutil.copyfile(REPO_ROOT / "deploy" / "dagster.yaml", config.dagster_home / "dagster.yaml")
     start_postgres(config.root / "postgres", config.pg_port, config.logs / "postgres.log")
     start_redis(config.root / "redis", config.redis_port, config.logs / "redis.log")
-    log(f"postgres 127.0.0.1:{config.pg_port}, redis 127.0.0.1:{config.redis_port}")
+    if not object_store.running(config.object_store):
+        object_store.start(
+            config.object_store,
+            config.s3_port,
+            config.logs / "seaweedfs.log",
+            *object_store.stack_identity(config.object_store),
+        )
+    object_store.create_bucket(config.object_store, config.bucket)
+    log(
+        f"postgres 127.0.0.1:{config.pg_port}, redis 127.0.0.1:{config.redis_port}, "
+        f"object store http://127.0.0.1:{config.s3_port} (bucket {config.bucket})"
+    )
     env = stack_env(config)
     if not env.get("MAPILLARY_ACCESS_TOKEN"):
         env.update(
@@ -155,16 +187,22 @@ def start(config: StackConfig, log=print) -> dict[str, str]:
     code = ["-m", "mapillary_assets.definitions", "-d", str(REPO_ROOT)]
     if not config.automation:
         for kind, name in (("sensor", "new_images_sensor"), ("schedule", "refresh_schedule")):
-            run_checked([_tool("dagster"), kind, "stop", name, *code], f"stopping {name}", env=env)
-    _spawn(config, "daemon", [_tool("dagster-daemon"), "run", *code], env)
+            run_checked([tool("dagster"), kind, "stop", name, *code], f"stopping {name}", env=env)
+    _spawn(config, "daemon", [tool("dagster-daemon"), "run", *code], env)
     for index in range(1, config.workers + 1):
-        _spawn(config, f"w{index}", worker_command(index, config.gpu_workers), env)
+        _spawn(
+            config,
+            f"w{index}",
+            worker_command(index, config.gpu_workers),
+            worker_env(config.worker_dir(index), config.dagster_home / "dagster.yaml", env),
+            cwd=config.worker_dir(index),
+        )
     if config.webserver:
         _spawn(
             config,
             "webserver",
             [
-                _tool("dagster-webserver"),
+                tool("dagster-webserver"),
                 "-h",
                 "127.0.0.1",
                 "-p",
@@ -179,34 +217,12 @@ def start(config: StackConfig, log=print) -> dict[str, str]:
     return env
 
 
-def worker_command(index: int, gpu_workers: int = 1) -> list[str]:
-    # One -q with commas: dagster-celery turns each -q into a `celery -Q`, and Celery keeps only the last.
-    # One run at a time per worker process: a run is already a process tree of its own.
-    return [
-        _tool("dagster-celery"),
-        "worker",
-        "start",
-        "-A",
-        "dagster_celery.app",
-        "-y",
-        str(REPO_ROOT / "deploy" / "celery.yaml"),
-        "--name",
-        f"w{index}",
-        "-q",
-        ",".join(worker_queues(index, gpu_workers)),
-        "--",
-        "--concurrency=1",
-        "--without-gossip",
-        "--without-mingle",
-    ]
-
-
 def configure_pools(env: dict[str, str], config: StackConfig) -> None:
     """Pool limits live in the instance (Postgres): one value for the whole cluster."""
     limits = {"mapillary_api": config.api_slots, GPU_POOL: config.gpu_workers}
     for pool, limit in limits.items():
         run_checked(
-            [_tool("dagster"), "instance", "concurrency", "set", pool, str(limit)],
+            [tool("dagster"), "instance", "concurrency", "set", pool, str(limit)],
             f"pool {pool}",
             env=env,
         )
@@ -219,14 +235,15 @@ def stop(config: StackConfig, log=print) -> None:
         (config.pids / f"{name}.pid").unlink(missing_ok=True)
     stop_redis(config.root / "redis")
     stop_postgres(config.root / "postgres")
-    log(f"stopped: {', '.join(names + ['redis', 'postgres'])}")
+    object_store.stop(config.object_store)
+    log(f"stopped: {', '.join(names + ['redis', 'postgres', 'object_store'])}")
 
 
 def restart_service(
     config: StackConfig, service: str, down_s: float, keep_data: bool = True
 ) -> None:
-    """Stop `service` ("redis" or "postgres") for `down_s` seconds, then start it on its port and folder
-    again; `keep_data` (Redis only) False brings Redis back empty."""
+    """Stop `service` ("redis", "postgres" or "object_store") for `down_s` seconds, then start it on its
+    port and folder again; `keep_data` (Redis only) False brings Redis back empty."""
     if service == "redis":
         restart_redis(
             config.root / "redis", config.redis_port, config.logs / "redis.log", down_s, keep_data
@@ -235,8 +252,15 @@ def restart_service(
         restart_postgres(
             config.root / "postgres", config.pg_port, config.logs / "postgres.log", down_s
         )
+    elif service == "object_store":
+        object_store.restart(
+            config.object_store,
+            config.logs / "seaweedfs.log",
+            *object_store.stack_identity(config.object_store),
+            down_s,
+        )
     else:
-        raise ValueError(f"no service {service!r} in the stack: redis or postgres")
+        raise ValueError(f"no service {service!r} in the stack: redis, postgres or object_store")
 
 
 def status(config: StackConfig) -> dict[str, bool]:
@@ -247,13 +271,16 @@ def status(config: StackConfig) -> dict[str, bool]:
     )
     states["redis"] = process_alive(read_pid(config.root / "redis" / "redis.pid"))
     states["postgres"] = postgres_running(config.root / "postgres")
+    states["object_store"] = object_store.running(config.object_store)
     return states
 
 
 # ----------------------------------------------------------------------------- processes
 
 
-def _spawn(config: StackConfig, name: str, argv: list[str], env: dict[str, str]) -> int:
+def _spawn(
+    config: StackConfig, name: str, argv: list[str], env: dict[str, str], cwd: Path = REPO_ROOT
+) -> int:
     pidfile = config.pids / f"{name}.pid"
     pid = read_pid(pidfile)
     if process_alive(pid):
@@ -262,7 +289,7 @@ def _spawn(config: StackConfig, name: str, argv: list[str], env: dict[str, str])
         process = subprocess.Popen(
             argv,
             env=env,
-            cwd=REPO_ROOT,
+            cwd=cwd,
             stdout=out,
             stderr=subprocess.STDOUT,
             stdin=subprocess.DEVNULL,
@@ -293,17 +320,19 @@ def _wait_for_code_location(port: int, log: Path, timeout_s: float = 180.0) -> N
     )
 
 
-def _tool(name: str) -> str:
-    return str(Path(sys.executable).parent / name)
-
-
 def _write_env_file(config: StackConfig, env: dict[str, str]) -> None:
     names = [
-        n for n in sorted(env) if n.startswith(("DAGSTER_", "MAPILLARY_")) or n == "PYTHONPATH"
+        n
+        for n in sorted(env)
+        if n.startswith(("DAGSTER_", "MAPILLARY_", "AWS_")) or n == "PYTHONPATH"
     ]
-    # A real token is never written to disk; the emulator's demo token is no secret.
+    # A real token is never written to disk; the emulator's demo token is no secret. The object store's
+    # keys are the stack's own: the file is readable by its owner only.
     names = [n for n in names if n != "MAPILLARY_ACCESS_TOKEN" or env[n] == DEMO_TOKEN]
-    config.env_file.write_text("".join(f"export {n}={shlex.quote(env[n])}\n" for n in names))
+    descriptor = os.open(config.env_file, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    os.fchmod(descriptor, 0o600)
+    with os.fdopen(descriptor, "w") as handle:
+        handle.write("".join(f"export {n}={shlex.quote(env[n])}\n" for n in names))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -332,6 +361,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--scale", type=float, default=0.005, help="emulator world (when no token is set)"
     )
+    parser.add_argument(
+        "--data-dir",
+        choices=("object-store", "local"),
+        default=os.environ.get("MAPILLARY_STACK_DATA_DIR", "object-store"),
+        help="s3://mapillary/data on the stack's SeaweedFS (default), or a local folder all workers share",
+    )
     args = parser.parse_args(argv)
     if args.workers < 1:
         parser.error("--workers must be >= 1")
@@ -344,6 +379,7 @@ def main(argv: list[str] | None = None) -> int:
         workers=args.workers,
         gpu_workers=args.gpu_workers,
         emulator_scale=args.scale,
+        data_dir=args.root.resolve() / "data" if args.data_dir == "local" else None,
     )
     try:
         if args.action == "start":

@@ -15,6 +15,7 @@ import multiprocessing
 import os
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
+from datetime import timedelta
 from pathlib import Path
 from typing import TypeVar
 from urllib.parse import urlsplit
@@ -35,6 +36,20 @@ SCHEME = "s3://"
 # Objects above this go up in parts (the GeoPackage); below, one PUT.
 MULTIPART_THRESHOLD = 16 * 1024 * 1024
 MULTIPART_CHUNK = 8 * 1024 * 1024
+# An unreachable store (a restart, a network blip) is waited out, not failed on: obstore retries a refused
+# connection, a dropped one and a 5xx with jittered backoff up to 5 s apart, for up to 3 minutes (its
+# default of 10 tries is over in well under a minute). A PUT that never completed leaves no object.
+RETRY_CONFIG = {
+    "max_retries": 40,
+    "retry_timeout": timedelta(minutes=3),
+    "backoff": {
+        "init_backoff": timedelta(milliseconds=200),
+        "max_backoff": timedelta(seconds=5),
+        "base": 2,
+    },
+}
+# DuckDB's httpfs (staging reads): 8 retries on an I/O error, 0.5 s growing 1.6x (about 35 s in all).
+DUCKDB_HTTP_RETRIES = {"http_retries": 8, "http_retry_wait_ms": 500, "http_retry_backoff": 1.6}
 
 
 def is_object_store_url(location: str) -> bool:
@@ -94,6 +109,7 @@ def s3_store(bucket: str, settings: S3Settings, prefix: str = "") -> S3Store:
         prefix=prefix or None,
         config=config,
         client_options={"allow_http": settings.allow_http},
+        retry_config=RETRY_CONFIG,
     )
 
 
@@ -215,6 +231,8 @@ class ObjectStore:
         """Load httpfs offline (the `duckdb-extension-httpfs` wheel) and give the connection a temporary
         secret built from the same settings; a failure never echoes the statement that holds the keys."""
         con.execute(f"LOAD '{_httpfs_extension_path()}'")
+        for name, value in DUCKDB_HTTP_RETRIES.items():
+            con.execute(f"SET {name} = {value}")
         options = {"TYPE": "s3", "REGION": self.settings.region, "URL_STYLE": "path"}
         if self.settings.endpoint:
             endpoint = urlsplit(self.settings.endpoint)

@@ -44,7 +44,7 @@ class S3Server:
         }
 
 
-def _binary_runs() -> str | None:
+def weed_unavailable() -> str | None:
     """None when `weed` runs here, else why not (the only reason to skip)."""
     try:
         binary = object_store.weed_binary()
@@ -56,7 +56,7 @@ def _binary_runs() -> str | None:
 
 @pytest.fixture(scope="session")
 def s3_server(tmp_path_factory) -> S3Server:
-    reason = _binary_runs()
+    reason = weed_unavailable()
     if reason:
         pytest.skip(reason)
     folder = tmp_path_factory.mktemp("seaweedfs")
