@@ -5,8 +5,7 @@ import os
 
 import pytest
 
-from mapillary_assets import storage
-from mapillary_assets.storage import TEMP_MARKER, atomic_write_bytes
+from mapillary_assets.storage import TEMP_MARKER, atomic_write_bytes, files
 
 
 @pytest.mark.parametrize("durable", [False, True])
@@ -31,7 +30,7 @@ def test_short_writes_are_continued(tmp_path, monkeypatch):
     def at_most_7_bytes(fd, data):
         return real_write(fd, bytes(data[:7]))
 
-    monkeypatch.setattr(storage.os, "write", at_most_7_bytes)
+    monkeypatch.setattr(files.os, "write", at_most_7_bytes)
     target = tmp_path / "1.jpg"
     atomic_write_bytes(target, b"0123456789" * 10, durable=False)
     assert target.read_bytes() == b"0123456789" * 10
@@ -50,8 +49,8 @@ def test_a_failed_write_removes_its_temporary_file_and_keeps_the_old_one(tmp_pat
         closed.append(fd)
         real_close(fd)
 
-    monkeypatch.setattr(storage.os, "write", disk_full)
-    monkeypatch.setattr(storage.os, "close", recording_close)
+    monkeypatch.setattr(files.os, "write", disk_full)
+    monkeypatch.setattr(files.os, "close", recording_close)
     with pytest.raises(OSError) as raised:
         atomic_write_bytes(target, b"new", durable=False)
     assert raised.value.errno == errno.ENOSPC

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import importlib.util
+
 import pandas as pd
 import pyarrow as pa
 import pytest
@@ -44,7 +46,7 @@ def test_extension_path_and_connection_load_spatial_offline(tmp_path):
 
 
 def test_missing_extension_is_a_clear_error(monkeypatch):
-    monkeypatch.setattr(staging.importlib.util, "find_spec", lambda name: None)
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name: None)
     with pytest.raises(staging.SpatialExtensionError, match="pip install duckdb-extension-spatial"):
         spatial_extension_path()
 

@@ -9,7 +9,6 @@ failure (a corrupt input, a crash) leaves the previous one in place.
 
 from __future__ import annotations
 
-import importlib.util
 import os
 import tempfile
 from collections.abc import Callable, Collection
@@ -20,6 +19,7 @@ import duckdb
 import pandas as pd
 from shapely.geometry.base import BaseGeometry
 
+from mapillary_assets.duckdb_extensions import offline_extension_path
 from mapillary_assets.pipeline.filters import load_filter_polygons
 from mapillary_assets.pipeline.staging_images import build_images, build_sequences
 from mapillary_assets.storage import TEMP_MARKER, DataLayout, StorageError
@@ -133,24 +133,7 @@ TABLES = tuple(stage.table for stage in _STAGES) + ("images", "sequences")
 
 def spatial_extension_path() -> Path:
     """The spatial extension shipped by the `duckdb-extension-spatial` wheel for this DuckDB version."""
-    spec = importlib.util.find_spec("duckdb_extension_spatial")
-    if spec is None or not spec.submodule_search_locations:
-        raise SpatialExtensionError(
-            f"the DuckDB spatial extension package is not installed: pip install "
-            f"duckdb-extension-spatial=={duckdb.__version__} (never `INSTALL spatial`: it needs internet)"
-        )
-    version_dir = (
-        Path(list(spec.submodule_search_locations)[0]) / "extensions" / f"v{duckdb.__version__}"
-    )
-    candidates = (
-        sorted(version_dir.rglob("spatial.duckdb_extension")) if version_dir.is_dir() else []
-    )
-    if not candidates:
-        raise SpatialExtensionError(
-            f"no spatial.duckdb_extension under {version_dir}: install duckdb-extension-spatial=="
-            f"{duckdb.__version__} to match duckdb {duckdb.__version__}"
-        )
-    return candidates[0]
+    return offline_extension_path("spatial", SpatialExtensionError)
 
 
 def connect_staging(path: str | Path, read_only: bool = False) -> duckdb.DuckDBPyConnection:

@@ -9,7 +9,6 @@ the same ones boto3 and DuckDB's httpfs read (`s3_settings_from_env`); the keys 
 
 from __future__ import annotations
 
-import importlib.util
 import io
 import multiprocessing
 import os
@@ -17,10 +16,9 @@ from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from datetime import timedelta
 from pathlib import Path
-from typing import TypeVar
+from typing import TYPE_CHECKING, TypeVar
 from urllib.parse import urlsplit
 
-import duckdb
 import obstore
 import pandas as pd
 import pyarrow as pa
@@ -28,7 +26,11 @@ import pyarrow.parquet as pq
 from obstore.exceptions import AlreadyExistsError, NotFoundError, PreconditionError
 from obstore.store import S3Store
 
+from mapillary_assets.duckdb_extensions import offline_extension_path
 from mapillary_assets.storage.files import StorageError
+
+if TYPE_CHECKING:
+    import duckdb
 
 T = TypeVar("T")
 _client_process: int | None = None  # the pid that built an ObjectStore (forked children inherit it)
@@ -230,6 +232,8 @@ class ObjectStore:
     def prepare_duckdb(self, con: duckdb.DuckDBPyConnection) -> None:
         """Load httpfs offline (the `duckdb-extension-httpfs` wheel) and give the connection a temporary
         secret built from the same settings; a failure never echoes the statement that holds the keys."""
+        import duckdb  # here: the storage package is imported where DuckDB is not wanted (gpu_check)
+
         con.execute(f"LOAD '{_httpfs_extension_path()}'")
         for name, value in DUCKDB_HTTP_RETRIES.items():
             con.execute(f"SET {name} = {value}")
@@ -297,16 +301,4 @@ def _sql_literal(value: str) -> str:
 
 def _httpfs_extension_path() -> str:
     """httpfs.duckdb_extension from the `duckdb-extension-httpfs` wheel matching this DuckDB."""
-    spec = importlib.util.find_spec("duckdb_extension_httpfs")
-    folder = (
-        Path(list(spec.submodule_search_locations)[0]) / "extensions" / f"v{duckdb.__version__}"
-        if spec is not None and spec.submodule_search_locations
-        else None
-    )
-    found = sorted(folder.rglob("httpfs.duckdb_extension")) if folder and folder.is_dir() else []
-    if not found:
-        raise StorageError(
-            f"reading an s3:// data dir needs DuckDB's httpfs extension: pip install "
-            f"duckdb-extension-httpfs=={duckdb.__version__} (never `INSTALL httpfs`: it needs internet)"
-        )
-    return str(found[0]).replace("'", "''")
+    return str(offline_extension_path("httpfs", StorageError)).replace("'", "''")
