@@ -31,7 +31,7 @@ from mapillary_assets.storage import DataLayout, s3_settings_from_env
 from mapillary_assets.storage.object_store import s3_store
 from mapillary_assets_tests.support.assertions import assert_same_images
 from mapillary_assets_tests.support.emulated_runs import pipeline_run, read_images
-from mapillary_assets_tests.support.object_store import weed_unavailable
+from mapillary_assets_tests.support.stack_services import needs_stack_services
 from mapillary_assets_tests.support.world import TEST_SCALE, TEST_TOKEN
 
 REPO = Path(__file__).resolve().parents[1]
@@ -44,27 +44,6 @@ STACK_ENTRIES |= {"compute-logs", "workers"}
 WORKER_ENTRIES = {"scratch", "tmp", "dagster_home", "compute-logs"}
 # A data file: any stage's output (Parquet, thumbnails, tiles, the GeoPackage, DuckDB, the SQLite budget).
 DATA_SUFFIXES = (".parquet", ".jpg", ".jpeg", ".mvt", ".pbf", ".gpkg", ".duckdb", ".sqlite", ".npy")
-
-
-def _services_missing() -> str | None:
-    from mapillary_assets.scaleout.services import StackError, postgres_bin
-
-    if weed_unavailable():
-        return weed_unavailable()
-    if shutil.which("redis-server") is None:
-        return "redis-server is not installed (scripts/install_services.sh installs it)"
-    try:
-        postgres_bin("initdb")
-    except StackError as exc:
-        return str(exc)
-    if os.geteuid() == 0 and shutil.which("runuser") is None:
-        return "running as root without runuser: PostgreSQL cannot be started"
-    return None
-
-
-needs_services = pytest.mark.skipif(
-    _services_missing() is not None, reason=str(_services_missing())
-)
 
 
 def layer_feature_counts(path: Path) -> dict[str, int]:
@@ -148,7 +127,7 @@ def test_worker_command_listens_on_its_queues_one_run_at_a_time():
 
 
 @pytest.mark.slow
-@needs_services
+@needs_stack_services
 def test_two_workers_one_killed_equal_the_single_machine_run(tmp_path, monkeypatch):
     from mapillary_assets.runners.cluster import ClusterRunner
     from mapillary_assets.runners.pipeline import run_pipeline

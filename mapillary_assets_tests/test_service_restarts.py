@@ -26,8 +26,8 @@ from mapillary_assets.emulator import EmulatorServer, Faults
 from mapillary_assets.net import free_port
 from mapillary_assets_tests.support.assertions import assert_same_images
 from mapillary_assets_tests.support.emulated_runs import pipeline_run
-from mapillary_assets_tests.support.object_store import weed_unavailable
 from mapillary_assets_tests.support.reference import fault_free_reference, shared_temp_root
+from mapillary_assets_tests.support.stack_services import needs_stack_services
 from mapillary_assets_tests.support.world import TEST_TOKEN, reference_world
 
 ENTITY_BUDGET = 8  # per minute; the pipeline sends ~12 entity requests, so the budget binds
@@ -191,24 +191,8 @@ def test_pipeline_survives_redis_restarting_mid_run(
     assert_same_images(images, reference.load_images())
 
 
-def _stack_services_missing() -> str | None:
-    from mapillary_assets.scaleout.services import StackError, postgres_bin
-
-    if weed_unavailable():
-        return weed_unavailable()
-    if shutil.which("redis-server") is None:
-        return "redis-server is not installed (scripts/install_services.sh installs it)"
-    try:
-        postgres_bin("initdb")
-    except StackError as exc:
-        return str(exc)
-    if os.geteuid() == 0 and shutil.which("runuser") is None:
-        return "running as root without runuser: PostgreSQL cannot be started"
-    return None
-
-
 @pytest.mark.slow
-@pytest.mark.skipif(_stack_services_missing() is not None, reason=str(_stack_services_missing()))
+@needs_stack_services
 def test_scaled_out_pipeline_survives_postgres_then_the_object_store_restarting_mid_run(
     tmp_path, tmp_path_factory, monkeypatch
 ):
