@@ -3,6 +3,7 @@ machines), one of them SIGKILLed mid-way, one with a skewed clock; pauses shared
 
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -168,7 +169,10 @@ def test_unreachable_redis_is_a_clear_transient_error_without_the_password(caplo
         SharedRateLimiter(
             "tiles", per_minute=60, redis_url="redis://:hunter2@127.0.0.1:1/0", redis_wait_s=1.0
         )
-    assert caught.value.transient and "after waiting 1 s" in str(caught.value)
+    assert caught.value.transient
+    # it gave up once the wait was spent: the connection attempts and backoff may overshoot it a little
+    waited = re.search(r"after waiting (\d+\.\d) s \(MAPILLARY_REDIS_WAIT_S=1\)", str(caught.value))
+    assert waited and 1.0 <= float(waited.group(1)) < 30
     assert "hunter2" not in str(caught.value) and "hunter2" not in caplog.text
     assert "waiting for Redis at redis://:***@127.0.0.1:1/0" in caplog.text
 

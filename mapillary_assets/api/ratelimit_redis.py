@@ -252,7 +252,7 @@ class RedisBucket:
         if waited >= self.wait_s:
             raise RateLimitStoreUnavailable(
                 f"rate limit store {redacted(self.url)} is not usable ({type(exc).__name__}: {exc}) after "
-                f"waiting {waited:.0f} s (MAPILLARY_REDIS_WAIT_S={self.wait_s:g}); no request was sent "
+                f"waiting {waited:.1f} s (MAPILLARY_REDIS_WAIT_S={self.wait_s:g}); no request was sent "
                 "meanwhile: check MAPILLARY_REDIS_URL and that redis-server runs (scripts/stack.sh status), "
                 "then retry the run"
             ) from None
