@@ -8,10 +8,8 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import signal
 import subprocess
-import tempfile
 import threading
 import time
 from pathlib import Path
@@ -26,12 +24,15 @@ import redis
 from mapillary_assets.api.rate_windows import busiest_window
 from mapillary_assets.dagster_compat import AUTO_RETRY_RUN_ID_TAG, PARTITION_NAME_TAG
 from mapillary_assets.emulator import EmulatorServer, Faults, World
-from mapillary_assets.net import free_port
 from mapillary_assets.storage import DataLayout, s3_settings_from_env
 from mapillary_assets.storage.object_store import s3_store
 from mapillary_assets_tests.support.assertions import assert_same_images
 from mapillary_assets_tests.support.emulated_runs import pipeline_run, read_images
-from mapillary_assets_tests.support.stack_services import needs_stack_services
+from mapillary_assets_tests.support.stack_services import (
+    needs_stack_services,
+    run_pipeline_on_stack,
+    running_stack,
+)
 from mapillary_assets_tests.support.world import TEST_SCALE, TEST_TOKEN
 
 REPO = Path(__file__).resolve().parents[1]
@@ -129,44 +130,20 @@ def test_worker_command_listens_on_its_queues_one_run_at_a_time():
 @pytest.mark.slow
 @needs_stack_services
 def test_two_workers_one_killed_equal_the_single_machine_run(tmp_path, monkeypatch):
-    from mapillary_assets.runners.cluster import ClusterRunner
-    from mapillary_assets.runners.pipeline import run_pipeline
-    from mapillary_assets.scaleout import stack
-
     with pipeline_run(tmp_path / "single", World(seed=7, scale=TEST_SCALE)) as single:
         single.run()
         expected_layers = layer_feature_counts(single.layout.geopackage_path)
         expected_images = read_images(single.layout.root)
 
-    # PostgreSQL runs as the `postgres` user when we are root: its folder must not sit under pytest's 0700 tmp.
-    root = Path(tempfile.mkdtemp(prefix="mapillary-stack-", dir="/tmp"))
-    os.chmod(root, 0o755)
-    config = stack.StackConfig(
-        root=root,
-        workers=2,
-        pg_port=free_port(),
-        redis_port=free_port(),
-        webserver_port=free_port(),  # runs are submitted through its GraphQL API
-        s3_port=free_port(),
-        automation=False,
-    )
     faults = Faults(rate_limit_per_minute={"entity": ENTITY_BUDGET})
     with EmulatorServer(
         world=World(seed=7, scale=TEST_SCALE), faults=faults, token=TEST_TOKEN
     ) as server:
-        for name, value in {
-            "MAPILLARY_ACCESS_TOKEN": TEST_TOKEN,
-            "MAPILLARY_GRAPH_URL": server.graph_url,
-            "MAPILLARY_TILES_URL": server.tiles_url,
-            "MAPILLARY_CHUNK_SIZE": "200",
-            "MAPILLARY_ENTITY_PER_MINUTE": str(ENTITY_BUDGET),
-        }.items():
-            monkeypatch.setenv(name, value)
-        try:
-            env = stack.start(config, log=lambda *_: None)
-            for name in env:
-                if name.startswith(("DAGSTER_", "MAPILLARY_", "AWS_")):
-                    monkeypatch.setenv(name, env[name])
+        with running_stack(monkeypatch, server, "mapillary-stack-", ENTITY_BUDGET) as (
+            config,
+            env,
+        ):
+            root = config.root
             assert env["MAPILLARY_DATA_DIR"] == "s3://mapillary/data"
             with dg.DagsterInstance.get() as instance:
                 app, stop, killed = celery_app(), threading.Event(), {}
@@ -175,14 +152,7 @@ def test_two_workers_one_killed_equal_the_single_machine_run(tmp_path, monkeypat
                 )
                 killer.start()
                 try:
-                    summary = run_pipeline(
-                        instance,
-                        runner=ClusterRunner(
-                            instance, dagster_url=env["MAPILLARY_DAGSTER_URL"], poll_s=0.5
-                        ),
-                        log=lambda *_: None,
-                        tiles_per_run=64,
-                    )
+                    summary = run_pipeline_on_stack(instance, env)
                 finally:
                     stop.set()
                     killer.join()
@@ -229,13 +199,10 @@ def test_two_workers_one_killed_equal_the_single_machine_run(tmp_path, monkeypat
                 for batch in obstore.list(bucket, prefix="compute-logs")
                 for meta in batch
             ]
-        finally:
-            stack.stop(config, log=lambda *_: None)
         entity_times = server.request_times("entity")
         rate_limited = server.stats().get("rate_limited", 0)
     cluster_layers = layer_feature_counts(published)
     cluster_images = gpd.read_file(published, layer="images", engine="pyogrio")
-    shutil.rmtree(root, ignore_errors=True)
 
     assert summary["chunks"] == 3
     # Pools live in Postgres: one value for the whole cluster (duckdb_writer: dagster.yaml's default of 1).

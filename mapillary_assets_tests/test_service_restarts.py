@@ -10,9 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import os
 import shutil
-import tempfile
 import threading
 import time
 from pathlib import Path
@@ -27,7 +25,11 @@ from mapillary_assets.net import free_port
 from mapillary_assets_tests.support.assertions import assert_same_images
 from mapillary_assets_tests.support.emulated_runs import pipeline_run
 from mapillary_assets_tests.support.reference import fault_free_reference, shared_temp_root
-from mapillary_assets_tests.support.stack_services import needs_stack_services
+from mapillary_assets_tests.support.stack_services import (
+    needs_stack_services,
+    run_pipeline_on_stack,
+    running_stack,
+)
 from mapillary_assets_tests.support.world import TEST_TOKEN, reference_world
 
 ENTITY_BUDGET = 8  # per minute; the pipeline sends ~12 entity requests, so the budget binds
@@ -199,40 +201,17 @@ def test_scaled_out_pipeline_survives_postgres_then_the_object_store_restarting_
     import dagster as dg
     import geopandas as gpd
 
-    from mapillary_assets.runners.cluster import ClusterRunner
-    from mapillary_assets.runners.pipeline import run_pipeline
     from mapillary_assets.scaleout import stack
     from mapillary_assets.storage import DataLayout
 
     reference = fault_free_reference(shared_temp_root(tmp_path_factory))
-    # PostgreSQL runs as the `postgres` user when we are root: its folder must not sit under pytest's 0700 tmp.
-    root = Path(tempfile.mkdtemp(prefix="mapillary-restarts-", dir="/tmp"))
-    os.chmod(root, 0o755)
-    config = stack.StackConfig(
-        root=root,
-        workers=2,
-        pg_port=free_port(),
-        redis_port=free_port(),
-        webserver_port=free_port(),
-        s3_port=free_port(),
-        automation=False,
-    )
     faults = Faults(rate_limit_per_minute={"entity": ENTITY_BUDGET})
     with EmulatorServer(world=reference_world(), faults=faults, token=TEST_TOKEN) as server:
-        for name, value in {
-            "MAPILLARY_ACCESS_TOKEN": TEST_TOKEN,
-            "MAPILLARY_GRAPH_URL": server.graph_url,
-            "MAPILLARY_TILES_URL": server.tiles_url,
-            "MAPILLARY_CHUNK_SIZE": "200",
-            "MAPILLARY_ENTITY_PER_MINUTE": str(ENTITY_BUDGET),
-        }.items():
-            monkeypatch.setenv(name, value)
         outcome, store_outage, stop = {}, {}, threading.Event()
-        try:
-            env = stack.start(config, log=lambda *_: None)
-            for name in env:
-                if name.startswith(("DAGSTER_", "MAPILLARY_", "AWS_")):
-                    monkeypatch.setenv(name, env[name])
+        with running_stack(monkeypatch, server, "mapillary-restarts-", ENTITY_BUDGET) as (
+            config,
+            env,
+        ):
 
             def restart_postgres_then_the_object_store():
                 began = time.time()
@@ -251,26 +230,16 @@ def test_scaled_out_pipeline_survives_postgres_then_the_object_store_restarting_
             )
             with dg.DagsterInstance.get() as instance:
                 try:
-                    summary = run_pipeline(
-                        instance,
-                        runner=ClusterRunner(
-                            instance, dagster_url=env["MAPILLARY_DAGSTER_URL"], poll_s=0.5
-                        ),
-                        log=lambda *_: None,
-                        tiles_per_run=64,
-                    )
+                    summary = run_pipeline_on_stack(instance, env)
                 finally:
                     stop.set()
                     watcher.join(2 * DOWN_S + 60)
             layout = DataLayout(env["MAPILLARY_DATA_DIR"])
             published = tmp_path / "published.gpkg"
             published.write_bytes(layout.store.get(layout.geopackage_key))
-        finally:
-            stack.stop(config, log=lambda *_: None)
         entity_times = server.request_times("entity")
         thumbnail_times = server.request_times("cdn")
     images = gpd.read_file(published, layer="images", engine="pyogrio")
-    shutil.rmtree(root, ignore_errors=True)
 
     assert outcome, "PostgreSQL was not restarted mid-run"
     assert "up" in store_outage, "the object store was not restarted mid-run"
