@@ -43,9 +43,8 @@ class ChunkShard:
         self.store = layout.store
         self.chunk_key = chunk_key
         self.key = layout.thumbnail_shard_key(chunk_key, size)
-        self.spool: Path = layout.work_path(
-            self.key + ".spool"
-        )  # not the name a fetched copy takes
+        # in scratch, under another name than a fetched copy of the shard (layout.fetched) takes
+        self.spool: Path = layout.work_path(self.key + ".spool")
         self._archive: tarfile.TarFile | None = None
         self._committed: Ranges = {}
         self._stale_rows = False  # ok rows naming this shard while it is missing
@@ -71,8 +70,8 @@ class ChunkShard:
         return self._committed
 
     def add(self, image_id: str, data: bytes) -> None:
-        """Append one verified JPEG to the spool (on the first, the spool starts as a copy of the
-        committed shard, if any: a retry keeps every stored image)."""
+        """Append one verified JPEG to the spool. On the first, the spool starts as a copy of the committed
+        shard, if any (a retry keeps every stored image): one blocking GET, on a retry only."""
         if self._archive is None:
             self._archive = self._open_spool()
         add_member(self._archive, image_id, data)

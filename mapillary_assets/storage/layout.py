@@ -237,7 +237,16 @@ def thumbnail_bytes_needed(layout: DataLayout, size: int | str) -> int:
 
 
 def disk_full_error(layout: DataLayout, thumbnail_size: int | str) -> StorageError:
-    """`<data dir> is full: N GB free, about M GB needed for the remaining thumbnails`."""
+    """`<data dir> is full: N GB free, about M GB needed for the remaining thumbnails`; beside a bucket,
+    the scratch folder that holds the chunks' thumbnail shards while they are written."""
+    if not layout.is_local:
+        scratch = layout.work_path("")
+        free = shutil.disk_usage(next(p for p in (scratch, *scratch.parents) if p.exists())).free
+        return StorageError(
+            f"{scratch} is full: {free / 1e9:.2f} GB free; a chunk's thumbnail shard is written there "
+            f"before its upload to {layout.root}: free space (or set {SCRATCH_DIR_VARIABLE} to a larger "
+            "disk) and re-run: what is stored is kept"
+        )
     free = shutil.disk_usage(layout.root).free
     needed = thumbnail_bytes_needed(layout, thumbnail_size)
     return StorageError(
