@@ -542,3 +542,23 @@ def test_on_a_bucket_a_rerun_counts_the_shards_images_done_and_a_retry_keeps_the
         run(download_thumbnails(client, layout, ids, chunk_key="chunk-000001"))["status"] == "ok"
     ).all()
     assert not client.downloads and not client.lookups
+
+
+def test_on_a_bucket_rows_of_a_shard_that_is_gone_are_fetched_again_and_never_describe_the_new_one(
+    bucket_layout,
+):
+    layout, store = bucket_layout, bucket_layout.store
+    ids = [str(40_000 + i) for i in range(12)]
+    client = FakeClient(set(ids), {i: make_jpeg(int(i)) for i in ids})
+    first = run(download_thumbnails(client, layout, ids, chunk_key="chunk-000002"))
+    store.write_parquet(layout.downloads_key("chunk-000002"), first)
+    store.delete(layout.thumbnail_shard_key("chunk-000002", 1024))
+    client.downloads.clear()
+    again = run(download_thumbnails(client, layout, ids, chunk_key="chunk-000002"))
+    assert dict(client.downloads) == dict.fromkeys(ids, 1)
+    # the old rows were removed before the new shard went up (this attempt's rows are the caller's to write)
+    assert not store.exists(layout.downloads_key("chunk-000002"))
+    for row in again.itertuples():
+        assert (
+            layout.read_thumbnail(row.path, row.offset, row.length) == client.bodies[row.image_id]
+        )

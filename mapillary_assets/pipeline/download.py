@@ -42,7 +42,7 @@ from mapillary_assets.api.errors import (
 )
 from mapillary_assets.pipeline.concurrency import run_all
 from mapillary_assets.pipeline.jpeg_verification import is_complete_jpeg, verify_jpeg
-from mapillary_assets.pipeline.thumbnail_shards import SHARD_COLUMNS, ChunkShard
+from mapillary_assets.pipeline.thumbnail_shards import SHARD_COLUMNS, ChunkShard, chunk_shard
 from mapillary_assets.pipeline.thumbnail_urls import SignedUrl
 from mapillary_assets.storage import DataLayout, validate_image_id
 
@@ -326,7 +326,9 @@ class _ThumbnailDownloader:
 
     def commit_shard(self) -> None:
         """Upload the chunk's shard (before the caller writes the downloads rows) and give the images
-        stored now their place in it."""
+        stored now their place in it (a bucket data dir only)."""
+        if self.shard is None:
+            return
         ranges = self.shard.commit()
         for outcome in self.outcomes.values():
             if outcome.status == "ok" and outcome.offset is None:
@@ -364,11 +366,7 @@ async def download_thumbnails(
     ids = list(dict.fromkeys(validate_image_id(i) for i in image_ids))
     if concurrency < 1:
         raise ValueError(f"concurrency must be >= 1, got {concurrency}")
-    if not layout.is_local and chunk_key is None:
-        raise ValueError(
-            "a bucket data dir stores a chunk's thumbnails as one shard: pass chunk_key"
-        )
-    shard = None if layout.is_local else ChunkShard(layout, chunk_key, size)
+    shard = chunk_shard(layout, chunk_key, size)
     with ThreadPoolExecutor(
         max_workers=min(IO_THREADS, concurrency), thread_name_prefix="thumbnail-io"
     ) as executor:
@@ -386,8 +384,7 @@ async def download_thumbnails(
         )
         try:
             await downloader.run(ids)
-            if shard is not None:
-                downloader.commit_shard()
+            downloader.commit_shard()
         finally:
             if shard is not None:
                 shard.discard()
@@ -395,10 +392,7 @@ async def download_thumbnails(
 
 
 def _result_frame(outcomes: list[_Outcome], with_ranges: bool) -> pd.DataFrame:
-    ranges = {
-        "offset": pd.Series([o.offset for o in outcomes], dtype="Int64"),
-        "length": pd.Series([o.length for o in outcomes], dtype="Int64"),
-    }
+    ranges = {c: pd.Series([getattr(o, c) for o in outcomes], dtype="Int64") for c in SHARD_COLUMNS}
     return pd.DataFrame(
         {
             "image_id": pd.Series([o.image_id for o in outcomes], dtype=object),

@@ -35,6 +35,17 @@ SHARD_COLUMNS = ["offset", "length"]  # the downloads rows' extra columns in a b
 Ranges = dict[str, tuple[int, int]]  # image_id -> (offset, length) in the shard
 
 
+def chunk_shard(layout: DataLayout, chunk_key: str | None, size: int | str) -> ChunkShard | None:
+    """The chunk's shard in a bucket data dir; None in a local one (a file per image)."""
+    if layout.is_local:
+        return None
+    if chunk_key is None:
+        raise ValueError(
+            "a bucket data dir stores a chunk's thumbnails as one shard: pass chunk_key"
+        )
+    return ChunkShard(layout, chunk_key, size)
+
+
 class ChunkShard:
     """The thumbnails of one chunk at one size: what its committed shard holds, and the spool of the next."""
 
