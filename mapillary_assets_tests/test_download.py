@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import asyncio
+import uuid
 from collections import Counter
 from pathlib import Path
 
@@ -12,7 +13,9 @@ from mapillary_assets.api.errors import AuthError, PermanentError, TransientErro
 from mapillary_assets.pipeline import download
 from mapillary_assets.pipeline.download import download_thumbnails, thumbnail_field
 from mapillary_assets.pipeline.jpeg_verification import is_complete_jpeg, verify_jpeg
+from mapillary_assets.pipeline.thumbnail_shards import SHARD_COLUMNS
 from mapillary_assets.storage import TEMP_MARKER, DataLayout
+from mapillary_assets.storage.shards import shard_index
 from mapillary_assets_tests.support.downloads import (
     EMULATOR_TOKEN,
     download_via,
@@ -444,3 +447,118 @@ def test_emulator_non_digit_id_rejected_without_requests(server, tmp_path):
     with pytest.raises(ValueError):
         download_via(server, DataLayout(tmp_path), world_ids(server.world, 3) + ["12/../../x"])
     assert server.stats()["requests"] == 0
+
+
+# a bucket data dir: the chunk's thumbnails as one tar shard (pipeline/thumbnail_shards.py)
+
+
+@pytest.fixture
+def bucket_layout(s3_server, tmp_path, monkeypatch):
+    for name, value in s3_server.environment().items():
+        monkeypatch.setenv(name, value)
+    return DataLayout(
+        f"s3://{s3_server.bucket}/shards-{uuid.uuid4().hex[:8]}", tmp_path / "scratch"
+    )
+
+
+def test_on_a_bucket_a_chunk_is_one_shard_whose_rows_locate_each_image(bucket_layout, tmp_path):
+    layout, store = bucket_layout, bucket_layout.store
+    ids = [str(20_000 + i) for i in range(60)]
+    client = FakeClient(set(ids), {i: make_jpeg(int(i)) for i in ids})
+    client.no_url.add(ids[3])
+    client.thumbnail_errors[ids[7]] = TransientError("server error (HTTP 503)", status=503)
+    frame = run(download_thumbnails(client, layout, ids, concurrency=8, chunk_key="chunk-000003"))
+
+    shard_key = layout.thumbnail_shard_key("chunk-000003", 1024)
+    assert shard_key == "thumbnails/1024/shards/chunk-000003.tar"
+    assert list(frame.columns) == download.COLUMNS + SHARD_COLUMNS
+    ok = frame[frame["status"] == "ok"]
+    assert len(ok) == 58 and (ok["path"] == shard_key).all() and (ok["bytes"] == ok["length"]).all()
+    failed = frame[frame["status"] == "failed"]
+    assert (
+        failed["path"].isna().all()
+        and failed["offset"].isna().all()
+        and failed["length"].isna().all()
+    )
+    index = shard_index(store.get(shard_key)).set_index("image_id")
+    for row in ok.itertuples():
+        assert (index.loc[row.image_id, "offset"], index.loc[row.image_id, "length"]) == (
+            row.offset,
+            row.length,
+        )
+        assert (
+            layout.read_thumbnail(row.path, row.offset, row.length) == client.bodies[row.image_id]
+        )
+    # one object for the chunk, none per image, and no spool left in scratch
+    assert store.list("thumbnails/1024/shards/") == [shard_key]
+    assert not store.exists(layout.thumbnail_key(ids[0], 1024))
+    assert not [p for p in (tmp_path / "scratch").rglob("*") if p.is_file()]
+
+
+def test_on_a_bucket_a_rerun_counts_the_shards_images_done_and_a_retry_keeps_them(bucket_layout):
+    layout, store = bucket_layout, bucket_layout.store
+    ids = [str(30_000 + i) for i in range(40)]
+    retried = ids[5]
+    client = FakeClient(set(ids), {i: make_jpeg(int(i)) for i in ids})
+    client.thumbnail_errors[retried] = TransientError("server error (HTTP 503)", status=503)
+    first = run(download_thumbnails(client, layout, ids, chunk_key="chunk-000001"))
+    store.write_parquet(
+        layout.downloads_key("chunk-000001"), first
+    )  # the asset's completion record
+    shard_key = layout.thumbnail_shard_key("chunk-000001", 1024)
+    committed = store.get(shard_key)
+
+    # A rerun with the failure gone fetches only the failed image (no GET per stored image)...
+    del client.thumbnail_errors[retried]
+    client.lookups.clear()
+    client.downloads.clear()
+    again = run(download_thumbnails(client, layout, ids, chunk_key="chunk-000001"))
+    assert client.lookups == [[retried]] and dict(client.downloads) == {retried: 1}
+    assert (again["status"] == "ok").all() and (again["path"] == shard_key).all()
+    # ...and the new shard keeps every stored image where it was, the retried one appended.
+    kept = first[first["status"] == "ok"].set_index("image_id")
+    shard = store.get(shard_key)
+    assert shard.startswith(committed[: int((kept["offset"] + kept["length"]).max())])
+    assert (
+        again.set_index("image_id")
+        .loc[kept.index, ["offset", "length"]]
+        .equals(kept[["offset", "length"]])
+    )
+    for row in again.itertuples():
+        assert shard[row.offset : row.offset + row.length] == client.bodies[row.image_id]
+
+    # That attempt killed between its upload and its rows (the first rows are still the stored ones):
+    # they hold for the grown shard; the retried image is fetched once more, its last copy counts.
+    client.downloads.clear()
+    after_kill = run(download_thumbnails(client, layout, ids, chunk_key="chunk-000001"))
+    assert dict(client.downloads) == {retried: 1}
+    shard = store.get(shard_key)
+    for row in after_kill.itertuples():
+        assert shard[row.offset : row.offset + row.length] == client.bodies[row.image_id]
+    store.write_parquet(layout.downloads_key("chunk-000001"), after_kill)
+    client.downloads.clear()
+    client.lookups.clear()
+    assert (
+        run(download_thumbnails(client, layout, ids, chunk_key="chunk-000001"))["status"] == "ok"
+    ).all()
+    assert not client.downloads and not client.lookups
+
+
+def test_on_a_bucket_rows_of_a_shard_that_is_gone_are_fetched_again_and_never_describe_the_new_one(
+    bucket_layout,
+):
+    layout, store = bucket_layout, bucket_layout.store
+    ids = [str(40_000 + i) for i in range(12)]
+    client = FakeClient(set(ids), {i: make_jpeg(int(i)) for i in ids})
+    first = run(download_thumbnails(client, layout, ids, chunk_key="chunk-000002"))
+    store.write_parquet(layout.downloads_key("chunk-000002"), first)
+    store.delete(layout.thumbnail_shard_key("chunk-000002", 1024))
+    client.downloads.clear()
+    again = run(download_thumbnails(client, layout, ids, chunk_key="chunk-000002"))
+    assert dict(client.downloads) == dict.fromkeys(ids, 1)
+    # the old rows were removed before the new shard went up (this attempt's rows are the caller's to write)
+    assert not store.exists(layout.downloads_key("chunk-000002"))
+    for row in again.itertuples():
+        assert (
+            layout.read_thumbnail(row.path, row.offset, row.length) == client.bodies[row.image_id]
+        )

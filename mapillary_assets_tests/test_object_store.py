@@ -20,7 +20,9 @@ from mapillary_assets.storage import (
     LocalStore,
     ObjectStore,
     StorageError,
+    disk_full_error,
 )
+from mapillary_assets.storage.object_store import MULTIPART_CHUNK
 
 
 @pytest.fixture(params=["local", "s3"])
@@ -158,3 +160,22 @@ def test_data_dir_layout_on_a_bucket_keeps_work_files_in_scratch(s3_server, tmp_
     assert layout.staging_db_path.is_relative_to(tmp_path / "scratch")
     with pytest.raises(StorageError, match="is an object store"):
         layout.metadata_path("chunk-000000")
+
+
+def test_a_full_scratch_beside_a_bucket_is_named_with_the_fix(tmp_path):
+    layout = DataLayout("s3://bucket/prefix", scratch=tmp_path / "scratch")
+    message = str(disk_full_error(layout, 1024))
+    assert message.startswith(f"{layout.work_path('')} is full:")
+    assert "thumbnail shard" in message and "MAPILLARY_SCRATCH_DIR" in message
+
+
+def test_an_object_is_downloaded_into_a_file_chunk_by_chunk(s3_server, tmp_path):
+    store = ObjectStore(f"s3://{s3_server.bucket}/{uuid.uuid4().hex}", s3_server.settings)
+    data = os.urandom(MULTIPART_CHUNK + 1000)  # more than one streamed chunk
+    store.put("thumbnails/1024/shards/chunk-000000.tar", data)
+    target = tmp_path / "copy" / "chunk-000000.tar"
+    store.download("thumbnails/1024/shards/chunk-000000.tar", target)
+    assert target.read_bytes() == data and list(target.parent.iterdir()) == [target]
+    with pytest.raises(FileNotFoundError):
+        store.download("thumbnails/1024/shards/chunk-000009.tar", tmp_path / "missing.tar")
+    assert not list(tmp_path.glob("missing.tar*"))

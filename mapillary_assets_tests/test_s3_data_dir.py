@@ -11,7 +11,10 @@ import pytest
 
 from mapillary_assets.defs.resources import ConfigError
 from mapillary_assets.storage import DataLayout
-from mapillary_assets_tests.support.assertions import assert_same_images
+from mapillary_assets_tests.support.assertions import (
+    BUCKET_THUMBNAIL_COLUMNS,
+    assert_same_images_from_a_bucket,
+)
 from mapillary_assets_tests.support.bucket_run import run_on_bucket
 from mapillary_assets_tests.support.reference import fault_free_reference, shared_temp_root
 
@@ -49,14 +52,26 @@ def test_a_run_on_a_bucket_publishes_the_local_runs_geopackage_and_writes_only_s
     published = tmp_path / "downloaded.gpkg"
     published.write_bytes(store.get(layout.geopackage_key))
     images = gpd.read_file(published, layer="images", engine="pyogrio")
-    assert_same_images(images, reference.load_images())
+    # The same rows and blur values; only where a thumbnail is differs: its chunk's shard and its bytes there.
+    expected = reference.load_images()
+    assert_same_images_from_a_bucket(images, expected)
     published.unlink()
+    stored = images.set_index("image_id").loc[expected["image_id"]]
+    local_paths = expected.set_index("image_id")["thumbnail_path"]
 
     for folder in STAGE_FOLDERS:
         assert store.list(folder), f"nothing stored under {url}/{folder}"
     assert store.exists(layout.geoparquet_key) and store.exists(layout.data_dir_id_key)
-    thumbnail = layout.thumbnail_key(images["image_id"].iloc[0], 1024)
-    assert store.get(thumbnail)[:2] == b"\xff\xd8"
+    # Thumbnails are one tar per chunk, no object per image; one image by id is one ranged GET of its shard.
+    shards = store.list("thumbnails/1024/shards/")
+    assert set(shards) == set(stored["thumbnail_path"].dropna())
+    per_image_folders = {
+        layout.thumbnail_key(i, 1024).rpartition("/")[0] + "/" for i in stored.index
+    }
+    assert not any(store.list(folder) for folder in per_image_folders)
+    for image_id, row in stored.dropna(subset=["thumbnail_path"]).iloc[::25].iterrows():
+        local_file = reference.data_dir / local_paths[image_id]
+        assert layout.read_thumbnail(*row[BUCKET_THUMBNAIL_COLUMNS]) == local_file.read_bytes()
     # Locally: the Dagster instance (home) and the scratch work files (staging DB, GeoPackage), nothing else.
     local = sorted(
         path.relative_to(tmp_path).parts[0] for path in tmp_path.rglob("*") if path.is_file()

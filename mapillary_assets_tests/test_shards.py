@@ -9,7 +9,14 @@ import pytest
 
 from mapillary_assets.emulator.thumbnails import thumbnail_bytes
 from mapillary_assets.storage import LocalStore
-from mapillary_assets.storage.shards import build_shard, member_range, shard_index, shard_members
+from mapillary_assets.storage.shards import (
+    add_member,
+    build_shard,
+    member_range,
+    open_shard_writer,
+    shard_index,
+    shard_members,
+)
 
 IDS = ["9007199254740993", "9007199254741100", "9007199254745001"]
 
@@ -55,3 +62,18 @@ def test_one_image_by_id_is_one_ranged_read_of_the_stored_shard(tmp_path):
 def test_a_member_name_is_an_image_id():
     with pytest.raises(ValueError, match="invalid Mapillary image id"):
         build_shard([("../etc/passwd", b"x")])
+
+
+def test_a_shard_written_into_a_file_then_appended_to_keeps_every_members_offset(tmp_path):
+    images = _images()
+    path = tmp_path / "chunk-000000.tar"
+    with open_shard_writer(path) as archive:
+        for image_id, data in images[:2]:
+            add_member(archive, image_id, data)
+    before = shard_index(path)
+    with tarfile.open(path, mode="a", format=tarfile.USTAR_FORMAT) as archive:  # as a retry appends
+        add_member(archive, *images[2])
+    after = shard_index(path)
+    assert after.iloc[:2].equals(before) and after["image_id"].tolist() == IDS
+    assert list(shard_members(path)) == images
+    assert after.equals(build_shard(images)[1])  # where a shard built in one go holds them

@@ -1,4 +1,5 @@
-"""Thumbnail download: fresh URLs, bounded concurrency, verified JPEGs, atomic sharded files.
+"""Thumbnail download: fresh URLs, bounded concurrency, verified JPEGs, atomic sharded files (a local
+data dir) or one tar shard per chunk (a bucket data dir, pipeline/thumbnail_shards.py).
 
 Dagster-free. Thumbnail URLs are signed and expire (`oe=` hex timestamp; expired -> 403 "URL signature
 expired"), so they are never stored. URLs the chunk's metadata request already carried (`known_urls`,
@@ -17,7 +18,9 @@ under a millisecond, while a thread hop per file cost more CPU than it saved (be
 1.4-1.55 vs 1.9-2.0 ms of CPU per image, the event loop being the bottleneck).
 
 Existing files that pass `is_complete_jpeg` count as downloaded without any request, so re-runs only
-fetch what is missing or damaged.
+fetch what is missing or damaged. In a bucket the ids its chunk's committed shard holds count as
+downloaded (by the chunk's downloads rows: no request per image), and the rows gain `offset`/`length`
+in the shard (SHARD_COLUMNS); a local data dir's rows keep COLUMNS alone, its outputs unchanged.
 """
 
 from __future__ import annotations
@@ -37,7 +40,9 @@ from mapillary_assets.api.errors import (
     RequestTooLargeError,
     UrlExpiredError,
 )
+from mapillary_assets.pipeline.concurrency import run_all
 from mapillary_assets.pipeline.jpeg_verification import is_complete_jpeg, verify_jpeg
+from mapillary_assets.pipeline.thumbnail_shards import SHARD_COLUMNS, ChunkShard, chunk_shard
 from mapillary_assets.pipeline.thumbnail_urls import SignedUrl
 from mapillary_assets.storage import DataLayout, validate_image_id
 
@@ -67,6 +72,8 @@ class _Outcome:
     status: str = "failed"
     reason: str | None = None
     transient: bool = False
+    offset: int | None = None  # in the chunk's shard (a bucket data dir)
+    length: int | None = None
 
 
 def _describe(exc: BaseException) -> str:
@@ -91,12 +98,14 @@ class _ThumbnailDownloader:
         executor: ThreadPoolExecutor,
         decode_check: bool,
         known_urls: Mapping[str, SignedUrl],
+        shard: ChunkShard | None,
     ) -> None:
         self.client = client
         self.layout = layout
         # One store for the whole chunk: its put is the per-image write (a temp+rename file on a local
-        # disk, one PUT to a bucket); a shard writer would replace exactly this and _existing_size.
+        # disk); in a bucket the chunk's shard takes the images instead.
         self.store = layout.store
+        self.shard = shard
         self.size = size
         self.field = thumbnail_field(size)
         self.concurrency = concurrency
@@ -140,6 +149,8 @@ class _ThumbnailDownloader:
         return len(data) if is_complete_jpeg(data) else None
 
     async def skip_existing(self, image_ids: list[str]) -> list[str]:
+        if self.shard is not None:
+            return self.skip_stored_in_shard(image_ids)
         for image_id in image_ids:  # on the loop, before the threads read self.relatives
             self.relative(image_id)
 
@@ -161,6 +172,16 @@ class _ThumbnailDownloader:
             else:
                 self.record(_Outcome(image_id, self.relative(image_id), size, "ok"))
         return missing
+
+    def skip_stored_in_shard(self, image_ids: list[str]) -> list[str]:
+        stored = self.shard.stored()
+        for image_id in image_ids:
+            if image_id in stored:
+                offset, length = stored[image_id]
+                self.record(
+                    _Outcome(image_id, self.shard.key, length, "ok", offset=offset, length=length)
+                )
+        return [i for i in image_ids if i not in stored]
 
     # step 2: fresh URLs
     async def resolve(self, image_ids: Sequence[str]) -> tuple[dict[str, str], list[_Outcome]]:
@@ -241,6 +262,9 @@ class _ThumbnailDownloader:
             if problem is None and self.decode_check:
                 problem = await self.in_thread(verify_jpeg, data, True)
             if problem is None:
+                if self.shard is not None:  # a local append to the spool, on the loop
+                    self.shard.add(image_id, data)
+                    return _Outcome(image_id, self.shard.key, len(data), "ok")
                 # on the loop (see above); not fsynced: re-verified every run
                 self.store.put(relative, data, durable=False)
                 return _Outcome(image_id, relative, len(data), "ok")
@@ -298,25 +322,21 @@ class _ThumbnailDownloader:
                 await queue.put(None)
 
         shared = iter(reusable)
-        await _run_all([resolve_all(), *(self.downloader(shared, queue) for _ in range(workers))])
+        await run_all([resolve_all(), *(self.downloader(shared, queue) for _ in range(workers))])
+
+    def commit_shard(self) -> None:
+        """Upload the chunk's shard (before the caller writes the downloads rows) and give the images
+        stored now their place in it (a bucket data dir only)."""
+        if self.shard is None:
+            return
+        ranges = self.shard.commit()
+        for outcome in self.outcomes.values():
+            if outcome.status == "ok" and outcome.offset is None:
+                outcome.offset, outcome.length = ranges[outcome.image_id]
 
     def _reusable(self, image_id: str) -> bool:
         known = self.known_urls.get(image_id)
         return known is not None and known.usable()
-
-
-async def _run_all(coroutines: list) -> None:
-    """Run coroutines concurrently; the first exception cancels the rest and is re-raised as is."""
-    tasks = [asyncio.ensure_future(c) for c in coroutines]
-    try:
-        done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_EXCEPTION)
-        for task in done:
-            if task.exception() is not None:
-                raise task.exception()
-    finally:
-        for task in tasks:
-            task.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
 
 
 async def download_thumbnails(
@@ -328,8 +348,10 @@ async def download_thumbnails(
     progress: Progress | None = None,
     decode_check: bool = False,
     known_urls: Mapping[str, SignedUrl] | None = None,
+    chunk_key: str | None = None,
 ) -> pd.DataFrame:
-    """Download the `size` thumbnail of every id to layout's sharded thumbnail path.
+    """Download the `size` thumbnail of every id to layout's sharded thumbnail path (a local data dir)
+    or into the tar shard of `chunk_key` (a bucket data dir: required there), uploaded before this returns.
 
     Returns one row per distinct id, in input order: image_id, path (relative to layout.root; None on
     failure), bytes, status ("ok"|"failed"), reason, transient. Raises ValueError for a non-digit id or an
@@ -337,12 +359,14 @@ async def download_thumbnails(
     `decode_check` adds a strict decode of every body to the marker checks (see module docstring).
     `known_urls` (from the metadata request, pipeline/thumbnail_urls.py) are used while they stay valid
     for `SAFETY_MARGIN_S`; the other ids are resolved in batches, and a URL answering 403 expired is
-    re-resolved for its id alone.
+    re-resolved for its id alone. In a bucket the rows also carry `offset` and `length` in the shard
+    (path: the shard's key; null for failed rows).
     """
     thumbnail_field(size)  # validates size before anything else happens
     ids = list(dict.fromkeys(validate_image_id(i) for i in image_ids))
     if concurrency < 1:
         raise ValueError(f"concurrency must be >= 1, got {concurrency}")
+    shard = chunk_shard(layout, chunk_key, size)
     with ThreadPoolExecutor(
         max_workers=min(IO_THREADS, concurrency), thread_name_prefix="thumbnail-io"
     ) as executor:
@@ -356,12 +380,19 @@ async def download_thumbnails(
             executor,
             decode_check,
             known_urls or {},
+            shard,
         )
-        await downloader.run(ids)
-    return _result_frame([downloader.outcomes[i] for i in ids])
+        try:
+            await downloader.run(ids)
+            downloader.commit_shard()
+        finally:
+            if shard is not None:
+                shard.discard()
+    return _result_frame([downloader.outcomes[i] for i in ids], with_ranges=shard is not None)
 
 
-def _result_frame(outcomes: list[_Outcome]) -> pd.DataFrame:
+def _result_frame(outcomes: list[_Outcome], with_ranges: bool) -> pd.DataFrame:
+    ranges = {c: pd.Series([getattr(o, c) for o in outcomes], dtype="Int64") for c in SHARD_COLUMNS}
     return pd.DataFrame(
         {
             "image_id": pd.Series([o.image_id for o in outcomes], dtype=object),
@@ -370,6 +401,7 @@ def _result_frame(outcomes: list[_Outcome]) -> pd.DataFrame:
             "status": pd.Series([o.status for o in outcomes], dtype=object),
             "reason": pd.Series([o.reason for o in outcomes], dtype=object),
             "transient": pd.Series([o.transient for o in outcomes], dtype=bool),
+            **(ranges if with_ranges else {}),
         },
-        columns=COLUMNS,
+        columns=COLUMNS + SHARD_COLUMNS if with_ranges else COLUMNS,
     )

@@ -9,6 +9,7 @@ failure (a corrupt input, a crash) leaves the previous one in place.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import tempfile
 from collections.abc import Callable, Collection
@@ -94,6 +95,8 @@ DOWNLOAD_COLUMNS: dict[str, str] = {
     "reason": "VARCHAR",
     "transient": "BOOLEAN",
 }
+# A bucket's downloads rows also say where each image lies in its chunk's tar shard (pipeline/thumbnail_shards.py).
+SHARD_DOWNLOAD_COLUMNS: dict[str, str] = {"offset": "BIGINT", "length": "BIGINT"}
 BLUR_COLUMNS: dict[str, str] = {
     "image_id": "VARCHAR",
     "blur_value": "DOUBLE",
@@ -187,7 +190,13 @@ def load_staging(
             # Each statement commits on its own: one transaction around them all held every table's
             # rows in transaction-local memory until the end. The database is a temporary file renamed
             # into place only when complete, so readers still never see a partial rebuild.
+            # a bucket's thumbnails are shards: the published rows carry each one's byte range too
+            sharded = not layout.is_local
             for stage in _STAGES:
+                if sharded and stage.table == "downloads":
+                    stage = dataclasses.replace(
+                        stage, columns=DOWNLOAD_COLUMNS | SHARD_DOWNLOAD_COLUMNS
+                    )
                 _load_stage(con, layout, stage, discovery_keys)
             assigned = _load_chunk_assignment(con, layout)
             build_images(
@@ -197,6 +206,7 @@ def load_staging(
                 outside_spacing_m,
                 only_assigned=assigned,
                 area=area,
+                thumbnail_ranges=sharded,
             )
             if assigned:
                 con.execute("DROP TABLE chunk_assignment")
@@ -240,7 +250,7 @@ def _stage_files(
 
 
 def _typed_nulls(columns: dict[str, str]) -> str:
-    return ", ".join(f"CAST(NULL AS {kind}) AS {name}" for name, kind in columns.items())
+    return ", ".join(f'CAST(NULL AS {kind}) AS "{name}"' for name, kind in columns.items())
 
 
 def _load_stage(
@@ -265,9 +275,9 @@ def _load_stage(
             for row in con.execute(f"DESCRIBE SELECT * FROM {source}", parameters).fetchall()
         }
         selected = [
-            f"CAST({name} AS {kind}) AS {name}"
+            f'CAST("{name}" AS {kind}) AS "{name}"'
             if name in present
-            else f"CAST(NULL AS {kind}) AS {name}"
+            else f'CAST(NULL AS {kind}) AS "{name}"'
             for name, kind in stage.columns.items()
         ]
         reserved = {*stage.columns, "source_file", stage.source_column, "geom"}

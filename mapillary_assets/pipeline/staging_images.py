@@ -35,8 +35,17 @@ def build_images(
     outside_spacing_m: float,
     only_assigned: bool = False,
     area: BaseGeometry | None = None,
+    thumbnail_ranges: bool = False,
 ) -> None:
+    """`thumbnail_ranges` (a bucket data dir): `thumbnail_path` names the chunk's tar shard and
+    `thumbnail_offset`/`thumbnail_length` the image's bytes in it, one ranged GET away
+    (`DataLayout.read_thumbnail`); a local data dir's rows have no such columns (its files are its own)."""
     metadata_only = ", ".join(f"m.{name}" for name in _METADATA_ONLY)
+    ranges = (
+        'dl."offset" AS thumbnail_offset, dl."length" AS thumbnail_length,'
+        if thumbnail_ranges
+        else ""
+    )
     assigned_only = (
         "WHERE image_id IN (SELECT image_id FROM chunk_assignment)" if only_assigned else ""
     )
@@ -78,6 +87,7 @@ def build_images(
             CASE WHEN m.image_id IS NULL THEN f.reason END AS metadata_failure_reason,
             coalesce(dl.status, 'pending') AS download_status,
             dl.path AS thumbnail_path,
+            {ranges}
             b.blur_value,
             b.sobel_value,
             b.is_blurry,

@@ -93,6 +93,20 @@ def atomic_write_bytes(path: Path, data: bytes, durable: bool = True) -> None:
         raise
 
 
+def atomic_write_chunks(path: Path, chunks: Iterable[bytes]) -> None:
+    """`path` written from a stream of byte chunks (a big object never held whole), renamed into place
+    only once complete, like atomic_write_bytes."""
+    fd, tmp = _temporary_sibling(path)
+    try:
+        with open(fd, "wb", closefd=True) as handle:
+            for chunk in chunks:
+                handle.write(chunk)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
 def write_parquet_atomic(
     frame: pd.DataFrame | pa.Table, path: Path, row_group_size: int | None = None
 ) -> None:

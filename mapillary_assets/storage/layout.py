@@ -82,10 +82,9 @@ class DataLayout:
         if self.is_local:
             return self.root / key if self.store.exists(key) else None
         try:
-            data = self.store.get(key)
+            self.store.download(key, self.work_path(key))
         except FileNotFoundError:
             return None
-        LocalStore(self.work_path("")).put(key, data)
         return self.work_path(key)
 
     # discovery
@@ -127,6 +126,23 @@ class DataLayout:
         return f"thumbnails/{size_folder}/{image_id.zfill(3)[-3:]}/{image_id}.jpg"
 
     thumbnail_relative_path = thumbnail_key
+
+    @staticmethod
+    def thumbnail_shard_key(chunk_key: str, size: int | str) -> str:
+        """thumbnails/<size>/shards/<chunk>.tar: a chunk's thumbnails as one tar (a bucket data dir only;
+        storage/shards.py)."""
+        size_folder = "original" if size == "original" else str(int(size))
+        return f"thumbnails/{size_folder}/shards/{safe_key(chunk_key)}.tar"
+
+    def read_thumbnail(
+        self, path: str, offset: int | None = None, length: int | None = None
+    ) -> bytes:
+        """One image from its downloads row or GeoPackage row (`thumbnail_path`, `thumbnail_offset`,
+        `thumbnail_length`): in a bucket one ranged GET of its chunk's shard, in a local data dir (no
+        offset) its own file."""
+        if offset is None or pd.isna(offset):
+            return self.store.get(path)
+        return self.store.get_range(path, int(offset), int(length))
 
     @staticmethod
     def downloads_key(chunk_key: str) -> str:
@@ -221,7 +237,16 @@ def thumbnail_bytes_needed(layout: DataLayout, size: int | str) -> int:
 
 
 def disk_full_error(layout: DataLayout, thumbnail_size: int | str) -> StorageError:
-    """`<data dir> is full: N GB free, about M GB needed for the remaining thumbnails`."""
+    """`<data dir> is full: N GB free, about M GB needed for the remaining thumbnails`; beside a bucket,
+    the scratch folder that holds the chunks' thumbnail shards while they are written."""
+    if not layout.is_local:
+        scratch = layout.work_path("")
+        free = shutil.disk_usage(next(p for p in (scratch, *scratch.parents) if p.exists())).free
+        return StorageError(
+            f"{scratch} is full: {free / 1e9:.2f} GB free; a chunk's thumbnail shard is written there "
+            f"before its upload to {layout.root}: free space (or set {SCRATCH_DIR_VARIABLE} to a larger "
+            "disk) and re-run: what is stored is kept"
+        )
     free = shutil.disk_usage(layout.root).free
     needed = thumbnail_bytes_needed(layout, thumbnail_size)
     return StorageError(

@@ -11,6 +11,7 @@ from __future__ import annotations
 import io
 import tarfile
 from collections.abc import Iterable, Iterator
+from pathlib import Path
 
 import pandas as pd
 
@@ -23,19 +24,32 @@ INDEX_COLUMNS = ["image_id", "offset", "length"]
 def build_shard(images: Iterable[tuple[str, bytes]]) -> tuple[bytes, pd.DataFrame]:
     """The tar of `(image_id, jpeg bytes)` in the order given, and its index (one row per member)."""
     buffer = io.BytesIO()
-    with tarfile.open(fileobj=buffer, mode="w", format=tarfile.USTAR_FORMAT) as archive:
+    with open_shard_writer(buffer) as archive:
         for image_id, data in images:
-            member = tarfile.TarInfo(validate_image_id(image_id) + MEMBER_SUFFIX)
-            member.size = len(data)
-            member.mode = 0o644
-            archive.addfile(member, io.BytesIO(data))
+            add_member(archive, image_id, data)
     shard = buffer.getvalue()
     return shard, shard_index(shard)
 
 
-def shard_index(shard: bytes) -> pd.DataFrame:
-    """Where each member's bytes lie in `shard` (its headers read, not its data)."""
-    with tarfile.open(fileobj=io.BytesIO(shard), mode="r:") as archive:
+def open_shard_writer(target: io.BufferedIOBase | Path) -> tarfile.TarFile:
+    """A shard being written into a file object or a file (a chunk's spool); close it to finish the tar."""
+    if isinstance(target, Path):
+        return tarfile.open(target, mode="w", format=tarfile.USTAR_FORMAT)
+    return tarfile.open(fileobj=target, mode="w", format=tarfile.USTAR_FORMAT)
+
+
+def add_member(archive: tarfile.TarFile, image_id: str, data: bytes) -> None:
+    """Append `<image_id>.jpg` holding `data` to a shard being written."""
+    member = tarfile.TarInfo(validate_image_id(image_id) + MEMBER_SUFFIX)
+    member.size = len(data)
+    member.mode = 0o644
+    archive.addfile(member, io.BytesIO(data))
+
+
+def shard_index(shard: bytes | Path) -> pd.DataFrame:
+    """Where each member's bytes lie in `shard`, its bytes or a file (its headers read, not its data)."""
+    source = {"name": shard} if isinstance(shard, Path) else {"fileobj": io.BytesIO(shard)}
+    with tarfile.open(mode="r:", **source) as archive:
         rows = [
             (member.name.removesuffix(MEMBER_SUFFIX), member.offset_data, member.size)
             for member in archive
@@ -46,9 +60,10 @@ def shard_index(shard: bytes) -> pd.DataFrame:
     )
 
 
-def shard_members(shard: bytes) -> Iterator[tuple[str, bytes]]:
-    """`(image_id, jpeg bytes)` of every member, in tar order (one pass over the shard's bytes)."""
-    with tarfile.open(fileobj=io.BytesIO(shard), mode="r|") as archive:
+def shard_members(shard: bytes | Path) -> Iterator[tuple[str, bytes]]:
+    """`(image_id, jpeg bytes)` of every member, in tar order (one pass over the shard, bytes or a file)."""
+    source = {"name": shard} if isinstance(shard, Path) else {"fileobj": io.BytesIO(shard)}
+    with tarfile.open(mode="r|", **source) as archive:
         for member in archive:
             if member.isfile():
                 yield member.name.removesuffix(MEMBER_SUFFIX), archive.extractfile(member).read()

@@ -49,6 +49,24 @@ def assert_same_images(actual, expected, ignore: Sequence[str] = ()) -> None:
     pd.testing.assert_frame_equal(pd.DataFrame(left[columns]), pd.DataFrame(right[columns]))
 
 
+# Where a bucket data dir's images say their thumbnail is: the chunk's tar shard and the byte range in it.
+BUCKET_THUMBNAIL_COLUMNS = ["thumbnail_path", "thumbnail_offset", "thumbnail_length"]
+SHARD_KEY = re.compile(r"thumbnails/(\d+|original)/shards/chunk-\d+\.tar")
+
+
+def assert_same_images_from_a_bucket(actual, local) -> None:
+    """A bucket data dir's GeoPackage `images` layer against a local run's: equal in every column but where
+    each thumbnail is (ARCHITECTURE.md, "Thumbnails in a bucket"), which is a shard and a byte range for
+    exactly the images the local run stored."""
+    assert_same_images(actual, local, ignore=BUCKET_THUMBNAIL_COLUMNS)
+    stored = actual.set_index("image_id").loc[local["image_id"]]
+    has_thumbnail = local["thumbnail_path"].notna().to_numpy()
+    assert (stored["thumbnail_path"].notna().to_numpy() == has_thumbnail).all()
+    assert stored["thumbnail_path"].dropna().map(lambda key: bool(SHARD_KEY.fullmatch(key))).all()
+    ranges = stored.loc[has_thumbnail, ["thumbnail_offset", "thumbnail_length"]]
+    assert ranges.notna().all().all() and (ranges["thumbnail_length"] > 0).all()
+
+
 def temporary_leftovers(root: Path) -> list[Path]:
     """Temporary files of atomic writes under `root` (none may survive a finished or killed run)."""
     return sorted(path for path in Path(root).rglob(f"*{TEMP_MARKER}*"))

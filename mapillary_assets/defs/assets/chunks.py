@@ -8,6 +8,7 @@ then fail the partition so "backfill failed partitions" retries exactly those.
 
 import asyncio
 import contextlib
+from pathlib import Path
 
 import dagster as dg
 import pandas as pd
@@ -31,6 +32,7 @@ from mapillary_assets.pipeline.charts import blur_histogram_png, contact_sheet_p
 from mapillary_assets.pipeline.chunks import chunk_image_ids
 from mapillary_assets.pipeline.download import download_thumbnails, thumbnail_field
 from mapillary_assets.pipeline.metadata import fetch_metadata, ids_to_fetch, merge_with_existing
+from mapillary_assets.pipeline.thumbnail_shards import FetchedShards
 from mapillary_assets.storage import (
     DataLayout,
     Store,
@@ -70,6 +72,10 @@ def _thumbnail_keys(layout: DataLayout, image_ids, size: int):
         except ValueError:
             continue  # never turned into a key
         yield layout.thumbnail_key(image_id, size)
+
+
+def _stored_images(layout: DataLayout, downloads: pd.DataFrame) -> list[Path]:
+    return [layout.root / key for key in downloads.loc[downloads["status"] == "ok", "path"]]
 
 
 @contextlib.contextmanager
@@ -174,7 +180,8 @@ def image_metadata(
     pool=API_POOL,
     backfill_policy=CHUNK_BACKFILL,
     description="Thumbnails of the chunk's images, fetched from freshly resolved URLs, verified as complete "
-    "JPEGs and written atomically into a sharded folder tree.",
+    "JPEGs and written atomically into a sharded folder tree (a local data dir) or as the chunk's one tar "
+    "shard (a bucket), whose offsets the downloads rows carry.",
 )
 def thumbnail_downloads(
     context: dg.AssetExecutionContext,
@@ -214,6 +221,7 @@ def thumbnail_downloads(
                     concurrency=settings.download_concurrency,
                     progress=progress_logger(context.log, key, unit="images"),
                     known_urls=thumbnail_urls.take(layout.root, key),
+                    chunk_key=key,
                 )
                 store.write_parquet(layout.downloads_key(key), frame)
                 outcome[key] = frame
@@ -255,27 +263,33 @@ def blur_scores(
 ) -> dg.MaterializeResult:
     layout = storage.layout
     store = layout.store
-    # a local data dir's thumbnails are read as files; a bucket's by key
-    read = read_file if layout.is_local else store.get
     box = analysis_box(settings.thumbnail_size)
     frames, paths = {}, []
-    for key in context.partition_keys:
-        _remove_leftovers(context.log, key, store, [layout.blur_key(key)])
-        downloads = store.read_parquet(layout.downloads_key(key))
-        stored = downloads.loc[downloads["status"] == "ok", "path"]
-        ok = [layout.root / k for k in stored] if layout.is_local else list(stored)
-        scores = score_images(
-            ok,
+    # a local data dir's thumbnails are read as files; a bucket's from its chunks' shards, fetched once each
+    with FetchedShards(layout) as shards:
+        read = read_file if layout.is_local else shards.read
+        for key in context.partition_keys:
+            _remove_leftovers(context.log, key, store, [layout.blur_key(key)])
+            downloads = store.read_parquet(layout.downloads_key(key))
+            ok = _stored_images(layout, downloads) if layout.is_local else shards.add(downloads)
+            scores = score_images(
+                ok,
+                read=read,
+                backend=settings.blur_backend,
+                threshold=settings.blur_threshold,
+                analysis_size=box,
+                progress=progress_logger(context.log, key, unit="images"),
+            )
+            with disk_full_as_error(layout, settings.thumbnail_size):
+                store.write_parquet(layout.blur_key(key), scores)
+            frames[key] = scores
+            paths.extend(ok)  # scores come one row per path, in input order
+        contact_sheet = contact_sheet_png(
+            paths,
+            pd.concat(frames.values())["blur_value"],
+            settings.blur_threshold,
             read=read,
-            backend=settings.blur_backend,
-            threshold=settings.blur_threshold,
-            analysis_size=box,
-            progress=progress_logger(context.log, key, unit="images"),
         )
-        with disk_full_as_error(layout, settings.thumbnail_size):
-            store.write_parquet(layout.blur_key(key), scores)
-        frames[key] = scores
-        paths.extend(ok)  # scores come one row per path, in input order
     scores = pd.concat(frames.values())
     blurry = int(scores["is_blurry"].sum())
     context.log.info(
@@ -298,12 +312,7 @@ def blur_scores(
                 )
             ),
             "contact_sheet": dg.MetadataValue.md(
-                png_markdown(
-                    contact_sheet_png(
-                        paths, scores["blur_value"], settings.blur_threshold, read=read
-                    ),
-                    "blurriest and sharpest",
-                )
+                png_markdown(contact_sheet, "blurriest and sharpest")
             ),
         }
     )
