@@ -165,6 +165,7 @@ def read_back_geoparquet(path: Path) -> dict:
 
 def measure_area(region_name: str, scale: float, root: Path, log=print) -> dict:
     """Plan, then the metadata-only pipeline from empty folders, then read back what it published."""
+    import pyarrow.compute as pc
     import pyarrow.parquet as pq
 
     from mapillary_assets.definitions import build_definitions
@@ -219,11 +220,9 @@ def measure_area(region_name: str, scale: float, root: Path, log=print) -> dict:
             runs = len(instance.get_runs())
         layout = DataLayout(data_dir)
         sampler.label = "checks"
-        chunk_sizes = (
-            pq.read_table(layout.chunk_assignment_path, columns=["chunk"])
-            .group_by("chunk")
-            .aggregate([("chunk", "count")])
-            .column("chunk_count")
+        chunk_sizes = (  # value_counts: the chunk column's row groups carry differing dictionaries
+            pc.value_counts(pq.read_table(layout.chunk_assignment_path, columns=["chunk"])["chunk"])
+            .field("counts")
             .to_pylist()
         )
         world = World(seed=SEED, scale=scale, region=region_name)

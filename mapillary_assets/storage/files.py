@@ -118,8 +118,15 @@ def read_parquet(
 ) -> pd.DataFrame:
     """Read one stage file (only the rows matching pyarrow `filters`, if given); a corrupt file raises
     StorageError naming it and the fix."""
+    return read_table(path, columns=columns, filters=filters).to_pandas()
+
+
+def read_table(
+    path: Path, columns: list[str] | None = None, filters: list[tuple] | None = None
+) -> pa.Table:
+    """`read_parquet` as an Arrow table (no pandas objects: what a column of millions of ids needs)."""
     try:
-        return pq.read_table(path, columns=columns, filters=filters).to_pandas()
+        return pq.read_table(path, columns=columns, filters=filters)
     except FileNotFoundError:
         raise StorageError(
             f"{path} does not exist: materialise the upstream partition first"

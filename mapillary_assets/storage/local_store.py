@@ -16,6 +16,7 @@ from mapillary_assets.storage.files import (
     TEMP_MARKER,
     atomic_write_bytes,
     read_parquet,
+    read_table,
     remove_leftovers_of,
     sweep_temporary_files,
     write_parquet_atomic,
@@ -93,6 +94,11 @@ class LocalStore:
         self, key: str, columns: list[str] | None = None, filters: list[tuple] | None = None
     ) -> pd.DataFrame:
         return read_parquet(Path(self._prefix + key), columns=columns, filters=filters)
+
+    def read_table(
+        self, key: str, columns: list[str] | None = None, filters: list[tuple] | None = None
+    ) -> pa.Table:
+        return read_table(Path(self._prefix + key), columns=columns, filters=filters)
 
     def parquet_rows(self, key: str) -> int | None:
         """The row count from the file's footer; None when there is no file."""

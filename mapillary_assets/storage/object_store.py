@@ -179,6 +179,11 @@ class ObjectStore:
     def read_parquet(
         self, key: str, columns: list[str] | None = None, filters: list[tuple] | None = None
     ) -> pd.DataFrame:
+        return self.read_table(key, columns=columns, filters=filters).to_pandas()
+
+    def read_table(
+        self, key: str, columns: list[str] | None = None, filters: list[tuple] | None = None
+    ) -> pa.Table:
         try:
             data = self.get(key)
         except FileNotFoundError:
@@ -186,9 +191,7 @@ class ObjectStore:
                 f"{self.describe(key)} does not exist: materialise the upstream partition first"
             ) from None
         try:
-            return pq.read_table(
-                pa.BufferReader(data), columns=columns, filters=filters
-            ).to_pandas()
+            return pq.read_table(pa.BufferReader(data), columns=columns, filters=filters)
         except (pa.ArrowInvalid, pa.ArrowException, OSError) as exc:
             raise StorageError(
                 f"{self.describe(key)} is not a readable Parquet file ({type(exc).__name__}); delete it "
