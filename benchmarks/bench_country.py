@@ -220,7 +220,7 @@ def measure_area(region_name: str, scale: float, root: Path, log=print) -> dict:
             runs = len(instance.get_runs())
         layout = DataLayout(data_dir)
         sampler.label = "checks"
-        chunk_sizes = (  # value_counts: the chunk column's row groups carry differing dictionaries
+        chunk_sizes = (
             pc.value_counts(pq.read_table(layout.chunk_assignment_path, columns=["chunk"])["chunk"])
             .field("counts")
             .to_pylist()

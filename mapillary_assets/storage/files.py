@@ -101,17 +101,28 @@ def atomic_write_bytes(path: Path, data: bytes, durable: bool = True) -> None:
 
 
 def write_parquet_atomic(
-    frame: pd.DataFrame | pa.Table, path: Path, row_group_size: int | None = None
+    frame: pd.DataFrame | pa.Table,
+    path: Path,
+    row_group_size: int | None = None,
+    store_schema: bool = True,
 ) -> None:
     """`row_group_size`: rows per row group (pyarrow's default when None); small groups of a file sorted
-    by a column let a filtered read decode only the groups whose statistics match."""
+    by a column let a filtered read decode only the groups whose statistics match. `store_schema=False`
+    leaves Arrow's schema out of the file: a dictionary column then reads back as plain strings (unless
+    asked for with `read_dictionary`), whose row-group statistics filtered reads can use."""
     table = (
         frame if isinstance(frame, pa.Table) else pa.Table.from_pandas(frame, preserve_index=False)
     )
     fd, tmp = _temporary_sibling(path)
     os.close(fd)
     try:
-        pq.write_table(table, tmp, compression="zstd", row_group_size=row_group_size)
+        pq.write_table(
+            table,
+            tmp,
+            compression="zstd",
+            row_group_size=row_group_size,
+            store_schema=store_schema,
+        )
         with open(tmp, "rb") as handle:
             os.fsync(handle.fileno())
         os.replace(tmp, path)
@@ -129,11 +140,17 @@ def read_parquet(
 
 
 def read_table(
-    path: Path, columns: list[str] | None = None, filters: list[tuple] | None = None
+    path: Path,
+    columns: list[str] | None = None,
+    filters: list[tuple] | None = None,
+    read_dictionary: list[str] | None = None,
 ) -> pa.Table:
-    """`read_parquet` as an Arrow table (no pandas objects: what a column of millions of ids needs)."""
+    """`read_parquet` as an Arrow table (no pandas objects: what a column of millions of ids needs);
+    the columns in `read_dictionary` dictionary-encoded."""
     try:
-        return pq.read_table(path, columns=columns, filters=filters)
+        return pq.read_table(
+            path, columns=columns, filters=filters, read_dictionary=read_dictionary
+        )
     except FileNotFoundError:
         raise StorageError(
             f"{path} does not exist: materialise the upstream partition first"

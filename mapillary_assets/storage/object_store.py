@@ -182,7 +182,11 @@ class ObjectStore:
         return self.read_table(key, columns=columns, filters=filters).to_pandas()
 
     def read_table(
-        self, key: str, columns: list[str] | None = None, filters: list[tuple] | None = None
+        self,
+        key: str,
+        columns: list[str] | None = None,
+        filters: list[tuple] | None = None,
+        read_dictionary: list[str] | None = None,
     ) -> pa.Table:
         try:
             data = self.get(key)
@@ -191,7 +195,12 @@ class ObjectStore:
                 f"{self.describe(key)} does not exist: materialise the upstream partition first"
             ) from None
         try:
-            return pq.read_table(pa.BufferReader(data), columns=columns, filters=filters)
+            return pq.read_table(
+                pa.BufferReader(data),
+                columns=columns,
+                filters=filters,
+                read_dictionary=read_dictionary,
+            )
         except (pa.ArrowInvalid, pa.ArrowException, OSError) as exc:
             raise StorageError(
                 f"{self.describe(key)} is not a readable Parquet file ({type(exc).__name__}); delete it "
@@ -206,7 +215,11 @@ class ObjectStore:
             return None
 
     def write_parquet(
-        self, key: str, frame: pd.DataFrame | pa.Table, row_group_size: int | None = None
+        self,
+        key: str,
+        frame: pd.DataFrame | pa.Table,
+        row_group_size: int | None = None,
+        store_schema: bool = True,
     ) -> None:
         table = (
             frame
@@ -214,7 +227,13 @@ class ObjectStore:
             else pa.Table.from_pandas(frame, preserve_index=False)
         )
         buffer = io.BytesIO()
-        pq.write_table(table, buffer, compression="zstd", row_group_size=row_group_size)
+        pq.write_table(
+            table,
+            buffer,
+            compression="zstd",
+            row_group_size=row_group_size,
+            store_schema=store_schema,
+        )
         self.put(key, buffer.getvalue())
 
     def upload(self, key: str, source: Path) -> None:

@@ -236,7 +236,9 @@ def sequence_images(
 
     async def discover():
         async with mapillary_api.client() as client:
-            existing = store.read_table(key) if store.exists(key) else None
+            existing = (
+                store.read_table(key, read_dictionary=["chunk"]) if store.exists(key) else None
+            )
             return await discover_by_sequences(
                 client, current_aoi(), sequence_ids, existing, settings.tileset
             )
@@ -311,9 +313,13 @@ def image_chunks(
     store.remove_leftovers_of(
         [key]
     )  # of an interrupted earlier run (this asset's pool has one slot)
-    existing = store.read_table(key) if store.exists(key) else None
+    existing = store.read_table(key, read_dictionary=["chunk"]) if store.exists(key) else None
     assignment = assign_chunks(existing, discovered, settings.chunk_size or None)
-    store.write_parquet(key, assignment, row_group_size=ASSIGNMENT_ROW_GROUP_ROWS)
+    # without Arrow's schema the dictionary-encoded chunk column is stored as plain strings, so a chunk
+    # run's filtered read picks its row groups by their statistics (a dictionary field read them all)
+    store.write_parquet(
+        key, assignment, row_group_size=ASSIGNMENT_ROW_GROUP_ROWS, store_schema=False
+    )
     registered = set(context.instance.get_dynamic_partitions(CHUNK_PARTITIONS_NAME))
     keys = chunk_keys(assignment)
     new_keys = [key for key in keys if key not in registered]
