@@ -38,7 +38,7 @@ ASSIGNMENT_SCHEMA = pa.schema(
         ("position", pa.int64()),
     ]
 )
-IdColumn = pa.Array | pa.ChunkedArray | Iterable[str]
+IdColumn = pa.Array | pa.ChunkedArray | Iterable[str]  # Arrow columns are taken as they are
 Assignment = pa.Table | pd.DataFrame
 
 
@@ -120,11 +120,8 @@ def assign_chunks(
             f"invalid Mapillary image id {invalid[0].as_py()!r}: expected 1-20 decimal digits"
         )
     new_ids = sorted_unique_ids(discovered)
-    del discovered
     if existing.num_rows:
-        new_ids = new_ids.filter(
-            pc.invert(pc.is_in(new_ids, value_set=existing["image_id"].combine_chunks()))
-        )
+        new_ids = new_ids.filter(pc.invert(pc.is_in(new_ids, value_set=existing["image_id"])))
     if not len(new_ids):
         return existing
     if chunk_size is None:
@@ -145,10 +142,9 @@ def assign_chunks(
     return pa.concat_tables([existing, added]).unify_dictionaries()
 
 
-def _id_array(ids: IdColumn) -> pa.Array:
-    if isinstance(ids, pa.ChunkedArray):
-        ids = ids.combine_chunks()
-    elif not isinstance(ids, pa.Array):
+def _id_array(ids: IdColumn) -> pa.Array | pa.ChunkedArray:
+    """Ids as Arrow strings; Arrow input as it is (no combined copy: the compute functions take chunks)."""
+    if not isinstance(ids, (pa.Array, pa.ChunkedArray)):
         ids = pa.array([str(i) for i in ids], pa.string())
     return ids.cast(pa.string()) if ids.type != pa.string() else ids
 
