@@ -40,25 +40,27 @@ def build_images(
     assigned_only = (
         "WHERE image_id IN (SELECT image_id FROM chunk_assignment)" if only_assigned else ""
     )
+    # Each stage's latest row per id as its own table first: in one statement the five windows and four
+    # joins pinned more than the memory limit (out of memory at 2.1 M images), one at a time they spill.
+    latest = {
+        "d": f"SELECT * FROM discovered_images {assigned_only} "
+        "QUALIFY row_number() OVER (PARTITION BY image_id ORDER BY partition) = 1",
+        "m": "SELECT * FROM image_metadata "
+        "QUALIFY row_number() OVER (PARTITION BY image_id ORDER BY chunk DESC) = 1",
+        "f": "SELECT image_id, reason FROM metadata_failures "
+        "QUALIFY row_number() OVER (PARTITION BY image_id ORDER BY chunk DESC) = 1",
+        "dl": "SELECT * FROM downloads "
+        "QUALIFY row_number() OVER (PARTITION BY image_id ORDER BY status = 'ok' DESC, chunk DESC) = 1",
+        "b": "SELECT * FROM blur_scores "
+        "QUALIFY row_number() OVER (PARTITION BY image_id ORDER BY chunk DESC) = 1",
+    }
+    for name, select in latest.items():
+        con.execute(f"CREATE TABLE latest_{name} AS {select}")
     con.execute(
         f"""
         CREATE TABLE images_base AS
-        WITH d AS (
-            SELECT * FROM discovered_images {assigned_only}
-            QUALIFY row_number() OVER (PARTITION BY image_id ORDER BY partition) = 1
-        ), m AS (
-            SELECT * FROM image_metadata
-            QUALIFY row_number() OVER (PARTITION BY image_id ORDER BY chunk DESC) = 1
-        ), f AS (
-            SELECT image_id, reason FROM metadata_failures
-            QUALIFY row_number() OVER (PARTITION BY image_id ORDER BY chunk DESC) = 1
-        ), dl AS (
-            SELECT * FROM downloads
-            QUALIFY row_number() OVER (PARTITION BY image_id ORDER BY status = 'ok' DESC, chunk DESC) = 1
-        ), b AS (
-            SELECT * FROM blur_scores
-            QUALIFY row_number() OVER (PARTITION BY image_id ORDER BY chunk DESC) = 1
-        )
+        WITH d AS (SELECT * FROM latest_d), m AS (SELECT * FROM latest_m), f AS (SELECT * FROM latest_f),
+             dl AS (SELECT * FROM latest_dl), b AS (SELECT * FROM latest_b)
         SELECT
             row_number() OVER () AS row_id,
             d.image_id,
@@ -90,6 +92,8 @@ def build_images(
         LEFT JOIN b ON b.image_id = d.image_id
         """
     )
+    for name in latest:
+        con.execute(f"DROP TABLE latest_{name}")
     if area is not None:
         _drop_outside_area(con, area)
     _image_flags(con, filter_polygons, inside_spacing_m, outside_spacing_m)
