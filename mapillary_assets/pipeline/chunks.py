@@ -84,13 +84,23 @@ def adaptive_chunk_size(image_count: int) -> int:
 
 def sorted_unique_ids(ids: IdColumn) -> pa.Array:
     """The distinct ids in numeric order: for digit strings without leading zeros that is the order by
-    (length, string), so millions of ids sort as Arrow strings, never as Python ints."""
-    distinct = pc.unique(_id_array(ids))
+    (length, string), so millions of ids sort as Arrow strings, never as Python ints. Duplicates are
+    dropped once sorted (equal neighbours): a hash set of 2.1 M ids (pyarrow.compute.unique) peaked at
+    ~5x their size."""
+    ids = _id_array(ids)
     order = pc.sort_indices(
-        pa.table({"length": pc.utf8_length(distinct), "image_id": distinct}),
+        pa.table({"length": pc.utf8_length(ids), "image_id": ids}),
         sort_keys=[("length", "ascending"), ("image_id", "ascending")],
     )
-    return distinct.take(order)
+    ordered = ids.take(order)
+    if isinstance(ordered, pa.ChunkedArray):
+        ordered = ordered.combine_chunks()
+    del order
+    if len(ordered) < 2:
+        return ordered
+    first_of_run = pc.not_equal(ordered.slice(1), ordered.slice(0, len(ordered) - 1))
+    keep = pa.concat_arrays([pa.array([True]), first_of_run])
+    return ordered.filter(keep)
 
 
 def invalid_ids(ids: IdColumn) -> pa.Array:
