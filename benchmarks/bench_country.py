@@ -165,6 +165,7 @@ def read_back_geoparquet(path: Path) -> dict:
 
 def measure_area(region_name: str, scale: float, root: Path, log=print) -> dict:
     """Plan, then the metadata-only pipeline from empty folders, then read back what it published."""
+    import pyarrow.compute as pc
     import pyarrow.parquet as pq
 
     from mapillary_assets.definitions import build_definitions
@@ -220,10 +221,8 @@ def measure_area(region_name: str, scale: float, root: Path, log=print) -> dict:
         layout = DataLayout(data_dir)
         sampler.label = "checks"
         chunk_sizes = (
-            pq.read_table(layout.chunk_assignment_path, columns=["chunk"])
-            .group_by("chunk")
-            .aggregate([("chunk", "count")])
-            .column("chunk_count")
+            pc.value_counts(pq.read_table(layout.chunk_assignment_path, columns=["chunk"])["chunk"])
+            .field("counts")
             .to_pylist()
         )
         world = World(seed=SEED, scale=scale, region=region_name)

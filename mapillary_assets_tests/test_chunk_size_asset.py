@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dagster as dg
 import pandas as pd
+import pyarrow.dataset as ds
 import pytest
 
 from mapillary_assets.defs.assets.discovery import image_chunks
@@ -52,3 +53,12 @@ def test_default_size_below_the_target_and_an_explicit_size(
     assert (
         chunk_sizes(monkeypatch, tmp_path, PipelineSettings(chunk_size=chunk_size))[0] == expected
     )
+
+
+def test_a_chunk_runs_filtered_read_picks_only_its_row_groups(monkeypatch, tmp_path):
+    monkeypatch.setattr("mapillary_assets.defs.assets.discovery.ASSIGNMENT_ROW_GROUP_ROWS", 1000)
+    chunk_sizes(monkeypatch, tmp_path, PipelineSettings(chunk_size=4000))
+    path = DataLayout(tmp_path).chunk_assignment_path
+    fragment = next(ds.dataset(path, format="parquet").get_fragments())
+    matching = fragment.split_by_row_group(ds.field("chunk") == "chunk-000001")
+    assert (len(fragment.row_groups), len(matching)) == (12, 4)

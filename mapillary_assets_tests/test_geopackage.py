@@ -278,3 +278,24 @@ def test_small_batches_write_the_same_layers(layout, tmp_path):
         pd.testing.assert_frame_equal(got, expected)
     with sqlite3.connect(batched) as db:
         assert db.execute("SELECT count(*) FROM rtree_images_geom").fetchone() == (8,)
+
+
+def test_a_layer_written_in_parts_is_the_same_with_every_feature_indexed(layout, tmp_path):
+    whole, parts = tmp_path / "whole.gpkg", tmp_path / "parts.gpkg"
+    assert _write(layout, whole) == _write(layout, parts, batch_rows=2, index_rows=3)
+    for layer in LAYERS:
+        expected = geopandas.read_file(whole, layer=layer, engine="pyogrio")
+        got = geopandas.read_file(parts, layer=layer, engine="pyogrio")
+        pd.testing.assert_frame_equal(got, expected)
+    with sqlite3.connect(parts) as db:  # each feature's box is in its layer's R-tree
+        for layer, kind in LAYERS.items():
+            inside = (
+                " WHERE r.minx <= lon AND lon <= r.maxx AND r.miny <= lat AND lat <= r.maxy"
+                if kind == "Point"
+                else ""
+            )
+            indexed = db.execute(
+                f"SELECT count(*) FROM {layer} JOIN rtree_{layer}_geom r ON r.id = {layer}.fid{inside}"
+            ).fetchone()[0]
+            assert indexed == db.execute(f"SELECT count(*) FROM {layer}").fetchone()[0] > 0
+    assert _validate(parts).returncode == 0

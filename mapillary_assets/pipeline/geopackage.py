@@ -7,7 +7,8 @@ Layers (EPSG:4326, R-tree spatial index each):
 - `sequences`: one LineString per sequence with >= 2 images, vertices in capture order.
 
 Arrow batches of `BATCH_ROWS` stream from DuckDB straight into GDAL (pyogrio.write_arrow) without a
-pandas detour, so memory stays bounded by one batch whatever the row count. The file is written under a
+pandas detour, so memory stays bounded by one batch whatever the row count; a layer is written in parts
+of `INDEX_ROWS` (see `_write_layer`), so GDAL's R-tree build holds at most that many boxes. The file is written under a
 temporary name in the target folder and renamed onto `path`.
 
 GPKG version: 1.3 by default. GDAL >= 3.9 writes 1.4, whose R-tree triggers (update5-7 replace update1
@@ -39,6 +40,8 @@ SEQUENCES_LAYER = "sequences"
 CRS = "EPSG:4326"
 _GEOMETRY = "geom"
 BATCH_ROWS = 25_000
+# rows of a layer written before GDAL builds its R-tree; later rows are appended (`_write_layer`)
+INDEX_ROWS = 500_000
 GPKG_VERSIONS = ("1.2", "1.3", "1.4")
 DEFAULT_GPKG_VERSION = "1.3"
 _SQLITE_SIDECARS = ("-journal", "-wal", "-shm")
@@ -49,6 +52,7 @@ def write_geopackage(
     path: str | Path,
     version: str = DEFAULT_GPKG_VERSION,
     batch_rows: int = BATCH_ROWS,
+    index_rows: int = INDEX_ROWS,
 ) -> dict[str, int]:
     """Write the `images`, `images_filtered` and `sequences` layers; returns layer -> feature count.
 
@@ -88,7 +92,9 @@ def write_geopackage(
         for index, (layer, sql, kind) in enumerate(layers):
             # VERSION is a dataset creation option: only the first layer creates the file.
             creation = {"VERSION": version} if index == 0 else None
-            counts[layer] = _write_layer(con, sql, temporary, layer, kind, batch_rows, creation)
+            counts[layer] = _write_layer(
+                con, sql, temporary, layer, kind, batch_rows, creation, index_rows
+            )
         os.replace(temporary, path)
     finally:
         for leftover in (
@@ -133,34 +139,51 @@ def _write_layer(
     geometry_type: str,
     batch_rows: int,
     dataset_options: dict | None,
+    index_rows: int,
 ) -> int:
+    """The query's rows as `layer`, in parts of about `index_rows`: the first part creates the layer and
+    GDAL builds its R-tree at the end of that write; later parts are appended, the index kept by its
+    triggers. GDAL's deferred build keeps every feature's box in memory until the write ends (about 24
+    bytes a feature beyond OGR_GPKG_MAX_RAM_USAGE_RTREE: 260 MB for 10.9 M images), the triggers none."""
     reader = con.execute(sql).to_arrow_reader(batch_rows)
     schema = _utc_schema(reader.schema)
+    batches = (
+        pa.RecordBatch.from_arrays(
+            [
+                column if column.type == field.type else column.cast(field.type)
+                for column, field in zip(batch.columns, schema)
+            ],
+            schema=schema,
+        )
+        for batch in reader
+    )
+    pending = next(batches, None)
     written = 0
 
-    def batches():
-        nonlocal written
-        for batch in reader:
-            written += batch.num_rows
-            yield pa.RecordBatch.from_arrays(
-                [
-                    column if column.type == field.type else column.cast(field.type)
-                    for column, field in zip(batch.columns, schema)
-                ],
-                schema=schema,
-            )
+    def part():
+        nonlocal pending, written
+        rows = 0
+        while pending is not None and rows < index_rows:
+            rows += pending.num_rows
+            yield pending
+            pending = next(batches, None)
+        written += rows
 
-    pyogrio.write_arrow(
-        pa.RecordBatchReader.from_batches(schema, batches()),
-        path,
-        layer=layer,
-        driver="GPKG",
-        geometry_name=_GEOMETRY,
-        geometry_type=geometry_type,
-        crs=CRS,
-        layer_options={"SPATIAL_INDEX": "YES"},
-        dataset_options=dataset_options,
-    )
+    created = False
+    while not created or pending is not None:
+        pyogrio.write_arrow(
+            pa.RecordBatchReader.from_batches(schema, part()),
+            path,
+            layer=layer,
+            driver="GPKG",
+            geometry_name=_GEOMETRY,
+            geometry_type=geometry_type,
+            crs=CRS,
+            append=created,
+            layer_options=None if created else {"SPATIAL_INDEX": "YES"},
+            dataset_options=None if created else dataset_options,
+        )
+        created = True
     return written
 
 

@@ -49,25 +49,27 @@ def build_images(
     assigned_only = (
         "WHERE image_id IN (SELECT image_id FROM chunk_assignment)" if only_assigned else ""
     )
+    # Each stage's latest row per id as its own table first: in one statement the five windows and four
+    # joins pinned more than the memory limit (out of memory at 2.1 M images), one at a time they spill.
+    latest = {
+        "d": f"SELECT * FROM discovered_images {assigned_only} "
+        "QUALIFY row_number() OVER (PARTITION BY image_id ORDER BY partition) = 1",
+        "m": "SELECT * FROM image_metadata "
+        "QUALIFY row_number() OVER (PARTITION BY image_id ORDER BY chunk DESC) = 1",
+        "f": "SELECT image_id, reason FROM metadata_failures "
+        "QUALIFY row_number() OVER (PARTITION BY image_id ORDER BY chunk DESC) = 1",
+        "dl": "SELECT * FROM downloads "
+        "QUALIFY row_number() OVER (PARTITION BY image_id ORDER BY status = 'ok' DESC, chunk DESC) = 1",
+        "b": "SELECT * FROM blur_scores "
+        "QUALIFY row_number() OVER (PARTITION BY image_id ORDER BY chunk DESC) = 1",
+    }
+    for name, select in latest.items():
+        con.execute(f"CREATE TABLE latest_{name} AS {select}")
     con.execute(
         f"""
         CREATE TABLE images_base AS
-        WITH d AS (
-            SELECT * FROM discovered_images {assigned_only}
-            QUALIFY row_number() OVER (PARTITION BY image_id ORDER BY partition) = 1
-        ), m AS (
-            SELECT * FROM image_metadata
-            QUALIFY row_number() OVER (PARTITION BY image_id ORDER BY chunk DESC) = 1
-        ), f AS (
-            SELECT image_id, reason FROM metadata_failures
-            QUALIFY row_number() OVER (PARTITION BY image_id ORDER BY chunk DESC) = 1
-        ), dl AS (
-            SELECT * FROM downloads
-            QUALIFY row_number() OVER (PARTITION BY image_id ORDER BY status = 'ok' DESC, chunk DESC) = 1
-        ), b AS (
-            SELECT * FROM blur_scores
-            QUALIFY row_number() OVER (PARTITION BY image_id ORDER BY chunk DESC) = 1
-        )
+        WITH d AS (SELECT * FROM latest_d), m AS (SELECT * FROM latest_m), f AS (SELECT * FROM latest_f),
+             dl AS (SELECT * FROM latest_dl), b AS (SELECT * FROM latest_b)
         SELECT
             row_number() OVER () AS row_id,
             d.image_id,
@@ -100,21 +102,20 @@ def build_images(
         LEFT JOIN b ON b.image_id = d.image_id
         """
     )
+    for name in latest:
+        con.execute(f"DROP TABLE latest_{name}")
     if area is not None:
         _drop_outside_area(con, area)
-    flags = _image_flags(con, filter_polygons, inside_spacing_m, outside_spacing_m)
-    con.register("image_flags", flags)
-    try:
-        con.execute(
-            """
-            CREATE TABLE images AS
-            SELECT b.* EXCLUDE (row_id), f.in_filter_area, f.keep_spacing, ST_Point(b.lon, b.lat) AS geom
-            FROM images_base b JOIN image_flags f USING (row_id)
-            """
-        )
-    finally:
-        con.unregister("image_flags")
+    _image_flags(con, filter_polygons, inside_spacing_m, outside_spacing_m)
+    con.execute(
+        """
+        CREATE TABLE images AS
+        SELECT b.* EXCLUDE (row_id), f.in_filter_area, f.keep_spacing, ST_Point(b.lon, b.lat) AS geom
+        FROM images_base b JOIN image_flags f USING (row_id)
+        """
+    )
     con.execute("DROP TABLE images_base")
+    con.execute("DROP TABLE image_flags")
 
 
 def _drop_outside_area(con, area: BaseGeometry) -> None:
@@ -139,51 +140,59 @@ def _drop_outside_area(con, area: BaseGeometry) -> None:
         con.unregister("rows_outside_area")
 
 
-def _image_flags(
-    con, filter_polygons, inside_spacing_m: float, outside_spacing_m: float
-) -> pa.Table:
-    """`in_filter_area` and `keep_spacing` per `images_base` row, walking the sequences a batch at a time
-    (whole sequences per batch) so memory stays bounded whatever the image count."""
+def _image_flags(con, filter_polygons, inside_spacing_m: float, outside_spacing_m: float) -> None:
+    """The table `image_flags`: `in_filter_area` and `keep_spacing` per `images_base` row, walking the
+    sequences a batch at a time (whole sequences per batch), each batch's flags inserted as it is done
+    (through a second connection, while the first streams the walk), so memory stays bounded whatever
+    the image count."""
+    con.execute(
+        "CREATE TABLE image_flags (row_id BIGINT, in_filter_area BOOLEAN, keep_spacing BOOLEAN)"
+    )
     reader = con.execute(
         "SELECT row_id, image_id, sequence_id, epoch_ms(captured_at) AS captured_at_ms, lon, lat FROM images_base "
         "ORDER BY sequence_id NULLS LAST, row_id"
     ).to_arrow_reader(WALK_BATCH_ROWS)
-    row_ids, inside, keep = [], [], []
+    writer = con.cursor()
     carried: pd.DataFrame | None = None  # the last sequence of a batch may continue in the next one
 
     def walk(frame: pd.DataFrame) -> None:
         frame = frame.reset_index(drop=True)
-        frame["in_filter_area"] = tag_in_polygons(frame["lon"], frame["lat"], filter_polygons)
-        row_ids.append(frame["row_id"].to_numpy(dtype="int64"))
-        inside.append(frame["in_filter_area"].to_numpy(dtype=bool))
-        keep.append(spacing_filter(frame, inside_spacing_m, outside_spacing_m))
-
-    for batch in reader:
-        frame = batch.to_pandas()
-        if carried is not None:
-            frame = pd.concat([carried, frame], ignore_index=True)
-        last = frame["sequence_id"].iloc[-1]
-        tail = (
-            frame["sequence_id"].eq(last) if pd.notna(last) else pd.Series(False, index=frame.index)
+        inside = tag_in_polygons(frame["lon"], frame["lat"], filter_polygons)
+        frame["in_filter_area"] = inside
+        flags = pa.table(
+            {
+                "row_id": pa.array(frame["row_id"].to_numpy(dtype="int64"), pa.int64()),
+                "in_filter_area": pa.array(np.asarray(inside, dtype=bool), pa.bool_()),
+                "keep_spacing": pa.array(
+                    np.asarray(spacing_filter(frame, inside_spacing_m, outside_spacing_m), bool),
+                    pa.bool_(),
+                ),
+            }
         )
-        carried = frame[tail]
-        if (~tail).any():
-            walk(frame[~tail])
-    if carried is not None and len(carried):
-        walk(carried)
-    return pa.table(
-        {
-            "row_id": pa.array(
-                np.concatenate(row_ids) if row_ids else np.zeros(0, "int64"), pa.int64()
-            ),
-            "in_filter_area": pa.array(
-                np.concatenate(inside) if inside else np.zeros(0, bool), pa.bool_()
-            ),
-            "keep_spacing": pa.array(
-                np.concatenate(keep) if keep else np.zeros(0, bool), pa.bool_()
-            ),
-        }
-    )
+        writer.register("flags_batch", flags)
+        try:
+            writer.execute("INSERT INTO image_flags SELECT * FROM flags_batch")
+        finally:
+            writer.unregister("flags_batch")
+
+    try:
+        for batch in reader:
+            frame = batch.to_pandas()
+            if carried is not None:
+                frame = pd.concat([carried, frame], ignore_index=True)
+            last = frame["sequence_id"].iloc[-1]
+            tail = (
+                frame["sequence_id"].eq(last)
+                if pd.notna(last)
+                else pd.Series(False, index=frame.index)
+            )
+            carried = frame[tail]
+            if (~tail).any():
+                walk(frame[~tail])
+        if carried is not None and len(carried):
+            walk(carried)
+    finally:
+        writer.close()
 
 
 def build_sequences(con, batch_images: int = SEQUENCE_BATCH_IMAGES) -> None:

@@ -16,6 +16,7 @@ from mapillary_assets.storage.files import (
     TEMP_MARKER,
     atomic_write_bytes,
     read_parquet,
+    read_table,
     remove_leftovers_of,
     sweep_temporary_files,
     write_parquet_atomic,
@@ -94,15 +95,28 @@ class LocalStore:
     ) -> pd.DataFrame:
         return read_parquet(Path(self._prefix + key), columns=columns, filters=filters)
 
+    def read_table(
+        self,
+        key: str,
+        columns: list[str] | None = None,
+        filters: list[tuple] | None = None,
+        read_dictionary: list[str] | None = None,
+    ) -> pa.Table:
+        return read_table(Path(self._prefix + key), columns, filters, read_dictionary)
+
     def parquet_rows(self, key: str) -> int | None:
         """The row count from the file's footer; None when there is no file."""
         path = self._prefix + key
         return pq.read_metadata(path).num_rows if os.path.isfile(path) else None
 
     def write_parquet(
-        self, key: str, frame: pd.DataFrame | pa.Table, row_group_size: int | None = None
+        self,
+        key: str,
+        frame: pd.DataFrame | pa.Table,
+        row_group_size: int | None = None,
+        store_schema: bool = True,
     ) -> None:
-        write_parquet_atomic(frame, Path(self._prefix + key), row_group_size)
+        write_parquet_atomic(frame, Path(self._prefix + key), row_group_size, store_schema)
 
     def upload(self, key: str, source: Path) -> None:
         """Place the finished local file `source` at `key` (nothing to do when it was built in place)."""

@@ -188,6 +188,15 @@ class ObjectStore:
     def read_parquet(
         self, key: str, columns: list[str] | None = None, filters: list[tuple] | None = None
     ) -> pd.DataFrame:
+        return self.read_table(key, columns=columns, filters=filters).to_pandas()
+
+    def read_table(
+        self,
+        key: str,
+        columns: list[str] | None = None,
+        filters: list[tuple] | None = None,
+        read_dictionary: list[str] | None = None,
+    ) -> pa.Table:
         try:
             data = self.get(key)
         except FileNotFoundError:
@@ -196,8 +205,11 @@ class ObjectStore:
             ) from None
         try:
             return pq.read_table(
-                pa.BufferReader(data), columns=columns, filters=filters
-            ).to_pandas()
+                pa.BufferReader(data),
+                columns=columns,
+                filters=filters,
+                read_dictionary=read_dictionary,
+            )
         except (pa.ArrowInvalid, pa.ArrowException, OSError) as exc:
             raise StorageError(
                 f"{self.describe(key)} is not a readable Parquet file ({type(exc).__name__}); delete it "
@@ -212,7 +224,11 @@ class ObjectStore:
             return None
 
     def write_parquet(
-        self, key: str, frame: pd.DataFrame | pa.Table, row_group_size: int | None = None
+        self,
+        key: str,
+        frame: pd.DataFrame | pa.Table,
+        row_group_size: int | None = None,
+        store_schema: bool = True,
     ) -> None:
         table = (
             frame
@@ -220,7 +236,13 @@ class ObjectStore:
             else pa.Table.from_pandas(frame, preserve_index=False)
         )
         buffer = io.BytesIO()
-        pq.write_table(table, buffer, compression="zstd", row_group_size=row_group_size)
+        pq.write_table(
+            table,
+            buffer,
+            compression="zstd",
+            row_group_size=row_group_size,
+            store_schema=store_schema,
+        )
         self.put(key, buffer.getvalue())
 
     def upload(self, key: str, source: Path) -> None:

@@ -47,9 +47,7 @@ CHUNK_BACKFILL = dg.BackfillPolicy.multi_run(max_partitions_per_run=4)
 def _chunk_ids(layout: DataLayout, chunk_key: str) -> list[str]:
     # only this chunk's rows: the assignment holds every id (1.2 M at full scale), read by every chunk run
     return chunk_image_ids(
-        layout.store.read_parquet(
-            layout.chunk_assignment_key, filters=[("chunk", "==", chunk_key)]
-        ),
+        layout.store.read_table(layout.chunk_assignment_key, filters=[("chunk", "==", chunk_key)]),
         chunk_key,
     )
 
