@@ -44,6 +44,8 @@ from benchmarks.measurement import (
     geopackage_rows,
     ogrinfo_summary,
     quantiles,
+    save_measured,
+    scaled_data_root,
     stage_times,
     step_intervals,
     ui_graphql_seconds,
@@ -513,16 +515,11 @@ def figures(m: dict) -> list[Figure]:
 
 def run(quick: bool, scale: float | None = None, data_root: Path | None = None) -> list[Figure]:
     scale = scale if scale is not None else (QUICK_SCALE if quick else FULL_SCALE)
-    data_root = (
-        data_root
-        or Path(os.environ.get("MAPILLARY_BENCH_DIR", "/tmp/mapillary-country"))
-        / f"scale-{scale:g}"
-    )
-    data_root.mkdir(parents=True, exist_ok=True)
+    data_root = scaled_data_root(scale, data_root, "/tmp/mapillary-country")
     with Stopwatch() as watch:
         measured = measure(scale, data_root)
     measured["benchmark_s"] = watch.seconds
-    (data_root / "measured.json").write_text(json.dumps(measured, indent=1, default=str))
+    save_measured(data_root, measured)
     return figures(measured)
 
 

@@ -31,6 +31,21 @@ STAGES = {  # stage -> asset step keys (from the event log)
 }
 
 
+def scaled_data_root(scale: float, data_root: Path | None, default_root: str) -> Path:
+    """Where a scaled benchmark keeps its data dirs: `data_root`, else `$MAPILLARY_BENCH_DIR` (or
+    `default_root`)/scale-<scale>; created."""
+    root = (
+        data_root or Path(os.environ.get("MAPILLARY_BENCH_DIR", default_root)) / f"scale-{scale:g}"
+    )
+    root.mkdir(parents=True, exist_ok=True)
+    return root
+
+
+def save_measured(data_root: Path, measured: dict) -> None:
+    """The raw measurements beside the run's data (`measured.json`), for figures re-derived later."""
+    (data_root / "measured.json").write_text(json.dumps(measured, indent=1, default=str))
+
+
 class Emulator:
     """`python -m mapillary_assets.emulator` in its own process on a free port."""
 
