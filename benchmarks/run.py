@@ -1,7 +1,9 @@
 """Run the benchmarks and write benchmarks/RESULTS.md: `python -m benchmarks.run [--quick] [--only a,b]`.
 
 `--merge FILE` runs nothing and puts a result file measured elsewhere into RESULTS (benchmarks/gpu_check.py
-writes one on a lent GPU machine); each of its figures carries its machine in its notes.
+writes one on a lent GPU machine); each of its figures carries its machine in its notes. The file's rows
+replace all earlier rows of their benchmark, or, where it names `"replaces": {benchmark: [metric prefixes]}`
+(one part of a benchmark, e.g. `bench_scaleout --part a`), only the earlier rows whose metric starts so.
 """
 
 from __future__ import annotations
@@ -94,8 +96,16 @@ def main(argv: list[str] | None = None) -> int:
     )
     args = parser.parse_args(argv)
     if args.merge:
-        figures = [Figure(**row) for row in json.loads(args.merge.read_text())["figures"]]
-        store_and_render(figures, {}, {f.benchmark for f in figures}, args.output, args.quick)
+        merged = json.loads(args.merge.read_text())
+        figures = [Figure(**row) for row in merged["figures"]]
+        store_and_render(
+            figures,
+            {},
+            {f.benchmark for f in figures},
+            args.output,
+            args.quick,
+            replaces=merged.get("replaces", {}),
+        )
         return 0
     wanted = {name for name in args.only.split(",") if name}
     names = sorted(
@@ -127,12 +137,26 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def store_and_render(
-    figures: list[Figure], failures: dict[str, str], ran: set[str], output: Path, quick: bool
+    figures: list[Figure],
+    failures: dict[str, str],
+    ran: set[str],
+    output: Path,
+    quick: bool,
+    replaces: dict[str, list[str]] | None = None,
 ) -> None:
-    """Replace the rows of the benchmarks in `ran` in RESULTS.json, keep the others, rewrite `output`."""
+    """Replace the rows of the benchmarks in `ran` in RESULTS.json (of a benchmark in `replaces`, only
+    those whose metric starts with one of its prefixes), keep the others, rewrite `output`."""
+    replaces = replaces or {}
+
+    def replaced(row: dict) -> bool:
+        prefixes = replaces.get(row["benchmark"])
+        return row["benchmark"] in ran and (
+            prefixes is None or row["metric"].startswith(tuple(prefixes))
+        )
+
     store = output.with_suffix(".json")
     previous = json.loads(store.read_text()) if store.exists() else {}
-    kept = [Figure(**row) for row in previous.get("figures", []) if row["benchmark"] not in ran]
+    kept = [Figure(**row) for row in previous.get("figures", []) if not replaced(row)]
     kept_failures = {k: v for k, v in previous.get("failures", {}).items() if k not in ran}
     figures = kept + figures
     failures = {**kept_failures, **failures}

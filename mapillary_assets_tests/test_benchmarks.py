@@ -63,3 +63,35 @@ def test_metadata_floor_asks_for_each_chunks_ids_fifty_at_a_time():
     assert metadata_request_floor([5000, 5000, 1]) == 100 + 100 + 1
     assert metadata_request_floor([49, 51]) == 1 + 2
     assert metadata_request_floor([]) == 0
+
+
+def test_merging_one_part_of_a_benchmark_keeps_its_other_rows(tmp_path):
+    import json
+
+    from benchmarks.harness import Figure
+    from benchmarks.run import store_and_render
+
+    output = tmp_path / "RESULTS.md"
+    earlier = [
+        Figure("s", "part a: rate", 1.0, "x"),
+        Figure("s", "part b: rate", 2.0, "x"),
+        Figure("other", "part a: rate", 3.0, "x"),
+    ]
+    store_and_render(earlier, {}, {"s", "other"}, output, quick=True)
+    store_and_render(
+        [Figure("s", "part a: rate", 9.0, "x")],
+        {},
+        {"s"},
+        output,
+        quick=True,
+        replaces={"s": ["part a"]},
+    )
+    rows = json.loads(output.with_suffix(".json").read_text())["figures"]
+    assert sorted((r["benchmark"], r["metric"], r["value"]) for r in rows) == [
+        ("other", "part a: rate", 3.0),
+        ("s", "part a: rate", 9.0),
+        ("s", "part b: rate", 2.0),
+    ]
+    store_and_render([Figure("s", "part a: rate", 5.0, "x")], {}, {"s"}, output, quick=True)
+    rows = json.loads(output.with_suffix(".json").read_text())["figures"]
+    assert [(r["benchmark"], r["value"]) for r in rows] == [("other", 3.0), ("s", 5.0)]

@@ -24,6 +24,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--tiles-per-run", type=int, default=64, help="tile partitions per discovery run"
     )
+    parser.add_argument(
+        "--until",
+        choices=("metadata", "thumbnails", "blur"),
+        default="blur",
+        help="stop the chunks' work after this stage (default blur: all); the GeoPackage holds what exists",
+    )
     args = parser.parse_args(argv)
     if not os.environ.get("DAGSTER_HOME") or not os.environ.get("MAPILLARY_CELERY_BROKER"):
         print(
@@ -49,6 +55,7 @@ def main(argv: list[str] | None = None) -> int:
                 ),
                 tiles_per_run=args.tiles_per_run,
                 chunks_per_run=args.chunks_per_run,
+                until=args.until,
             )
         except PipelineFailed as failure:
             print(f"error: {failure}", file=sys.stderr)
