@@ -174,12 +174,12 @@ def load_existing(
         f"CAST(chunk AS VARCHAR) AS chunk, CAST(position AS BIGINT) AS position FROM {source}",
         parameters,
     )
-    # DISTINCT in a subquery is a grouping, which spills; count(DISTINCT ...) ran out of memory at 8.6 M ids
-    rows, distinct = con.execute(
-        "SELECT (SELECT count(*) FROM existing), "
-        "(SELECT count(*) FROM (SELECT DISTINCT image_id FROM existing))"
+    # sorted neighbours, not a hash set: hashing 8.6 M ids ran out of the memory limit where a sort spills
+    (twice,) = con.execute(
+        "SELECT count(*) FROM (SELECT image_id = lag(image_id) OVER (ORDER BY image_id) AS repeated "
+        "FROM existing) WHERE repeated"
     ).fetchone()
-    if rows != distinct:
+    if twice:
         raise ChunkError(
             "existing chunk assignment lists an image id twice: it is corrupt, delete it to start over"
         )
@@ -194,12 +194,19 @@ def extend_assignment(
     chunk key in creation order. DuckDB sorts, deduplicates and subtracts within its memory limit,
     spilling beyond it, so the process does not grow with the id count."""
     numeric_order = "length(image_id), image_id"
-    distinct = "SELECT DISTINCT image_id FROM discovered"
+    distinct = "SELECT image_id FROM discovered"
     if sample_limit:
-        distinct = (
-            f"SELECT image_id FROM ({distinct} ORDER BY {numeric_order} LIMIT {int(sample_limit)})"
-        )
-    con.execute(f"CREATE TABLE new_ids AS {distinct} EXCEPT SELECT image_id FROM existing")
+        distinct = f"SELECT DISTINCT image_id FROM discovered ORDER BY {numeric_order} LIMIT {int(sample_limit)}"
+    # existing and discovered ids sorted together (existing first among equals), a discovered id kept where its
+    # predecessor differs: a sort, which spills, where EXCEPT's hash join ran out of memory at 8.6 M ids
+    con.execute(
+        f"""CREATE TABLE new_ids AS SELECT image_id FROM (
+            SELECT image_id, origin,
+                   lag(image_id) OVER (ORDER BY image_id, origin) IS DISTINCT FROM image_id AS first
+            FROM (SELECT image_id, 0 AS origin FROM existing
+                  UNION ALL SELECT image_id, 1 AS origin FROM ({distinct})))
+        WHERE origin = 1 AND first"""
+    )
     existing_rows, last_position = con.execute(
         "SELECT count(*), max(position) FROM existing"
     ).fetchone()
