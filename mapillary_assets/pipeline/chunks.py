@@ -202,10 +202,10 @@ def extend_assignment(
     con.execute(
         f"""CREATE TABLE new_ids AS SELECT image_id FROM (
             SELECT image_id, origin,
-                   lag(image_id) OVER (ORDER BY image_id, origin) IS DISTINCT FROM image_id AS first
+                   lag(image_id) OVER (ORDER BY image_id, origin) IS DISTINCT FROM image_id AS first_of_id
             FROM (SELECT image_id, 0 AS origin FROM existing
                   UNION ALL SELECT image_id, 1 AS origin FROM ({distinct})))
-        WHERE origin = 1 AND first"""
+        WHERE origin = 1 AND first_of_id"""
     )
     existing_rows, last_position = con.execute(
         "SELECT count(*), max(position) FROM existing"
@@ -231,7 +231,7 @@ def extend_assignment(
 
 
 def _id_array(ids: IdColumn) -> pa.Array | pa.ChunkedArray:
-    """Ids as Arrow strings; Arrow input as it is (no combined copy: the compute functions take chunks)."""
+    """Ids as Arrow strings; Arrow input as it is (no combined copy: DuckDB scans the chunks)."""
     if not isinstance(ids, (pa.Array, pa.ChunkedArray)):
         ids = pa.array([str(i) for i in ids], pa.string())
     return ids.cast(pa.string()) if ids.type != pa.string() else ids
