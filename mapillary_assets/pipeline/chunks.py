@@ -10,14 +10,22 @@ of thousands of partitions).
 from __future__ import annotations
 
 import math
+import os
+import shutil
+import tempfile
 from collections.abc import Iterable
+from pathlib import Path
+from typing import NamedTuple
 
+import duckdb
 import numpy as np
 import pandas as pd
 import pyarrow as pa
 import pyarrow.compute as pc
+import pyarrow.parquet as pq
 
-from mapillary_assets.storage import IMAGE_ID_PATTERN
+from mapillary_assets.pipeline.staging import connect_staging
+from mapillary_assets.storage import IMAGE_ID_PATTERN, TEMP_MARKER, DataLayout, StorageError
 
 DEFAULT_CHUNK_SIZE = 5000
 MIN_CHUNK_SIZE = 50  # one metadata batch
@@ -27,10 +35,14 @@ TARGET_MAX_CHUNKS = (
 )
 CHUNK_SIZE_STEP = 1000
 CHUNK_PREFIX = "chunk-"
+INVALID_IDS_SHOWN = 3
 ASSIGNMENT_COLUMNS = ("image_id", "chunk", "position")
 # The assignment is written in chunk order in row groups of this many rows, so a chunk run's filtered
 # read decodes the one or two groups holding its chunk, not all 10 M rows of a country's assignment.
 ASSIGNMENT_ROW_GROUP_ROWS = 50_000
+# DuckDB's limit while it assigns a data dir's ids (staging's is larger): the ids are its whole working set,
+# which fills whatever limit it has before spilling (max RSS at 2.15 M ids: 630 MB under 256 MB, 398 under this).
+ASSIGNMENT_MEMORY_LIMIT = "100MB"
 ASSIGNMENT_SCHEMA = pa.schema(
     [
         ("image_id", pa.string()),
@@ -82,34 +94,6 @@ def adaptive_chunk_size(image_count: int) -> int:
     return min(MAX_CHUNK_SIZE, math.ceil(needed / CHUNK_SIZE_STEP) * CHUNK_SIZE_STEP)
 
 
-def sorted_unique_ids(ids: IdColumn) -> pa.Array:
-    """The distinct ids in numeric order: for digit strings without leading zeros that is the order by
-    (length, string), so millions of ids sort as Arrow strings, never as Python ints. Duplicates are
-    dropped once sorted (equal neighbours): a hash set of 2.1 M ids (pyarrow.compute.unique) peaked at
-    ~5x their size."""
-    ids = _id_array(ids)
-    order = pc.sort_indices(
-        pa.table({"length": pc.utf8_length(ids), "image_id": ids}),
-        sort_keys=[("length", "ascending"), ("image_id", "ascending")],
-    )
-    ordered = ids.take(order)
-    if isinstance(ordered, pa.ChunkedArray):
-        ordered = ordered.combine_chunks()
-    del order
-    if len(ordered) < 2:
-        return ordered
-    first_of_run = pc.not_equal(ordered.slice(1), ordered.slice(0, len(ordered) - 1))
-    keep = pa.concat_arrays([pa.array([True]), first_of_run])
-    return ordered.filter(keep)
-
-
-def invalid_ids(ids: IdColumn) -> pa.Array:
-    """The ids that are not 1-20 decimal digits (nulls included), each once."""
-    ids = _id_array(ids)
-    valid = pc.fill_null(pc.match_substring_regex(ids, IMAGE_ID_PATTERN.pattern), False)
-    return pc.unique(ids.filter(pc.invert(valid), null_selection_behavior="emit_null"))
-
-
 def assign_chunks(
     existing: Assignment | None, discovered_ids: IdColumn, chunk_size: int | None
 ) -> pa.Table:
@@ -117,43 +101,137 @@ def assign_chunks(
     `chunk_size` (the last one may be smaller; a later refresh starts a new chunk after it). None:
     `adaptive_chunk_size` of the ids assigned once this refresh is done (existing chunks keep theirs).
 
-    `position` is the row's running number over the whole assignment (stable order). Arrow throughout
-    (ids as one string buffer, `chunk` dictionary-encoded): a country's 10 M ids as Python strings
-    cost about 1 GB."""
+    `position` is the row's running number over the whole assignment (stable order). The tables in
+    memory go through the same DuckDB statements as a data dir's files (`update_assignment`)."""
     if chunk_size is not None:
         chunk_size = validate_chunk_size(chunk_size)
-    existing = _checked_existing(existing)
+    existing_table = (
+        empty_assignment() if existing is None or len(existing) == 0 else _as_table(existing)
+    )
     discovered = _id_array(discovered_ids)
-    invalid = invalid_ids(discovered)
-    if len(invalid):
-        raise ValueError(
-            f"invalid Mapillary image id {invalid[0].as_py()!r}: expected 1-20 decimal digits"
+    with duckdb.connect(":memory:") as con:
+        con.register("existing_input", existing_table)
+        con.register("discovered_input", pa.table({"image_id": discovered}))
+        con.execute(
+            "CREATE TABLE discovered AS SELECT CAST(image_id AS VARCHAR) AS image_id, "
+            "'' AS source FROM discovered_input"
         )
-    new_ids = sorted_unique_ids(discovered)
-    if existing.num_rows:
-        new_ids = new_ids.filter(pc.invert(pc.is_in(new_ids, value_set=existing["image_id"])))
-    if not len(new_ids):
-        return existing
-    if chunk_size is None:
-        chunk_size = adaptive_chunk_size(existing.num_rows + len(new_ids))
-    first_chunk = max(map(_chunk_index, _chunk_values(existing)), default=-1) + 1
-    first_position = pc.max(existing["position"]).as_py() + 1 if existing.num_rows else 0
-    offsets = np.arange(len(new_ids), dtype=np.int64)
-    chunk_of_row = (offsets // chunk_size).astype(np.int32)
-    keys = pa.array([chunk_key(first_chunk + i) for i in range(int(chunk_of_row[-1]) + 1)])
-    added = pa.table(
+        invalid = invalid_ids_by_source(con)
+        if invalid:
+            raise ValueError(
+                f"invalid Mapillary image id {invalid[0][2][0]!r}: expected 1-20 decimal digits"
+            )
+        load_existing(con, "existing_input")
+        extend_assignment(con, chunk_size)
+        table = con.execute(ASSIGNMENT_QUERY).to_arrow_table()
+    return pa.table(
         {
-            "image_id": new_ids,
-            "chunk": pa.DictionaryArray.from_arrays(chunk_of_row, keys),
-            "position": pa.array(first_position + offsets, pa.int64()),
+            "image_id": table["image_id"].cast(pa.string()),
+            "chunk": pc.dictionary_encode(table["chunk"].cast(pa.string())).cast(
+                ASSIGNMENT_SCHEMA.field("chunk").type
+            ),
+            "position": table["position"],
         },
         schema=ASSIGNMENT_SCHEMA,
     )
-    return pa.concat_tables([existing, added]).unify_dictionaries()
+
+
+# Over a connection holding the tables `existing` (checked: `load_existing`) and `added` (`extend_assignment`):
+# the whole assignment in chunk order, existing rows first and unchanged.
+ASSIGNMENT_QUERY = (
+    "SELECT image_id, chunk, position FROM existing "
+    "UNION ALL SELECT image_id, chunk, position FROM added ORDER BY position"
+)
+
+
+def invalid_ids_by_source(con: duckdb.DuckDBPyConnection) -> list[tuple[str, int, list]]:
+    """(source, count, the first few in order) of the ids of table `discovered` (image_id, source) that are
+    not 1-20 decimal digits (nulls included), distinct within each source."""
+    return con.execute(
+        f"""SELECT source, count(*), list(image_id ORDER BY image_id NULLS FIRST)[1:{INVALID_IDS_SHOWN}]
+        FROM (SELECT DISTINCT source, image_id FROM discovered
+              WHERE NOT coalesce(regexp_full_match(image_id, $pattern), false))
+        GROUP BY source ORDER BY source""",
+        {"pattern": IMAGE_ID_PATTERN.pattern.strip("^$")},
+    ).fetchall()
+
+
+def load_existing(
+    con: duckdb.DuckDBPyConnection, source: str, parameters: dict | None = None
+) -> None:
+    """Table `existing` from the assignment `source` (a table, view or `read_parquet($path)` with its
+    `parameters`), typed as ASSIGNMENT_COLUMNS; a missing column or an id listed twice raises ChunkError."""
+    present = {
+        row[0] for row in con.execute(f"DESCRIBE SELECT * FROM {source}", parameters).fetchall()
+    }
+    missing = [c for c in ASSIGNMENT_COLUMNS if c not in present]
+    if missing:
+        raise ChunkError(
+            f"existing chunk assignment lacks column(s) {missing}: delete it to start over"
+        )
+    con.execute(
+        "CREATE TABLE existing AS SELECT CAST(image_id AS VARCHAR) AS image_id, "
+        f"CAST(chunk AS VARCHAR) AS chunk, CAST(position AS BIGINT) AS position FROM {source}",
+        parameters,
+    )
+    # sorted neighbours, not a hash set: hashing 8.6 M ids ran out of the memory limit where a sort spills
+    (twice,) = con.execute(
+        "SELECT count(*) FROM (SELECT image_id = lag(image_id) OVER (ORDER BY image_id) AS repeated "
+        "FROM existing) WHERE repeated"
+    ).fetchone()
+    if twice:
+        raise ChunkError(
+            "existing chunk assignment lists an image id twice: it is corrupt, delete it to start over"
+        )
+
+
+def extend_assignment(
+    con: duckdb.DuckDBPyConnection, chunk_size: int | None, sample_limit: int | None = None
+) -> list[str]:
+    """Table `added`: the distinct valid ids of table `discovered` that `existing` lacks, numbered in
+    numeric order ((length, string) for digit strings: no integer conversion) into new chunks after the
+    existing ones. `sample_limit`: only the first that many distinct discovered ids count. Returns every
+    chunk key in creation order. DuckDB sorts, deduplicates and subtracts within its memory limit,
+    spilling beyond it, so the process does not grow with the id count."""
+    numeric_order = "length(image_id), image_id"
+    distinct = "SELECT image_id FROM discovered"
+    if sample_limit:
+        distinct = f"SELECT DISTINCT image_id FROM discovered ORDER BY {numeric_order} LIMIT {int(sample_limit)}"
+    # existing and discovered ids sorted together (existing first among equals), a discovered id kept where its
+    # predecessor differs: a sort, which spills, where EXCEPT's hash join ran out of memory at 8.6 M ids
+    con.execute(
+        f"""CREATE TABLE new_ids AS SELECT image_id FROM (
+            SELECT image_id, origin,
+                   lag(image_id) OVER (ORDER BY image_id, origin) IS DISTINCT FROM image_id AS first_of_id
+            FROM (SELECT image_id, 0 AS origin FROM existing
+                  UNION ALL SELECT image_id, 1 AS origin FROM ({distinct})))
+        WHERE origin = 1 AND first_of_id"""
+    )
+    existing_rows, last_position = con.execute(
+        "SELECT count(*), max(position) FROM existing"
+    ).fetchone()
+    existing_keys = sorted(
+        (row[0] for row in con.execute("SELECT DISTINCT chunk FROM existing").fetchall()),
+        key=_chunk_index,
+    )
+    (new_rows,) = con.execute("SELECT count(*) FROM new_ids").fetchone()
+    if chunk_size is None:
+        chunk_size = adaptive_chunk_size(existing_rows + new_rows)
+    first_chunk = _chunk_index(existing_keys[-1]) + 1 if existing_keys else 0
+    first_position = last_position + 1 if existing_rows else 0
+    con.execute(
+        f"""CREATE TABLE added AS
+        SELECT image_id, printf('{CHUNK_PREFIX}%06d', $first_chunk + (number - 1) // $size) AS chunk,
+               $first_position + number - 1 AS position
+        FROM (SELECT image_id, row_number() OVER (ORDER BY {numeric_order}) AS number FROM new_ids)""",
+        {"first_chunk": first_chunk, "size": chunk_size, "first_position": first_position},
+    )
+    new_chunks = -(-new_rows // chunk_size)
+    return existing_keys + [chunk_key(first_chunk + i) for i in range(new_chunks)]
 
 
 def _id_array(ids: IdColumn) -> pa.Array | pa.ChunkedArray:
-    """Ids as Arrow strings; Arrow input as it is (no combined copy: the compute functions take chunks)."""
+    """Ids as Arrow strings; Arrow input as it is (no combined copy: DuckDB scans the chunks)."""
     if not isinstance(ids, (pa.Array, pa.ChunkedArray)):
         ids = pa.array([str(i) for i in ids], pa.string())
     return ids.cast(pa.string()) if ids.type != pa.string() else ids
@@ -168,34 +246,6 @@ def _as_table(assignment: Assignment) -> pa.Table:
 def _chunk_values(assignment: pa.Table) -> list[str]:
     """The distinct chunk keys (unique over the dictionary codes, then decoded: few values)."""
     return pc.unique(assignment["chunk"]).cast(pa.string()).to_pylist()
-
-
-def _checked_existing(existing: Assignment | None) -> pa.Table:
-    if existing is None or len(existing) == 0:
-        return empty_assignment()
-    table = _as_table(existing)
-    missing = [c for c in ASSIGNMENT_COLUMNS if c not in table.column_names]
-    if missing:
-        raise ChunkError(
-            f"existing chunk assignment lacks column(s) {missing}: delete it to start over"
-        )
-    table = table.select(list(ASSIGNMENT_COLUMNS))
-    chunk = table["chunk"]
-    if not pa.types.is_dictionary(chunk.type):
-        chunk = pc.dictionary_encode(chunk.cast(pa.string()))
-    table = pa.table(
-        {
-            "image_id": table["image_id"].cast(pa.string()),
-            "chunk": chunk.cast(ASSIGNMENT_SCHEMA.field("chunk").type),
-            "position": table["position"].cast(pa.int64()),
-        },
-        schema=ASSIGNMENT_SCHEMA,
-    )
-    if pc.count_distinct(table["image_id"]).as_py() != table.num_rows:
-        raise ChunkError(
-            "existing chunk assignment lists an image id twice: it is corrupt, delete it to start over"
-        )
-    return table
 
 
 def chunk_keys(assignment: Assignment) -> list[str]:
@@ -213,3 +263,101 @@ def chunk_image_ids(assignment: Assignment, chunk_key: str) -> list[str]:
             f"chunk {chunk_key!r} is not in the assignment: materialise image_chunks first"
         )
     return rows.sort_by("position")["image_id"].cast(pa.string()).to_pylist()
+
+
+class AssignmentUpdate(NamedTuple):
+    chunk_keys: list[str]  # every chunk in creation order
+    ids: int  # assigned, existing and added
+    discovered: int  # rows of the discovery files read (an id found twice counts twice)
+
+
+def update_assignment(
+    layout: DataLayout,
+    partition_keys: Iterable[str],
+    chunk_size: int | None,
+    sample_limit: int | None = None,
+    row_group_rows: int = ASSIGNMENT_ROW_GROUP_ROWS,
+) -> AssignmentUpdate:
+    """`assign_chunks` over the data dir's files: the discovery files of `partition_keys` (those that
+    exist) against the stored assignment, rewritten (atomically) only when ids were added. A discovery
+    file holding an id that is not 1-20 decimal digits is refused (ids become file paths and URLs
+    downstream), with the file and the fix named.
+
+    DuckDB (staging's connection: memory limit, one thread) reads, checks, deduplicates and numbers the
+    ids in a scratch database beside the assignment, so memory stays flat in the id count; the result
+    streams to Parquet in chunk order, one row group of `row_group_rows` at a time."""
+    if chunk_size is not None:
+        chunk_size = validate_chunk_size(chunk_size)
+    store, key = layout.store, layout.chunk_assignment_key
+    files = {
+        store.duckdb_source(layout.discovery_key(k)): k
+        for k in partition_keys
+        if store.exists(layout.discovery_key(k))
+    }
+    target = layout.work_path(key)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    # what a killed earlier run left (the asset's pool has one slot: no other run is writing now)
+    store.remove_leftovers_of([key])
+    for leftover in target.parent.glob(f"{target.name}{TEMP_MARKER}*"):
+        shutil.rmtree(leftover, ignore_errors=True)
+    scratch = Path(tempfile.mkdtemp(prefix=target.name + TEMP_MARKER, dir=target.parent))
+    try:
+        with connect_staging(scratch / "assignment.duckdb") as con:
+            con.execute(f"SET memory_limit = '{ASSIGNMENT_MEMORY_LIMIT}'")
+            store.prepare_duckdb(con)  # a bucket's files are read over S3 (httpfs)
+            _load_discovered(con, layout, files)
+            if store.exists(key):
+                load_existing(con, "read_parquet($path)", {"path": store.duckdb_source(key)})
+            else:
+                con.register("existing_input", empty_assignment())
+                load_existing(con, "existing_input")
+            keys = extend_assignment(con, chunk_size, sample_limit)
+            (discovered,) = con.execute("SELECT count(*) FROM discovered").fetchone()
+            existing_rows, added_rows = con.execute(
+                "SELECT (SELECT count(*) FROM existing), (SELECT count(*) FROM added)"
+            ).fetchone()
+            if added_rows:
+                _write_assignment(con, scratch / "assignment.parquet", row_group_rows)
+                if layout.is_local:
+                    os.replace(scratch / "assignment.parquet", target)
+                else:
+                    store.upload(key, scratch / "assignment.parquet")
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+    return AssignmentUpdate(keys, existing_rows + added_rows, discovered)
+
+
+def _load_discovered(
+    con: duckdb.DuckDBPyConnection, layout: DataLayout, files: dict[str, str]
+) -> None:
+    """Table `discovered` (image_id, source: the file) of `files` (DuckDB source -> partition key)."""
+    if not files:
+        con.execute("CREATE TABLE discovered (image_id VARCHAR, source VARCHAR)")
+        return
+    con.execute(
+        "CREATE TABLE discovered AS SELECT CAST(image_id AS VARCHAR) AS image_id, source_file AS source "
+        "FROM read_parquet($files, union_by_name = true, filename = 'source_file')",
+        {"files": list(files)},
+    )
+    invalid = {source: (count, shown) for source, count, shown in invalid_ids_by_source(con)}
+    for source, partition_key in files.items():  # the first file in partition order is named
+        if source in invalid:
+            count, shown = invalid[source]
+            raise StorageError(
+                f"{layout.store.describe(layout.discovery_key(partition_key))} holds {count:,} invalid "
+                f"image id(s) ({', '.join(map(repr, shown))}): Mapillary ids are 1-20 decimal digits. "
+                f"Delete the file and re-materialise discovered_images partition {partition_key}"
+            )
+
+
+def _write_assignment(con: duckdb.DuckDBPyConnection, path: Path, row_group_rows: int) -> None:
+    """The assignment in chunk order, one row group per `row_group_rows` rows, without Arrow's
+    schema: the chunk column is stored as plain strings, whose row-group statistics a chunk run's filtered
+    read selects its groups by (a dictionary field there makes the filter read every group)."""
+    schema = pa.schema(
+        [("image_id", pa.string()), ("chunk", pa.string()), ("position", pa.int64())]
+    )
+    reader = con.execute(ASSIGNMENT_QUERY).to_arrow_reader(row_group_rows)
+    with pq.ParquetWriter(path, schema, compression="zstd", store_schema=False) as writer:
+        for batch in reader:
+            writer.write_batch(batch.cast(schema), row_group_size=row_group_rows)

@@ -6,8 +6,6 @@ import datetime
 import dagster as dg
 import mercantile
 import pandas as pd
-import pyarrow as pa
-import pyarrow.compute as pc
 
 from mapillary_assets.api import DailyQuotaSpent
 from mapillary_assets.defs.area import current_aoi
@@ -31,18 +29,14 @@ from mapillary_assets.pipeline.aoi import no_images_warning, parse_tile_key
 from mapillary_assets.pipeline.charts import png_markdown, tile_map_png
 from mapillary_assets.pipeline.chunks import (
     ASSIGNMENT_ROW_GROUP_ROWS,
-    assign_chunks,
-    chunk_keys,
-    invalid_ids,
-    sorted_unique_ids,
+    update_assignment,
 )
 from mapillary_assets.pipeline.discovery.results import IMAGE_ZOOM
 from mapillary_assets.pipeline.discovery.search import discover_by_bbox_search
 from mapillary_assets.pipeline.discovery.sequences import discover_by_sequences
 from mapillary_assets.pipeline.discovery.tiles import coverage_zooms, discover_partition
-from mapillary_assets.storage import DataLayout, StorageError
+from mapillary_assets.storage import DataLayout
 
-_INVALID_IDS_SHOWN = 3
 # The sequence route's discovery file sits beside the tile partitions' (a tile key never reads "sequences"),
 # so chunking and staging take its images like any partition's.
 SEQUENCE_ROUTE_KEY = "sequences"
@@ -267,27 +261,6 @@ def sequence_images(
     )
 
 
-def read_discovered_ids(layout: DataLayout, partition_keys: list[str]) -> pa.ChunkedArray:
-    """Every discovered id, distinct within each file, as Arrow strings (a country's 10 M ids as Python
-    strings cost about 1 GB); a file holding an id that is not 1-20 decimal digits is refused (ids become
-    file paths and URLs downstream), with the file and the fix named."""
-    found: list[pa.Array] = []
-    for key in partition_keys:
-        file_key = layout.discovery_key(key)
-        if layout.store.exists(file_key):
-            ids = layout.store.read_table(file_key, columns=["image_id"])["image_id"]
-            invalid = invalid_ids(ids)
-            if len(invalid):
-                shown = ", ".join(repr(i) for i in invalid[:_INVALID_IDS_SHOWN].to_pylist())
-                raise StorageError(
-                    f"{layout.store.describe(file_key)} holds {len(invalid):,} invalid image id(s) ({shown}): "
-                    "Mapillary ids are 1-20 "
-                    f"decimal digits. Delete the file and re-materialise discovered_images partition {key}"
-                )
-            found.append(pc.unique(ids.combine_chunks().cast(pa.string())))
-    return pa.chunked_array(found, pa.string())
-
-
 @dg.asset(
     deps=["discovered_images", sequence_images],
     group_name="discovery",
@@ -302,34 +275,30 @@ def image_chunks(
     layout = storage.layout
     bind_instance_to_data_dir(context.instance, layout.root)
     tile_keys = tile_partitions().get_partition_keys()
-    discovered = read_discovered_ids(layout, [*tile_keys, SEQUENCE_ROUTE_KEY])
+    update = update_assignment(
+        layout,
+        [*tile_keys, SEQUENCE_ROUTE_KEY],
+        settings.chunk_size or None,
+        settings.sample_limit or None,
+        row_group_rows=ASSIGNMENT_ROW_GROUP_ROWS,
+    )
     warning = None
-    if not len(discovered) and all(layout.store.exists(layout.discovery_key(k)) for k in tile_keys):
+    if not update.discovered and all(
+        layout.store.exists(layout.discovery_key(k)) for k in tile_keys
+    ):
         warning = no_images_warning(current_aoi(), settings.tileset)  # the whole area was searched
         context.log.warning(warning)
-    if settings.sample_limit:
-        discovered = sorted_unique_ids(discovered)[: settings.sample_limit]
-    store, key = layout.store, layout.chunk_assignment_key
-    store.remove_leftovers_of(
-        [key]
-    )  # of an interrupted earlier run (this asset's pool has one slot)
-    existing = store.read_table(key, read_dictionary=["chunk"]) if store.exists(key) else None
-    assignment = assign_chunks(existing, discovered, settings.chunk_size or None)
-    # without Arrow's schema the dictionary-encoded chunk column is stored as plain strings, so a chunk
-    # run's filtered read picks its row groups by their statistics (a dictionary field read them all)
-    store.write_parquet(
-        key, assignment, row_group_size=ASSIGNMENT_ROW_GROUP_ROWS, store_schema=False
-    )
     registered = set(context.instance.get_dynamic_partitions(CHUNK_PARTITIONS_NAME))
-    keys = chunk_keys(assignment)
-    new_keys = [key for key in keys if key not in registered]
+    new_keys = [key for key in update.chunk_keys if key not in registered]
     if new_keys:
         context.instance.add_dynamic_partitions(CHUNK_PARTITIONS_NAME, new_keys)
-    context.log.info(f"{len(assignment):,} ids in {len(keys)} chunks; {len(new_keys)} new chunk(s)")
+    context.log.info(
+        f"{update.ids:,} ids in {len(update.chunk_keys)} chunks; {len(new_keys)} new chunk(s)"
+    )
     return dg.MaterializeResult(
         metadata={
-            "ids": len(assignment),
-            "chunks": len(keys),
+            "ids": update.ids,
+            "chunks": len(update.chunk_keys),
             "new_chunks": len(new_keys),
             **({"warning": warning} if warning else {}),
         }
