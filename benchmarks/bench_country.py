@@ -106,31 +106,54 @@ def plan(emulator: Emulator, aoi, zoom: int, root: Path):
     return asyncio.run(planned())
 
 
+def _ids(parquet_glob: str | Path, distinct: bool = False) -> np.ndarray:
+    import duckdb
+
+    select = "SELECT DISTINCT" if distinct else "SELECT"
+    query = f"{select} CAST(image_id AS BIGINT) AS id FROM read_parquet('{parquet_glob}')"
+    return duckdb.sql(query).fetchnumpy()["id"]
+
+
+def _edge_metres(world, aoi, ids: np.ndarray) -> list[float]:
+    import shapely
+
+    edge = aoi.geometry.boundary
+    return [
+        edge.distance(shapely.Point(world.image(str(i)).geometry)) * 111_000 for i in ids.tolist()
+    ]
+
+
 def discovery_against_truth(layout, world, aoi) -> dict:
     """The ids discovery wrote beside the world's ids in the AOI; the differing ids' distance to the
     AOI edge (tile points are quantised, so only images on the edge may differ)."""
-    import duckdb
-    import shapely
-
-    files = str(layout.discovery_dir / "*.parquet")
-    found = duckdb.sql(
-        f"SELECT DISTINCT CAST(image_id AS BIGINT) AS id FROM read_parquet('{files}')"
-    ).fetchnumpy()["id"]
+    found = _ids(layout.discovery_dir / "*.parquet", distinct=True)
     truth_ids = world.image_ids_in_polygon(aoi.geometry)
     truth = np.fromiter((int(v) for v in truth_ids), dtype=np.int64, count=len(truth_ids))
     del truth_ids
-    differing = np.setxor1d(found, truth)
-    edge = aoi.geometry.boundary
-    edge_m = [
-        edge.distance(shapely.Point(world.image(str(i)).geometry)) * 111_000
-        for i in differing.tolist()
-    ]
+    edge_m = _edge_metres(world, aoi, np.setxor1d(found, truth))
     return {
         "found": len(found),
         "truth": len(truth),
-        "differing": len(differing),
+        "differing": len(edge_m),
         "differing_off_edge": sum(m >= EDGE_M for m in edge_m),
         "max_edge_m": max(edge_m, default=0.0),
+    }
+
+
+def published_against_discovered(layout, world, aoi) -> dict:
+    """The ids published (the GeoParquet copy of the GeoPackage) beside the ids discovery wrote. Publish
+    keeps only images inside the area by their own point (issue 24), so it drops a discovered id whose
+    quantised tile point fell inside and whose point does not: each dropped id must lie on the edge."""
+    found = _ids(layout.discovery_dir / "*.parquet", distinct=True)
+    published = _ids(layout.geoparquet_path)
+    edge_m = _edge_metres(world, aoi, np.setdiff1d(found, published))
+    return {
+        "published": len(published),
+        "duplicated": len(published) - len(np.unique(published)),
+        "not_discovered": len(np.setdiff1d(published, found)),
+        "dropped": len(edge_m),
+        "dropped_off_edge": sum(m >= EDGE_M for m in edge_m),
+        "max_dropped_edge_m": max(edge_m, default=0.0),
     }
 
 
@@ -229,6 +252,7 @@ def measure_area(region_name: str, scale: float, root: Path, log=print) -> dict:
         )
         world = World(seed=SEED, scale=scale, region=region_name)
         truth = discovery_against_truth(layout, world, aoi)
+        published = published_against_discovered(layout, world, aoi)
         nonempty = len(world.nonempty_z14_tiles(aoi.geometry))
         gpkg_rows = geopackage_rows(layout.geopackage_path)
         ogrinfo = ogrinfo_summary(layout.geopackage_path)
@@ -263,6 +287,7 @@ def measure_area(region_name: str, scale: float, root: Path, log=print) -> dict:
         "nonempty_z14_tiles": nonempty,
         "bbox_z14_tiles": bbox_z14_tiles(aoi.geometry),
         "truth": truth,
+        "published": published,
         "gpkg_rows": gpkg_rows,
         "gpkg_mb": layout.geopackage_path.stat().st_size / 1e6,
         "ogrinfo": ogrinfo,
@@ -349,6 +374,7 @@ def figures(m: dict) -> list[Figure]:
         f"Zurich: {city['requests']['tile']:,} requests for {city['nonempty_z14_tiles']:,} non-empty z14 tiles",
     )
     truth = country["truth"]
+    published = country["published"]
     add(
         "ids discovered",
         truth["found"],
@@ -460,9 +486,18 @@ def figures(m: dict) -> list[Figure]:
         "rows",
         truth["found"],
         "ids discovered",
-        "= ids discovered, with R-tree index",
-        n == truth["found"] and ogr["rtree"],
-        f"{country['gpkg_mb']:,.0f} MB; R-tree {'present' if ogr['rtree'] else 'MISSING'}"
+        "= ids discovered, but for ids on the edge outside the area, with R-tree index",
+        n == published["published"] == truth["found"] - published["dropped"]
+        and published["duplicated"]
+        == published["not_discovered"]
+        == published["dropped_off_edge"]
+        == 0
+        and ogr["rtree"],
+        f"{country['gpkg_mb']:,.0f} MB; {published['dropped']:,} discovered ids not published, their points "
+        f"outside the area, the farthest {published['max_dropped_edge_m']:.2f} m from the edge (the tile's "
+        f"quantised point inside); {published['duplicated']:,} published twice, "
+        f"{published['not_discovered']:,} published but not discovered; "
+        f"R-tree {'present' if ogr['rtree'] else 'MISSING'}"
         + (
             f"; ogrinfo reads {ogr['features']:,} features in {ogr['summary_s']:.1f} s, a 0.01 x 0.01 degree "
             f"window through the R-tree in {ogr['window_read_s']:.1f} s"
