@@ -39,10 +39,11 @@ SCHEME = "s3://"
 MULTIPART_THRESHOLD = 16 * 1024 * 1024
 MULTIPART_CHUNK = 8 * 1024 * 1024
 # An unreachable store (a restart, a network blip) is waited out, not failed on: obstore retries a refused
-# connection, a dropped one and a 5xx with jittered backoff up to 5 s apart, for up to 3 minutes (its
-# default of 10 tries is over in well under a minute). A PUT that never completed leaves no object.
+# connection, a dropped one and a 5xx with jittered backoff up to 5 s apart, for up to 3 minutes. The
+# jitter draws each wait below its backoff, so a count binds first unless it is large: 40 tries were over
+# in 35 s, before a store stopped for 20 s had restarted. A PUT that never completed leaves no object.
 RETRY_CONFIG = {
-    "max_retries": 40,
+    "max_retries": 1000,  # retry_timeout binds
     "retry_timeout": timedelta(minutes=3),
     "backoff": {
         "init_backoff": timedelta(milliseconds=200),
@@ -50,8 +51,9 @@ RETRY_CONFIG = {
         "base": 2,
     },
 }
-# DuckDB's httpfs (staging reads): 8 retries on an I/O error, 0.5 s growing 1.6x (about 35 s in all).
-DUCKDB_HTTP_RETRIES = {"http_retries": 8, "http_retry_wait_ms": 500, "http_retry_backoff": 1.6}
+# DuckDB's httpfs (staging and chunk-assignment reads): 12 retries on an I/O error, 0.5 s growing 1.6x
+# (about 4 minutes in all, like obstore's above; 8 were over in 35 s).
+DUCKDB_HTTP_RETRIES = {"http_retries": 12, "http_retry_wait_ms": 500, "http_retry_backoff": 1.6}
 
 
 def is_object_store_url(location: str) -> bool:

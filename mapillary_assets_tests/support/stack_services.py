@@ -43,7 +43,8 @@ needs_stack_services = pytest.mark.skipif(
 def running_stack(monkeypatch, server, prefix: str, entity_budget: int) -> Iterator[tuple]:
     """PostgreSQL, Redis, SeaweedFS, the webserver and 2 Celery workers of this test alone, speaking to
     the emulator `server` in chunks of 200 under an entity budget; yields (StackConfig, the stack's env),
-    with the process env pointed at the stack. Stopped and its folder removed at exit."""
+    with the process env pointed at the stack. Stopped at exit; its folder is removed unless the test failed
+    (then it keeps the services' and workers' logs)."""
     from mapillary_assets.scaleout import stack
 
     # PostgreSQL runs as the `postgres` user when we are root: its folder must not sit under pytest's 0700 tmp.
@@ -66,15 +67,20 @@ def running_stack(monkeypatch, server, prefix: str, entity_budget: int) -> Itera
         "MAPILLARY_ENTITY_PER_MINUTE": str(entity_budget),
     }.items():
         monkeypatch.setenv(name, value)
+    passed = False
     try:
         env = stack.start(config, log=lambda *_: None)
         for name in env:
             if name.startswith(("DAGSTER_", "MAPILLARY_", "AWS_")):
                 monkeypatch.setenv(name, env[name])
         yield config, env
+        passed = True
     finally:
         stack.stop(config, log=lambda *_: None)
-        shutil.rmtree(root, ignore_errors=True)
+        if passed:
+            shutil.rmtree(root, ignore_errors=True)
+        else:
+            print(f"the stack's folder, kept for its logs: {root}")
 
 
 def run_pipeline_on_stack(instance, env: dict[str, str]) -> dict:
