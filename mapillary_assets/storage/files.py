@@ -118,12 +118,9 @@ def write_parquet_atomic(
     frame: pd.DataFrame | pa.Table,
     path: Path,
     row_group_size: int | None = None,
-    store_schema: bool = True,
 ) -> None:
     """`row_group_size`: rows per row group (pyarrow's default when None); small groups of a file sorted
-    by a column let a filtered read decode only the groups whose statistics match. `store_schema=False`
-    leaves Arrow's schema out of the file: a dictionary column then reads back as plain strings (unless
-    asked for with `read_dictionary`), whose row-group statistics filtered reads can use."""
+    by a column let a filtered read decode only the groups whose statistics match."""
     table = (
         frame if isinstance(frame, pa.Table) else pa.Table.from_pandas(frame, preserve_index=False)
     )
@@ -135,7 +132,6 @@ def write_parquet_atomic(
             tmp,
             compression="zstd",
             row_group_size=row_group_size,
-            store_schema=store_schema,
         )
         with open(tmp, "rb") as handle:
             os.fsync(handle.fileno())

@@ -114,9 +114,8 @@ class LocalStore:
         key: str,
         frame: pd.DataFrame | pa.Table,
         row_group_size: int | None = None,
-        store_schema: bool = True,
     ) -> None:
-        write_parquet_atomic(frame, Path(self._prefix + key), row_group_size, store_schema)
+        write_parquet_atomic(frame, Path(self._prefix + key), row_group_size)
 
     def upload(self, key: str, source: Path) -> None:
         """Place the finished local file `source` at `key` (nothing to do when it was built in place)."""

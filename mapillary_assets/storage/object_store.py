@@ -230,7 +230,6 @@ class ObjectStore:
         key: str,
         frame: pd.DataFrame | pa.Table,
         row_group_size: int | None = None,
-        store_schema: bool = True,
     ) -> None:
         table = (
             frame
@@ -243,7 +242,6 @@ class ObjectStore:
             buffer,
             compression="zstd",
             row_group_size=row_group_size,
-            store_schema=store_schema,
         )
         self.put(key, buffer.getvalue())
 
