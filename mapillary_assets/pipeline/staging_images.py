@@ -112,6 +112,7 @@ def build_images(
         CREATE TABLE images AS
         SELECT b.* EXCLUDE (row_id), f.in_filter_area, f.keep_spacing, ST_Point(b.lon, b.lat) AS geom
         FROM images_base b JOIN image_flags f USING (row_id)
+        ORDER BY b.sequence_id
         """
     )
     con.execute("DROP TABLE images_base")
@@ -197,7 +198,9 @@ def _image_flags(con, filter_polygons, inside_spacing_m: float, outside_spacing_
 
 def build_sequences(con, batch_images: int = SEQUENCE_BATCH_IMAGES) -> None:
     """One line per sequence, built a range of sequence ids at a time (about `batch_images` points each):
-    DuckDB cannot spill list() aggregates, and all 1.2 M points at once ran out of the 1 GB memory limit."""
+    DuckDB cannot spill list() aggregates, and all 1.2 M points at once ran out of the 1 GB memory limit.
+    `images` is stored in sequence id order (`build_images`), so each range reads only its own row groups
+    (zone maps): unordered, every range scanned the whole table, 450 s of 10.9 M images' staging."""
     where = "sequence_id IS NOT NULL AND geom IS NOT NULL"
     bounds = [
         row[0]
