@@ -37,11 +37,14 @@ import numpy as np
 
 from benchmarks.harness import Figure, Stopwatch
 from benchmarks.measurement import (
+    IDS_PER_REQUEST,
     REPO_ROOT,
     Emulator,
     MemorySampler,
     TimedRunner,
+    chunk_sizes,
     geopackage_rows,
+    metadata_request_floor,
     ogrinfo_summary,
     quantiles,
     save_measured,
@@ -60,7 +63,6 @@ PEAK_GOAL_GB = 2.0
 PEAK_GOAL_RATIO = 1.25  # of the Zurich-sized run's peak on the same path
 PLAN_TILES_TOLERANCE = 0.05
 PLAN_IMAGES_TOLERANCE = 0.25
-IDS_PER_REQUEST = 50
 EDGE_M = 1.0  # z14 tile points are quantised (~0.4 m): ids that close to the AOI edge may differ
 AREAS = ("zurich", "switzerland")  # the baseline first
 PIPELINE_STAGES = ("discovery", "chunking", "metadata", "staging", "geopackage")
@@ -79,11 +81,6 @@ def bbox_z14_tiles(geometry) -> int:
     west, south, east, north = geometry.bounds
     first, last = mercantile.tile(west, north, 14), mercantile.tile(east, south, 14)
     return (last.x - first.x + 1) * (last.y - first.y + 1)
-
-
-def metadata_request_floor(chunk_sizes: list[int]) -> int:
-    """`?ids=` requests the chunks need at least: each chunk asks for its ids 50 at a time."""
-    return sum(math.ceil(size / IDS_PER_REQUEST) for size in chunk_sizes)
 
 
 def plan(emulator: Emulator, aoi, zoom: int, root: Path):
@@ -190,8 +187,6 @@ def read_back_geoparquet(path: Path) -> dict:
 
 def measure_area(region_name: str, scale: float, root: Path, log=print) -> dict:
     """Plan, then the metadata-only pipeline from empty folders, then read back what it published."""
-    import pyarrow.compute as pc
-    import pyarrow.parquet as pq
 
     from mapillary_assets.definitions import build_definitions
     from mapillary_assets.defs.area import partition_zoom
@@ -245,11 +240,7 @@ def measure_area(region_name: str, scale: float, root: Path, log=print) -> dict:
             runs = len(instance.get_runs())
         layout = DataLayout(data_dir)
         sampler.label = "checks"
-        chunk_sizes = (
-            pc.value_counts(pq.read_table(layout.chunk_assignment_path, columns=["chunk"])["chunk"])
-            .field("counts")
-            .to_pylist()
-        )
+        sizes = chunk_sizes(layout)
         world = World(seed=SEED, scale=scale, region=region_name)
         truth = discovery_against_truth(layout, world, aoi)
         published = published_against_discovered(layout, world, aoi)
@@ -269,8 +260,8 @@ def measure_area(region_name: str, scale: float, root: Path, log=print) -> dict:
         "partition_zoom": zoom,
         "partitions": len(partition_tiles(aoi, zoom)),
         "chunks": summary["chunks"],
-        "chunk_sizes": {"max": max(chunk_sizes, default=0), "count": len(chunk_sizes)},
-        "metadata_floor": metadata_request_floor(chunk_sizes),
+        "chunk_sizes": {"max": max(sizes, default=0), "count": len(sizes)},
+        "metadata_floor": metadata_request_floor(sizes),
         "runs": runs,
         "total_s": total.seconds,
         "job_s": runner.job_seconds,

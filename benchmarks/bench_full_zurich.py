@@ -16,6 +16,10 @@ for the same 1.2 M images and the floor the API budget allows (tiles: one reques
 tile plus the coverage tiles at 6,000/min; metadata: ceil(n/50) `?ids=` requests at 50,000/min).
 The 1024 px cost (download + blur) is measured on a sample of ids after the run, beside 256 px of
 the same ids.
+
+Against an earlier version of the code (issue 23's before and after), run this benchmark in a worktree
+of that commit first, then here with `--before THAT_RUN/measured.json --before-label COMMIT`: the
+end-to-end images/s and the `?ids=` requests then stand beside that run's, measured on the same machine.
 """
 
 from __future__ import annotations
@@ -34,7 +38,9 @@ from benchmarks.measurement import (
     Emulator,
     MemorySampler,
     TimedRunner,
+    chunk_sizes,
     geopackage_rows,
+    metadata_request_floor,
     ogrinfo_summary,
     quantiles,
     save_measured,
@@ -51,6 +57,8 @@ THUMBNAIL_SIZE = 256
 SAMPLE_1024 = 2000  # ids priced at 1024 px (and again at 256 px) after the run
 RSS_GOAL_GB = 2.0
 OVERLAP_GOAL = 0.5  # share of the blur step time spent beside another chunk's downloads
+END_TO_END_GOAL = 1200.0  # images/s, 2 cores, the emulator on the same cores (issue 23)
+METADATA_REQUESTS_GOAL = 1.02  # x ceil(images / 50), the thumbnail URL lookups counted apart
 # The notebook on the same 1.2 M images (RTX 4080 for blur); seconds.
 NOTEBOOK = {"discovery": (6 * 3600, 9 * 3600), "metadata": 2 * 3600 + 8 * 60, "blur": 26 * 60}
 NOTEBOOK_BLUR_RATE = 794.0
@@ -187,6 +195,7 @@ def measure(scale: float, data_root: Path, log=print) -> dict:
         images = geopackage_rows(layout.geopackage_path)
         ogrinfo = ogrinfo_summary(layout.geopackage_path)
         gpkg_mb = layout.geopackage_path.stat().st_size / 1e6
+        sizes = chunk_sizes(layout)
         event_log_mb = sum(p.stat().st_size for p in home.rglob("*.db")) / 1e6
         sample_ids = _sample_ids(layout, SAMPLE_1024)
         sampler.label = "price_1024"
@@ -206,6 +215,7 @@ def measure(scale: float, data_root: Path, log=print) -> dict:
             intervals.get("blur", []), intervals.get("downloads", [])
         ),
         "requests": requests,
+        "metadata_floor": metadata_request_floor(sizes),
         "peak_pss": sampler.peaks,
         "driver_peak_pss": sampler.driver_peaks,
         "emulator_peak_pss": sampler.emulator_peak,
@@ -290,6 +300,7 @@ def figures(m: dict) -> list[Figure]:
         f"CPU ({os.cpu_count()} cores), {THUMBNAIL_SIZE} px thumbnails scored at their own "
         f"{THUMBNAIL_SIZE}x{THUMBNAIL_SIZE * 3 // 4} (the 1024 px cost: the sample row below)",
     )
+    out.extend(request_figures(m))
     stage("staging", None, "", "DuckDB from the stage Parquet files")
     stage("geopackage", None, "", f"{m['gpkg_mb']:,.0f} MB written")
     steps_one_after_another = sum(s["step_s"] for s in stages.values())
@@ -384,10 +395,71 @@ def figures(m: dict) -> list[Figure]:
     return out
 
 
-def run(quick: bool, scale: float | None = None, data_root: Path | None = None) -> list[Figure]:
+def request_figures(m: dict) -> list[Figure]:
+    """End-to-end images/s and the `?ids=` requests, beside the run of the code before the change when
+    `m["before"]` holds one (`--before`)."""
+    n, requests, before = m["images"], m["requests"], m.get("before")
+    floor = math.ceil(n / 50)
+    rate = n / m["total_s"]
+    per_image = f"{requests['requests'] / n:.3f} requests per image in all"
+    before_rate = before["images"] / before["total_s"] if before else None
+    before_name = f"the code before the change ({before['label']}), same machine, same session"
+    out = [
+        Figure(
+            "full_zurich",
+            "end to end: images/s (first run start .. last run end)",
+            rate,
+            "images/s",
+            baseline=before_rate,
+            baseline_name=before_name if before else "",
+            goal=f">= {END_TO_END_GOAL:,.0f} images/s",
+            met=rate >= END_TO_END_GOAL,
+            notes=f"{n:,} images in {m['total_s']:,.0f} s; {per_image}"
+            + (
+                f"; before: {before['images']:,} images in {before['total_s']:,.0f} s, "
+                f"{before['requests']['requests'] / before['images']:.3f} requests per image, load "
+                f"average median {before['load_average']['median']:.1f}"
+                if before
+                else ""
+            ),
+        )
+    ]
+    lookups = requests.get("batch:url_lookup")
+    if lookups is None:  # an emulator older than the counter (a before run)
+        return out
+    metadata = requests["batch"] - lookups
+    out.append(
+        Figure(
+            "full_zurich",
+            "Graph `?ids=` metadata requests (thumbnail URL lookups counted apart)",
+            metadata,
+            "requests",
+            baseline=floor,
+            baseline_name="ceil(images / 50)",
+            goal=f"<= {METADATA_REQUESTS_GOAL}x, plus the re-resolutions",
+            met=metadata <= METADATA_REQUESTS_GOAL * floor,
+            notes=f"the chunks' floor (sum of ceil(chunk / 50)) {m['metadata_floor']:,}; re-resolutions "
+            f"(thumbnail URL lookups by the downloads: URLs missing, expiring before use or refused as "
+            f"expired) {lookups:,}; `?ids=` requests in all {requests['batch']:,}"
+            + (f" (before: {before['requests']['batch']:,})" if before else ""),
+        )
+    )
+    return out
+
+
+def run(
+    quick: bool,
+    scale: float | None = None,
+    data_root: Path | None = None,
+    before: dict | None = None,
+) -> list[Figure]:
+    """`before`: the `measured.json` of this benchmark run on the code before a change, with its `label`."""
     scale = scale if scale is not None else (QUICK_SCALE if quick else FULL_SCALE)
     data_root = scaled_data_root(scale, data_root, "/tmp/mapillary-full-zurich")
     measured = measure(scale, data_root)
+    if before is not None:
+        keep = ("label", "images", "total_s", "requests", "load_average", "job_s", "stages")
+        measured["before"] = {key: before[key] for key in keep if key in before}
     save_measured(data_root, measured)
     return figures(measured)
 
@@ -406,13 +478,25 @@ def main(argv: list[str] | None = None) -> int:
         help="empty folder on local disk (default under /tmp)",
     )
     parser.add_argument("--json", type=Path, default=None, help="also write the figures here")
+    parser.add_argument(
+        "--before",
+        type=Path,
+        default=None,
+        help="measured.json of this benchmark on the code before a change (same machine, same session)",
+    )
+    parser.add_argument(
+        "--before-label", default="earlier commit", help="what --before ran, e.g. its commit"
+    )
     args = parser.parse_args(argv)
-    results = run(quick=False, scale=args.scale, data_root=args.data_root)
+    before = None
+    if args.before:
+        before = {**json.loads(args.before.read_text()), "label": args.before_label}
+    results = run(quick=False, scale=args.scale, data_root=args.data_root, before=before)
     for figure in results:
         print(json.dumps({k: v for k, v in figure.__dict__.items() if k != "extra"}))
     if args.json:
         args.json.write_text(
-            json.dumps([figure.__dict__ for figure in results], indent=1, default=str)
+            json.dumps({"figures": [f.__dict__ for f in results]}, indent=1, default=str)
         )
     return 0
 

@@ -46,6 +46,23 @@ def save_measured(data_root: Path, measured: dict) -> None:
     (data_root / "measured.json").write_text(json.dumps(measured, indent=1, default=str))
 
 
+IDS_PER_REQUEST = 50  # the Graph API's `?ids=` batch limit
+
+
+def chunk_sizes(layout) -> list[int]:
+    """Ids per chunk of a data dir's chunk assignment."""
+    import pyarrow.compute as pc
+    import pyarrow.parquet as pq
+
+    chunks = pq.read_table(layout.chunk_assignment_path, columns=["chunk"])["chunk"]
+    return pc.value_counts(chunks).field("counts").to_pylist()
+
+
+def metadata_request_floor(sizes: list[int]) -> int:
+    """`?ids=` requests the chunks need at least: each chunk asks for its ids 50 at a time."""
+    return sum(-(-size // IDS_PER_REQUEST) for size in sizes)
+
+
 class Emulator:
     """`python -m mapillary_assets.emulator` in its own process on a free port."""
 

@@ -4,8 +4,9 @@ import mercantile
 import pytest
 from shapely.geometry import box
 
-from benchmarks.bench_country import bbox_z14_tiles, metadata_request_floor
-from benchmarks.bench_full_zurich import cross_chunk_overlap_s
+from benchmarks.bench_country import bbox_z14_tiles
+from benchmarks.bench_full_zurich import cross_chunk_overlap_s, request_figures
+from benchmarks.measurement import metadata_request_floor
 
 
 def test_blur_after_every_download_overlaps_nothing():
@@ -95,3 +96,30 @@ def test_merging_one_part_of_a_benchmark_keeps_its_other_rows(tmp_path):
     store_and_render([Figure("s", "part a: rate", 5.0, "x")], {}, {"s"}, output, quick=True)
     rows = json.loads(output.with_suffix(".json").read_text())["figures"]
     assert [(r["benchmark"], r["value"]) for r in rows] == [("other", 3.0), ("s", 5.0)]
+
+
+def test_request_figures_count_url_lookups_apart_beside_the_run_before():
+    before = {
+        "label": "abc1234",
+        "images": 1000,
+        "total_s": 4.0,
+        "requests": {"batch": 40, "requests": 1060},
+        "load_average": {"median": 1.0},
+    }
+    run = {
+        "images": 1000,
+        "total_s": 2.0,
+        "metadata_floor": 20,
+        "requests": {"batch": 25, "batch:url_lookup": 4, "requests": 1030},
+        "before": before,
+    }
+    rate, ids = request_figures(run)
+    assert (rate.value, rate.baseline, rate.met) == (500, 250, False)
+    assert "abc1234" in rate.baseline_name
+    assert (ids.value, ids.baseline, ids.met) == (21, 20, False)  # 21 > 1.02 x 20
+    run["requests"] = {"batch": 24, "batch:url_lookup": 4, "requests": 1030}
+    assert request_figures(run)[1].met
+    run["total_s"] = 0.5
+    assert request_figures(run)[0].met  # 2,000 images/s
+    older = {**run, "requests": {"batch": 40, "requests": 1060}}  # an emulator without the counter
+    assert [f.metric for f in request_figures(older)] == [rate.metric]

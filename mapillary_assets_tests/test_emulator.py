@@ -573,6 +573,13 @@ def test_stats_count_every_request_exactly(emulator, http, core_images):
     http.get(f"{emulator.graph_url}/{core_images[0].id}", headers=AUTH)
     http.get(f"{emulator.graph_url}/{core_images[0].id}")  # auth failure
     http.get(f"{emulator.graph_url}/", params={"ids": ids}, headers=AUTH)
+    # a thumbnail URL lookup counts apart; metadata that also carries the URL does not
+    http.get(f"{emulator.graph_url}/", params={"ids": ids, "fields": "thumb_256_url"}, headers=AUTH)
+    http.get(
+        f"{emulator.graph_url}/",
+        params={"ids": ids, "fields": "captured_at,thumb_256_url"},
+        headers=AUTH,
+    )
     http.get(f"{emulator.graph_url}/images", params={"image_ids": ids}, headers=AUTH)
     http.get(
         f"{emulator.graph_url}/images", params={"bbox": "8.536,47.374,8.537,47.375"}, headers=AUTH
@@ -586,23 +593,24 @@ def test_stats_count_every_request_exactly(emulator, http, core_images):
     stats = emulator.stats()
     expected = {
         "entity": 2,
-        "batch": 1,
+        "batch": 3,
+        "batch:url_lookup": 1,
         "images_by_ids": 1,
         "search": 1,
         "sequence": 1,
         "tile": 1,
         "thumbnail": 0,
-        "family:entity": 5,
+        "family:entity": 7,
         "family:search": 1,
         "family:tiles": 1,
         "family:cdn": 0,
         "auth_failed": 1,
         "rate_limited": 0,
         "faulted": 0,
-        "requests": 7,
+        "requests": 9,
     }
     assert {k: stats[k] for k in expected} == expected
-    assert len(emulator.request_times("entity")) == 4
+    assert len(emulator.request_times("entity")) == 6
     assert http.get(f"{emulator.base_url}/_emulator/stats").json() == stats
 
 

@@ -91,6 +91,7 @@ class EmulatorState:
                     "daily_quota_refused": 0,
                     "faulted": 0,
                     "auth_failed": 0,
+                    "batch:url_lookup": 0,
                     "requests": 0,
                 }
             )
