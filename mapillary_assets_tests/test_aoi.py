@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 import mercantile
+import numpy as np
 import pytest
 import shapely
 from shapely.geometry import Polygon, box
@@ -13,6 +14,7 @@ from mapillary_assets.pipeline.aoi import (
     DEFAULT_AOI_PATH,
     MAX_PARTITIONS,
     AoiError,
+    count_outside,
     load_aoi,
     parse_tile_key,
     partition_tiles,
@@ -231,3 +233,13 @@ def test_tile_keys_round_trip():
     for bad in ("12/2145/1434", "12-2145", "x-1-2", "3-8-0", "14-1-1", ""):
         with pytest.raises(AoiError):
             parse_tile_key(bad)
+
+
+def test_count_outside_sums_batches_with_the_boundary_inside_and_nan_outside():
+    batches = [
+        (np.array([0.5, 2.0]), np.array([0.5, 0.5])),  # inside, outside
+        (np.array([1.0, np.nan]), np.array([1.0, 0.5])),  # a corner (inside), a missing point
+        (np.array([]), np.array([])),
+    ]
+    assert count_outside(box(0, 0, 1, 1), batches) == (2, 4)
+    assert count_outside(box(0, 0, 1, 1), []) == (0, 0)

@@ -8,12 +8,13 @@ import subprocess
 from pathlib import Path
 
 import geopandas
+import numpy as np
 import pandas as pd
 import pyogrio
 import pytest
 
-from mapillary_assets.pipeline.geopackage import write_geopackage
-from mapillary_assets.pipeline.staging import connect_staging
+from mapillary_assets.pipeline.geopackage import layer_points, write_geopackage
+from mapillary_assets.pipeline.staging import connect_staging, image_points
 from mapillary_assets.storage import DataLayout
 from mapillary_assets_tests.support.staging_samples import built_staging
 
@@ -299,3 +300,20 @@ def test_a_layer_written_in_parts_is_the_same_with_every_feature_indexed(layout,
             ).fetchone()[0]
             assert indexed == db.execute(f"SELECT count(*) FROM {layer}").fetchone()[0] > 0
     assert _validate(parts).returncode == 0
+
+
+def test_layer_points_and_staging_points_stream_the_same_points_in_batches(layout, tmp_path):
+    con = built_staging(layout)
+    try:
+        write_geopackage(con, layout.geopackage_path)
+        staged = list(image_points(con, batch_rows=3))
+        expected = con.execute("SELECT lon, lat FROM images ORDER BY lon, lat").fetchall()
+    finally:
+        con.close()
+    published = list(layer_points(layout.geopackage_path, batch_rows=3))
+    for batches in (staged, published):
+        assert [len(lon) for lon, _ in batches] == [3, 3, 2]
+        points = sorted(
+            zip(np.concatenate([b[0] for b in batches]), np.concatenate([b[1] for b in batches]))
+        )
+        assert points == sorted(expected)

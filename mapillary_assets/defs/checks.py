@@ -6,8 +6,9 @@ import pyogrio
 from mapillary_assets.defs.area import current_aoi
 from mapillary_assets.defs.assets.publish import mapillary_geopackage, staging_tables
 from mapillary_assets.defs.resources import DataStorageResource, PipelineSettings
-from mapillary_assets.pipeline.aoi import in_area
-from mapillary_assets.pipeline.staging import connect_staging
+from mapillary_assets.pipeline.aoi import count_outside
+from mapillary_assets.pipeline.geopackage import layer_points
+from mapillary_assets.pipeline.staging import connect_staging, image_points
 
 
 def _scalar(storage: DataStorageResource, sql: str):
@@ -30,11 +31,8 @@ def image_ids_unique(storage: DataStorageResource) -> dg.AssetCheckResult:
 )
 def images_inside_area(storage: DataStorageResource) -> dg.AssetCheckResult:
     with connect_staging(storage.layout.staging_db_path, read_only=True) as con:
-        lon, lat = con.execute("SELECT lon, lat FROM images").fetchnumpy().values()
-    outside = int((~in_area(current_aoi().geometry, lon, lat)).sum()) if len(lon) else 0
-    return dg.AssetCheckResult(
-        passed=outside == 0, metadata={"outside": outside, "images": len(lon)}
-    )
+        outside, images = count_outside(current_aoi().geometry, image_points(con))
+    return dg.AssetCheckResult(passed=outside == 0, metadata={"outside": outside, "images": images})
 
 
 @dg.asset_check(
@@ -43,15 +41,9 @@ def images_inside_area(storage: DataStorageResource) -> dg.AssetCheckResult:
     "from an earlier area fails).",
 )
 def geopackage_inside_area(storage: DataStorageResource) -> dg.AssetCheckResult:
-    points = pyogrio.read_dataframe(
-        storage.layout.geopackage_path, layer="images", columns=[], read_geometry=True
-    ).geometry
-    outside = (
-        int((~in_area(current_aoi().geometry, points.x, points.y)).sum()) if len(points) else 0
-    )
-    return dg.AssetCheckResult(
-        passed=outside == 0, metadata={"outside": outside, "images": len(points)}
-    )
+    points = layer_points(storage.layout.geopackage_path)
+    outside, images = count_outside(current_aoi().geometry, points)
+    return dg.AssetCheckResult(passed=outside == 0, metadata={"outside": outside, "images": images})
 
 
 @dg.asset_check(

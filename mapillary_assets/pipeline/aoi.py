@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import math
 import re
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -419,3 +420,16 @@ def no_images_warning(aoi: AreaOfInterest, tileset: str = "mly1_public") -> str:
 def in_area(area: BaseGeometry, lon, lat) -> np.ndarray:
     """Which points lie in the area (its boundary included, as discovery clips)."""
     return shapely.intersects_xy(area, np.asarray(lon, float), np.asarray(lat, float))
+
+
+def count_outside(
+    area: BaseGeometry, point_batches: Iterable[tuple[np.ndarray, np.ndarray]]
+) -> tuple[int, int]:
+    """(points outside `area`, points) over batches of (lon, lat) arrays: one batch in memory at a time, so a
+    check of 10.9 M points stays as small as one of 1,000 (all at once, a GeoPackage's points took 3.9 GB)."""
+    shapely.prepare(area)
+    outside = points = 0
+    for lon, lat in point_batches:
+        outside += int((~in_area(area, lon, lat)).sum())
+        points += len(lon)
+    return outside, points

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import os
 import tempfile
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -185,6 +186,20 @@ def _write_layer(
         )
         created = True
     return written
+
+
+def layer_points(
+    path: str | Path, layer: str = IMAGES_LAYER, batch_rows: int = 100_000
+) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    """A point layer's (lon, lat) arrays, a batch at a time through GDAL's Arrow stream (a missing
+    geometry reads as NaN)."""
+    with pyogrio.open_arrow(
+        path, layer=layer, columns=[], batch_size=batch_rows, use_pyarrow=True
+    ) as (meta, reader):
+        column = meta["geometry_name"] or "wkb_geometry"
+        for batch in reader:
+            points = shapely.from_wkb(batch.column(column).to_numpy(zero_copy_only=False))
+            yield shapely.get_x(points), shapely.get_y(points)
 
 
 @dataclass(frozen=True)

@@ -12,11 +12,12 @@ from __future__ import annotations
 import dataclasses
 import os
 import tempfile
-from collections.abc import Callable, Collection
+from collections.abc import Callable, Collection, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import duckdb
+import numpy as np
 import pandas as pd
 from shapely.geometry.base import BaseGeometry
 
@@ -37,6 +38,7 @@ DUCKDB_MEMORY_LIMIT = "256MB"
 # with one thread the 537 k-image Switzerland world's staging peaked at 409 MB instead of 430, the
 # GeoPackage's images layer at 417 instead of 459, the GeoParquet copy at 441 instead of 525 (process PSS).
 DUCKDB_THREADS = 1
+POINT_BATCH_ROWS = 100_000  # rows of (lon, lat) a check holds at once
 
 
 class SpatialExtensionError(RuntimeError):
@@ -325,6 +327,15 @@ def _load_chunk_assignment(con: duckdb.DuckDBPyConnection, layout: DataLayout) -
     except duckdb.Error as exc:
         raise _diagnose(layout, [key], exc) from None
     return True
+
+
+def image_points(
+    con: duckdb.DuckDBPyConnection, batch_rows: int = POINT_BATCH_ROWS
+) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    """The `images` table's (lon, lat) arrays, a batch at a time."""
+    for batch in con.execute("SELECT lon, lat FROM images").to_arrow_reader(batch_rows):
+        lon, lat = (column.to_numpy(zero_copy_only=False) for column in batch.columns)
+        yield lon, lat
 
 
 def read_table(con: duckdb.DuckDBPyConnection, table: str) -> pd.DataFrame:
