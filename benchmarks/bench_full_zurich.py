@@ -35,6 +35,7 @@ from pathlib import Path
 
 from benchmarks.harness import Figure, Stopwatch
 from benchmarks.measurement import (
+    IDS_PER_REQUEST,
     Emulator,
     MemorySampler,
     TimedRunner,
@@ -59,6 +60,8 @@ RSS_GOAL_GB = 2.0
 OVERLAP_GOAL = 0.5  # share of the blur step time spent beside another chunk's downloads
 END_TO_END_GOAL = 1200.0  # images/s, 2 cores, the emulator on the same cores (issue 23)
 METADATA_REQUESTS_GOAL = 1.02  # x ceil(images / 50), the thumbnail URL lookups counted apart
+# what the request figures read of a run on the code before a change (`--before`)
+BEFORE_KEYS = ("label", "images", "total_s", "requests", "load_average")
 # The notebook on the same 1.2 M images (RTX 4080 for blur); seconds.
 NOTEBOOK = {"discovery": (6 * 3600, 9 * 3600), "metadata": 2 * 3600 + 8 * 60, "blur": 26 * 60}
 NOTEBOOK_BLUR_RATE = 794.0
@@ -269,7 +272,7 @@ def figures(m: dict) -> list[Figure]:
         )
 
     floors = m["floors"]
-    metadata_requests = math.ceil(n / 50)
+    metadata_requests = math.ceil(n / IDS_PER_REQUEST)
     stage(
         "discovery",
         NOTEBOOK["discovery"][0],
@@ -399,7 +402,7 @@ def request_figures(m: dict) -> list[Figure]:
     """End-to-end images/s and the `?ids=` requests, beside the run of the code before the change when
     `m["before"]` holds one (`--before`)."""
     n, requests, before = m["images"], m["requests"], m.get("before")
-    floor = math.ceil(n / 50)
+    floor = math.ceil(n / IDS_PER_REQUEST)
     rate = n / m["total_s"]
     per_image = f"{requests['requests'] / n:.3f} requests per image in all"
     before_rate = before["images"] / before["total_s"] if before else None
@@ -458,8 +461,8 @@ def run(
     data_root = scaled_data_root(scale, data_root, "/tmp/mapillary-full-zurich")
     measured = measure(scale, data_root)
     if before is not None:
-        keep = ("label", "images", "total_s", "requests", "load_average", "job_s", "stages")
-        measured["before"] = {key: before[key] for key in keep if key in before}
+        kept = (*BEFORE_KEYS, "job_s", "stages")
+        measured["before"] = {key: before[key] for key in kept if key in before}
     save_measured(data_root, measured)
     return figures(measured)
 
@@ -490,7 +493,15 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     before = None
     if args.before:
-        before = {**json.loads(args.before.read_text()), "label": args.before_label}
+        try:
+            before = {**json.loads(args.before.read_text()), "label": args.before_label}
+        except (OSError, ValueError) as exc:
+            parser.error(f"--before {args.before}: not a readable measured.json ({exc})")
+        missing = [key for key in BEFORE_KEYS if key not in before]
+        if missing:
+            parser.error(
+                f"--before {args.before}: no {', '.join(missing)} (a measured.json of this benchmark?)"
+            )
     results = run(quick=False, scale=args.scale, data_root=args.data_root, before=before)
     for figure in results:
         print(json.dumps({k: v for k, v in figure.__dict__.items() if k != "extra"}))

@@ -422,6 +422,9 @@ def in_area(area: BaseGeometry, lon, lat) -> np.ndarray:
     return shapely.intersects_xy(area, np.asarray(lon, float), np.asarray(lat, float))
 
 
+POINT_BATCH_ROWS = 100_000  # (lon, lat) rows a streamed point count holds at once
+
+
 def count_outside(
     area: BaseGeometry, point_batches: Iterable[tuple[np.ndarray, np.ndarray]]
 ) -> tuple[int, int]:

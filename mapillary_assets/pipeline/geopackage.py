@@ -33,6 +33,7 @@ import pyarrow as pa
 import pyogrio
 import shapely
 
+from mapillary_assets.pipeline.aoi import POINT_BATCH_ROWS
 from mapillary_assets.storage import TEMP_MARKER
 
 IMAGES_LAYER = "images"
@@ -189,7 +190,7 @@ def _write_layer(
 
 
 def layer_points(
-    path: str | Path, layer: str = IMAGES_LAYER, batch_rows: int = 100_000
+    path: str | Path, layer: str = IMAGES_LAYER, batch_rows: int = POINT_BATCH_ROWS
 ) -> Iterator[tuple[np.ndarray, np.ndarray]]:
     """A point layer's (lon, lat) arrays, a batch at a time through GDAL's Arrow stream (a missing
     geometry reads as NaN)."""

@@ -22,6 +22,7 @@ import pandas as pd
 from shapely.geometry.base import BaseGeometry
 
 from mapillary_assets.duckdb_extensions import offline_extension_path
+from mapillary_assets.pipeline.aoi import POINT_BATCH_ROWS
 from mapillary_assets.pipeline.filters import load_filter_polygons
 from mapillary_assets.pipeline.staging_images import build_images, build_sequences
 from mapillary_assets.storage import TEMP_MARKER, DataLayout, StorageError
@@ -38,7 +39,6 @@ DUCKDB_MEMORY_LIMIT = "256MB"
 # with one thread the 537 k-image Switzerland world's staging peaked at 409 MB instead of 430, the
 # GeoPackage's images layer at 417 instead of 459, the GeoParquet copy at 441 instead of 525 (process PSS).
 DUCKDB_THREADS = 1
-POINT_BATCH_ROWS = 100_000  # rows of (lon, lat) a check holds at once
 
 
 class SpatialExtensionError(RuntimeError):
