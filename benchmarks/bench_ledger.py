@@ -75,6 +75,8 @@ def _cumulative(stats: pstats.Stats, wanted: list[tuple[str, str]]) -> float:
 def download_ledger(base_url: str, scratch: Path, ids: list[str]) -> dict:
     def profiled() -> tuple[pstats.Stats, float]:
         folder = Path(tempfile.mkdtemp(dir=scratch))
+        for path in bench_download.shard_folders(folder):  # as in the interleaved rounds
+            path.mkdir(parents=True)
         profiler = cProfile.Profile(time.process_time)
         profiler.enable()
         started = time.process_time()
@@ -88,7 +90,7 @@ def download_ledger(base_url: str, scratch: Path, ids: list[str]) -> dict:
     n = len(ids)
     steps = {name: _cumulative(stats, fns) * 1000 / n for name, fns in DOWNLOAD_STEPS.items()}
     steps[EVENT_LOOP] = max(profiled_cpu * 1000 / n - sum(steps.values()), 0.0)
-    plain_rates, plain_cpu = bench_download.interleaved(
+    _, plain_cpu, _ = bench_download.interleaved(
         {"bare": bench_download.baseline_run, "ours": bench_download.pipeline_run},
         base_url,
         scratch,
