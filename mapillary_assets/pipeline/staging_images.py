@@ -42,7 +42,7 @@ def build_images(
     (`DataLayout.read_thumbnail`); a local data dir's rows have no such columns (its files are its own)."""
     metadata_only = ", ".join(f"m.{name}" for name in _METADATA_ONLY)
     ranges = (
-        'dl."offset" AS thumbnail_offset, dl."length" AS thumbnail_length,'
+        ', dl."offset" AS thumbnail_offset, dl."length" AS thumbnail_length'
         if thumbnail_ranges
         else ""
     )
@@ -65,13 +65,13 @@ def build_images(
     }
     for name, select in latest.items():
         con.execute(f"CREATE TABLE latest_{name} AS {select}")
+    # Then one stage joined per statement: a statement joining them all held every hash table at once and
+    # ran out of the memory limit at 1.2 M images with downloads and blur scores (each join alone spills).
+    # Metadata and its failures go together: an id is in one or the other, except after a retry.
     con.execute(
         f"""
-        CREATE TABLE images_base AS
-        WITH d AS (SELECT * FROM latest_d), m AS (SELECT * FROM latest_m), f AS (SELECT * FROM latest_f),
-             dl AS (SELECT * FROM latest_dl), b AS (SELECT * FROM latest_b)
+        CREATE TABLE images_dmf AS
         SELECT
-            row_number() OVER () AS row_id,
             d.image_id,
             coalesce(m.sequence_id, d.sequence_id) AS sequence_id,
             coalesce(m.captured_at, CAST(epoch_ms(d.captured_at_ms) AS TIMESTAMPTZ)) AS captured_at,
@@ -86,22 +86,35 @@ def build_images(
             {metadata_only},
             CASE WHEN m.image_id IS NOT NULL THEN 'ok' WHEN f.image_id IS NOT NULL THEN 'failed'
                  ELSE 'pending' END AS metadata_status,
-            CASE WHEN m.image_id IS NULL THEN f.reason END AS metadata_failure_reason,
-            coalesce(dl.status, 'pending') AS download_status,
-            dl.path AS thumbnail_path,
-            {ranges}
+            CASE WHEN m.image_id IS NULL THEN f.reason END AS metadata_failure_reason
+        FROM latest_d d
+        LEFT JOIN latest_m m ON m.image_id = d.image_id
+        LEFT JOIN latest_f f ON f.image_id = d.image_id
+        """
+    )
+    con.execute(
+        f"""
+        CREATE TABLE images_dl AS
+        SELECT x.*, coalesce(dl.status, 'pending') AS download_status, dl.path AS thumbnail_path {ranges}
+        FROM images_dmf x LEFT JOIN latest_dl dl ON dl.image_id = x.image_id
+        """
+    )
+    con.execute(
+        """
+        CREATE TABLE images_base AS
+        SELECT
+            row_number() OVER () AS row_id,
+            x.*,
             b.blur_value,
             b.sobel_value,
             b.is_blurry,
             b.backend AS blur_backend,
             b.reason AS blur_failure_reason
-        FROM d
-        LEFT JOIN m ON m.image_id = d.image_id
-        LEFT JOIN f ON f.image_id = d.image_id
-        LEFT JOIN dl ON dl.image_id = d.image_id
-        LEFT JOIN b ON b.image_id = d.image_id
+        FROM images_dl x LEFT JOIN latest_b b ON b.image_id = x.image_id
         """
     )
+    con.execute("DROP TABLE images_dmf")
+    con.execute("DROP TABLE images_dl")
     for name in latest:
         con.execute(f"DROP TABLE latest_{name}")
     if area is not None:
