@@ -75,8 +75,7 @@ def _cumulative(stats: pstats.Stats, wanted: list[tuple[str, str]]) -> float:
 def download_ledger(base_url: str, scratch: Path, ids: list[str]) -> dict:
     def profiled() -> tuple[pstats.Stats, float]:
         folder = Path(tempfile.mkdtemp(dir=scratch))
-        for path in bench_download.shard_folders(folder):  # as in the interleaved rounds
-            path.mkdir(parents=True)
+        bench_download.make_shard_folders(folder)  # as in the interleaved rounds
         profiler = cProfile.Profile(time.process_time)
         profiler.enable()
         started = time.process_time()
